@@ -1,0 +1,32 @@
+"""HTTP routes and limits of the collector API, defined once for both ends.
+
+Every route except HEALTH requires `Authorization: Bearer <token>` (REGISTER accepts an
+optional enrolment secret instead, see collector docs).
+"""
+
+API = "/api/v1"
+
+HEALTH = f"{API}/health"                     # GET: liveness, no auth
+REGISTER = f"{API}/participants"             # POST: new participant, token returned once
+ME = f"{API}/participants/me"                # GET: own status; DELETE: withdraw all own items
+MODEL_CARD = f"{API}/model"                  # GET: current model card (JSON)
+MODEL_FILE = f"{API}/model/file"             # GET: current model's ONNX bytes (?file=decoder.onnx for extras)
+MODEL_CARD_BY_ID = f"{API}/models/<model_id>"  # GET: a given model's card
+ITEMS = f"{API}/items"                       # POST: upload a batch (participant)
+STATS = f"{API}/stats"                       # GET: operator only
+TRAIN = f"{API}/train"                       # POST: operator only, {"task": "Smiling"}
+EXPORT = f"{API}/export"                     # GET: auditor/operator, read-only stored items
+
+AUTH_HEADER = "Authorization"
+BEARER = "Bearer "
+
+# Limits, enforced by the collector before parsing and respected by the client.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_BATCH_ITEMS = 256
+MAX_ITEM_ID_LEN = 64
+MAX_LABELS_PER_ITEM = 64
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def model_card_url(model_id: str) -> str:
+    return MODEL_CARD_BY_ID.replace("<model_id>", model_id)
