@@ -35,3 +35,76 @@ def sample_faces() -> Path:
 @pytest.fixture(scope="session")
 def sample_images(sample_faces: Path) -> list[Path]:
     return sorted((sample_faces / "images").glob("*.jpg"))
+
+
+def write_tiny_features_model(model_dir: Path, name: str = "tiny", version: str = "1", seed: int = 0) -> "ModelCard":
+    """A small valid `features` model built with onnx.helper (no torch): Conv(3→16, 8x8,
+    stride 8) maps (N, 3, 64, 64) to (N, 16, 8, 8). Returns its card."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from protocol.model_card import ModelCard, OutputSpec, sha256_file
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((16, 3, 8, 8)) * 0.05).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(16, np.float32), "b")
+    node = helper.make_node("Conv", ["image", "w", "b"], ["feature"], kernel_shape=[8, 8], strides=[8, 8])
+    graph = helper.make_graph(
+        [node], "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 64, 64])],
+        [helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        initializer=[w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, model_dir / "model.onnx")
+    card = ModelCard(
+        name=name, version=version, sha256=sha256_file(model_dir / "model.onnx"),
+        output=OutputSpec(name="feature", shape=(16, 8, 8), dtype="float32"),
+        training={"note": "random test model"},
+    )
+    card.save(model_dir)
+    return card
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """exported_models-like folder holding one tiny `features` model at <dir>/tiny."""
+    models = tmp_path / "models"
+    write_tiny_features_model(models / "tiny")
+    return models
+
+
+@pytest.fixture
+def live_collector(tmp_path: Path, tiny_model_dir: Path):
+    """A real collector (create_app) served on 127.0.0.1 on a free port in a thread.
+
+    Yields a namespace: url, app, data_dir, models_dir, operator_token, auditor_token.
+    """
+    import threading
+    from types import SimpleNamespace
+
+    from werkzeug.serving import make_server
+
+    from collector.app import create_app, issue_token
+
+    data_dir = tmp_path / "collector-data"
+    app = create_app({"DATA_DIR": str(data_dir), "MODELS_DIR": str(tiny_model_dir), "TESTING": True})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{server.server_port}",
+            app=app,
+            data_dir=data_dir,
+            models_dir=tiny_model_dir,
+            operator_token=issue_token(app, "operator"),
+            auditor_token=issue_token(app, "auditor"),
+        )
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
