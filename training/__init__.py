@@ -1,0 +1,1 @@
+"""Model building: datasets, networks, adversarial training, export and audits (torch)."""
