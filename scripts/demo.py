@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -104,11 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             home = work / f"participant-{n + 1}"
             mine = photos[n * share:(n + 1) * share] if n < 2 else photos[2 * share:]
             _run([BIN / "pric-client", "--home", home, "register", "--server", url])
-            # photos are passed as a folder of links: the client walks it like a user's album
+            # each participant's photos sit in an album folder that the client walks
             album = work / f"album-{n + 1}"
             album.mkdir()
             for photo in mine:
-                os.symlink(photo, album / photo.name)
+                shutil.copy(photo, album / photo.name)
             _run([BIN / "pric-client", "--home", home, "upload", album, "--labels", labels_csv])
 
         _run([BIN / "pric-collector", "stats", "--data-dir", data])
