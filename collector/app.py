@@ -1,0 +1,338 @@
+"""The collector's Flask app (app factory) and its HTTP API.
+
+Routes come from `protocol.routes`; errors are `protocol.errors` exceptions answered as
+`{"error": code, "message": ...}` with their HTTP status. Every endpoint but HEALTH (and
+REGISTER while registration is open) checks a bearer token and its role.
+
+Upload checks, in order, each before any stored change: token → Content-Length present
+and within the limit (before the body is read) → JSON content type → per-token rate
+limit → wire format (schema, ids, labels, arrays, batch size) → model known, active and
+sha256 equal → every array against the model card → one transaction, idempotent per
+(participant, item id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from collector import store
+from collector.auth import (
+    AUDITOR,
+    OPERATOR,
+    PARTICIPANT,
+    Principal,
+    TokenBucket,
+    authenticate,
+    bearer_token,
+    create_participant,
+    create_staff_token,
+    hash_token,
+    pseudonym,
+    require_role,
+)
+from collector.db import Database, default_database_url
+from collector.registry import ModelRegistry, recorded_card
+from protocol import routes
+from protocol.errors import (
+    ConflictError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    PricError,
+    WireFormatError,
+)
+from protocol.wire import LABEL_NAME_RE, decode_batch
+
+access_log = logging.getLogger("collector.access")
+log = logging.getLogger("collector")
+
+DEFAULTS: dict[str, Any] = {
+    "DATA_DIR": "collector-data",
+    "MODELS_DIR": "exported_models",
+    "DATABASE_URL": None,  # default: SQLite file under DATA_DIR
+    "TESTING": False,
+    "MAX_BODY_BYTES": routes.MAX_BODY_BYTES,
+    "RATE_LIMIT_PER_MIN": 600,  # per token, uploads; 0 disables
+    "REGISTER_LIMIT_PER_MIN": 120,  # per client address; 0 disables
+    "OPEN_REGISTRATION": True,
+    "CURRENT_MODEL": None,  # default: newest active version found
+}
+DEFAULT_EXPORT_LIMIT = 100
+
+
+class LengthRequiredError(WireFormatError):
+    http_status = 411
+    code = "length_required"
+
+
+class UnsupportedMediaTypeError(WireFormatError):
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+@dataclass
+class CollectorState:
+    """What the request handlers share: storage, models, limits."""
+
+    db: Database
+    registry: ModelRegistry
+    upload_limiter: TokenBucket | None
+    register_limiter: TokenBucket | None
+    pseudonym_secret: str
+    train_lock: threading.Lock
+    classifiers_dir: Path
+
+    def pseudonym(self, participant_id: str) -> str:
+        return pseudonym(self.pseudonym_secret, participant_id)
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the collector. Keys: see DEFAULTS (DATA_DIR, MODELS_DIR, DATABASE_URL, ...)."""
+    app = Flask(__name__)
+    app.config.update(DEFAULTS)
+    app.config.update(config or {})
+    data_dir = Path(app.config["DATA_DIR"])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not app.config["DATABASE_URL"]:
+        app.config["DATABASE_URL"] = default_database_url(data_dir)
+    # Werkzeug's own guard as a second line behind the Content-Length check.
+    app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
+
+    db = Database(app.config["DATABASE_URL"])
+    db.create_all()
+    rate = float(app.config["RATE_LIMIT_PER_MIN"] or 0)
+    reg_rate = float(app.config["REGISTER_LIMIT_PER_MIN"] or 0)
+    app.extensions["pric"] = CollectorState(
+        db=db,
+        registry=ModelRegistry(db, app.config["MODELS_DIR"], app.config["CURRENT_MODEL"]),
+        upload_limiter=TokenBucket(rate) if rate > 0 else None,
+        register_limiter=TokenBucket(reg_rate, burst=max(1.0, reg_rate / 4)) if reg_rate > 0 else None,
+        pseudonym_secret=db.secret("pseudonym_secret"),
+        train_lock=threading.Lock(),
+        classifiers_dir=data_dir / "classifiers",
+    )
+    app.register_blueprint(api)
+    _install_error_handlers(app)
+    app.before_request(_start_timer)
+    app.after_request(_log_request)
+    return app
+
+
+def issue_token(app: Flask, role: str) -> str:
+    """A new operator or auditor token for `app`'s database; plaintext returned once."""
+    return create_staff_token(app.extensions["pric"].db, role)
+
+
+def state() -> CollectorState:
+    return current_app.extensions["pric"]
+
+
+# --- auth, logging, errors ------------------------------------------------------------------
+
+def authorize(*roles: str) -> Principal:
+    token = bearer_token(request.headers.get(routes.AUTH_HEADER))
+    principal = authenticate(state().db, token)
+    g.principal = principal
+    g.token_key = hash_token(token)  # type: ignore[arg-type]  # authenticate refused None
+    require_role(principal, *roles)
+    return principal
+
+
+def _start_timer() -> None:
+    g.t0 = time.perf_counter()
+
+
+def _log_request(response: Response) -> Response:
+    principal: Principal | None = g.get("principal")
+    entry = {
+        "method": request.method,
+        "route": request.url_rule.rule if request.url_rule else "<unmatched>",
+        "status": response.status_code,
+        "duration_ms": round((time.perf_counter() - g.get("t0", time.perf_counter())) * 1000, 2),
+        "role": principal.role if principal else None,
+        "participant": state().pseudonym(principal.participant_id)
+        if principal and principal.participant_id else None,
+    }
+    if "n_items" in g:
+        entry["n_items"] = g.n_items
+    access_log.info(json.dumps(entry))
+    return response
+
+
+def _error_response(status: int, body: dict[str, str]) -> Response:
+    resp = jsonify(body)
+    resp.status_code = status
+    return resp
+
+
+def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(PricError)
+    def _pric(exc: PricError) -> Response:
+        resp = _error_response(exc.http_status, exc.to_json())
+        retry_after = getattr(exc, "retry_after", None)
+        if exc.http_status == 429 and retry_after is not None:
+            resp.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        code = "payload_too_large" if exc.code == 413 else (exc.name or "error").lower().replace(" ", "_")
+        return _error_response(exc.code or 500, {"error": code, "message": exc.description or exc.name})
+
+    @app.errorhandler(Exception)
+    def _other(exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url_rule.rule if request.url_rule else request.path)
+        return _error_response(500, {"error": "internal", "message": "internal error; see the collector's log"})
+
+
+def _json_body() -> dict[str, Any]:
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaTypeError("body must be application/json")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise WireFormatError("body must be a JSON object")
+    return body
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+api = Blueprint("api", __name__)
+
+
+@api.get(routes.HEALTH)
+def health() -> Response:
+    return jsonify({"status": "ok", "models": state().registry.active_ids()})
+
+
+@api.post(routes.REGISTER)
+def register() -> tuple[Response, int]:
+    if not current_app.config["OPEN_REGISTRATION"]:
+        authorize(OPERATOR)
+    limiter = state().register_limiter
+    if limiter is not None:
+        limiter.take(f"register:{request.remote_addr}")
+    participant_id, token = create_participant(state().db)
+    g.principal = Principal(role=PARTICIPANT, participant_id=participant_id)
+    return jsonify({"participant_id": participant_id, "token": token, "role": PARTICIPANT}), 201
+
+
+@api.get(routes.ME)
+def me() -> Response:
+    who = authorize(PARTICIPANT)
+    return jsonify(store.participant_summary(state().db, who.participant_id))
+
+
+@api.delete(routes.ME)
+def withdraw() -> Response:
+    who = authorize(PARTICIPANT)
+    return jsonify({"deleted": store.withdraw(state().db, who.participant_id)})
+
+
+@api.get(routes.MODEL_CARD)
+def model_card() -> Response:
+    authorize(PARTICIPANT, OPERATOR, AUDITOR)
+    return jsonify(state().registry.current().card.to_dict())
+
+
+@api.get(routes.MODEL_CARD_BY_ID)
+def model_card_by_id(model_id: str) -> Response:
+    authorize(PARTICIPANT, OPERATOR, AUDITOR)
+    reg = state().registry.get(model_id)
+    resp = jsonify(reg.card.to_dict())
+    resp.headers["X-Model-Status"] = state().registry.statuses().get(model_id, "unknown")
+    return resp
+
+
+@api.get(routes.MODEL_FILE)
+def model_file() -> Response:
+    authorize(PARTICIPANT, OPERATOR, AUDITOR)
+    registry = state().registry
+    model_id = request.args.get("model_id") or registry.current().model_id
+    reg = registry.get(model_id)
+    name = request.args.get("file") or reg.card.file
+    data, digest = registry.read_file(model_id, name)
+    resp = Response(data, mimetype="application/octet-stream")
+    resp.headers["X-Model-Sha256"] = digest
+    resp.headers["X-Model-Id"] = model_id
+    return resp
+
+
+@api.post(routes.ITEMS)
+def upload() -> Response:
+    who = authorize(PARTICIPANT)
+    limit = int(current_app.config["MAX_BODY_BYTES"])
+    length = request.content_length
+    if length is None:
+        raise LengthRequiredError("Content-Length header is required")
+    if length > limit:
+        raise PayloadTooLargeError(f"body of {length} bytes exceeds the limit of {limit} bytes")
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaTypeError("upload body must be application/json")
+    if state().upload_limiter is not None:
+        state().upload_limiter.take(g.token_key)
+    batch = decode_batch(request.get_data(cache=False))
+    reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)
+    store.validate_batch(batch, reg.card)
+    stored, duplicates = store.store_batch(state().db, who.participant_id, batch)
+    g.n_items = len(batch.items)
+    return jsonify({"stored": stored, "duplicates": duplicates})
+
+
+@api.get(routes.STATS)
+def stats() -> Response:
+    authorize(OPERATOR)
+    return jsonify(store.stats(state().db))
+
+
+@api.post(routes.TRAIN)
+def train() -> Response:
+    authorize(OPERATOR)
+    body = _json_body()
+    task = body.get("task")
+    if not isinstance(task, str) or not LABEL_NAME_RE.match(task):
+        raise InvalidInputError("task must be a label name such as 'Smiling'")
+    model_id = body.get("model_id") or state().registry.current().model_id
+    if not isinstance(model_id, str):
+        raise InvalidInputError("model_id must be a string")
+    recorded_card(state().db, model_id)  # 404 before any work for an unknown model
+    if not state().train_lock.acquire(blocking=False):
+        raise ConflictError("a training job is already running; try again when it has finished")
+    try:
+        from collector.train_job import train_classifier
+
+        result = train_classifier(state().db, model_id, task, out_dir=state().classifiers_dir)
+    finally:
+        state().train_lock.release()
+    return jsonify(result)
+
+
+@api.get(routes.EXPORT)
+def export() -> Response:
+    authorize(AUDITOR, OPERATOR)
+    model_id = request.args.get("model_id") or state().registry.current().model_id
+    recorded_card(state().db, model_id)
+    offset = _int_arg("offset", 0, 0, 2**62)
+    limit = _int_arg("limit", DEFAULT_EXPORT_LIMIT, 1, store.MAX_EXPORT_LIMIT)
+    return jsonify(store.export_items(state().db, model_id, offset, limit, state().pseudonym))
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInputError(f"query parameter {name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise InvalidInputError(f"query parameter {name}={value} must be between {lo} and {hi}")
+    return value

@@ -1,0 +1,118 @@
+"""Tokens, roles, pseudonyms and the per-token rate limit.
+
+A token is `secrets.token_urlsafe(32)`, shown once; only its sha256 is stored. Roles:
+`participant` (own items only), `operator` (stats, training, export), `auditor`
+(read-only export).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from collector.db import Database, participants, tokens
+from protocol.errors import AuthError, ForbiddenError, InvalidInputError, RateLimitedError
+
+PARTICIPANT = "participant"
+OPERATOR = "operator"
+AUDITOR = "auditor"
+ROLES = (PARTICIPANT, OPERATOR, AUDITOR)
+STAFF_ROLES = (OPERATOR, AUDITOR)
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: str
+    participant_id: str | None = None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def create_staff_token(db: Database, role: str) -> str:
+    """A new operator or auditor token; the plaintext is returned once and never stored."""
+    if role not in STAFF_ROLES:
+        raise InvalidInputError(f"role {role!r} must be one of {', '.join(STAFF_ROLES)}")
+    token = new_token()
+    with db.write() as conn:
+        conn.execute(tokens.insert().values(token_hash=hash_token(token), role=role, participant_id=None,
+                                            created_at=time.time()))
+    return token
+
+
+def create_participant(db: Database) -> tuple[str, str]:
+    """A new participant and their token: (participant_id, token)."""
+    participant_id = "p-" + secrets.token_hex(12)
+    token = new_token()
+    now = time.time()
+    with db.write() as conn:
+        conn.execute(participants.insert().values(participant_id=participant_id, created_at=now))
+        conn.execute(tokens.insert().values(token_hash=hash_token(token), role=PARTICIPANT,
+                                            participant_id=participant_id, created_at=now))
+    return participant_id, token
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header or not header.startswith("Bearer "):
+        return None
+    token = header[len("Bearer "):].strip()
+    return token or None
+
+
+def authenticate(db: Database, token: str | None) -> Principal:
+    if token is None:
+        raise AuthError("missing bearer token (Authorization: Bearer <token>)")
+    if len(token) > 256:
+        raise AuthError("invalid token")
+    with db.read() as conn:
+        row = conn.execute(select(tokens.c.role, tokens.c.participant_id)
+                           .where(tokens.c.token_hash == hash_token(token))).first()
+    if row is None:
+        raise AuthError("invalid token")
+    return Principal(role=row.role, participant_id=row.participant_id)
+
+
+def require_role(principal: Principal, *roles: str) -> None:
+    if principal.role not in roles:
+        raise ForbiddenError(f"role {principal.role!r} may not call this endpoint (needs {' or '.join(roles)})")
+
+
+def pseudonym(secret: str, participant_id: str) -> str:
+    """A stable keyed hash of a participant id: links items of one person, names no one."""
+    return hmac.new(secret.encode(), participant_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+class TokenBucket:
+    """In-memory token bucket per key: `rate_per_min` requests a minute, bursts of `burst`."""
+
+    def __init__(self, rate_per_min: float, burst: float | None = None) -> None:
+        self.rate = rate_per_min / 60.0
+        self.capacity = burst if burst is not None else max(1.0, rate_per_min / 6.0)
+        self._state: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> None:
+        """Spend one request for `key`; raise RateLimitedError with a Retry-After if none left."""
+        now = time.monotonic()
+        with self._lock:
+            level, last = self._state.get(key, (self.capacity, now))
+            level = min(self.capacity, level + (now - last) * self.rate)
+            if level < 1.0:
+                self._state[key] = (level, now)
+                wait = (1.0 - level) / self.rate
+                raise RateLimitedError(f"rate limit of {self.rate * 60:g} requests/min exceeded; retry later",
+                                       retry_after=wait)
+            self._state[key] = (level - 1.0, now)
+            if len(self._state) > 100_000:  # forget idle keys rather than grow without bound
+                self._state = {k: v for k, v in self._state.items() if now - v[1] < 120}

@@ -1,0 +1,204 @@
+"""Storage schema and connections (SQLAlchemy Core; SQLite by default, PostgreSQL too).
+
+SQLite runs in WAL mode with `synchronous=FULL`, so a commit acknowledged to a client
+survives a killed process (and a power cut). Write transactions start with
+`BEGIN IMMEDIATE` so concurrent writers queue on the busy timeout instead of failing
+with a lock-upgrade error half way through.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+
+from protocol.errors import ValidationError
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+DB_FILE = "collector.sqlite3"
+
+metadata = MetaData()
+
+participants = Table(
+    "participants", metadata,
+    Column("participant_id", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+)
+
+tokens = Table(
+    "tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),  # sha256 hex of the token
+    Column("role", String(16), nullable=False),
+    Column("participant_id", String(64), ForeignKey("participants.participant_id"), nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+models = Table(
+    "models", metadata,
+    Column("model_id", String(200), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("card_json", Text, nullable=False),  # training can run without the models folder
+    Column("status", String(16), nullable=False),  # active | retired
+    Column("registered_at", Float, nullable=False),
+    Column("retired_at", Float, nullable=True),
+)
+
+items = Table(
+    "items", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("participant_id", String(64), ForeignKey("participants.participant_id"), nullable=False),
+    Column("item_id", String(64), nullable=False),
+    Column("model_id", String(200), ForeignKey("models.model_id"), nullable=False),
+    Column("arrays", LargeBinary, nullable=False),  # one .npz, read with allow_pickle=False
+    Column("labels", Text, nullable=False),  # JSON object {task: 0|1}
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("participant_id", "item_id", name="uq_items_participant_item"),
+    Index("ix_items_model", "model_id", "id"),
+)
+
+classifiers = Table(
+    "classifiers", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task", String(64), nullable=False),
+    Column("model_id", String(200), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("accuracy", Float, nullable=False),
+    Column("majority_rate", Float, nullable=False),
+    Column("n_train", Integer, nullable=False),
+    Column("n_test", Integer, nullable=False),
+    Column("trained_at", Float, nullable=False),
+    Column("stale", Boolean, nullable=False, default=False),
+)
+
+# Which participants' data each classifier saw, so a withdrawal can mark it stale.
+classifier_participants = Table(
+    "classifier_participants", metadata,
+    Column("classifier_id", Integer, ForeignKey("classifiers.id"), primary_key=True),
+    Column("participant_id", String(64), primary_key=True),
+)
+
+meta = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+
+def default_database_url(data_dir: str | Path) -> str:
+    return f"sqlite:///{Path(data_dir).resolve() / DB_FILE}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the durability settings above applied to every SQLite connection."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            pool_size=32,
+            max_overflow=32,
+        )
+        _install_sqlite_hooks(engine)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=16, max_overflow=16)
+    return engine
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI objects
+        # Take BEGIN out of pysqlite's hands so that we choose DEFERRED vs IMMEDIATE.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.info.pop("begin_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Database:
+    """An engine plus the two ways to use it: short reads and serialised writes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+
+    def create_all(self) -> None:
+        metadata.create_all(self.engine)
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One transaction, committed on success and rolled back on any exception."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.info["begin_immediate"] = True
+            with conn.begin():
+                yield conn
+
+    def secret(self, key: str) -> str:
+        """A per-installation random secret stored in `meta` (created on first use)."""
+        with self.read() as conn:
+            row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+        if row is not None:
+            return row[0]
+        with self.write() as conn:
+            row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+            if row is not None:
+                return row[0]
+            value = secrets.token_hex(32)
+            conn.execute(meta.insert().values(key=key, value=value))
+            return value
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Arrays of one item → one uncompressed .npz blob."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    """Inverse of `pack_arrays`; never unpickles. Raises ValidationError on a damaged blob."""
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError, KeyError) as exc:
+        raise ValidationError(f"stored item is damaged ({type(exc).__name__})") from None
