@@ -1,0 +1,523 @@
+"""`pric-client`: the participant's command-line client.
+
+    pric-client [--home DIR] register --server URL [--force]
+    pric-client [--home DIR] upload PATH... [--labels CSV] [--tasks T1,T2]
+                [--mode features|ambiguated] [--batch-size N] [--dry-run] [--save-codes FILE]
+    pric-client [--home DIR] transform PATH... --out FILE.npz [--model-dir DIR] [--batch-size N]
+    pric-client [--home DIR] status [--json]
+    pric-client [--home DIR] withdraw
+    pric-client [--home DIR] keys export --out FILE [--items ID ...] [--model MODEL_ID]
+    pric-client [--home DIR] decode --key-file K --codes FILE.npz --out DIR [--model-dir DIR]
+
+`--home` defaults to $PRIC_CLIENT_HOME, else the per-user config folder (platformdirs).
+Unreadable photos (corrupt, truncated, not an image, too large, broken symlink, link out of
+the given paths) are reported on stderr, one line each naming the file, and skipped.
+`upload` ends with one line: "N stored, M already there, K skipped (errors)".
+
+Exit codes:
+    0   done (at least one photo processed; some may have been skipped)
+    1   other error
+    2   invalid input (argument, file, labels CSV, not registered yet)
+    3   the collector refused the payload (format, validation, size)
+    4   model problem: unknown or retired on the collector (run upload again to update),
+        or a model file whose sha256 does not match its card (refused)
+    5   a key does not match its code (decode)
+    6   authentication or permission refused (wrong or revoked token)
+    7   not found on the collector
+    8   rate limited, still after retries
+    9   collector unreachable or failing, after retries
+    10  nothing could be processed (no readable photo among the given paths)
+    130 interrupted
+
+Environment: PRIC_CLIENT_HOME (home folder), PRIC_CLIENT_RETRIES / PRIC_CLIENT_BACKOFF
+(HTTP retry policy), PRIC_CLIENT_TEST_DELAY_S (test hook: sleep before each batch is sent
+and again before it is journalled, to test interruptions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from client.api import CollectorAPI, HttpConfig
+from client.home import Home, ParticipantConfig, default_home
+from client.journal import Journal
+from client.keystore import KeyStore, read_key_file
+from client.labels import read_labels
+from client.models import OnnxModel, fetch_model, find_cached_model, open_model_dir
+from client.pipeline import (
+    Extractor,
+    NpyStreamWriter,
+    ambiguate_output,
+    register_heif,
+    wire_arrays_of,
+    write_npz_member,
+)
+from client.walk import iter_files
+from protocol.errors import InvalidInputError, KeyMismatchError, ModelIntegrityError, PricError
+from protocol.model_card import ModelCard
+from protocol.routes import MAX_BATCH_ITEMS, MAX_BODY_BYTES
+from protocol.sparse_code import AmbiguatedCode, SparseCodeError, disambiguate
+from protocol.wire import UploadBatch, UploadItem, encode_batch
+
+EXIT_OK = 0
+EXIT_NOTHING = 10
+EXIT_INTERRUPTED = 130
+ENV_TEST_DELAY = "PRIC_CLIENT_TEST_DELAY_S"
+DECODER_FILE = "decoder.onnx"
+PROG = "pric-client"
+
+_EPILOG = __doc__[__doc__.index("Exit codes:"):]
+
+
+class Console:
+    """stdout for results, stderr for one-line problems (kept clear of the progress bar)."""
+
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def say(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+    def warn(self, msg: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"{PROG}: {msg}", file=self.err)
+
+    def skip(self, path: str, reason: str) -> None:
+        self.warn(f"skipped {path}: {reason}")
+
+    def progress(self, total: int, desc: str):  # -> tqdm
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="photo", file=self.err, disable=None, leave=False)
+
+
+# --- configs ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UploadConfig:
+    paths: tuple[str, ...]
+    labels: str | None = None
+    tasks: tuple[str, ...] = ()
+    mode: str | None = None
+    batch_size: int = 64
+    dry_run: bool = False
+    save_codes: str | None = None
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "UploadConfig":
+        if not 1 <= a.batch_size <= MAX_BATCH_ITEMS:
+            raise InvalidInputError(f"--batch-size {a.batch_size}: must be between 1 and {MAX_BATCH_ITEMS}")
+        return cls(paths=tuple(a.paths), labels=a.labels, tasks=tuple(_split_csv(a.tasks)), mode=a.mode,
+                   batch_size=a.batch_size, dry_run=a.dry_run, save_codes=a.save_codes)
+
+
+@dataclass
+class Counts:
+    stored: int = 0
+    already: int = 0
+    skipped: int = 0
+    would_send: int = 0
+    bytes: int = 0
+    item_ids: list[str] = field(default_factory=list)
+
+
+def _split_csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _http(args: argparse.Namespace) -> HttpConfig:
+    return HttpConfig.from_env(timeout_s=args.timeout)
+
+
+def _test_delay() -> None:
+    delay = float(os.environ.get(ENV_TEST_DELAY, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+# --- register / status / withdraw ------------------------------------------------------
+def cmd_register(args: argparse.Namespace, home: Home, con: Console) -> int:
+    if home.has_config() and not args.force:
+        raise InvalidInputError(f"{home.config_path}: already registered; pass --force to register again")
+    api = CollectorAPI(args.server, http=_http(args))
+    got = api.register()
+    path = home.save_config(ParticipantConfig(api.server, str(got["participant_id"]), str(got["token"])))
+    con.say(f"registered as participant {got['participant_id']} at {api.server}; token saved in {path} (mode 0600)")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, home: Home, con: Console) -> int:
+    config = home.load_config()
+    me = CollectorAPI(config.server, config.token, _http(args)).me()
+    with Journal(home.journal_path, config.server, config.participant_id) as journal:
+        local = journal.counts()
+    keys = KeyStore(home.keys_path).count() if home.keys_path.exists() else 0
+    report = {
+        "server": config.server,
+        "participant_id": me.get("participant_id", config.participant_id),
+        "items": int(me.get("items", 0)),
+        "items_by_model": me.get("items_by_model", {}),
+        "journal": local,
+        "keys": keys,
+    }
+    if args.json:
+        con.say(json.dumps(report, sort_keys=True))
+        return EXIT_OK
+    con.say(f"collector {report['server']}: participant {report['participant_id']} has {report['items']} items stored")
+    for model_id, n in sorted(report["items_by_model"].items()):
+        con.say(f"  {model_id}: {n}")
+    con.say(f"local journal: {sum(local.values())} acknowledged uploads"
+            + "".join(f"; {m}: {n}" for m, n in sorted(local.items())))
+    con.say(f"local key store: {keys} keys")
+    return EXIT_OK
+
+
+def cmd_withdraw(args: argparse.Namespace, home: Home, con: Console) -> int:
+    config = home.load_config()
+    deleted = CollectorAPI(config.server, config.token, _http(args)).withdraw()
+    with Journal(home.journal_path, config.server, config.participant_id) as journal:
+        cleared = journal.clear()
+    con.say(f"withdrew {deleted} items from {config.server}; local journal cleared ({cleared} entries)")
+    return EXIT_OK
+
+
+# --- upload ------------------------------------------------------------------------------
+class Uploader:
+    """Streams photos through the extractor and sends acknowledged-once batches."""
+
+    def __init__(self, cfg: UploadConfig, home: Home, con: Console, api: CollectorAPI,
+                 config: ParticipantConfig, card: ModelCard, model_dir: Path) -> None:
+        self.cfg, self.home, self.con, self.api, self.card = cfg, home, con, api, card
+        self.counts = Counts()
+        self.extractor = Extractor(card, model_dir)
+        self.journal = Journal(home.journal_path, config.server, config.participant_id)
+        self.keystore = KeyStore(home.keys_path) if card.kind == "sparse_code" else None
+        self.labels = read_labels(cfg.labels, cfg.tasks, con.warn) if cfg.labels else {}
+        self._seen: set[str] = set()
+        self._kept: list[tuple[Path, str, dict[str, np.ndarray]]] = []  # codes from the key store
+
+    def close(self) -> None:
+        self.journal.close()
+        if self.keystore:
+            self.keystore.close()
+
+    def skip(self, path: str, reason: str) -> None:
+        self.counts.skipped += 1
+        self.con.skip(path, reason)
+
+    def _known(self, path: Path, item_id: str) -> bool:
+        if item_id in self._seen or self.journal.has(item_id):
+            self.counts.already += 1
+            if item_id not in self._seen:
+                self.counts.item_ids.append(item_id)
+            self._seen.add(item_id)
+            return True
+        self._seen.add(item_id)
+        self.counts.item_ids.append(item_id)
+        if self.keystore is not None and (got := self.keystore.get(item_id)) is not None:
+            # re-send the code already drawn for this photo: its key is the one we kept
+            self._kept.append((path, item_id, wire_arrays_of(self.card, None, got[1])))
+            return True
+        return False
+
+    def run(self, files: list[Path]) -> Counts:
+        bar = self.con.progress(len(files), "dry run" if self.cfg.dry_run else "upload")
+        try:
+            for rows in self.extractor.stream(files, self.cfg.batch_size, self.skip, self._known, lambda: bar.update(1)):
+                self._send(self._items(rows))
+                if len(self._kept) >= self.cfg.batch_size:
+                    self._send(self._kept)
+                    self._kept = []
+            if self._kept:
+                self._send(self._kept)
+                self._kept = []
+        finally:
+            bar.close()
+        return self.counts
+
+    def _items(self, rows) -> list[tuple[Path, str, dict[str, np.ndarray]]]:
+        if self.card.kind != "sparse_code":
+            return [(r.path, r.item_id, wire_arrays_of(self.card, r.output, None)) for r in rows]
+        drawn = [(r, *ambiguate_output(self.card, r.output)) for r in rows]
+        if not self.cfg.dry_run:
+            # keys are committed before anything is sent: a stored code always has its key
+            assert self.keystore is not None
+            self.keystore.put_many((r.item_id, self.card.model_id, code, key) for r, code, key in drawn)
+        return [(r.path, r.item_id, wire_arrays_of(self.card, None, code)) for r, code, _ in drawn]
+
+    def _send(self, items: list[tuple[Path, str, dict[str, np.ndarray]]]) -> None:
+        batch = UploadBatch(
+            model_id=self.card.model_id, model_sha256=self.card.sha256,
+            items=[UploadItem(item_id=i, arrays=a, labels=self.labels.get(p.name, {})) for p, i, a in items],
+        )
+        body = encode_batch(batch)
+        if len(body) > MAX_BODY_BYTES:
+            if len(items) == 1:
+                raise InvalidInputError(f"{items[0][0]}: one item is {len(body)} bytes, above the body limit")
+            half = len(items) // 2
+            self._send(items[:half])
+            self._send(items[half:])
+            return
+        if self.cfg.dry_run:
+            self.counts.would_send += len(items)
+            self.counts.bytes += len(body)
+            return
+        _test_delay()
+        answer = self.api.upload(body, self.card.model_id)
+        _test_delay()
+        self.journal.record((i, self.card.model_id, str(p)) for p, i, _ in items)
+        self.counts.stored += answer["stored"]
+        self.counts.already += answer["duplicates"]
+
+    def save_codes(self, out: Path) -> int:
+        assert self.keystore is not None
+        ids, ind, val = [], [], []
+        for item_id in self.counts.item_ids:
+            got = self.keystore.get(item_id)
+            if got is not None:
+                ids.append(item_id)
+                ind.append(got[1].indices)
+                val.append(got[1].values)
+        L, kp = self.card.sparse.L, self.card.sparse.k_prime  # type: ignore[union-attr]
+        np.savez(
+            out, item_ids=np.array(ids, dtype="U64"), model_id=np.array(self.card.model_id),
+            indices=np.stack(ind) if ind else np.zeros((0, L, kp), np.uint16),
+            values=np.stack(val) if val else np.zeros((0, L, kp), np.float16),
+        )
+        return len(ids)
+
+
+def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
+    cfg = UploadConfig.from_args(args)
+    config = home.load_config()
+    api = CollectorAPI(config.server, config.token, _http(args))
+    card, model_dir = fetch_model(api, home)
+    expected_mode = "ambiguated" if card.kind == "sparse_code" else "features"
+    if cfg.mode and cfg.mode != expected_mode:
+        raise InvalidInputError(
+            f"--mode {cfg.mode}: the collector's current model {card.model_id} is of kind {card.kind!r}, "
+            f"which uploads in {expected_mode} mode"
+        )
+    if cfg.save_codes and card.kind != "sparse_code":
+        raise InvalidInputError("--save-codes: only in ambiguated mode (a sparse_code model)")
+    up = Uploader(cfg, home, con, api, config, card, model_dir)
+    try:
+        files = list(iter_files(cfg.paths, up.skip))
+        counts = up.run(files)
+        if cfg.save_codes and not cfg.dry_run:
+            n = up.save_codes(Path(cfg.save_codes))
+            con.say(f"{n} ambiguated codes written to {cfg.save_codes}")
+    finally:
+        up.close()
+    if cfg.dry_run:
+        con.say(
+            f"dry run: {counts.would_send} items would be sent ({counts.bytes} bytes) to {config.server} "
+            f"with model {card.model_id}; {counts.already} already there, {counts.skipped} skipped (errors); nothing sent"
+        )
+        return EXIT_OK if counts.would_send + counts.already else EXIT_NOTHING
+    con.say(f"{counts.stored} stored, {counts.already} already there, {counts.skipped} skipped (errors)")
+    return EXIT_OK if counts.stored + counts.already else EXIT_NOTHING
+
+
+# --- transform (offline) -----------------------------------------------------------------
+def _local_model(args: argparse.Namespace, home: Home, model_id: str | None = None) -> tuple[ModelCard, Path]:
+    model_dir = Path(args.model_dir) if args.model_dir else find_cached_model(home, model_id)
+    return open_model_dir(model_dir), model_dir
+
+
+def cmd_transform(args: argparse.Namespace, home: Home, con: Console) -> int:
+    card, model_dir = _local_model(args, home)
+    if not 1 <= args.batch_size <= 4096:
+        raise InvalidInputError(f"--batch-size {args.batch_size}: must be between 1 and 4096")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extractor = Extractor(card, model_dir)
+    skipped = 0
+
+    def skip(path: str, reason: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        con.skip(path, reason)
+
+    names: list[str] = []
+    ids: list[str] = []
+    fd, tmp = tempfile.mkstemp(prefix=".pric-transform-", dir=out.parent)
+    os.close(fd)
+    writer = NpyStreamWriter(Path(tmp), extractor.out_shape, card.output.dtype)
+    files = list(iter_files(args.paths, skip))
+    bar = con.progress(len(files), "transform")
+    try:
+        for rows in extractor.stream(files, args.batch_size, skip, tick=lambda: bar.update(1)):
+            writer.append(np.stack([r.output for r in rows]))
+            names.extend(str(r.path) for r in rows)
+            ids.extend(r.item_id for r in rows)
+        bar.close()
+        if not names:
+            writer.discard()
+            con.say(f"0 photos transformed, {skipped} skipped (errors); nothing written")
+            return EXIT_NOTHING
+        part = out.with_name(out.name + ".part")
+        with zipfile.ZipFile(part, "w", allowZip64=True) as zf:
+            writer.write_member(zf, "features")
+            write_npz_member(zf, "file_names", np.array(names))
+            write_npz_member(zf, "item_ids", np.array(ids))
+            write_npz_member(zf, "model_id", np.array(card.model_id))
+        part.replace(out)
+    except BaseException:
+        bar.close()
+        writer.discard()
+        raise
+    con.say(f"{len(names)} photos transformed with {card.model_id}, {skipped} skipped (errors); written to {out}")
+    return EXIT_OK
+
+
+# --- keys and decode (authorised data user) ------------------------------------------
+def cmd_keys_export(args: argparse.Namespace, home: Home, con: Console) -> int:
+    if not home.keys_path.exists():
+        raise InvalidInputError(f"{home.keys_path}: no key store (nothing uploaded in ambiguated mode)")
+    with KeyStore(home.keys_path) as store:
+        n = store.export(args.out, args.items or None, args.model)
+    con.say(f"{n} keys written to {args.out} (mode 0600)")
+    return EXIT_OK if n else EXIT_NOTHING
+
+
+def _read_codes(path: Path) -> tuple[str, list[str], np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            model_id = str(z["model_id"])
+            ids = [str(i) for i in z["item_ids"]]
+            ind, val = z["indices"], z["values"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(f"{path}: not a codes file (npz with model_id, item_ids, indices, values): {exc}") from None
+    if ind.ndim != 3 or ind.shape != val.shape or ind.shape[0] != len(ids):
+        raise InvalidInputError(f"{path}: indices {ind.shape} / values {val.shape} / {len(ids)} item ids disagree")
+    return model_id, ids, ind, val
+
+
+def cmd_decode(args: argparse.Namespace, home: Home, con: Console) -> int:
+    codes_path = Path(args.codes)
+    model_id, ids, ind, val = _read_codes(codes_path)
+    keys = read_key_file(args.key_file)
+    card, model_dir = _local_model(args, home, model_id)
+    if card.kind != "sparse_code" or card.sparse is None:
+        raise InvalidInputError(f"{model_dir}: model {card.model_id} is not a sparse_code model")
+    if card.model_id != model_id:
+        raise InvalidInputError(f"{codes_path}: codes are of model {model_id}, the model given is {card.model_id}")
+    if DECODER_FILE not in card.extra_files:
+        raise ModelIntegrityError(f"{model_dir}: model {card.model_id} ships no {DECODER_FILE}")
+    decoder = OnnxModel(model_dir / DECODER_FILE, "code", "image")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    refused = 0
+    ready: list[tuple[str, np.ndarray]] = []
+    for n, item_id in enumerate(ids):
+        try:
+            if item_id not in keys:
+                raise KeyMismatchError("no key for this item in the key file")
+            code = AmbiguatedCode(indices=ind[n].astype(np.uint16), values=val[n].astype(np.float16))
+            ready.append((item_id, disambiguate(code, keys[item_id], card.sparse.m)))
+        except (KeyMismatchError, SparseCodeError) as exc:
+            refused += 1
+            con.warn(f"refused item {item_id}: {exc.message}")
+    written = 0
+    for start in range(0, len(ready), args.batch_size):
+        chunk = ready[start:start + args.batch_size]
+        images = decoder(np.stack([c for _, c in chunk]).astype(np.float32))
+        for (item_id, _), img in zip(chunk, images):
+            pixels = (np.clip(np.moveaxis(img, 0, -1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            from PIL import Image
+
+            Image.fromarray(pixels, "RGB").save(out / f"{item_id}.png")
+            written += 1
+    con.say(f"{written} images written to {out}, {refused} refused")
+    if refused:
+        return KeyMismatchError.exit_code
+    return EXIT_OK if written else EXIT_NOTHING
+
+
+# --- argument parsing --------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="PRIC participant client: transform photos on this device, upload only features.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--home", default=None, help="client folder (default: $PRIC_CLIENT_HOME or the per-user config folder)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per HTTP call (default 30)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("register", help="register with a collector and keep the token (mode 0600)")
+    s.add_argument("--server", required=True, help="collector URL, e.g. http://127.0.0.1:8000")
+    s.add_argument("--force", action="store_true", help="replace an existing registration")
+    s.set_defaults(func=cmd_register)
+
+    s = sub.add_parser("upload", help="transform photos on device and upload the results")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="photo files or folders (recursive)")
+    s.add_argument("--labels", help="CSV: filename,<task1>,... with 0/1 (or -1/1)")
+    s.add_argument("--tasks", help="comma-separated label columns to send (default: every 0/1 column)")
+    s.add_argument("--mode", choices=("features", "ambiguated"), help="must match the collector's model kind (default: from its card)")
+    s.add_argument("--batch-size", type=int, default=64, help=f"photos per upload request (1..{MAX_BATCH_ITEMS})")
+    s.add_argument("--dry-run", action="store_true", help="show counts, bytes and model; send nothing")
+    s.add_argument("--save-codes", metavar="FILE", help="ambiguated mode: also write the uploaded codes to FILE.npz")
+    s.set_defaults(func=cmd_upload)
+
+    s = sub.add_parser("transform", help="offline: write features of photos to an .npz")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--out", required=True, help="output .npz (features, file_names, item_ids, model_id)")
+    s.add_argument("--model-dir", help="folder with model_card.json + model (default: the cached model)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.set_defaults(func=cmd_transform)
+
+    s = sub.add_parser("status", help="what the collector holds for you, and local counts")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("withdraw", help="delete all your items on the collector and clear the journal")
+    s.set_defaults(func=cmd_withdraw)
+
+    keys = sub.add_parser("keys", help="ambiguation keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    s = ksub.add_parser("export", help="write keys for a recipient (JSON, mode 0600)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--items", nargs="+", metavar="ITEM_ID", help="only these items (default: all)")
+    s.add_argument("--model", help="only keys of this model id")
+    s.set_defaults(func=cmd_keys_export)
+
+    s = sub.add_parser("decode", help="authorised data user: decode ambiguated codes with their keys to PNGs")
+    s.add_argument("--key-file", required=True)
+    s.add_argument("--codes", required=True, help=".npz with model_id, item_ids, indices, values")
+    s.add_argument("--out", required=True, help="folder for <item_id>.png")
+    s.add_argument("--model-dir", help="folder with the sparse model and decoder.onnx (default: cached)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.set_defaults(func=cmd_decode)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    con = Console(out, err)
+    home = Home(args.home) if args.home else Home(default_home())
+    try:
+        return int(args.func(args, home, con))
+    except PricError as exc:
+        print(f"{PROG}: error: {exc.message}", file=con.err, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=con.err, flush=True)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The client's per-user folder (`--home`, env PRIC_CLIENT_HOME, else a platformdirs
+config folder) and the participant config stored in it.
+
+    <home>/config.json      server URL, participant id, token   (mode 0600)
+    <home>/journal.sqlite   acknowledged uploads                  (mode 0600)
+    <home>/keys.sqlite      ambiguation keys                      (mode 0600)
+    <home>/models/<model_id>/  cached model card + ONNX files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from protocol.errors import InvalidInputError
+
+ENV_HOME = "PRIC_CLIENT_HOME"
+APP_NAME = "pric-client"
+CONFIG_FILE = "config.json"
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def default_home() -> Path:
+    """$PRIC_CLIENT_HOME, else the per-user config folder of the platform."""
+    env = os.environ.get(ENV_HOME)
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically with mode 0600 (never briefly world-readable)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.chmod(tmp, PRIVATE_FILE_MODE)
+    os.replace(tmp, path)
+
+
+def touch_private(path: Path) -> None:
+    """Create `path` empty with mode 0600 if missing, and force 0600 if it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE)
+    os.close(fd)
+    os.chmod(path, PRIVATE_FILE_MODE)
+
+
+@dataclass(frozen=True)
+class ParticipantConfig:
+    server: str
+    participant_id: str
+    token: str
+
+    def __repr__(self) -> str:  # never print the token
+        return f"ParticipantConfig(server={self.server!r}, participant_id={self.participant_id!r}, token=<hidden>)"
+
+
+class Home:
+    """Paths and private files under the client's home folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+
+    def ensure(self) -> "Home":
+        self.root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        return self
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def journal_path(self) -> Path:
+        return self.root / "journal.sqlite"
+
+    @property
+    def keys_path(self) -> Path:
+        return self.root / "keys.sqlite"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def model_dir(self, model_id: str) -> Path:
+        # model ids are `name@version` without '/', checked by ModelCard.validate
+        return self.models_dir / model_id
+
+    def save_config(self, config: ParticipantConfig) -> Path:
+        self.ensure()
+        write_private(self.config_path, (json.dumps(asdict(config), indent=2) + "\n").encode())
+        return self.config_path
+
+    def load_config(self) -> ParticipantConfig:
+        path = self.config_path
+        if not path.is_file():
+            raise InvalidInputError(
+                f"{path}: not registered yet; run `pric-client --home {self.root} register --server URL` first"
+            )
+        try:
+            d = json.loads(path.read_text())
+            return ParticipantConfig(server=str(d["server"]), participant_id=str(d["participant_id"]), token=str(d["token"]))
+        except (ValueError, KeyError, TypeError):
+            raise InvalidInputError(f"{path}: config is damaged; register again with --force") from None
+
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+
+def open_private_sqlite(path: Path, schema: str) -> "sqlite3.Connection":
+    """Open (creating with mode 0600) a SQLite file in WAL mode with synchronous=FULL, so a
+    committed transaction survives a killed process; apply `schema`."""
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    touch_private(path)
+    db = sqlite3.connect(path, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute(schema)
+    db.commit()
+    for suffix in ("-wal", "-shm"):  # SQLite creates these with the umask's mode
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.chmod(PRIVATE_FILE_MODE)
+    return db

@@ -1,0 +1,191 @@
+"""Photo → released arrays, streaming in batches.
+
+    file ─► read bytes (size guard) ─► sha256 ─► item id = H(photo sha256, model sha256)
+         ─► protocol.preprocess (decode with draft, EXIF, RGB, crop, resize, normalise)
+                                                        → float32 (3, H, W)
+         ─► stack B photos ─► ONNX model                → (B, *card.output.shape)
+         ─► features: {"feature": (…)}  |  sparse_code: ambiguate each (L, m) code
+                                                        → {"indices": (L, k'), "values": (L, k')}
+
+Only one batch of photos is held in memory at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.models import card_model
+from protocol.errors import ImageError, ImageTooLargeError, ModelIntegrityError
+from protocol.model_card import ModelCard
+from protocol.preprocess import MAX_FILE_BYTES, preprocess
+from protocol.sparse_code import AmbiguatedCode, ambiguate, os_rng
+
+ITEM_ID_HEX = 40
+_heif_registered = False
+
+
+def register_heif() -> None:
+    """Let Pillow open HEIC/HEIF (pillow-heif), once, on first use rather than at import."""
+    global _heif_registered
+    if _heif_registered:
+        return
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except ImportError:  # optional: without it HEIC files are reported as unreadable
+        pass
+    _heif_registered = True
+
+
+def item_id_for(photo_sha256: str, model_sha256: str) -> str:
+    """Deterministic item id: the same photo under the same model always gets the same id,
+    so a retried or repeated upload is recognised by the collector."""
+    return hashlib.sha256(f"pric-item:{photo_sha256}:{model_sha256}".encode()).hexdigest()[:ITEM_ID_HEX]
+
+
+def read_photo(path: Path) -> tuple[bytes, str]:
+    """File → (bytes, sha256 hex). Raises ImageError naming the file."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ImageTooLargeError(f"{path}: file is larger than {MAX_FILE_BYTES // 2**20} MiB")
+        if size == 0:
+            raise ImageError(f"{path}: empty file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Row:
+    """One transformed photo: its path, item id, and model output (*card.output.shape)."""
+
+    path: Path
+    item_id: str
+    output: np.ndarray
+
+
+class Extractor:
+    """The card's model on this device: preprocessing from the card, onnxruntime."""
+
+    def __init__(self, card: ModelCard, model_dir: Path) -> None:
+        register_heif()
+        self.card = card
+        self.model = card_model(card, model_dir)
+        self.out_shape = tuple(int(d) for d in card.output.shape)
+
+    def decode(self, data: bytes, path: Path) -> np.ndarray:
+        """Photo bytes → float32 (3, H, W) per the card's input spec."""
+        return preprocess(data, self.card.input, name=str(path))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """float32 (B, 3, H, W) → (B, *card.output.shape) in the card's dtype."""
+        y = self.model(np.ascontiguousarray(x, dtype=np.float32))
+        if tuple(y.shape[1:]) != self.out_shape:
+            raise ModelIntegrityError(
+                f"{self.card.model_id}: model output has shape {tuple(y.shape[1:])}, the card states {self.out_shape}"
+            )
+        return y.astype(self.card.output.dtype, copy=False)
+
+    def stream(
+        self,
+        files: Iterable[Path],
+        batch_size: int,
+        on_skip: Callable[[str, str], None],
+        skip_known: Callable[[Path, str], bool] = lambda _p, _i: False,
+        tick: Callable[[], None] = lambda: None,
+    ) -> Iterator[list[Row]]:
+        """Yield batches of transformed photos. `skip_known(path, item_id)` returning True
+        means the photo is handled elsewhere (already uploaded, code kept): not decoded.
+        Unreadable photos go to `on_skip(path, reason)` and the stream carries on."""
+        pending: list[tuple[Path, str, np.ndarray]] = []
+        for path in files:
+            try:
+                data, sha = read_photo(path)
+                item_id = item_id_for(sha, self.card.sha256)
+                if skip_known(path, item_id):
+                    continue
+                pending.append((path, item_id, self.decode(data, path)))
+            except ImageError as exc:
+                on_skip(str(path), _reason(exc.message, path))
+                continue
+            finally:
+                tick()
+            if len(pending) >= batch_size:
+                yield self._finish(pending)
+                pending = []
+        if pending:
+            yield self._finish(pending)
+
+    def _finish(self, pending: list[tuple[Path, str, np.ndarray]]) -> list[Row]:
+        y = self.run(np.stack([x for _, _, x in pending]))
+        return [Row(path=p, item_id=i, output=y[n]) for n, (p, i, _) in enumerate(pending)]
+
+
+def _reason(message: str, path: Path) -> str:
+    """Error message without its leading '<path>: ' (the caller names the file)."""
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def ambiguate_output(card: ModelCard, code: np.ndarray) -> tuple[AmbiguatedCode, bytes]:
+    """Dense code (L, m) → (public ambiguated code, secret key), OS randomness."""
+    assert card.sparse is not None
+    return ambiguate(np.asarray(code, dtype=np.float32), card.sparse, os_rng())
+
+
+def wire_arrays_of(card: ModelCard, output: np.ndarray | None, code: AmbiguatedCode | None) -> dict[str, np.ndarray]:
+    """The arrays one item carries on the wire (protocol.model_card.wire_arrays)."""
+    if card.kind == "sparse_code":
+        assert code is not None
+        return {"indices": code.indices, "values": code.values}
+    assert output is not None
+    return {card.output.name: np.ascontiguousarray(output)}
+
+
+class NpyStreamWriter:
+    """Append rows of a fixed shape/dtype to a temporary raw file, then write them as one
+    `.npy` member of a zip (npz), so a transform of N photos holds one batch in memory."""
+
+    def __init__(self, tmp_path: Path, row_shape: tuple[int, ...], dtype: str) -> None:
+        self.tmp_path = tmp_path
+        self.row_shape = row_shape
+        self.dtype = np.dtype(dtype)
+        self.n = 0
+        self._f = open(tmp_path, "wb")
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        self._f.write(rows.tobytes())
+        self.n += rows.shape[0]
+
+    def write_member(self, zf: zipfile.ZipFile, name: str) -> None:
+        self._f.close()
+        with zf.open(name + ".npy", "w", force_zip64=True) as out, open(self.tmp_path, "rb") as src:
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": (self.n, *self.row_shape)}
+            np.lib.format.write_array_header_1_0(out, header)
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        os.unlink(self.tmp_path)
+
+    def discard(self) -> None:
+        self._f.close()
+        Path(self.tmp_path).unlink(missing_ok=True)
+
+
+def write_npz_member(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
+    """Add one small array to an open npz (allow_pickle=False readable)."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    zf.writestr(name + ".npy", buf.getvalue())
