@@ -1,0 +1,302 @@
+"""Unit tests of the client's parts: walking and skipping, labels CSV, journal, key
+store, item ids, home files, HTTP retry policy, error lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.api import CollectorAPI, HttpConfig
+from client.home import Home, ParticipantConfig
+from client.journal import Journal
+from client.keystore import KeyStore, read_key_file
+from client.labels import read_labels
+from client.pipeline import item_id_for, read_photo
+from client.walk import iter_files
+from protocol.errors import (
+    ImageError,
+    InvalidInputError,
+    KeyMismatchError,
+    RateLimitedError,
+    ServerUnavailableError,
+)
+from protocol.model_card import SparseSpec
+from protocol.sparse_code import ambiguate, os_rng
+from protocol.wire import ITEM_ID_RE
+
+
+def _collect(paths):
+    skipped: list[tuple[str, str]] = []
+    files = list(iter_files(paths, lambda p, r: skipped.append((p, r))))
+    return files, skipped
+
+
+# --- walking ---------------------------------------------------------------------------
+def test_walk_recurses_and_skips_links_out_of_the_given_paths(tmp_path: Path) -> None:
+    root = tmp_path / "album"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "x.jpg").write_bytes(b"1")
+    (root / "a" / "b" / "y.jpg").write_bytes(b"2")
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"3")
+    (root / "out.jpg").symlink_to(outside)
+    (root / "broken.jpg").symlink_to(tmp_path / "missing.jpg")
+    (root / "inside.jpg").symlink_to(root / "x.jpg")
+    (tmp_path / "other").mkdir()
+    (root / "dirlink").symlink_to(tmp_path / "other", target_is_directory=True)
+    os.mkfifo(root / "pipe.jpg")
+
+    files, skipped = _collect([root])
+
+    assert sorted(f.name for f in files) == ["x.jpg", "y.jpg"]  # the inside link is the same file
+    reasons = {Path(p).name: r for p, r in skipped}
+    assert set(reasons) == {"out.jpg", "broken.jpg", "dirlink", "pipe.jpg"}
+    assert "outside" in reasons["out.jpg"] and "broken" in reasons["broken.jpg"]
+    assert all(outside != f for f in files)
+
+
+def test_walk_given_file_and_missing_path(tmp_path: Path) -> None:
+    f = tmp_path / "p.png"
+    f.write_bytes(b"x")
+    files, skipped = _collect([f, tmp_path / "nope"])
+    assert files == [f.resolve()]
+    assert len(skipped) == 1 and "nope" in skipped[0][0]
+
+
+# --- labels ----------------------------------------------------------------------------
+def test_labels_csv_binary_columns_and_minus_one(tmp_path: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,split,identity,Smiling,Male,Note\na.jpg,0,7,1,-1,hi\nb.jpg,2,9,-1,,x\n")
+    notes: list[str] = []
+    labels = read_labels(csv, on_note=notes.append)
+    assert labels == {"a.jpg": {"Smiling": 1, "Male": 0}, "b.jpg": {"Smiling": 0}}
+    assert len(notes) == 1 and "Note" in notes[0]
+
+
+def test_labels_csv_tasks_and_errors(tmp_path: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,Smiling,Male\na.jpg,1,0\n")
+    assert read_labels(csv, tasks=["Male"]) == {"a.jpg": {"Male": 0}}
+    with pytest.raises(InvalidInputError, match="Young"):
+        read_labels(csv, tasks=["Young"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("filename,Smiling\na.jpg,1\na.jpg,0\n")
+    with pytest.raises(InvalidInputError, match="twice"):
+        read_labels(bad)
+    bad.write_text("name,Smiling\na.jpg,1\n")
+    with pytest.raises(InvalidInputError, match="filename"):
+        read_labels(bad)
+
+
+def test_labels_of_the_bundled_sample(sample_faces: Path) -> None:
+    labels = read_labels(sample_faces / "labels.csv", tasks=["Smiling"])
+    assert len(labels) == 48
+    assert {v["Smiling"] for v in labels.values()} == {0, 1}
+
+
+# --- item ids ----------------------------------------------------------------------------
+def test_item_id_is_deterministic_valid_and_model_specific(sample_images: list[Path]) -> None:
+    _, sha_a = read_photo(sample_images[0])
+    _, sha_b = read_photo(sample_images[1])
+    model1, model2 = "a" * 64, "b" * 64
+    ids = {item_id_for(sha_a, model1), item_id_for(sha_b, model1), item_id_for(sha_a, model2)}
+    assert len(ids) == 3
+    assert item_id_for(sha_a, model1) == item_id_for(read_photo(sample_images[0])[1], model1)
+    assert all(ITEM_ID_RE.match(i) for i in ids)
+
+
+def test_read_photo_refuses_empty_files(tmp_path: Path) -> None:
+    empty = tmp_path / "e.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match="e.jpg"):
+        read_photo(empty)
+
+
+# --- journal -----------------------------------------------------------------------------
+def test_journal_survives_reopen_and_is_per_participant(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    with Journal(path, "http://s", "p1") as j:
+        j.record([("i1", "m@1", "/a"), ("i2", "m@1", "/b")])
+        j.record([("i1", "m@1", "/a")])  # a repeated acknowledgement is harmless
+    with Journal(path, "http://s", "p1") as j, Journal(path, "http://s", "p2") as other:
+        assert j.has("i1") and j.has("i2") and not j.has("i3")
+        assert j.counts() == {"m@1": 2}
+        assert not other.has("i1")
+        assert j.clear() == 2
+        assert not j.has("i1")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+# --- key store ----------------------------------------------------------------------------
+def test_keystore_roundtrip_and_export_mode(tmp_path: Path) -> None:
+    spec = SparseSpec(L=3, m=32, k=4, k_fake=4)
+    code = np.zeros((3, 32), np.float32)
+    code[:, :4] = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
+    amb, key = ambiguate(code, spec, os_rng())
+    store_path = tmp_path / "keys.sqlite"
+    with KeyStore(store_path) as store:
+        store.put_many([("item1", "m@1", amb, key)])
+        model_id, got_code, got_key = store.get("item1")
+        assert store.get("nope") is None
+        n = store.export(tmp_path / "keys.json")
+    assert (model_id, got_key) == ("m@1", key)
+    np.testing.assert_array_equal(got_code.indices, amb.indices)
+    np.testing.assert_array_equal(got_code.values, amb.values)
+    assert n == 1
+    assert stat.S_IMODE(store_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "keys.json").stat().st_mode) == 0o600
+    assert read_key_file(tmp_path / "keys.json") == {"item1": key}
+
+
+def test_key_file_rejects_other_formats(tmp_path: Path) -> None:
+    f = tmp_path / "k.json"
+    f.write_text(json.dumps({"format": "something", "version": 1, "keys": {}}))
+    with pytest.raises(KeyMismatchError):
+        read_key_file(f)
+
+
+# --- home ---------------------------------------------------------------------------------
+def test_config_is_private_and_token_not_in_repr(tmp_path: Path) -> None:
+    home = Home(tmp_path / "h")
+    cfg = ParticipantConfig("http://127.0.0.1:1", "p1", "s3cret-token")
+    path = home.save_config(cfg)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert home.load_config() == cfg
+    assert "s3cret" not in repr(cfg)
+    with pytest.raises(InvalidInputError, match="register"):
+        Home(tmp_path / "empty").load_config()
+
+
+# --- HTTP retries -------------------------------------------------------------------------
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers the first `fail` requests with `status` (+ Retry-After), then 200."""
+
+    fail = 2
+    status = 503
+    calls = 0
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).calls += 1
+        if type(self).calls <= type(self).fail:
+            body = json.dumps({"error": "rate_limited" if self.status == 429 else "unavailable", "message": "busy"}).encode()
+            self.send_response(self.status)
+            self.send_header("Retry-After", "0")
+        else:
+            body = json.dumps({"participant_id": "p", "items": 3, "items_by_model": {}}).encode()
+            self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_server():
+    servers = []
+
+    def start(fail: int, status: int) -> str:
+        handler = type("H", (_Flaky,), {"fail": fail, "status": status, "calls": 0})
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append((srv, handler))
+        return f"http://127.0.0.1:{srv.server_port}", handler
+
+    yield start
+    for srv, _ in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retries_transient_statuses_then_succeeds(flaky_server, status: int) -> None:
+    url, handler = flaky_server(fail=2, status=status)
+    api = CollectorAPI(url, "tok", HttpConfig(retries=3, backoff_s=0.01, timeout_s=5))
+    assert api.me()["items"] == 3
+    assert handler.calls == 3
+
+
+def test_retries_are_bounded(flaky_server) -> None:
+    url, handler = flaky_server(fail=100, status=429)
+    api = CollectorAPI(url, "tok", HttpConfig(retries=2, backoff_s=0.01, timeout_s=5))
+    with pytest.raises(RateLimitedError):
+        api.me()
+    assert handler.calls == 3
+
+
+def test_unreachable_server_gives_one_clear_error() -> None:
+    import socket
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = CollectorAPI(f"http://127.0.0.1:{port}", "tok", HttpConfig(retries=1, backoff_s=0.01, timeout_s=2))
+    with pytest.raises(ServerUnavailableError, match="cannot reach the collector") as info:
+        api.me()
+    assert "\n" not in info.value.message
+
+
+def test_bad_server_url_is_invalid_input() -> None:
+    with pytest.raises(InvalidInputError):
+        CollectorAPI("ftp://example")
+
+
+# --- error lines (in-process CLI, offline transform) --------------------------------------
+def _bomb_png(path: Path, side: int = 20000) -> None:
+    """A tiny PNG whose header claims side x side pixels (decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_transform_reports_each_bad_file_once_and_carries_on(cli, tmp_path: Path, sample_images, features_model_dir) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = sample_images[:5]
+    for p in good:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "truncated.jpg").write_bytes(good[0].read_bytes()[:2000])
+    (folder / "notes.txt").write_text("not a photo")
+    _bomb_png(folder / "bomb.png")
+    (folder / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    out = tmp_path / "f.npz"
+
+    res = cli("--home", str(tmp_path / "h"), "transform", str(folder), "--out", str(out), "--model-dir", str(features_model_dir))
+
+    assert res.rc == 0
+    lines = [l for l in res.err.splitlines() if l.strip()]
+    for bad in ("truncated.jpg", "notes.txt", "bomb.png", "broken.jpg"):
+        assert sum(bad in l for l in lines) == 1, res.err
+    assert len(lines) == 4
+    assert "5 photos transformed" in res.out and "4 skipped" in res.out
+    with np.load(out, allow_pickle=False) as z:
+        assert z["features"].shape == (5, 16, 8, 8)
+        assert sorted(Path(n).name for n in z["file_names"]) == sorted(p.name for p in good)
+        assert np.isfinite(z["features"]).all()
+
+
+def test_transform_with_nothing_readable_exits_10(cli, tmp_path: Path, features_model_dir) -> None:
+    (tmp_path / "x.txt").write_text("no")
+    res = cli("--home", str(tmp_path / "h"), "transform", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o.npz"),
+              "--model-dir", str(features_model_dir))
+    assert res.rc == 10
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_not_registered_is_one_line_exit_2(cli, tmp_path: Path) -> None:
+    res = cli("--home", str(tmp_path / "h"), "status")
+    assert res.rc == 2
+    assert len(res.err.strip().splitlines()) == 1 and "register" in res.err
