@@ -178,3 +178,12 @@ def recorded_card(db: Database, model_id: str) -> ModelCard:
     if row is None:
         raise NotFoundError(f"model {model_id!r} is not registered with this collector")
     return ModelCard.from_json(row[0])
+
+
+def newest_active_model(db: Database) -> str:
+    """The newest active recorded model (by version), for commands run without a server."""
+    with db.read() as conn:
+        rows = conn.execute(select(models.c.model_id, models.c.card_json).where(models.c.status == ACTIVE)).all()
+    if not rows:
+        raise NotFoundError("no active model is registered; start the server once or pass --model-id")
+    return max(rows, key=lambda r: (version_key(json.loads(r.card_json)["version"]), r.model_id)).model_id

@@ -1,0 +1,244 @@
+"""`pric-collector`: run the collector and administer its data folder.
+
+    pric-collector serve --data-dir DIR --models-dir exported_models [--host 127.0.0.1] [--port 8080]
+    pric-collector token create --role operator|auditor --data-dir DIR
+    pric-collector stats --data-dir DIR [--json]
+    pric-collector train --task Smiling --data-dir DIR [--model-id ID] [--kind logistic|mlp] [--json]
+    pric-collector model list|retire MODEL_ID|activate MODEL_ID --data-dir DIR [--models-dir DIR]
+
+Every command takes `--database-url` (e.g. postgresql+psycopg://user@host/pric) instead of
+the SQLite file under `--data-dir`. stats, train, token and model work on the database
+directly, with or without a running server.
+
+Exit codes: 0 ok; 1 other error; 2 bad argument or input; 3 invalid payload; 4 unknown
+or damaged model; 6 forbidden; 7 not found; 9 database unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from protocol.errors import PricError
+
+EXIT_DB = 9
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data_dir: str
+    models_dir: str
+    host: str
+    port: int
+    threads: int
+    database_url: str | None
+    rate_limit_per_min: float
+    open_registration: bool
+    current_model: str | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pric-collector", description="PRIC collector server and administration.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def storage(sp: argparse.ArgumentParser, models: bool = False) -> None:
+        sp.add_argument("--data-dir", required=True, help="collector data folder (SQLite file, classifiers)")
+        sp.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. PostgreSQL (default: SQLite in --data-dir)")
+        if models:
+            sp.add_argument("--models-dir", default="exported_models", help="folder of <name>/model_card.json")
+
+    s = sub.add_parser("serve", help="serve the HTTP API on waitress")
+    storage(s, models=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--threads", type=int, default=8, help="waitress worker threads")
+    s.add_argument("--rate-limit", type=float, default=600, help="uploads per minute per token (0: off)")
+    s.add_argument("--closed-registration", action="store_true", help="only an operator token may register participants")
+    s.add_argument("--current-model", default=None, help="model id served as current (default: newest active)")
+    s.add_argument("--quiet", action="store_true", help="no per-request log lines")
+
+    t = sub.add_parser("token", help="staff tokens")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    tc = tsub.add_parser("create", help="create an operator or auditor token (printed once)")
+    tc.add_argument("--role", required=True, choices=["operator", "auditor"])
+    storage(tc)
+
+    st = sub.add_parser("stats", help="participants, items, labels and classifiers")
+    storage(st)
+    st.add_argument("--json", action="store_true")
+
+    tr = sub.add_parser("train", help="train a classifier for a task on the stored features of one model")
+    storage(tr)
+    tr.add_argument("--task", required=True)
+    tr.add_argument("--model-id", default=None, help="default: newest active model")
+    tr.add_argument("--kind", choices=["logistic", "mlp"], default="logistic")
+    tr.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("model", help="list, retire or reactivate models")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    ml = msub.add_parser("list")
+    storage(ml, models=True)
+    ml.add_argument("--json", action="store_true")
+    for name in ("retire", "activate"):
+        mr = msub.add_parser(name)
+        mr.add_argument("model_id")
+        storage(mr, models=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return _dispatch(args)
+    except PricError as exc:
+        print(f"pric-collector: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except SQLAlchemyError as exc:
+        print(f"pric-collector: error: database {_redact(args)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+              file=sys.stderr)
+        return EXIT_DB
+    except OSError as exc:
+        print(f"pric-collector: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+def _redact(args: argparse.Namespace) -> str:
+    url = getattr(args, "database_url", None)
+    if not url:
+        return str(Path(args.data_dir) / "collector.sqlite3")
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _database(args: argparse.Namespace):
+    from collector.db import Database, default_database_url
+
+    Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+    db = Database(args.database_url or default_database_url(args.data_dir))
+    db.create_all()
+    return db
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    db = _database(args)
+    try:
+        if args.command == "token":
+            from collector.auth import create_staff_token
+
+            print(create_staff_token(db, args.role))
+            return 0
+        if args.command == "stats":
+            from collector.store import stats
+
+            _print_stats(stats(db), args.json)
+            return 0
+        if args.command == "train":
+            return _train(db, args)
+        if args.command == "model":
+            return _model(db, args)
+    finally:
+        db.dispose()
+    raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import waitress
+
+    from collector.app import create_app
+
+    cfg = ServeConfig(
+        data_dir=args.data_dir, models_dir=args.models_dir, host=args.host, port=args.port, threads=args.threads,
+        database_url=args.database_url, rate_limit_per_min=args.rate_limit,
+        open_registration=not args.closed_registration, current_model=args.current_model,
+    )
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
+    app = create_app({
+        "DATA_DIR": cfg.data_dir, "MODELS_DIR": cfg.models_dir, "DATABASE_URL": cfg.database_url,
+        "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "OPEN_REGISTRATION": cfg.open_registration,
+        "CURRENT_MODEL": cfg.current_model,
+    })
+    saved = asdict(cfg)
+    if saved["database_url"]:
+        saved["database_url"] = _redact(args)
+    (Path(cfg.data_dir) / "serve_config.json").write_text(json.dumps(saved, indent=2) + "\n")
+    server = waitress.create_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads)
+    print(f"pric-collector: serving on http://{cfg.host}:{server.effective_port} "
+          f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'})",
+          flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def _print_stats(s: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+        return
+    print(f"participants: {s['participants']}")
+    print(f"items:        {s['items']}")
+    for model_id, n in sorted(s["items_by_model"].items()):
+        print(f"  {model_id:<30} {n}")
+    if s["labels"]:
+        print("labels (0 / 1):")
+        for task, c in s["labels"].items():
+            print(f"  {task:<30} {c['0']} / {c['1']}")
+    if s["classifiers"]:
+        print("classifiers:")
+        for c in s["classifiers"]:
+            print(f"  #{c['id']} {c['task']} on {c['model_id']}: accuracy {c['accuracy']:.3f} "
+                  f"(majority {c['majority_rate']:.3f}, {c['n_train']} train / {c['n_test']} test)"
+                  f"{' STALE' if c['stale'] else ''}")
+
+
+def _train(db, args: argparse.Namespace) -> int:
+    from collector.registry import newest_active_model
+    from collector.train_job import TrainConfig, train_classifier
+
+    model_id = args.model_id or newest_active_model(db)
+    result = train_classifier(db, model_id, args.task, TrainConfig(kind=args.kind),
+                              out_dir=Path(args.data_dir) / "classifiers")
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(f"{result['task']} on {result['model_id']}: held-out accuracy {result['accuracy']:.3f} "
+              f"vs majority rate {result['majority_rate']:.3f} ({result['n_train']} train / {result['n_test']} test)")
+    return 0
+
+
+def _model(db, args: argparse.Namespace) -> int:
+    from collector.registry import ACTIVE, RETIRED, ModelRegistry, list_models, set_status
+
+    registry = ModelRegistry(db, args.models_dir)  # records models found on disk
+    if args.model_command == "list":
+        rows = list_models(db)
+        for r in rows:
+            r["served"] = r["model_id"] in registry.models
+        if args.json:
+            print(json.dumps(rows, indent=2, sort_keys=True))
+        else:
+            for r in rows:
+                print(f"{r['model_id']:<30} {r['status']:<8} {r['kind']:<12} sha256 {r['sha256'][:12]}…"
+                      f"{'' if r['served'] else '  (not on disk)'}")
+        return 0
+    set_status(db, args.model_id, RETIRED if args.model_command == "retire" else ACTIVE)
+    print(f"{args.model_id}: {'retired' if args.model_command == 'retire' else 'active'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

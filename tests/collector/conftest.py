@@ -1,0 +1,102 @@
+"""Collector fixtures: a fresh app over a fresh temporary database per test (flaskr style),
+and a small kit of helpers to register participants, build batches and count rows."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from collector.app import create_app, issue_token
+from collector.db import items
+from protocol import routes
+from protocol.model_card import ModelCard, load_card
+from protocol.wire import UploadBatch, UploadItem, encode_batch
+
+
+def _root_conftest():
+    """tests/conftest.py as a module (importlib mode puts no test folder on sys.path)."""
+    spec = importlib.util.spec_from_file_location("_pric_root_conftest", Path(__file__).parents[1] / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_tiny_features_model = _root_conftest().write_tiny_features_model
+
+
+@pytest.fixture
+def write_model():
+    """write_tiny_features_model(model_dir, name=, version=, seed=) -> ModelCard."""
+    return write_tiny_features_model
+
+
+@pytest.fixture
+def make_kit():
+    """Kit for an app built inside a test (other config, other models)."""
+    return lambda app, card: Kit(app=app, client=app.test_client(), card=card)
+
+
+@pytest.fixture
+def app(tmp_path: Path, tiny_model_dir: Path):
+    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir), "TESTING": True})
+    yield app
+    app.extensions["pric"].db.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {routes.AUTH_HEADER: routes.BEARER + token}
+
+
+@dataclass
+class Kit:
+    app: Any
+    client: Any
+    card: ModelCard
+
+    def register(self) -> tuple[str, dict[str, str]]:
+        """A new participant: (participant_id, auth headers)."""
+        resp = self.client.post(routes.REGISTER)
+        assert resp.status_code == 201, resp.json
+        return resp.json["participant_id"], bearer(resp.json["token"])
+
+    def staff(self, role: str) -> dict[str, str]:
+        return bearer(issue_token(self.app, role))
+
+    def features(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        shape, dtype = tuple(self.card.output.shape), self.card.output.dtype
+        return [rng.standard_normal(shape).astype(dtype) for _ in range(n)]
+
+    def items(self, n: int, prefix: str = "item", seed: int = 0, task: str = "Smiling") -> list[UploadItem]:
+        return [UploadItem(item_id=f"{prefix}-{i}", arrays={self.card.output.name: f}, labels={task: i % 2})
+                for i, f in enumerate(self.features(n, seed))]
+
+    def body(self, items: list[UploadItem], card: ModelCard | None = None, **override: Any) -> bytes:
+        card = card or self.card
+        batch = UploadBatch(model_id=override.get("model_id", card.model_id),
+                            model_sha256=override.get("model_sha256", card.sha256), items=items)
+        return encode_batch(batch)
+
+    def upload(self, headers: dict[str, str], body: bytes, content_type: str = "application/json", **kw: Any):
+        return self.client.post(routes.ITEMS, data=body, headers=headers, content_type=content_type, **kw)
+
+    def count(self) -> int:
+        """Rows in the items table, read directly (not through the API under test)."""
+        with self.app.extensions["pric"].db.read() as conn:
+            return int(conn.execute(select(func.count()).select_from(items)).scalar_one())
+
+
+@pytest.fixture
+def kit(app, client, tiny_model_dir: Path) -> Kit:
+    return Kit(app=app, client=client, card=load_card(tiny_model_dir / "tiny"))
