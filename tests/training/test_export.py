@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from protocol.model_card import load_card
+from training.data import load_faces
+from training.export import main as export_main
+from training.train import load_extractor, main as train_main, to_input
+
+
+@pytest.fixture(scope="module")
+def run_dir(sample_faces, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    rc = train_main(["--data", str(sample_faces), "--out", str(out), "--epochs", "1", "--max-batches", "2",
+                     "--batch-size", "16", "--method", "entropy+noise", "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_export_writes_checked_onnx_and_a_card_matching_torch(run_dir, sample_faces, tmp_path):
+    out = tmp_path / "models" / "pric-test"
+    assert export_main([str(run_dir), "--out", str(out), "--name", "pric-test", "--version", "7"]) == 0
+    card = load_card(out)  # verifies the sha256
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
+    assert card.model_id == "pric-test@7" and card.kind == "features" and card.output.shape == (16, 8, 8)
+    assert card.training["private"] == ["Male"] and card.training["method"] == "entropy+noise"
+    assert card.audit == {} and (out / "model.onnx").stat().st_size <= 5 * 2**20
+    # parity: onnxruntime vs the torch extractor (the same module) on real sample photos
+    model, cfg = load_extractor(run_dir)
+    faces = load_faces(sample_faces, cfg.input, cache_dir=tmp_path / "cache", progress=False)
+    x = to_input(faces.pixels[:13], card.input).numpy()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [card.input.name]
+    (got,) = sess.run(["feature"], {card.input.name: x})
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert got.shape == (13, 16, 8, 8)
+    assert np.abs(got - want).max() <= 1e-4
+    (one,) = sess.run(["feature"], {card.input.name: x[:1]})  # dynamic batch
+    assert np.abs(one - want[:1]).max() <= 1e-4
+
+
+def test_not_a_run_folder_fails_cleanly(tmp_path, capsys):
+    assert export_main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_sparse_runs_are_delegated(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("training.sparse_export")
+    fake.export_run = lambda run_dir, out_dir, name, version: calls.append((run_dir, out_dir, name, version)) or out_dir
+    monkeypatch.setitem(sys.modules, "training.sparse_export", fake)
+    import training
+
+    monkeypatch.setattr(training, "sparse_export", fake, raising=False)
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "sparse"}))
+    assert export_main([str(tmp_path), "--out", str(tmp_path / "o"), "--name", "s"]) == 0
+    assert calls == [(tmp_path, tmp_path / "o", "s", None)]

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from training.train import main
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIC_CACHE", str(tmp_path / "cache"))
+
+
+def _run(sample_faces, out, *extra):
+    return main(["--data", str(sample_faces), "--out", str(out), "--epochs", "1", "--max-batches", "2",
+                 "--batch-size", "16", "--no-progress", *extra])
+
+
+def test_tiny_run_writes_config_metrics_and_checkpoint(sample_faces, tmp_path):
+    out = tmp_path / "run"
+    rc = _run(sample_faces, out, "--private", "Male", "--primary", "Smiling,Heavy_Makeup", "--lambda", "0.5",
+              "--method", "entropy", "--device", "cpu")
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mode"] == "pric" and cfg["private"] == ["Male"] and cfg["lam"] == 0.5
+    assert cfg["input"]["height"] == 64 and cfg["input"]["name"] == "image"
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and 0 <= rows[0]["val_adv0_Male"] <= 1 and 0 <= rows[0]["val_Smiling"] <= 1
+    assert "train_jsd" in rows[0] and "train_adv_term" in rows[0]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(state) == {"extractor", "adversaries", "heads", "mi"}
+
+
+def test_several_private_attributes_with_extras_and_erasure(sample_faces, tmp_path):
+    out = tmp_path / "run"
+    rc = _run(sample_faces, out, "--private", "Male,Young", "--primary", "Smiling",
+              "--method", "paper+multi+steps+mmd+dcor+noise+narrow+leace")
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["erase_rank"] == 2
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"val_adv2_Young", "val_adv0_Male", "train_penalty"} <= set(row)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["extractor"]
+    assert state["eraser.a"].shape == (4 * 8 * 8, 2)
+
+
+def test_unknown_method_and_attribute_fail_with_one_line(sample_faces, tmp_path, capsys):
+    assert _run(sample_faces, tmp_path / "a", "--method", "entropy+magic") == 2
+    assert "valid: paper" in capsys.readouterr().err
+    assert _run(sample_faces, tmp_path / "b", "--private", "Gendr") == 2
+    err = capsys.readouterr().err
+    assert "Gendr" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sparse_mode_is_delegated_with_the_whole_argv(monkeypatch):
+    seen = []
+    fake = types.ModuleType("training.sparse_train")
+    fake.main = lambda argv: seen.append(list(argv)) or 0
+    monkeypatch.setitem(sys.modules, "training.sparse_train", fake)
+    import training
+
+    monkeypatch.setattr(training, "sparse_train", fake, raising=False)
+    argv = ["--mode", "sparse", "--out", "x", "--epochs", "1"]
+    assert main(argv) == 0 and seen == [argv]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mixed_precision_run(sample_faces, tmp_path):
+    assert _run(sample_faces, tmp_path / "run", "--device", "cuda", "--method", "entropy+mmd") == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["device_used"].startswith("cuda")

@@ -1,0 +1,463 @@
+"""pric-train: adversarial training of the PRIC feature extractor (paper Eq. 6) and the
+variants of issue 3; `--mode sparse` hands over to the sparse ambiguation trainer.
+
+Players and optimizers (Adam, weight decay), all stepped once per batch:
+  extractor E_φ      minimises  w_adv·A(adv(z), u) − λ·I_JSD(x; z, u) + w_p·BCE(head(z), y) + w_pen·P(z, u, y)
+  adversaries ψ      minimise   BCE(adv(z.detach()), u)   [× adv_steps]
+  MI net T_ω + heads maximise   I_JSD,   minimise BCE(head(z.detach()), y)
+A is the method's adversarial term: `paper` −BCE (Eq. 3), `entropy` KL(adv || p(u | y)).
+One forward of E serves every player: gradients are routed (scale_grad, autograd.grad on
+z) so E is run backwards once per step; see benchmarks/bench_train.py.
+
+Method = '+'-joined parts, e.g. `entropy+multi+mmd+leace` (see METHOD_PARTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from protocol.errors import InvalidInputError, PricError
+from protocol.model_card import InputSpec
+from training import losses
+from training.data import FaceData, default_data_dir, load_faces
+from training.models import create_model
+from training.models.extractor import Extractor
+from training.models.layers import scale_grad
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+METHOD_PARTS: dict[str, str] = {
+    "paper": "adversarial term −BCE of the adversary (paper Eq. 3); task-agnostic (no primary loss on E)",
+    "entropy": "adversarial term KL(adversary || p(u | primary labels)): max-entropy, no label-flip exploit",
+    "plain": "no adversarial term (a non-private baseline extractor)",
+    "multi": "three co-trained adversaries (CNN, MLP, linear); the term averages them",
+    "steps": "5 adversary steps per extractor step",
+    "reinit": "re-initialise the adversaries (and their optimizer) every 100 steps",
+    "mmd": "penalty: MMD² between the feature distributions of the private classes within primary-label strata",
+    "dcor": "penalty: distance correlation of z and u within primary-label strata",
+    "noise": "stochastic features: per-channel Gaussian noise with learned scale (training only)",
+    "narrow": "narrow bottleneck: 4 feature channels instead of 16",
+    "leace": "closed-form LEACE erasure of the private attributes, fitted on the train split after training, baked into the graph",
+}
+_ADV_TERMS = ("paper", "entropy", "plain")
+
+
+@dataclass(frozen=True)
+class Method:
+    """Parsed `--method`: which adversarial term and which extras."""
+
+    term: str = "entropy"
+    n_adversaries: int = 1
+    adv_steps: int = 1
+    reinit_every: int = 0
+    penalty: str = ""
+    stochastic: bool = False
+    narrow: bool = False
+    leace: bool = False
+
+
+def parse_method(text: str) -> Method:
+    """'entropy+multi+leace' -> Method. Unknown parts raise ValueError listing valid ones."""
+    parts = [p.strip() for p in text.split("+") if p.strip()]
+    unknown = [p for p in parts if p not in METHOD_PARTS]
+    if unknown or not parts:
+        raise ValueError(f"unknown method part(s) {unknown or [text]!r}; valid: {', '.join(METHOD_PARTS)} (join with '+')")
+    terms = [p for p in parts if p in _ADV_TERMS]
+    if len(terms) > 1:
+        raise ValueError(f"method {text!r} names more than one adversarial term of {', '.join(_ADV_TERMS)}")
+    penalties = [p for p in parts if p in ("mmd", "dcor")]
+    return Method(
+        term=terms[0] if terms else "plain",
+        n_adversaries=3 if "multi" in parts else 1,
+        adv_steps=5 if "steps" in parts else 1,
+        reinit_every=100 if "reinit" in parts else 0,
+        penalty="+".join(penalties),
+        stochastic="noise" in parts,
+        narrow="narrow" in parts,
+        leace="leace" in parts,
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    private: tuple[str, ...] = ("Male",)
+    primary: tuple[str, ...] = ("Smiling", "Heavy_Makeup")
+    lam: float = 0.1
+    epochs: int = 10
+    method: str = "entropy"
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    adv_weight: float = 1.0
+    primary_weight: float = 1.0
+    penalty_weight: float = 1.0
+    width: int = 32
+    feat_channels: int = 16
+    max_batches: int = 0
+    limit: int = 0
+    mode: str = "pric"
+    input: InputSpec = field(default_factory=InputSpec)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}  # drops run outputs (erase_rank, wall time)
+        spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("input", {}).items()})
+        tuples = {k: tuple(d[k]) for k in ("private", "primary") if k in d}
+        return cls(**{**d, **tuples}, input=spec)
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise InvalidInputError(f"{run_dir}: no {CONFIG} (not a pric-train run folder)")
+    return TrainConfig.from_dict(json.loads(path.read_text()))
+
+
+# --- models --------------------------------------------------------------------------
+
+def build_extractor(cfg: TrainConfig, erase_rank: int = 0) -> Extractor:
+    m = parse_method(cfg.method)
+    return create_model(
+        "extractor", width=cfg.width, feat_channels=4 if m.narrow else cfg.feat_channels,
+        input_size=(cfg.input.height, cfg.input.width), stochastic=m.stochastic, erase_rank=erase_rank,
+    )
+
+
+def load_extractor(run_dir: str | Path) -> tuple[Extractor, TrainConfig]:
+    """The trained extractor of a run, in eval mode, from checkpoint.pt (weights_only)."""
+    cfg = load_config(run_dir)
+    state = torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=True)["extractor"]
+    model = build_extractor(cfg, erase_rank=int(state["eraser.a"].shape[1]))
+    model.load_state_dict(state)
+    return model.eval(), cfg
+
+
+def _adversaries(n: int, feat_shape: tuple[int, int, int], n_out: int) -> nn.ModuleList:
+    c, h, w = feat_shape
+    kinds = [("conv_head", dict(in_channels=c, n_out=n_out, feature_hw=(h, w))),
+             ("mlp_head", dict(in_dim=c * h * w, n_out=n_out)),
+             ("linear_head", dict(in_dim=c * h * w, n_out=n_out))]
+    return nn.ModuleList(create_model(name, **kw) for name, kw in kinds[:n])
+
+
+def _reset(module: nn.Module) -> None:
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+# --- data ----------------------------------------------------------------------------
+
+def to_input(pixels: np.ndarray | torch.Tensor, spec: InputSpec, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W), as protocol.preprocess.normalize."""
+    x = torch.as_tensor(pixels).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    if spec.channel_order == "BGR":
+        x = x.flip(1)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, pixels: np.ndarray, spec: InputSpec, device: torch.device | str = "cpu",
+                     batch: int = 256) -> np.ndarray:
+    """Features (N, C, h, w) float32 of prepared pixels (N, H, W, 3), model in eval mode."""
+    model.eval()
+    out = [model(to_input(pixels[i:i + batch], spec, device)).float().cpu() for i in range(0, len(pixels), batch)]
+    return torch.cat(out).numpy() if out else np.zeros((0,), np.float32)
+
+
+def label_prior_table(u: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """p(u_k = 1 | primary-label combination), Laplace-smoothed: (2**P, K)."""
+    keys = _keys(y)
+    table = np.zeros((2 ** y.shape[1], u.shape[1]), np.float32)
+    for key in range(len(table)):
+        sel = keys == key
+        table[key] = (u[sel].sum(0) + 1) / (sel.sum() + 2)
+    return table
+
+
+def _keys(y: np.ndarray) -> np.ndarray:
+    return (y.astype(np.int64) * (2 ** np.arange(y.shape[1]))).sum(1)
+
+
+# --- training ------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise InvalidInputError(f"--device {name!r}: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+class Trainer:
+    """Holds the players and does one PRIC step per batch (`step`)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, prior_table: np.ndarray) -> None:
+        self.cfg, self.device, self.method = cfg, device, parse_method(cfg.method)
+        k, p = len(cfg.private), len(cfg.primary)
+        self.extractor = build_extractor(cfg).to(device)
+        shape = self.extractor.feature_shape
+        self.adversaries = _adversaries(self.method.n_adversaries, shape, k).to(device)
+        self.heads = create_model("conv_head", in_channels=shape[0], n_out=p, feature_hw=shape[1:]).to(device)
+        self.mi = create_model("mi", feat_channels=shape[0], n_private=k).to(device)
+        self.prior_table = torch.as_tensor(prior_table, device=device)
+        self.opt_e = self._adam(self.extractor.parameters())
+        self.opt_adv = self._adam(self.adversaries.parameters())
+        self.opt_aux = self._adam(list(self.mi.parameters()) + list(self.heads.parameters()))
+        self.amp = device.type == "cuda"
+        self.steps = 0
+        # `paper` is task-agnostic: the heads only monitor utility, E gets no primary loss
+        self.primary_weight = 0.0 if self.method.term == "paper" else cfg.primary_weight
+
+    def _adam(self, params: Any) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"extractor": self.extractor, "adversaries": self.adversaries, "heads": self.heads, "mi": self.mi}
+
+    def train_mode(self) -> None:
+        for m in self.modules().values():
+            m.train()
+
+    def step(self, x: torch.Tensor, u: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One step on a batch: x (B, 3, H, W), u (B, K) private, y (B, P) primary labels."""
+        m, cfg = self.method, self.cfg
+        if m.reinit_every and self.steps and self.steps % m.reinit_every == 0:
+            _reset(self.adversaries)
+            self.opt_adv = self._adam(self.adversaries.parameters())
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            z = self.extractor(x)
+            terms: dict[str, torch.Tensor] = {}
+            total = z.new_zeros((), dtype=torch.float32)
+            if m.term != "plain" and cfg.adv_weight:
+                # E's adversarial gradient goes through the adversaries without touching their grads
+                logits = [a(z) for a in self.adversaries]
+                if m.term == "paper":
+                    term = sum(losses.negative_ce(l, u) for l in logits) / len(logits)
+                else:
+                    prior = self.prior_table[torch.as_tensor(_keys_t(y), device=y.device)]
+                    term = sum(losses.kl_to_prior(l, prior) for l in logits) / len(logits)
+                (g_z,) = torch.autograd.grad(cfg.adv_weight * term, z, retain_graph=True)
+                total = total + (z.float() * g_z.float()).sum()
+                terms["adv_term"] = term.detach()
+            zd = z.detach()
+            adv_ce = sum(losses.bce(a(zd), u) for a in self.adversaries)
+            x_code = self.mi.encode_x(x)
+            z_mi = scale_grad(z, cfg.lam)  # T maximises with weight 1, E with λ
+            perm = torch.randperm(len(x), device=x.device)
+            jsd = losses.jsd_mi(self.mi(x_code, z_mi, u), self.mi(x_code[perm], z_mi, u))
+            primary = losses.bce(self.heads(scale_grad(z, self.primary_weight)), y)
+            total = total + adv_ce - jsd + primary
+            terms.update(adv_ce=adv_ce.detach(), jsd=jsd.detach(), primary_bce=primary.detach())
+            if m.penalty and cfg.penalty_weight:
+                pen = z.new_zeros((), dtype=torch.float32)
+                if "mmd" in m.penalty:
+                    pen = pen + losses.conditional_mmd(z, u, y)
+                if "dcor" in m.penalty:
+                    pen = pen + losses.distance_correlation(z, u, y)
+                total = total + cfg.penalty_weight * pen
+                terms["penalty"] = pen.detach()
+        for opt in (self.opt_e, self.opt_adv, self.opt_aux):
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        for opt in (self.opt_e, self.opt_adv, self.opt_aux):
+            opt.step()
+        for _ in range(m.adv_steps - 1):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                extra = sum(losses.bce(a(zd), u) for a in self.adversaries)
+            self.opt_adv.zero_grad(set_to_none=True)
+            extra.backward()
+            self.opt_adv.step()
+        self.steps += 1
+        return {k: float(v) for k, v in terms.items()}
+
+    @torch.no_grad()
+    def evaluate(self, x_all: np.ndarray, u: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Val accuracy of the co-trained adversaries and primary heads, eval mode."""
+        for mod in self.modules().values():
+            mod.eval()
+        feats = torch.as_tensor(extract_features(self.extractor, x_all, self.cfg.input, self.device)).to(self.device)
+        out: dict[str, float] = {}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            for i, adv in enumerate(self.adversaries):
+                pred = (adv(feats).float() > 0).cpu().numpy()
+                for k, name in enumerate(self.cfg.private):
+                    out[f"val_adv{i}_{name}"] = float((pred[:, k] == u[:, k]).mean())
+            pred = (self.heads(feats).float() > 0).cpu().numpy()
+        for k, name in enumerate(self.cfg.primary):
+            out[f"val_{name}"] = float((pred[:, k] == y[:, k]).mean())
+        return out
+
+
+def _keys_t(y: torch.Tensor) -> torch.Tensor:
+    return (y.long() * (2 ** torch.arange(y.shape[1], device=y.device))).sum(1)
+
+
+def attrs(data: FaceData, names: Sequence[str]) -> np.ndarray:
+    """(N, len(names)) int64 labels."""
+    return np.stack([data.attr(n) for n in names], axis=1) if names else np.zeros((len(data), 0), np.int64)
+
+
+def train(cfg: TrainConfig, data: FaceData | None = None, progress: bool = True) -> Path:
+    """Train per `cfg`; writes config.json, metrics.jsonl and checkpoint.pt into cfg.out."""
+    method = parse_method(cfg.method)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = load_faces(cfg.data, cfg.input, limit=cfg.limit or None, progress=progress)
+    tr, va = data.subset("train"), data.subset("val")
+    if len(tr) == 0:
+        raise InvalidInputError(f"{cfg.data}: no training images (split 0)")
+    if len(va) == 0:
+        va = tr
+    u_tr, y_tr = attrs(tr, cfg.private), attrs(tr, cfg.primary)
+    u_va, y_va = attrs(va, cfg.private), attrs(va, cfg.primary)
+    (out / CONFIG).write_text(cfg.to_json() + "\n")
+    trainer = Trainer(cfg, device, label_prior_table(u_tr, y_tr))
+    pix = torch.as_tensor(tr.pixels)
+    u_t, y_t = torch.as_tensor(u_tr, dtype=torch.float32), torch.as_tensor(y_tr, dtype=torch.float32)
+    n_batches = max(1, len(tr) // cfg.batch_size)
+    if cfg.max_batches:
+        n_batches = min(n_batches, cfg.max_batches)
+    metrics_path = out / METRICS
+    metrics_path.write_text("")
+    t_start = time.perf_counter()
+    from tqdm import tqdm
+
+    for epoch in range(1, cfg.epochs + 1):
+        trainer.train_mode()
+        order = rng.permutation(len(tr))
+        sums: dict[str, float] = {}
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not progress, file=sys.stderr)
+        for b in bar:
+            idx = torch.as_tensor(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+            x = to_input(pix[idx], cfg.input, device)
+            flip = torch.rand(len(x), device=device) < 0.5  # horizontal flips: faces are symmetric
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            terms = trainer.step(x, u_t[idx].to(device), y_t[idx].to(device))
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()}, refresh=False)
+        row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v / n_batches for k, v in sums.items()}}
+        row.update(trainer.evaluate(va.pixels, u_va, y_va))
+        row["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        print(json.dumps(row), flush=True)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    if method.leace:
+        fit_eraser(trainer.extractor, tr.pixels, u_tr, cfg.input, device)
+    state = {name: mod.state_dict() for name, mod in trainer.modules().items()}
+    torch.save(state, out / CHECKPOINT)
+    wall = time.perf_counter() - t_start
+    final = {**asdict(cfg), "erase_rank": trainer.extractor.eraser.rank, "train_wall_s": round(wall, 1),
+             "device_used": str(device)}
+    (out / CONFIG).write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
+    print(f"trained {cfg.epochs} epoch(s) in {wall:.1f} s on {device}; run saved to {out}", flush=True)
+    return out
+
+
+def fit_eraser(extractor: Extractor, pixels: np.ndarray, u: np.ndarray, spec: InputSpec,
+               device: torch.device | str = "cpu") -> None:
+    """Fit the extractor's LEACE layer on the features of `pixels` (train split only)."""
+    feats = torch.as_tensor(extract_features(extractor, pixels, spec, device))
+    extractor.eraser.fit(feats, torch.as_tensor(u))
+    extractor.eraser.to(next(extractor.parameters()).device)
+
+
+# --- CLI -----------------------------------------------------------------------------
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pric-train", description=__doc__.split("\n")[0])
+    d = TrainConfig(data="", out="")
+    p.add_argument("--mode", choices=("pric", "sparse"), default="pric")
+    p.add_argument("--data", default=str(default_data_dir()), help="dataset folder (CelebA or images/+labels.csv)")
+    p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, checkpoint.pt")
+    p.add_argument("--private", default="Male", help="private attribute(s), comma-separated")
+    p.add_argument("--primary", default="Smiling,Heavy_Makeup", help="primary task attribute(s), comma-separated")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the JSD MI term (paper λ)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--method", default=d.method, help=f"'+'-joined parts of: {', '.join(METHOD_PARTS)}")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--adv-weight", type=float, default=d.adv_weight, help="weight of the adversarial term")
+    p.add_argument("--primary-weight", type=float, default=d.primary_weight)
+    p.add_argument("--penalty-weight", type=float, default=d.penalty_weight, help="weight of mmd/dcor penalties")
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--feat-channels", type=int, default=d.feat_channels)
+    p.add_argument("--max-batches", type=int, default=0, help="cap batches per epoch (smoke tests)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke tests)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    parse_method(args.method)
+    if args.epochs < 1 or args.batch_size < 2:
+        raise InvalidInputError("--epochs must be >= 1 and --batch-size >= 2")
+    return TrainConfig(
+        data=args.data, out=args.out, private=_names(args.private), primary=_names(args.primary), lam=args.lam,
+        epochs=args.epochs, method=args.method, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, adv_weight=args.adv_weight, primary_weight=args.primary_weight,
+        penalty_weight=args.penalty_weight, width=args.width, feat_channels=args.feat_channels,
+        max_batches=args.max_batches, limit=args.limit,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--mode=sparse" in argv or any(a == "--mode" and b == "sparse" for a, b in zip(argv, argv[1:])):
+        from training import sparse_train
+
+        return sparse_train.main(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if not cfg.private:
+            raise InvalidInputError("--private: name at least one attribute")
+        train(cfg, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"pric-train: {exc}", file=sys.stderr)
+        return 2
+    except PricError as exc:
+        print(f"pric-train: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
