@@ -60,8 +60,18 @@ def array_to_npy(arr: np.ndarray) -> bytes:
 def npy_to_array(data: bytes, what: str = "array") -> np.ndarray:
     """Parse `.npy` bytes; never unpickles. Raises WireFormatError on anything odd."""
     try:
+        # Read the header first so that a header claiming a huge shape is refused
+        # before numpy allocates the array.
+        fp = io.BytesIO(data)
+        major, _minor = np.lib.format.read_magic(fp)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _fortran, _dtype = read_header(fp)
+        if int(np.prod(shape, dtype=np.float64)) > MAX_ARRAY_ELEMENTS:
+            raise ValidationError(f"{what}: shape {tuple(shape)} exceeds {MAX_ARRAY_ELEMENTS} elements")
         arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError, TypeError) as exc:
+    except ValidationError:
+        raise
+    except Exception as exc:  # numpy's header parser also raises SyntaxError, TokenError, MemoryError...
         raise WireFormatError(f"{what}: not a valid .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if not isinstance(arr, np.ndarray):
         raise WireFormatError(f"{what}: not a single .npy array")
