@@ -1,0 +1,170 @@
+"""Sparse ambiguation autoencoder: model pieces, training entry point, ONNX export and the
+audit, on the bundled sample faces (tiny settings, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.model_card import load_card
+from protocol.sparse_code import ambiguate, key_size_bytes
+from training import sparse_audit, sparse_export, sparse_train
+from training.models.sparse import GroupedLinear, SparseAEConfig, SparseAutoencoder, top_k_per_map
+
+TINY = ["--L", "2", "--m", "32", "--k", "4", "--k-train", "6", "--k-fake", "4", "--channels", "8,8,8",
+        "--batch-size", "16", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, sample_faces: Path) -> Path:
+    run = tmp_path_factory.mktemp("sparse") / "run"
+    rc = sparse_train.main(["--mode", "sparse", "--data", str(sample_faces), "--epochs", "2", "--out", str(run),
+                            "--device", "cpu", "--seed", "1", *TINY])
+    assert rc == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run: Path) -> Path:
+    return sparse_export.export_run(tiny_run, tiny_run.parent / "exported" / "sparse-tiny", None, "t1")
+
+
+def test_top_k_keeps_k_largest_magnitudes_with_signs() -> None:
+    z = torch.randn(3, 5, 40, requires_grad=True)
+
+    out = top_k_per_map(z, 7)
+
+    assert torch.all((out != 0).sum(-1) == 7)
+    kept = out != 0
+    # every kept magnitude is at least every dropped magnitude of the same map
+    min_kept = torch.where(kept, z.abs(), torch.inf).amin(-1)
+    max_dropped = torch.where(kept, -torch.inf, z.abs()).amax(-1)
+    assert torch.all(min_kept >= max_dropped)
+    assert torch.equal(out[kept], z[kept])
+    out.sum().backward()
+    assert torch.equal(z.grad, kept.float())
+
+
+def test_grouped_linear_keeps_groups_independent() -> None:
+    layer = GroupedLinear(groups=3, d_in=6, d_out=4)
+    x = torch.randn(2, 3, 6)
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+
+    y, y2 = layer(x), layer(x2)
+
+    assert y.shape == (2, 3, 4)
+    assert not torch.allclose(y[:, 0], y2[:, 0])
+    assert torch.equal(y[:, 1:], y2[:, 1:])
+
+
+def test_train_and_test_k_differ_between_modes() -> None:
+    model = SparseAutoencoder(SparseAEConfig(L=2, m=32, k_train=6, k=3, channels=(4, 4, 4)))
+    x = torch.randn(2, 3, 64, 64)
+
+    n_train = (model.train()(x)["code"] != 0).sum(-1)
+    n_test = (model.eval()(x)["code"] != 0).sum(-1)
+
+    assert torch.all(n_train == 6) and torch.all(n_test == 3)
+
+
+def test_training_writes_run_files(tiny_run: Path) -> None:
+    config = json.loads((tiny_run / "config.json").read_text())
+    metrics = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+
+    assert config["mode"] == "sparse"
+    assert config["input"]["height"] == 64
+    assert config["sparse"] == {"L": 2, "m": 32, "k": 4, "k_fake": 4}
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["val_psnr"]) for m in metrics)
+    assert (tiny_run / "checkpoint.pt").is_file()
+
+
+def test_training_refuses_k_larger_than_m(tmp_path: Path, sample_faces: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = sparse_train.main(["--data", str(sample_faces), "--out", str(tmp_path / "r"), "--epochs", "1",
+                            "--m", "8", "--k", "9"])
+
+    assert rc == 2
+    assert "--k 9" in capsys.readouterr().err
+
+
+def test_export_writes_checked_card_and_matching_onnx(tiny_export: Path, tiny_run: Path, sample_faces: Path) -> None:
+    import onnxruntime as ort
+
+    from protocol.preprocess import normalize
+    from training.data import load_faces
+
+    card = load_card(tiny_export)  # verifies the sha256 of model.onnx and decoder.onnx
+    enc = ort.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(tiny_export / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    x = normalize(load_faces(sample_faces, card.input, progress=False).pixels[:3], card.input)
+
+    code = enc.run(None, {"image": x})[0]
+    image = dec.run(None, {"code": code})[0]
+    model, _ = sparse_train.load_run(tiny_run)
+    with torch.no_grad():
+        image_torch = model.image_decoder()(torch.from_numpy(code)).numpy()
+
+    assert card.kind == "sparse_code" and card.sparse is not None
+    assert card.output.name == "code" and tuple(card.output.shape) == (card.sparse.L, card.sparse.m)
+    assert code.shape == (3, card.sparse.L, card.sparse.m) and code.dtype == np.float32
+    assert np.all((code != 0).sum(-1) == card.sparse.k)
+    assert image.shape == (3, 3, 64, 64) and image.min() >= 0.0 and image.max() <= 1.0
+    assert np.abs(image - image_torch).max() <= sparse_export.TOLERANCE
+    assert card.training["parity"]["decoder_max_abs_diff"] <= sparse_export.TOLERANCE
+    # the exported code goes through the client's ambiguation unchanged
+    amb, key = ambiguate(code[0], card.sparse)
+    assert len(key) == key_size_bytes(card.sparse)
+
+
+def test_export_refuses_a_run_that_is_not_sparse(tmp_path: Path) -> None:
+    from protocol.errors import InvalidInputError
+
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "features"}))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+
+    with pytest.raises(InvalidInputError, match="expected 'sparse'"):
+        sparse_export.export_run(tmp_path, tmp_path / "out", None, None)
+
+
+def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path, tmp_path: Path) -> None:
+    report = sparse_audit.audit_sparse(tiny_export, sample_faces, tmp_path / "audit", SimpleNamespace(seed=3, quick=True))
+
+    card = load_card(tiny_export)
+    rec = report["reconstruction"]
+    for name in ("authorised_k", "authorised_half_k", "ambiguated_as_is", "guess_random", "guess_largest",
+                 "guess_smallest", "jpeg_same_bytes"):
+        assert np.isfinite(rec[name]["psnr"]) and 0.0 <= rec[name]["ssim"] <= 1.0
+    assert report["n_test"] == 8
+    assert report["key"]["bytes"] == key_size_bytes(card.sparse)
+    assert report["rate"]["wire_bytes_per_image"] == card.sparse.L * card.sparse.k_prime * 4
+    assert 0.0 <= report["support_recovery"]["k_largest"] <= 1.0
+    assert report["support_recovery"]["chance"] == card.sparse.k / card.sparse.k_prime
+    assert set(report["classifiers"]) == {"Smiling", "Male"}
+    assert (tmp_path / "audit" / "sparse_report.json").is_file()
+    assert (tmp_path / "audit" / "sparse_grid.png").stat().st_size > 0
+
+
+def test_audit_cli_refuses_a_features_model(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    rc = sparse_audit.main(["--model", str(tiny_model_dir / "tiny"), "--data", str(sample_faces), "--out", str(tmp_path)])
+
+    assert rc == 2
+    assert "sparse_code" in capsys.readouterr().err
+
+
+def test_jpeg_at_budget_respects_the_byte_budget(sample_faces: Path) -> None:
+    from training.data import load_faces
+
+    pixels = load_faces(sample_faces, progress=False).pixels[0]
+
+    _, small, q_small = sparse_audit.jpeg_at_budget(pixels, 700)
+    _, large, q_large = sparse_audit.jpeg_at_budget(pixels, 1500)
+
+    assert small <= 700 and large <= 1500
+    assert q_large > q_small

@@ -1,0 +1,360 @@
+"""Audit of a `sparse_code` model: what key holders get, what everyone else gets, and what
+the same bytes buy with JPEG.
+
+Everything runs through the released artefacts: the ONNX encoder and decoder under
+onnxruntime and `protocol.sparse_code` (the client's own ambiguation and key code), on the
+whole test split. Measured (PSNR and SSIM with data_range=1, mean over images):
+
+  (a) authorised reconstruction at the exported k and at k/2 (top-k re-applied to the code)
+  (b) the ambiguated code decoded as is (all k' non-zeros)
+  (c) a random guess of the support (k of the k' chosen uniformly per map)
+  (d) magnitude-ranking attackers (keep the k largest / the k smallest magnitudes), with
+      their support-recovery rate next to chance k/k'
+  (e) JPEG (Pillow, optimised Huffman tables) at the code's bytes per image
+
+plus key size, rate of the wire code and classifier accuracy (Smiling, Male) of a fresh
+logistic regression on true vs ambiguated codes. Writes OUT/sparse_report.json and
+OUT/sparse_grid.png.
+
+    python -m training.sparse_audit --model exported_models/NAME --data DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from protocol.errors import InvalidInputError, PricError
+from protocol.model_card import ModelCard, load_card
+from protocol.preprocess import normalize
+from protocol.sparse_code import (
+    AmbiguatedCode, ambiguate, disambiguate, key_entropy_bits, key_size_bytes, top_k, unpack_key,
+)
+from training.data import FaceData, load_faces
+
+REPORT = "sparse_report.json"
+GRID = "sparse_grid.png"
+ATTRIBUTES = ("Smiling", "Male")
+QUICK_TEST, QUICK_TRAIN = 24, 48
+
+
+@dataclass(frozen=True)
+class SparseAuditConfig:
+    model: str
+    data: str
+    out: str
+    seed: int = 0
+    quick: bool = False
+    batch_size: int = 256
+
+
+# --- running the released models --------------------------------------------------------
+
+
+class OnnxPair:
+    """The card's encoder (model.onnx) and decoder (decoder.onnx) under onnxruntime."""
+
+    def __init__(self, model_dir: Path, card: ModelCard, batch_size: int) -> None:
+        import onnxruntime as ort
+
+        if "decoder.onnx" not in card.extra_files:
+            raise InvalidInputError(f"{model_dir}: the card ships no decoder.onnx; cannot audit reconstructions")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        self.enc = ort.InferenceSession(str(model_dir / card.file), opts, providers=["CPUExecutionProvider"])
+        self.dec = ort.InferenceSession(str(model_dir / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.card, self.batch_size = card, batch_size
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) → dense codes float32 (N, L, m)."""
+        out = [self.enc.run(None, {"image": normalize(pixels[i:i + self.batch_size], self.card.input)})[0]
+               for i in range(0, len(pixels), self.batch_size)]
+        return np.concatenate(out).astype(np.float32)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """codes (N, L, m) → images float32 (N, H, W, 3) in [0, 1]."""
+        out = [self.dec.run(None, {"code": codes[i:i + self.batch_size].astype(np.float32)})[0]
+               for i in range(0, len(codes), self.batch_size)]
+        return np.moveaxis(np.concatenate(out), 1, -1).clip(0.0, 1.0)
+
+
+# --- quality measures -------------------------------------------------------------------
+
+
+def quality(ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
+    """Mean PSNR / SSIM (data_range=1) between (N, H, W, 3) float images in [0, 1]."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    psnr = [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(ref, rec)]
+    ssim = [structural_similarity(a, b, data_range=1.0, channel_axis=-1) for a, b in zip(ref, rec)]
+    return {"psnr": float(np.mean(psnr)), "psnr_std": float(np.std(psnr)),
+            "ssim": float(np.mean(ssim)), "ssim_std": float(np.std(ssim))}
+
+
+def jpeg_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, int]:
+    """Highest Pillow JPEG quality (1..95, optimised tables) whose file fits `budget` bytes.
+
+    pixels uint8 (H, W, 3) → (decoded float image in [0, 1], bytes, quality). When even
+    quality 1 is larger than the budget, quality 1 is returned (JPEG gets more bytes)."""
+    from PIL import Image
+
+    img = Image.fromarray(pixels)
+
+    def encode(q: int) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=q, optimize=True)
+        return buf.getvalue()
+
+    lo, hi, best = 1, 95, encode(1)
+    best_q = 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        data = encode(mid)
+        if len(data) <= budget:
+            best, best_q, lo = data, mid, mid + 1
+        else:
+            hi = mid - 1
+    dec = np.asarray(Image.open(io.BytesIO(best)).convert("RGB"), dtype=np.float32) / 255.0
+    return dec, len(best), best_q
+
+
+# --- attackers on the ambiguated code --------------------------------------------------
+
+
+def support_guess(amb: AmbiguatedCode, k: int, how: str, rng: np.random.Generator) -> np.ndarray:
+    """Which k of the k' non-zeros to keep per map: bool (L, k')."""
+    mags = np.abs(amb.values.astype(np.float32))
+    L, kp = mags.shape
+    if how == "random":
+        order = np.argsort(rng.random((L, kp)), axis=1)
+    elif how == "largest":
+        order = np.argsort(-mags, axis=1, kind="stable")
+    elif how == "smallest":
+        order = np.argsort(mags, axis=1, kind="stable")
+    else:
+        raise ValueError(f"unknown support guess {how!r}; valid: random, largest, smallest")
+    mask = np.zeros((L, kp), dtype=bool)
+    np.put_along_axis(mask, order[:, :k], True, axis=1)
+    return mask
+
+
+def dense_from_mask(amb: AmbiguatedCode, mask: np.ndarray, m: int) -> np.ndarray:
+    """Keep the masked entries of an ambiguated code: (L, m) float32."""
+    return AmbiguatedCode(amb.indices, np.where(mask, amb.values, 0).astype(amb.values.dtype)).to_dense(m)
+
+
+# --- classifiers -------------------------------------------------------------------------
+
+
+def logistic_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
+                      seed: int, steps: int = 300) -> float:
+    """Fresh L2-regularised logistic regression (full-batch Adam) on standardised features."""
+    import torch
+
+    torch.manual_seed(seed)
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    xtr = torch.from_numpy((x_tr - mu) / sd).float()
+    xte = torch.from_numpy((x_te - mu) / sd).float()
+    ytr = torch.from_numpy(y_tr).float()
+    lin = torch.nn.Linear(xtr.shape[1], 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(lin(xtr).squeeze(1), ytr).backward()
+        opt.step()
+    with torch.no_grad():
+        pred = (lin(xte).squeeze(1) > 0).numpy().astype(np.int64)
+    return float((pred == y_te).mean())
+
+
+# --- the audit ----------------------------------------------------------------------------
+
+
+def _grid(rows: list[np.ndarray], path: Path, n: int = 8) -> None:
+    """Rows of (N, H, W, 3) float images → one PNG, n columns."""
+    from PIL import Image
+
+    tiles = [np.concatenate(list(r[:n]), axis=1) for r in rows]
+    Image.fromarray((np.concatenate(tiles, axis=0) * 255).round().astype(np.uint8)).save(path)
+
+
+def _ambiguate_all(codes: np.ndarray, card: ModelCard, rng: np.random.Generator):
+    spec = card.sparse
+    out = [ambiguate(c, spec, rng) for c in codes]
+    return [a for a, _ in out], [k for _, k in out]
+
+
+def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = None) -> dict[str, Any]:
+    """Run the sparse audit; returns the report dict (also written to OUT/sparse_report.json)."""
+    t0 = time.time()
+    seed = int(getattr(args, "seed", 0) or 0)
+    quick = bool(getattr(args, "quick", False))
+    batch_size = int(getattr(args, "batch_size", 256) or 256)
+    model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
+    card = load_card(model_dir)
+    if card.kind != "sparse_code" or card.sparse is None:
+        raise InvalidInputError(f"{model_dir}: card kind is {card.kind!r}, the sparse audit needs 'sparse_code'")
+    sp = card.sparse
+    models = OnnxPair(model_dir, card, batch_size)
+    data = load_faces(data_dir, card.input, progress=False)
+    test, train = data.subset("test"), data.subset("train")
+    if len(test) == 0:
+        raise InvalidInputError(f"{data_dir}: the dataset has no test split (split 2)")
+    if quick:
+        test, train = test.select(np.arange(min(QUICK_TEST, len(test)))), train.select(np.arange(min(QUICK_TRAIN, len(train))))
+    rng = np.random.default_rng(seed)  # audit only: the client seeds from the OS
+    ref = test.pixels.astype(np.float32) / 255.0
+
+    codes = models.encode(test.pixels)
+    ambs, keys = _ambiguate_all(codes, card, rng)
+    true = np.stack([disambiguate(a, key, sp.m) for a, key in zip(ambs, keys)])  # float16-rounded values, as uploaded
+    variants: dict[str, np.ndarray] = {
+        "authorised_k": true,
+        "authorised_half_k": np.stack([top_k(c, max(1, sp.k // 2)) for c in true]),
+        "ambiguated_as_is": np.stack([a.to_dense(sp.m) for a in ambs]),
+    }
+    recovery: dict[str, float] = {}
+    for how in ("random", "largest", "smallest"):
+        masks = [support_guess(a, sp.k, how, rng) for a in ambs]
+        truth = [unpack_key(key)[0] for key in keys]
+        recovery[how] = float(np.mean([(g & t).sum() / t.sum() for g, t in zip(masks, truth)]))
+        variants[f"guess_{how}"] = np.stack([dense_from_mask(a, g, sp.m) for a, g in zip(ambs, masks)])
+
+    recon = {name: models.decode(c) for name, c in variants.items()}
+    results = {name: quality(ref, rec) for name, rec in recon.items()}
+
+    wire_bytes = int(ambs[0].indices.nbytes + ambs[0].values.nbytes)  # uint16 indices + float16 values
+    jpeg = [jpeg_at_budget(p, wire_bytes) for p in test.pixels]
+    jpeg_imgs = np.stack([j[0] for j in jpeg])
+    results["jpeg_same_bytes"] = quality(ref, jpeg_imgs)
+    results["jpeg_same_bytes"].update({
+        "mean_bytes": float(np.mean([j[1] for j in jpeg])),
+        "mean_quality": float(np.mean([j[2] for j in jpeg])),
+        "over_budget_fraction": float(np.mean([j[1] > wire_bytes for j in jpeg])),
+    })
+
+    magnitude_best = max(("largest", "smallest"), key=lambda h: results[f"guess_{h}"]["psnr"])
+    chance = sp.k / sp.k_prime
+    h, w = card.input.height, card.input.width
+    values = np.concatenate([a.values.ravel() for a in ambs]).view(np.uint16)
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    value_entropy = float(-(p * np.log2(p)).sum())
+    support_bits = sp.L * (math.lgamma(sp.m + 1) - math.lgamma(sp.k_prime + 1) - math.lgamma(sp.m - sp.k_prime + 1)) / math.log(2)
+    rate = {
+        "wire_bytes_per_image": wire_bytes,
+        "wire_bits_per_pixel": wire_bytes * 8 / (h * w),
+        "entropy_coded_bits_per_pixel_estimate": (support_bits + value_entropy * sp.L * sp.k_prime) / (h * w),
+        "value_entropy_bits": value_entropy,
+        "raw_bytes_per_image": h * w * 3,
+    }
+    key = {
+        "bytes": len(keys[0]),
+        "bytes_formula": key_size_bytes(sp),
+        "entropy_bits": key_entropy_bits(sp),
+        "entropy_bytes": key_entropy_bits(sp) / 8,
+        "brute_force_log2_guesses": key_entropy_bits(sp),
+    }
+
+    classifiers: dict[str, Any] = {}
+    names = [a for a in ATTRIBUTES if a in data.attr_names]
+    if names and len(train) > 0:
+        tr_codes = models.encode(train.pixels)
+        tr_ambs, _ = _ambiguate_all(tr_codes, card, rng)
+        feats = {
+            "true_code": (tr_codes.reshape(len(tr_codes), -1), true.reshape(len(true), -1)),
+            "ambiguated_code": (np.stack([a.to_dense(sp.m) for a in tr_ambs]).reshape(len(tr_ambs), -1),
+                                variants["ambiguated_as_is"].reshape(len(ambs), -1)),
+        }
+        for attr in names:
+            y_tr, y_te = train.attr(attr), test.attr(attr)
+            row: dict[str, float] = {"majority": float(max(y_te.mean(), 1 - y_te.mean()))}
+            for fname, (x_tr, x_te) in feats.items():
+                row[fname] = logistic_accuracy(x_tr, y_tr, x_te, y_te, seed, steps=60 if quick else 300)
+            classifiers[attr] = row
+
+    rg = results["guess_random"]["psnr"]
+    goals = {
+        "authorised_beats_jpeg_by_3db": results["authorised_k"]["psnr"] - results["jpeg_same_bytes"]["psnr"] >= 3.0,
+        "attacks_within_0.5db_of_random_guess": all(
+            results[n]["psnr"] - rg <= 0.5 for n in ("ambiguated_as_is", "guess_largest", "guess_smallest")),
+        "magnitude_recovery_within_chance_plus_2pts": max(recovery["largest"], recovery["smallest"]) <= chance + 0.02,
+        "key_at_most_1kb": len(keys[0]) <= 1024,
+    }
+    report = {
+        "kind": "sparse_code",
+        "model_id": card.model_id,
+        "sparse": asdict(sp),
+        "k_prime": sp.k_prime,
+        "n_test": int(len(test)),
+        "n_train": int(len(train)),
+        "quick": quick,
+        "seed": seed,
+        "reconstruction": results,
+        "support_recovery": {"random": recovery["random"], "k_largest": recovery["largest"],
+                             "k_smallest": recovery["smallest"], "chance": chance,
+                             "magnitude_attacker_used": magnitude_best},
+        "key": key,
+        "rate": rate,
+        "classifiers": classifiers,
+        "goals": goals,
+        "seconds": time.time() - t0,
+        "config": asdict(SparseAuditConfig(model=str(model_dir), data=str(data_dir), out=str(out_dir),
+                                           seed=seed, quick=quick, batch_size=batch_size)),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    _grid([ref, recon["authorised_k"], recon["authorised_half_k"], jpeg_imgs, recon["ambiguated_as_is"],
+           recon["guess_random"], recon[f"guess_{magnitude_best}"]], out_dir / GRID)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Markdown table of the reconstruction results."""
+    r = report["reconstruction"]
+    sp = report["sparse"]
+    rows = [
+        ("(a) authorised, k=%d" % sp["k"], "authorised_k"),
+        ("(a) authorised, k=%d" % max(1, sp["k"] // 2), "authorised_half_k"),
+        ("(b) ambiguated code as is (k'=%d)" % report["k_prime"], "ambiguated_as_is"),
+        ("(c) random support guess", "guess_random"),
+        ("(d) magnitude attacker, k largest", "guess_largest"),
+        ("(d) magnitude attacker, k smallest", "guess_smallest"),
+        ("(e) JPEG at %d bytes" % report["rate"]["wire_bytes_per_image"], "jpeg_same_bytes"),
+    ]
+    lines = ["| variant | PSNR (dB) | SSIM |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {r[key]['psnr']:.2f} ± {r[key]['psnr_std']:.2f} | {r[key]['ssim']:.3f} |" for label, key in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.sparse_audit", description="audit a sparse_code model")
+    p.add_argument("--model", required=True, help="exported model folder (sparse_code card)")
+    p.add_argument("--data", required=True, help="dataset folder with a test split")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help=f"first {QUICK_TEST} test / {QUICK_TRAIN} train photos only")
+    p.add_argument("--batch-size", type=int, default=256)
+    args = p.parse_args(argv)
+    try:
+        report = audit_sparse(Path(args.model), Path(args.data), Path(args.out), args)
+    except PricError as exc:
+        print(f"pric-audit: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    print(format_table(report))
+    print(json.dumps({"support_recovery": report["support_recovery"], "key": report["key"], "rate": report["rate"],
+                      "classifiers": report["classifiers"], "goals": report["goals"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Export a sparse training run: the on-device encoder (with its top-k) and the authorised
+users' decoder to ONNX, with a `sparse_code` model card.
+
+    out/model.onnx    "image" (B, 3, H, W) normalised per the card → "code" (B, L, m) float32,
+                      exactly k non-zeros per map
+    out/decoder.onnx  "code" (B, L, m) float32 → "image" (B, 3, H, W) in [0, 1]
+    out/model_card.json
+
+Both graphs pass onnx.checker and are compared with torch (max abs difference ≤ 1e-4 on
+real images); a mismatch fails the export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from protocol.errors import ModelIntegrityError
+from protocol.model_card import InputSpec, ModelCard, OutputSpec, SparseSpec, sha256_file
+from training.sparse_train import load_run
+
+OPSET = 17
+TOLERANCE = 1e-4
+DECODER_FILE = "decoder.onnx"
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:
+    """torch → ONNX with a dynamic batch dimension; the dynamo exporter, else the TorchScript one."""
+    import onnx
+
+    module = module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            torch.onnx.export(module, (example,), str(path), input_names=[in_name], output_names=[out_name],
+                              opset_version=OPSET, dynamo=True, dynamic_shapes=({0: batch},),
+                              external_data=False, verbose=False)
+        onnx.checker.check_model(onnx.load(str(path)))
+    except Exception:  # noqa: BLE001 - any dynamo failure falls back to the classic exporter
+        torch.onnx.export(module, (example,), str(path), input_names=[in_name], output_names=[out_name],
+                          opset_version=OPSET, dynamo=False, dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}})
+    onnx.checker.check_model(onnx.load(str(path)))
+
+
+def _ort_run(path: Path, name: str, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {name: x})[0]
+
+
+def check_parity(encoder: nn.Module, decoder: nn.Module, enc_path: Path, dec_path: Path,
+                 images: torch.Tensor) -> dict[str, float]:
+    """Max abs differences onnxruntime vs torch: encoder codes and decoder images on `images`
+    (B, 3, H, W) normalised. Top-k ties could pick different positions, so codes are
+    compared only where both backends chose the same support; decoders get torch's code."""
+    with torch.no_grad():
+        code_t = encoder(images)
+        img_t = decoder(code_t)
+    code_o = _ort_run(enc_path, "image", images.numpy())
+    img_o = _ort_run(dec_path, "code", code_t.numpy())
+    same_support = (code_o != 0) == (code_t.numpy() != 0)
+    support_agreement = float(same_support.all(axis=-1).mean())
+    code_diff = float(np.abs(code_o - code_t.numpy())[same_support].max())
+    img_diff = float(np.abs(img_o - img_t.numpy()).max())
+    return {"encoder_max_abs_diff": code_diff, "decoder_max_abs_diff": img_diff,
+            "support_agreement": support_agreement}
+
+
+def _parity_images(spec: InputSpec, n: int = 16) -> torch.Tensor:
+    """Real photos (the bundled sample faces) normalised per `spec`: (n, 3, H, W)."""
+    from protocol.preprocess import normalize
+    from training.data import load_faces
+
+    assets = Path(__file__).resolve().parents[1] / "tests" / "assets" / "sample_faces"
+    data = load_faces(assets, spec, progress=False)
+    return torch.from_numpy(normalize(data.pixels[:n], spec))
+
+
+def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: str | None = None) -> Path:
+    """Export RUN_DIR to OUT_DIR (model.onnx, decoder.onnx, model_card.json); returns OUT_DIR."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, config = load_run(run_dir)
+    spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["input"].items()})
+    sparse = SparseSpec(**config["sparse"])
+    encoder, decoder = model.on_device_encoder().eval(), model.image_decoder().eval()
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    images = _parity_images(spec)
+    with torch.no_grad():
+        example_code = encoder(images[:2])
+    _export(encoder, images[:2], tmp / "model.onnx", "image", "code")
+    _export(decoder, example_code, tmp / DECODER_FILE, "code", "image")
+    parity = check_parity(encoder, decoder, tmp / "model.onnx", tmp / DECODER_FILE, images)
+    if parity["encoder_max_abs_diff"] > TOLERANCE or parity["decoder_max_abs_diff"] > TOLERANCE \
+            or parity["support_agreement"] < 0.99:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelIntegrityError(f"{run_dir}: ONNX and torch disagree ({json.dumps(parity)})")
+
+    card = ModelCard(
+        name=name or out_dir.name,
+        version=version or "1",
+        sha256=sha256_file(tmp / "model.onnx"),
+        kind="sparse_code",
+        input=spec,
+        output=OutputSpec(name="code", shape=(sparse.L, sparse.m), dtype="float32"),
+        sparse=sparse,
+        extra_files={DECODER_FILE: sha256_file(tmp / DECODER_FILE)},
+        training={
+            "mode": "sparse",
+            "run": run_dir.name,
+            "model": config["model"],
+            "best_epoch": config.get("best_epoch"),
+            "best_val_psnr": config.get("best_val_psnr"),
+            "epochs": config["train"]["epochs"],
+            "parity": parity,
+        },
+        description="Sparse-code encoder (top-k per code map) for ambiguated release; decoder.onnx is for "
+                    "key holders. Loss: BCE on sigmoid outputs.",
+    ).validate()
+    card.save(tmp)
+    (tmp / "export_config.json").write_text(json.dumps({"run_dir": str(run_dir), "name": card.name,
+                                                        "version": card.version, "opset": OPSET}, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from protocol.errors import PricError
+
+    p = argparse.ArgumentParser(prog="python -m training.sparse_export", description="export a sparse run to ONNX")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name")
+    p.add_argument("--version")
+    args = p.parse_args(argv)
+    try:
+        out = export_run(Path(args.run_dir), Path(args.out), args.name, args.version)
+    except PricError as exc:
+        print(f"pric-export: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""Train the sparse ambiguation autoencoder (`pric-train --mode sparse ...`).
+
+BCE between sigmoid outputs and the [0, 1] pixels (as the paper), Adam 2e-3, train split
+only; the checkpoint with the best validation PSNR at the test-time k is kept.
+
+Writes RUN_DIR/metrics.jsonl (one line per epoch), RUN_DIR/checkpoint.pt and
+RUN_DIR/config.json ("mode": "sparse", the InputSpec, model and sparse settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protocol.errors import InvalidInputError, PricError
+from protocol.model_card import InputSpec, SparseSpec
+from training.data import FaceData, load_faces
+from training.models.sparse import SparseAEConfig, SparseAutoencoder
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class SparseTrainConfig:
+    data: str
+    out: str
+    epochs: int = 12
+    L: int = 4
+    m: int = 256
+    k_train: int = 10
+    k: int = 10
+    k_fake: int = 10
+    channels: tuple[int, ...] = (32, 64, 64)
+    size: int = 64
+    batch_size: int = 64
+    lr: float = 2e-3
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 2
+    limit: int | None = None
+
+    def model_config(self) -> SparseAEConfig:
+        return SparseAEConfig(height=self.size, width=self.size, L=self.L, m=self.m,
+                              k_train=self.k_train, k=self.k, channels=self.channels)
+
+    def input_spec(self) -> InputSpec:
+        return InputSpec(height=self.size, width=self.size)
+
+    def sparse_spec(self) -> SparseSpec:
+        return SparseSpec(L=self.L, m=self.m, k=self.k, k_fake=self.k_fake)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pric-train --mode sparse", description=__doc__.splitlines()[0])
+    p.add_argument("--mode", default="sparse", choices=["sparse"])
+    p.add_argument("--data", required=True, help="dataset folder (CelebA or generic layout)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--epochs", type=int, default=SparseTrainConfig.epochs)
+    p.add_argument("--L", type=int, default=SparseTrainConfig.L, help="number of code maps")
+    p.add_argument("--m", type=int, default=SparseTrainConfig.m, help="length of each code map")
+    p.add_argument("--k-train", type=int, default=None, help="non-zeros per map while training (default: --k)")
+    p.add_argument("--k", type=int, default=SparseTrainConfig.k, help="non-zeros per map at test time (exported)")
+    p.add_argument("--k-fake", type=int, default=None, help="fake non-zeros added by ambiguation (default: --k)")
+    p.add_argument("--channels", type=str, default=",".join(map(str, SparseTrainConfig.channels)),
+                   help="channels of the down-sampling blocks, comma separated")
+    p.add_argument("--size", type=int, default=SparseTrainConfig.size, choices=[64, 128], help="input side in pixels")
+    p.add_argument("--batch-size", type=int, default=SparseTrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=SparseTrainConfig.lr)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=SparseTrainConfig.threads, help="CPU threads for torch")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N photos (smoke runs)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SparseTrainConfig:
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--channels {args.channels!r} must be comma-separated integers") from None
+    cfg = SparseTrainConfig(
+        data=str(args.data), out=str(args.out), epochs=args.epochs, L=args.L, m=args.m,
+        k_train=args.k_train if args.k_train is not None else args.k, k=args.k,
+        k_fake=args.k_fake if args.k_fake is not None else args.k, channels=channels, size=args.size,
+        batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
+        threads=args.threads, limit=args.limit,
+    )
+    checks = [
+        (cfg.epochs >= 1, f"--epochs {cfg.epochs} must be at least 1"),
+        (cfg.L >= 1 and cfg.m >= 2, f"--L {cfg.L} and --m {cfg.m} must be positive (m >= 2)"),
+        (1 <= cfg.k <= cfg.m, f"--k {cfg.k} must be in [1, m={cfg.m}]"),
+        (1 <= cfg.k_train <= cfg.m, f"--k-train {cfg.k_train} must be in [1, m={cfg.m}]"),
+        (0 <= cfg.k_fake <= cfg.m - cfg.k, f"--k-fake {cfg.k_fake} must be in [0, m-k={cfg.m - cfg.k}]"),
+        (cfg.size % 2 ** len(channels) == 0, f"--size {cfg.size} must be divisible by 2^{len(channels)}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise InvalidInputError(msg)
+    return cfg
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda: no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def to_input(pixels: torch.Tensor, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B, H, W, 3) → (normalised input (B, 3, H, W), target in [0, 1] (B, 3, H, W))."""
+    target = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=pixels.device).view(1, 3, 1, 1)
+    return (target - mean) / std, target
+
+
+def reconstruction_losses(out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BCE of the sigmoid output (computed from logits) and per-image PSNR (B,)."""
+    bce = F.binary_cross_entropy_with_logits(out["logits"], target)
+    mse = (torch.sigmoid(out["logits"]) - target).pow(2).flatten(1).mean(1)
+    return {"bce": bce, "psnr": -10.0 * torch.log10(mse.clamp_min(1e-10))}
+
+
+@torch.no_grad()
+def evaluate(model: SparseAutoencoder, pixels: torch.Tensor, spec: InputSpec, k: int, device: torch.device,
+             batch_size: int = 256) -> dict[str, float]:
+    """Mean BCE and PSNR over `pixels` (N, H, W, 3) uint8 with k non-zeros per map."""
+    model.eval()
+    bce_sum, psnr_sum = 0.0, 0.0
+    for i in range(0, len(pixels), batch_size):
+        x, t = to_input(pixels[i:i + batch_size].to(device), spec)
+        losses = reconstruction_losses(model(x, k=k), t)
+        bce_sum += float(losses["bce"]) * len(x)
+        psnr_sum += float(losses["psnr"].sum())
+    n = max(1, len(pixels))
+    return {"bce": bce_sum / n, "psnr": psnr_sum / n}
+
+
+def _splits(data: FaceData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation pixels; without a validation split, 10% of train is held out."""
+    train, val = data.subset("train").pixels, data.subset("val").pixels
+    if len(train) == 0:
+        raise InvalidInputError(f"{data.root}: the dataset has no training split (split 0)")
+    if len(val) == 0:
+        perm = np.random.default_rng(seed).permutation(len(train))
+        n_val = max(1, len(train) // 10)
+        train, val = train[perm[n_val:]], train[perm[:n_val]]
+    return train, val
+
+
+def train(cfg: SparseTrainConfig) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    spec = cfg.input_spec()
+    data = load_faces(cfg.data, spec, limit=cfg.limit, progress=False)
+    train_px, val_px = _splits(data, cfg.seed)
+    train_t = torch.from_numpy(train_px).to(device)
+    val_t = torch.from_numpy(val_px).to(device)
+
+    model = SparseAutoencoder(cfg.model_config()).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(train_t) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS).write_text("")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best: dict[str, Any] = {"val_psnr": -math.inf, "epoch": 0}
+    bar = tqdm(range(1, cfg.epochs + 1), desc="sparse AE", unit="epoch", file=sys.stderr)
+    for epoch in bar:
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(train_t), generator=gen).to(device)
+        bce_sum = 0.0
+        for i in range(steps_per_epoch):
+            batch = train_t[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+            # horizontal flips: faces are roughly symmetric, so this is free extra data
+            flip = torch.rand(len(batch), generator=gen) < 0.5
+            batch = torch.where(flip.to(device).view(-1, 1, 1, 1), batch.flip(2), batch)
+            x, target = to_input(batch, spec)
+            loss = reconstruction_losses(model(x), target)["bce"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bce_sum += float(loss.detach()) * len(batch)
+        val = evaluate(model, val_t, spec, cfg.k, device)
+        val_half = evaluate(model, val_t, spec, max(1, cfg.k // 2), device)
+        row = {"epoch": epoch, "train_bce": bce_sum / len(train_t), "val_bce": val["bce"],
+               "val_psnr": val["psnr"], "val_psnr_half_k": val_half["psnr"], "seconds": time.time() - t0}
+        with (out / METRICS).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(train_bce=f"{row['train_bce']:.4f}", val_psnr=f"{val['psnr']:.2f}")
+        if val["psnr"] > best["val_psnr"]:
+            best = {"val_psnr": val["psnr"], "epoch": epoch}
+            torch.save({"model": model.state_dict(), "model_config": asdict(cfg.model_config())}, out / CHECKPOINT)
+    summary = {
+        "mode": "sparse",
+        "train": asdict(cfg),
+        "input": asdict(spec),
+        "model": asdict(cfg.model_config()),
+        "sparse": asdict(cfg.sparse_spec()),
+        "best_epoch": best["epoch"],
+        "best_val_psnr": best["val_psnr"],
+        "n_train": int(len(train_t)),
+        "n_val": int(len(val_t)),
+        "device": str(device),
+    }
+    (out / CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_run(run_dir: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Rebuild the trained autoencoder (eval mode, CPU) and the run's config.json."""
+    run_dir = Path(run_dir)
+    cfg_path, ckpt_path = run_dir / CONFIG, run_dir / CHECKPOINT
+    if not cfg_path.is_file() or not ckpt_path.is_file():
+        raise InvalidInputError(f"{run_dir}: not a sparse training run (needs {CONFIG} and {CHECKPOINT})")
+    config = json.loads(cfg_path.read_text())
+    if config.get("mode") != "sparse":
+        raise InvalidInputError(f"{cfg_path}: mode is {config.get('mode')!r}, expected 'sparse'")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    mc = dict(ckpt["model_config"])
+    mc["channels"] = tuple(mc["channels"])
+    model = SparseAutoencoder(SparseAEConfig(**mc))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = train(config_from_args(args))
+    except PricError as exc:
+        print(f"pric-train: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    print(f"best epoch {summary['best_epoch']}: val PSNR {summary['best_val_psnr']:.2f} dB at k={summary['sparse']['k']}"
+          f" → {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
