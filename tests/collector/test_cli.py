@@ -1,0 +1,86 @@
+"""`pric-collector` commands called in-process: token, stats, train, model list/retire."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from collector.app import create_app
+from collector.cli import main
+from protocol import routes
+from protocol.wire import UploadItem
+
+
+@pytest.fixture
+def filled(kit):
+    """The kit's app holding 60 items whose Smiling label is linearly separable."""
+    _, h = kit.register()
+    rng = np.random.default_rng(1)
+    direction = rng.choice([-0.3, 0.3], size=(16, 8, 8)).astype(np.float32)  # class means 19 σ apart
+    items = []
+    for i in range(60):
+        y = i % 2
+        f = rng.standard_normal((16, 8, 8)).astype(np.float32) + (direction if y else -direction)
+        items.append(UploadItem(f"c{i}", {"feature": f}, {"Smiling": y}))
+    assert kit.upload(h, kit.body(items)).json["stored"] == 60
+    return kit
+
+
+def test_token_create_prints_a_working_token(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data"
+    assert main(["token", "create", "--role", "operator", "--data-dir", str(data)]) == 0
+    token = capsys.readouterr().out.strip()
+    app = create_app({"DATA_DIR": str(data), "MODELS_DIR": str(tiny_model_dir)})
+    resp = app.test_client().get(routes.STATS, headers={"Authorization": "Bearer " + token})
+    assert resp.status_code == 200
+
+
+def test_token_create_refuses_participant_role(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["token", "create", "--role", "participant", "--data-dir", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_stats_json_matches_the_api(filled, capsys):
+    data_dir = filled.app.config["DATA_DIR"]
+    assert main(["stats", "--data-dir", data_dir, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    api = filled.client.get(routes.STATS, headers=filled.staff("operator")).json
+    assert printed == api
+    assert printed["items"] == 60 and printed["labels"]["Smiling"] == {"0": 30, "1": 30}
+    assert main(["stats", "--data-dir", data_dir]) == 0
+    assert "items:        60" in capsys.readouterr().out
+
+
+def test_train_json_beats_majority_and_is_recorded(filled, capsys):
+    data_dir = filled.app.config["DATA_DIR"]
+    assert main(["train", "--task", "Smiling", "--data-dir", data_dir, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model_id"] == filled.card.model_id
+    assert result["n_train"] + result["n_test"] == 60
+    assert result["accuracy"] > result["majority_rate"]
+    stats = filled.client.get(routes.STATS, headers=filled.staff("operator")).json
+    assert [c["id"] for c in stats["classifiers"]] == [result["classifier"]["id"]]
+
+
+def test_train_errors_are_one_line_with_exit_codes(tmp_path, tiny_model_dir, capsys):
+    data = str(tmp_path / "data")
+    create_app({"DATA_DIR": data, "MODELS_DIR": str(tiny_model_dir)})  # registers the model
+    assert main(["train", "--task", "Smiling", "--data-dir", data]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pric-collector: error: too few items") and "\n" not in err
+    assert main(["train", "--task", "Smiling", "--data-dir", data, "--model-id", "nope@1"]) == 7
+
+
+def test_model_list_and_retire(filled, tiny_model_dir, capsys):
+    data_dir = filled.app.config["DATA_DIR"]
+    model_id = filled.card.model_id
+    assert main(["model", "list", "--data-dir", data_dir, "--models-dir", str(tiny_model_dir), "--json"]) == 0
+    assert [(m["model_id"], m["status"]) for m in json.loads(capsys.readouterr().out)] == [(model_id, "active")]
+    assert main(["model", "retire", model_id, "--data-dir", data_dir, "--models-dir", str(tiny_model_dir)]) == 0
+    _, h = filled.register()
+    resp = filled.upload(h, filled.body(filled.items(2, prefix="late")))  # the running app sees it
+    assert resp.status_code == 409 and "retired" in resp.json["message"]
+    assert main(["model", "retire", "nope@1", "--data-dir", data_dir, "--models-dir", str(tiny_model_dir)]) == 7

@@ -1,0 +1,107 @@
+"""A real `pric-collector serve` killed with SIGKILL in the middle of a stream of uploads:
+after a restart on the same data folder every acknowledged item is there, every stored
+item is complete, and no batch is half stored."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from collector.cli import main as cli_main
+from protocol import routes
+from protocol.model_card import load_card
+from protocol.wire import UploadBatch, UploadItem, encode_batch, npy_to_array
+
+BATCH = 8
+
+
+def start_server(data_dir: Path, models_dir: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collector.cli", "serve", "--data-dir", str(data_dir), "--models-dir", str(models_dir),
+         "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0", "--quiet", "--threads", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 60
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if m := re.search(r"http://127\.0\.0\.1:(\d+)", line):
+            return proc, f"http://127.0.0.1:{m.group(1)}"
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"server did not start: {line!r}")
+
+
+def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir, capsys):
+    data_dir = tmp_path / "data"
+    card = load_card(tiny_model_dir / "tiny")
+    assert cli_main(["token", "create", "--role", "auditor", "--data-dir", str(data_dir)]) == 0
+    auditor = {"Authorization": "Bearer " + capsys.readouterr().out.strip()}
+    proc, url = start_server(data_dir, tiny_model_dir)
+    acked: list[int] = []
+    try:
+        token = requests.post(url + routes.REGISTER, timeout=10).json()["token"]
+        auth = {"Authorization": "Bearer " + token, "Content-Type": "application/json"}
+        rng = np.random.default_rng(0)
+        stop = threading.Event()
+
+        def stream() -> None:
+            with requests.Session() as s:
+                for b in range(100_000):
+                    if stop.is_set():
+                        return
+                    items = [UploadItem(f"b{b}-{i}", {"feature": rng.standard_normal((16, 8, 8)).astype(np.float32)},
+                                        {"Smiling": i % 2}) for i in range(BATCH)]
+                    body = encode_batch(UploadBatch(card.model_id, card.sha256, items))
+                    try:
+                        resp = s.post(url + routes.ITEMS, data=body, headers=auth, timeout=10)
+                    except requests.RequestException:
+                        return  # the server is gone
+                    if resp.status_code == 200 and resp.json()["stored"] == BATCH:
+                        acked.append(b)
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while len(acked) < 15 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL, while the stream is still sending
+        proc.wait(timeout=10)
+        stop.set()
+        thread.join(timeout=15)
+        assert len(acked) >= 15, "the stream did not get going before the deadline"
+
+        proc, url = start_server(data_dir, tiny_model_dir)
+        stored: list[dict] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = requests.get(url + routes.EXPORT, params={"offset": offset, "limit": 500},
+                                headers=auditor, timeout=10).json()
+            stored += page["items"]
+            offset = page["next_offset"]
+        me = requests.get(url + routes.ME, headers=auth, timeout=10).json()
+        retry = requests.post(url + routes.ITEMS, headers=auth, timeout=10, data=encode_batch(UploadBatch(
+            card.model_id, card.sha256,
+            [UploadItem(f"b{acked[0]}-{i}", {"feature": np.zeros((16, 8, 8), np.float32)}, {}) for i in range(BATCH)])))
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+    ids = {item["item_id"] for item in stored}
+    assert all(f"b{b}-{i}" in ids for b in acked for i in range(BATCH)), "an acknowledged item was lost"
+    assert me["items"] == len(stored) == len(ids)
+    per_batch = Counter(item_id.split("-")[0] for item_id in ids)
+    assert set(per_batch.values()) == {BATCH}, "a batch was stored in part"
+    for item in stored:
+        arr = npy_to_array(base64.b64decode(item["arrays"]["feature"]))
+        assert arr.shape == (16, 8, 8) and arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert retry.json() == {"stored": 0, "duplicates": BATCH}
