@@ -2,8 +2,10 @@
 
     pric-client [--home DIR] register --server URL [--force]
     pric-client [--home DIR] upload PATH... [--labels CSV] [--tasks T1,T2]
-                [--mode features|ambiguated] [--batch-size N] [--dry-run] [--save-codes FILE]
+                [--mode features|ambiguated] [--batch-size N] [--workers N] [--dry-run]
+                [--save-codes FILE]
     pric-client [--home DIR] transform PATH... --out FILE.npz [--model-dir DIR] [--batch-size N]
+                [--workers N]
     pric-client [--home DIR] status [--json]
     pric-client [--home DIR] withdraw
     pric-client [--home DIR] keys export --out FILE [--items ID ...] [--model MODEL_ID]
@@ -60,7 +62,7 @@ from client.pipeline import (
     Extractor,
     NpyStreamWriter,
     ambiguate_output,
-    register_heif,
+    default_workers,
     wire_arrays_of,
     write_npz_member,
 )
@@ -115,13 +117,15 @@ class UploadConfig:
     batch_size: int = 64
     dry_run: bool = False
     save_codes: str | None = None
+    workers: int = 1
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "UploadConfig":
         if not 1 <= a.batch_size <= MAX_BATCH_ITEMS:
             raise InvalidInputError(f"--batch-size {a.batch_size}: must be between 1 and {MAX_BATCH_ITEMS}")
         return cls(paths=tuple(a.paths), labels=a.labels, tasks=tuple(_split_csv(a.tasks)), mode=a.mode,
-                   batch_size=a.batch_size, dry_run=a.dry_run, save_codes=a.save_codes)
+                   batch_size=a.batch_size, dry_run=a.dry_run, save_codes=a.save_codes,
+                   workers=_workers(a))
 
 
 @dataclass
@@ -132,6 +136,14 @@ class Counts:
     would_send: int = 0
     bytes: int = 0
     item_ids: list[str] = field(default_factory=list)
+
+
+def _workers(a: argparse.Namespace) -> int:
+    if a.workers is None:
+        return default_workers()
+    if not 1 <= a.workers <= 64:
+        raise InvalidInputError(f"--workers {a.workers}: must be between 1 and 64")
+    return int(a.workers)
 
 
 def _split_csv(text: str | None) -> list[str]:
@@ -236,7 +248,8 @@ class Uploader:
     def run(self, files: list[Path]) -> Counts:
         bar = self.con.progress(len(files), "dry run" if self.cfg.dry_run else "upload")
         try:
-            for rows in self.extractor.stream(files, self.cfg.batch_size, self.skip, self._known, lambda: bar.update(1)):
+            for rows in self.extractor.stream(files, self.cfg.batch_size, self.skip, self._known,
+                                              lambda: bar.update(1), self.cfg.workers):
                 self._send(self._items(rows))
                 if len(self._kept) >= self.cfg.batch_size:
                     self._send(self._kept)
@@ -360,7 +373,7 @@ def cmd_transform(args: argparse.Namespace, home: Home, con: Console) -> int:
     files = list(iter_files(args.paths, skip))
     bar = con.progress(len(files), "transform")
     try:
-        for rows in extractor.stream(files, args.batch_size, skip, tick=lambda: bar.update(1)):
+        for rows in extractor.stream(files, args.batch_size, skip, tick=lambda: bar.update(1), workers=_workers(args)):
             writer.append(np.stack([r.output for r in rows]))
             names.extend(str(r.path) for r in rows)
             ids.extend(r.item_id for r in rows)
@@ -471,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64, help=f"photos per upload request (1..{MAX_BATCH_ITEMS})")
     s.add_argument("--dry-run", action="store_true", help="show counts, bytes and model; send nothing")
     s.add_argument("--save-codes", metavar="FILE", help="ambiguated mode: also write the uploaded codes to FILE.npz")
+    s.add_argument("--workers", type=int, help="photo-decoding threads (default: CPU cores, at most 4)")
     s.set_defaults(func=cmd_upload)
 
     s = sub.add_parser("transform", help="offline: write features of photos to an .npz")
@@ -478,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .npz (features, file_names, item_ids, model_id)")
     s.add_argument("--model-dir", help="folder with model_card.json + model (default: the cached model)")
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, help="photo-decoding threads (default: CPU cores, at most 4)")
     s.set_defaults(func=cmd_transform)
 
     s = sub.add_parser("status", help="what the collector holds for you, and local counts")

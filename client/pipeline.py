@@ -16,7 +16,9 @@ import hashlib
 import io
 import os
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,32 +106,70 @@ class Extractor:
         on_skip: Callable[[str, str], None],
         skip_known: Callable[[Path, str], bool] = lambda _p, _i: False,
         tick: Callable[[], None] = lambda: None,
+        workers: int = 1,
     ) -> Iterator[list[Row]]:
-        """Yield batches of transformed photos. `skip_known(path, item_id)` returning True
-        means the photo is handled elsewhere (already uploaded, code kept): not decoded.
-        Unreadable photos go to `on_skip(path, reason)` and the stream carries on."""
-        pending: list[tuple[Path, str, np.ndarray]] = []
-        for path in files:
+        """Yield batches of transformed photos, in input order. `skip_known(path, item_id)`
+        returning True means the photo is handled elsewhere (already uploaded, code kept)
+        and is not decoded. Unreadable photos go to `on_skip(path, reason)` and the stream
+        carries on. With `workers` > 1, photos are decoded in a thread pool (Pillow
+        releases the GIL) while the model runs; at most 2·workers+2 photos' bytes are held."""
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="pric-decode") if workers > 1 else None
+        window = 2 * workers + 2
+        inflight: deque[tuple[Path, str, Future[np.ndarray]]] = deque()
+        ready: list[tuple[Path, str, np.ndarray]] = []
+
+        def settle_one() -> None:
+            path, item_id, fut = inflight.popleft()
             try:
-                data, sha = read_photo(path)
-                item_id = item_id_for(sha, self.card.sha256)
-                if skip_known(path, item_id):
-                    continue
-                pending.append((path, item_id, self.decode(data, path)))
+                ready.append((path, item_id, fut.result()))
             except ImageError as exc:
                 on_skip(str(path), _reason(exc.message, path))
-                continue
-            finally:
-                tick()
-            if len(pending) >= batch_size:
-                yield self._finish(pending)
-                pending = []
-        if pending:
-            yield self._finish(pending)
+
+        try:
+            for path in files:
+                try:
+                    data, sha = read_photo(path)
+                    item_id = item_id_for(sha, self.card.sha256)
+                    if not skip_known(path, item_id):
+                        inflight.append((path, item_id, _submit(pool, self.decode, data, path)))
+                except ImageError as exc:
+                    on_skip(str(path), _reason(exc.message, path))
+                finally:
+                    tick()
+                while len(inflight) > (window if pool else 0):
+                    settle_one()
+                if len(ready) >= batch_size:
+                    yield self._finish(ready[:batch_size])
+                    del ready[:batch_size]
+            while inflight:
+                settle_one()
+            while ready:
+                yield self._finish(ready[:batch_size])
+                del ready[:batch_size]
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _finish(self, pending: list[tuple[Path, str, np.ndarray]]) -> list[Row]:
         y = self.run(np.stack([x for _, _, x in pending]))
         return [Row(path=p, item_id=i, output=y[n]) for n, (p, i, _) in enumerate(pending)]
+
+
+def _submit(pool: ThreadPoolExecutor | None, fn: Callable[..., np.ndarray], *args: object) -> "Future[np.ndarray]":
+    """fn(*args) in the pool, or now (as a finished future) without one."""
+    if pool is not None:
+        return pool.submit(fn, *args)
+    fut: Future[np.ndarray] = Future()
+    try:
+        fut.set_result(fn(*args))
+    except ImageError as exc:
+        fut.set_exception(exc)
+    return fut
+
+
+def default_workers() -> int:
+    """Decode threads: one per CPU core, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _reason(message: str, path: Path) -> str:

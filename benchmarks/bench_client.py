@@ -1,0 +1,274 @@
+"""Client benchmarks (issue 6). Ratios are measured in one run on this machine.
+
+1. Pipeline (read, sha256, decode with draft, crop, resize, normalise, ONNX, batch 64)
+   photos/s on celeba-10k vs JPEG decode + resize alone (with and without draft mode).
+   Goal: pipeline >= 0.8 x the decode+resize limit.
+2. onnxruntime vs torch eager for the same extractor architecture (training.models,
+   random weights, exported with training.export.export_onnx), batch 64. Skipped
+   without torch; the client itself never imports torch.
+3. Phone-sized photos: 4000x3000 JPEGs made by upscaling celeba faces vs 89x109 files,
+   client pipeline photos/s, and a full-resolution decode (draft disabled) for contrast.
+4. Peak memory of `pric-client transform` (a real process, ru_maxrss) over N and 4N
+   photos, and the tracemalloc peak in-process: flat when the transform streams.
+
+    .venv/bin/python benchmarks/bench_client.py [--n 1000] [--model-dir DIR] [--json OUT]
+
+Model: --model-dir, else the first folder of exported_models/ with a card, else the tiny
+test model of tests/conftest.py (Conv 8x8 stride 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from client.models import open_model_dir  # noqa: E402
+from client.pipeline import Extractor, default_workers  # noqa: E402
+from protocol.model_card import CARD_FILE, InputSpec  # noqa: E402
+from protocol.preprocess import _FILTERS, _needed_size  # noqa: E402
+
+
+def celeba_images(n: int) -> list[Path]:
+    env = os.environ.get("PRIC_CELEBA")
+    root = Path(env) if env else REPO.parent / "shared" / "data" / "celeba-10k"
+    folder = root / "images" if (root / "images").is_dir() else REPO / "tests" / "assets" / "sample_faces" / "images"
+    files = sorted(folder.glob("*.jpg"))
+    return (files * (n // len(files) + 1))[:n]
+
+
+def pick_model(arg: str | None, tmp: Path) -> Path:
+    if arg:
+        return Path(arg)
+    exported = sorted(d for d in (REPO / "exported_models").glob("*") if (d / CARD_FILE).is_file())
+    if exported:
+        return exported[0]
+    spec = importlib.util.spec_from_file_location("pric_tests_conftest", REPO / "tests" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    mod.write_tiny_features_model(tmp / "tiny")
+    return tmp / "tiny"
+
+
+def rate(fn: Callable[[], int], repeat: int = 2) -> float:
+    """Best photos/s over `repeat` runs of fn (which returns the number of photos)."""
+    best = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        n = fn()
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def decode_resize(files: Sequence[Path], spec: InputSpec, draft: bool) -> int:
+    """The limit: JPEG decode (+ draft like the client, or full size) + crop/resize only."""
+    for p in files:
+        with Image.open(p) as img:
+            if draft:
+                img.draft("RGB", _needed_size(img.size, spec))
+            img = img.convert("RGB")
+            w, h = img.size
+            l, t, r, b = spec.crop_box
+            img.resize((spec.width, spec.height), _FILTERS[spec.resize_filter],
+                       box=(round(l * w), round(t * h), round(r * w), round(b * h)))
+    return len(files)
+
+
+def pipeline(files: Sequence[Path], ex: Extractor, batch: int = 64, workers: int = 1) -> int:
+    n = 0
+    for rows in ex.stream(files, batch, lambda p, r: print(f"skip {p}: {r}", file=sys.stderr), workers=workers):
+        n += len(rows)
+    return n
+
+
+def bench_ort_vs_torch(files: Sequence[Path], spec: InputSpec, tmp: Path, reps: int = 20) -> dict:
+    try:
+        import torch
+
+        from training.export import export_onnx
+        from training.models import create_model
+    except ImportError as exc:
+        return {"skipped": f"torch/training not importable ({exc})"}
+    from client.models import OnnxModel
+    from protocol.preprocess import preprocess
+
+    threads = torch.get_num_threads()
+    model = create_model("extractor", input_size=(spec.height, spec.width)).eval()
+    path = tmp / "extractor.onnx"
+    export_onnx(model, path, "image", (3, spec.height, spec.width))
+    ort_model = OnnxModel(path, "image", "feature", threads=threads)
+    x = np.stack([preprocess(p, spec) for p in files[:64]]).astype(np.float32)
+    xt = torch.from_numpy(x)
+    with torch.inference_mode():
+        diff = float(np.abs(model(xt).numpy() - ort_model(x)).max())
+
+        def t_torch() -> int:
+            for _ in range(reps):
+                model(xt)
+            return reps * len(x)
+
+        torch_rate = rate(t_torch, 3)
+
+    def t_ort() -> int:
+        for _ in range(reps):
+            ort_model(x)
+        return reps * len(x)
+
+    ort_rate = rate(t_ort, 3)
+    return {"threads": threads, "batch": len(x), "ort_photos_s": ort_rate, "torch_eager_photos_s": torch_rate,
+            "ort_over_torch": ort_rate / torch_rate, "max_abs_diff": diff}
+
+
+def make_phone_photos(faces: Sequence[Path], folder: Path, size: tuple[int, int]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    rng = np.random.default_rng(0)
+    for p in faces:
+        q = folder / p.name
+        img = Image.open(p).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        if size[0] * size[1] > 1_000_000:
+            # sensor-like noise, so the files weigh what phone JPEGs weigh (a few MiB), not 0.5
+            arr = np.asarray(img, np.int16) + rng.normal(0, 6, (size[1], size[0], 1)).astype(np.int16)
+            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        img.save(q, quality=90)
+        out.append(q)
+    return out
+
+
+def full_decode_pipeline(files: Sequence[Path], spec: InputSpec) -> int:
+    """What the client would cost without draft: full-resolution decode, then crop/resize."""
+    return decode_resize(files, spec, draft=False)
+
+
+def peak_rss_of_transform(paths: Sequence[Path], model_dir: Path, tmp: Path) -> int:
+    """Peak RSS (KiB, VmHWM of the process itself: ru_maxrss would count the forking
+    parent's pages) of a real client process transforming `paths`."""
+    listing = tmp / f"list-{len(paths)}"
+    listing.mkdir()
+    for n, p in enumerate(paths):  # copies: the client does not follow links out of its paths
+        (listing / f"{n:06d}.jpg").write_bytes(p.read_bytes())
+    code = (
+        "import sys, re\n"
+        "from client.cli import main\n"
+        f"rc = main(['--home', {str(tmp / 'home')!r}, 'transform', {str(listing)!r}, '--out', "
+        f"{str(tmp / f'f{len(paths)}.npz')!r}, '--model-dir', {str(model_dir)!r}])\n"
+        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+        "print('HWM', rc, hwm)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("HWM")]
+    if proc.returncode != 0 or not line or line[0].split()[1] != "0":
+        raise RuntimeError(f"transform failed: {proc.stderr[-500:]}")
+    return int(line[0].split()[2])
+
+
+def tracemalloc_peak(files: Sequence[Path], model_dir: Path, tmp: Path) -> int:
+    """tracemalloc peak (bytes) of the in-process transform (Python/numpy allocations)."""
+    from client.cli import main
+
+    import io
+
+    tracemalloc.start()
+    rc = main(["--home", str(tmp / "home"), "transform", *map(str, files), "--out", str(tmp / "tm.npz"),
+               "--model-dir", str(model_dir)], out=io.StringIO(), err=io.StringIO())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert rc == 0
+    return peak
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1000, help="celeba photos for the throughput runs")
+    ap.add_argument("--phone", type=int, default=12, help="number of 12-MP photos")
+    ap.add_argument("--mem-n", type=int, default=500, help="N for the memory runs (also 4N)")
+    ap.add_argument("--model-dir")
+    ap.add_argument("--json", help="write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    results: dict = {"cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmpname:
+        tmp = Path(tmpname)
+        model_dir = pick_model(args.model_dir, tmp)
+        card = open_model_dir(model_dir)
+        spec = card.input
+        ex = Extractor(card, model_dir)
+        files = celeba_images(args.n)
+        results["model"] = card.model_id
+        print(f"model {card.model_id} from {model_dir}; {len(files)} photos; {os.cpu_count()} CPUs", flush=True)
+
+        # warm the page cache and onnxruntime
+        decode_resize(files, spec, True)
+        pipeline(files[:128], ex)
+        workers = default_workers()
+        lim_full = rate(lambda: decode_resize(files, spec, draft=False))
+        lim_draft = rate(lambda: decode_resize(files, spec, draft=True))
+        pipe1 = rate(lambda: pipeline(files, ex, workers=1))
+        pipe = rate(lambda: pipeline(files, ex, workers=workers))
+        results["celeba"] = {
+            "pipeline_1_thread_photos_s": pipe1, f"pipeline_{workers}_workers_photos_s": pipe,
+            "decode_resize_draft_photos_s": lim_draft, "decode_resize_full_photos_s": lim_full,
+            "ratio_1_thread_vs_draft_limit": pipe1 / lim_draft,
+            "ratio_workers_vs_draft_limit": pipe / lim_draft, "workers": workers,
+        }
+        print(f"[1] celeba: decode+resize alone {lim_draft:.0f} photos/s (draft as the client), "
+              f"{lim_full:.0f}/s (full decode); client pipeline {pipe1:.0f}/s with 1 thread "
+              f"(ratio {pipe1 / lim_draft:.2f}), {pipe:.0f}/s with {workers} decode threads "
+              f"(ratio {pipe / lim_draft:.2f})  goal >= 0.8", flush=True)
+
+        ot = bench_ort_vs_torch(files, spec, tmp)
+        results["ort_vs_torch"] = ot
+        if "skipped" in ot:
+            print(f"[2] onnxruntime vs torch: skipped ({ot['skipped']})")
+        else:
+            print(f"[2] extractor, batch {ot['batch']}, {ot['threads']} threads: onnxruntime {ot['ort_photos_s']:.0f} "
+                  f"photos/s vs torch eager {ot['torch_eager_photos_s']:.0f}/s: ratio {ot['ort_over_torch']:.2f} "
+                  f"(max abs diff {ot['max_abs_diff']:.1e})", flush=True)
+
+        faces = celeba_images(args.phone)
+        big = make_phone_photos(faces, tmp / "phone12mp", (3000, 4000))
+        small = make_phone_photos(faces, tmp / "small", (89, 109))
+        mb = np.mean([p.stat().st_size for p in big]) / 2**20
+        big_pipe = rate(lambda: pipeline(big, ex), 2)
+        small_pipe = rate(lambda: pipeline(small * 8, ex), 2)  # single thread both
+        big_full = rate(lambda: full_decode_pipeline(big, spec), 1)
+        results["phone"] = {
+            "n_12mp": len(big), "mean_file_mib": mb, "pipeline_12mp_photos_s": big_pipe,
+            "pipeline_89x109_photos_s": small_pipe, "full_res_decode_12mp_photos_s": big_full,
+            "draft_speedup_12mp": big_pipe / big_full, "cost_ratio_12mp_vs_small": small_pipe / big_pipe,
+        }
+        print(f"[3] 12-MP JPEGs ({mb:.1f} MiB): pipeline {big_pipe:.1f} photos/s; 89x109: {small_pipe:.0f}/s "
+              f"(12 MP costs {small_pipe / big_pipe:.1f}x more per photo); full-resolution decode+resize "
+              f"{big_full:.1f}/s (draft is {big_pipe / big_full:.1f}x faster)", flush=True)
+
+        many = celeba_images(4 * args.mem_n)
+        rss_small = peak_rss_of_transform(many[: args.mem_n], model_dir, tmp)
+        rss_big = peak_rss_of_transform(many, model_dir, tmp)
+        tm_small = tracemalloc_peak(many[: args.mem_n], model_dir, tmp)
+        tm_big = tracemalloc_peak(many, model_dir, tmp)
+        results["memory"] = {
+            "n": [args.mem_n, 4 * args.mem_n], "ru_maxrss_kib": [rss_small, rss_big],
+            "tracemalloc_peak_bytes": [tm_small, tm_big],
+        }
+        print(f"[4] transform peak RSS: N={args.mem_n}: {rss_small / 1024:.0f} MiB, N={4 * args.mem_n}: "
+              f"{rss_big / 1024:.0f} MiB; tracemalloc peak {tm_small / 2**20:.1f} MiB vs {tm_big / 2**20:.1f} MiB", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
