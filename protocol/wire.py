@@ -60,25 +60,26 @@ def array_to_npy(arr: np.ndarray) -> bytes:
 def npy_to_array(data: bytes, what: str = "array") -> np.ndarray:
     """Parse `.npy` bytes; never unpickles. Raises WireFormatError on anything odd."""
     try:
-        # Read the header first so that a header claiming a huge shape is refused
-        # before numpy allocates the array.
+        # Parse the header once, refuse a huge shape before allocating, then view the data.
         fp = io.BytesIO(data)
         major, _minor = np.lib.format.read_magic(fp)
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _fortran, _dtype = read_header(fp)
-        if int(np.prod(shape, dtype=np.float64)) > MAX_ARRAY_ELEMENTS:
-            raise ValidationError(f"{what}: shape {tuple(shape)} exceeds {MAX_ARRAY_ELEMENTS} elements")
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValidationError:
-        raise
-    except Exception as exc:  # numpy's header parser also raises SyntaxError, TokenError, MemoryError...
+        shape, fortran, dtype = read_header(fp)
+    except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
         raise WireFormatError(f"{what}: not a valid .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if not isinstance(arr, np.ndarray):
-        raise WireFormatError(f"{what}: not a single .npy array")
-    if arr.dtype.name not in ALLOWED_DTYPES:
-        raise ValidationError(f"{what}: dtype {arr.dtype.name} not allowed (one of {', '.join(ALLOWED_DTYPES)})")
-    if arr.size > MAX_ARRAY_ELEMENTS:
-        raise ValidationError(f"{what}: {arr.size} elements exceeds {MAX_ARRAY_ELEMENTS}")
+    if dtype.hasobject:
+        raise WireFormatError(f"{what}: not a valid .npy array (object arrays need pickle, which is refused)")
+    if dtype.name not in ALLOWED_DTYPES:
+        raise ValidationError(f"{what}: dtype {dtype.name} not allowed (one of {', '.join(ALLOWED_DTYPES)})")
+    count = int(np.prod(shape, dtype=np.float64))
+    if count > MAX_ARRAY_ELEMENTS:
+        raise ValidationError(f"{what}: shape {tuple(shape)} exceeds {MAX_ARRAY_ELEMENTS} elements")
+    offset = fp.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise WireFormatError(f"{what}: not a valid .npy array (data is {len(data) - offset} bytes, "
+                              f"shape {tuple(shape)} needs {count * dtype.itemsize})")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    arr = (flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)).copy()
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValidationError(f"{what}: contains NaN or infinite values")
     return arr
