@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,6 +153,9 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time; queueing writers of this process on a lock is
+        # fair and fast, where SQLite's busy handler polls with sleeps of up to 100 ms.
+        self._write_lock = threading.Lock() if self.is_sqlite else None
 
     def create_all(self) -> None:
         metadata.create_all(self.engine)
@@ -164,9 +168,12 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One transaction, committed on success and rolled back on any exception."""
-        with self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn.info["begin_immediate"] = True
+        if self._write_lock is None:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        with self._write_lock, self.engine.connect() as conn:
+            conn.info["begin_immediate"] = True
             with conn.begin():
                 yield conn
 

@@ -5,9 +5,7 @@ item is complete, and no batch is half stored."""
 from __future__ import annotations
 
 import base64
-import re
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,6 +15,7 @@ import numpy as np
 import requests
 
 from collector.cli import main as cli_main
+from collector.launch import start_collector
 from protocol import routes
 from protocol.model_card import load_card
 from protocol.wire import UploadBatch, UploadItem, encode_batch, npy_to_array
@@ -25,20 +24,7 @@ BATCH = 8
 
 
 def start_server(data_dir: Path, models_dir: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "collector.cli", "serve", "--data-dir", str(data_dir), "--models-dir", str(models_dir),
-         "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0", "--quiet", "--threads", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 60
-    line = ""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if m := re.search(r"http://127\.0\.0\.1:(\d+)", line):
-            return proc, f"http://127.0.0.1:{m.group(1)}"
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"server did not start: {line!r}")
+    return start_collector(data_dir, models_dir, "--rate-limit", "0")
 
 
 def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir, capsys):
