@@ -1,0 +1,213 @@
+"""The audit report: report.md (readable on its own) and PNG plots (matplotlib, Agg).
+
+    report dict (training.audit) ─► report.md  (setup, tables, verdicts)
+                                ─► plane.png  (primary accuracy vs private leakage)
+    originals, reconstructions  ─► reconstructions-<release>.png (save_grid)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+PLANE_PNG = "plane.png"
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def save_grid(originals: np.ndarray, recon: np.ndarray, path: Path, title: str = "") -> None:
+    """Two rows: originals and reconstructions, float (n, 3, H, W) in [0, 1]."""
+    plt = _mpl()
+    n = max(len(originals), 1)
+    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.8), squeeze=False)
+    for row, imgs in enumerate((originals, recon)):
+        for i in range(n):
+            ax = axes[row][i]
+            ax.axis("off")
+            if i < len(imgs):
+                ax.imshow(np.clip(np.moveaxis(imgs[i], 0, -1), 0, 1))
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_plane(points: Sequence[dict[str, Any]], path: Path, private: str, primary: Sequence[str],
+               majority: float | None) -> None:
+    """Privacy–utility plane: x = private-attribute leakage (strongest attacker accuracy),
+    y = primary-task accuracy. Lower right is bad; upper left near the majority rate is good."""
+    plt = _mpl()
+    style = {"model": ("*", "tab:red", 160), "raw": ("s", "black", 60), "baseline": ("o", "tab:blue", 50),
+             "compare": ("D", "tab:green", 50)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for p in points:
+        if p.get("primary_acc") is None or p.get("private_acc") is None:
+            continue
+        marker, color, size = style.get(p.get("kind", "compare"), style["compare"])
+        ax.scatter(p["private_acc"], p["primary_acc"], marker=marker, c=color, s=size, zorder=3)
+        ax.annotate(p["label"], (p["private_acc"], p["primary_acc"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    if majority is not None:
+        ax.axvline(majority, ls="--", c="grey", lw=1, label=f"majority rate of {private}")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel(f"{private} leakage: strongest attacker accuracy (test)")
+    ax.set_ylabel(f"primary accuracy ({', '.join(primary) or '–'}, mean, test)")
+    ax.set_title("privacy–utility plane (up and left is better)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A few lines for the terminal."""
+    if report.get("mode") == "live":
+        lv = report["live"]
+        return [f"live audit of {report['setup']['model_id']}: {lv['n_pulled']} items pulled, "
+                f"{lv['n_labelled']} labelled; {report['setup']['private']} inferred with accuracy "
+                f"{_f(lv['pulled_accuracy'])} on pulled items (majority {_f(lv['pulled_majority_rate'])}), "
+                f"{_f(lv['probe_test_accuracy'])} on held-out probes (majority {_f(lv['probe_majority_rate'])})"]
+    lines = []
+    for rel in report.get("releases", []):
+        p = rel["private"]
+        prim = ", ".join(f"{n} {_f(v['accuracy'])}" for n, v in rel["primary"].items())
+        ok = all(v["pass"] for v in rel.get("verdicts", []))
+        lines.append(f"{rel['label']}: {report['setup']['private']} leakage {_f(p['accuracy'])} ({p['strongest']}; "
+                     f"majority {_f(p['majority_rate'])}); primary {prim or '–'}; PSNR "
+                     f"{_f(rel['reconstruction']['psnr'], 2)} dB; re-id rank-1 {_f(rel['reid']['rank1'])}; "
+                     f"verdicts {'PASS' if ok else 'FAIL'}")
+    if "sparse" in report:
+        lines.append("sparse-code audit: see report.md")
+    return lines
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: setup, per-release tables, all-attribute leakage, verdicts."""
+    s = report["setup"]
+    cfg = report.get("config", {})
+    L = ["# Privacy audit (pric-audit)", ""]
+    if report.get("mode") == "live":
+        return "\n".join(L + _live_md(report))
+    L += ["## Setup", ""]
+    if s.get("model"):
+        m = s["model"]
+        L.append(f"- audited model: `{m['model_id']}` (kind {m['kind']}, output {m['output']['shape']}, "
+                 f"sha256 `{m['sha256'][:16]}…` verified)")
+    L += [f"- data: `{s['data']}`: {s.get('n', '–')} photos; train {s.get('n_train', '–')}, "
+          f"validation {s.get('n_val', '–')}, test {s.get('n_test', '–')} (identity-disjoint split; attackers "
+          "trained on train, selected on validation, reported on test)",
+          f"- private attribute: **{s['private']}**; primary task(s): {', '.join(s.get('primary', [])) or '–'}",
+          f"- attackers: {', '.join(cfg.get('attacks', []))} (fresh, Adam, at most {cfg.get('epochs')} epochs, "
+          f"early stopping on validation), classify-after-reconstruct (raw-image CNN on decoder output), "
+          f"decoder {cfg.get('recon_epochs')} epochs; seed {cfg.get('seed')}" + (" (quick mode)" if cfg.get("quick") else ""),
+          "- leakage = the strongest attacker's test accuracy (max over attackers, a conservative upper "
+          "estimate), next to the majority-class rate of the test split",
+          f"- run time: {report.get('seconds', '–')} s", ""]
+    if "sparse" in report:
+        L += ["## Sparse-code audit", "", "```", _short_json(report["sparse"]), "```", ""]
+    ref = report.get("raw_reference")
+    names = s.get("attr_names", [])
+    for rel in report.get("releases", []):
+        L += _release_md(rel, s, ref, names)
+    if report.get("points"):
+        L += ["## Privacy–utility plane", "", f"![plane]({PLANE_PNG})", ""]
+        L += _md_table(["release", "kind", f"{s['private']} leakage", "primary accuracy"],
+                       [[p["label"], p.get("kind"), p.get("private_acc"), p.get("primary_acc")] for p in report["points"]])
+    return "\n".join(L)
+
+
+def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | None, names: list[str]) -> list[str]:
+    p = rel["private"]
+    L = [f"## Release: {rel['label']}", "", f"Representation shape {rel['shape']}; audited in {rel.get('seconds')} s.", ""]
+    raw_of = (lambda n: ref["accuracy"][names.index(n)]) if ref else (lambda n: None)
+    kinds = [k for k in (*p.get("kinds", []), "reconstruct") if k in p]
+    L += [f"### Private attribute: {s['private']}", ""]
+    L += _md_table(["attacker", "test accuracy"], [[k, p[k]] for k in kinds]
+                   + [["**strongest**", p["accuracy"]], ["majority rate", p["majority_rate"]],
+                      ["raw-image CNN", raw_of(s["private"])]])
+    if rel["primary"]:
+        L += ["### Primary task(s) (utility: best fresh classifier)", ""]
+        L += _md_table(["attribute", "accuracy", "best classifier", "raw-image CNN", "majority rate"],
+                       [[n, v["accuracy"], v["strongest"], raw_of(n), v["majority_rate"]] for n, v in rel["primary"].items()])
+    r = rel["reconstruction"]
+    L += ["### Reconstruction and re-identification", ""]
+    rid = rel["reid"]
+    raw_rid = ref["reid"] if ref else {}
+    L += _md_table(["measure", "value"], [
+        ["PSNR (dB, data_range=1)", f"{r['psnr']:.2f} ± {r['psnr_std']:.2f}"],
+        ["SSIM", f"{r['ssim']:.3f} ± {r['ssim_std']:.3f}"],
+        ["re-id rank-1 (representation)", rid.get("rank1")], ["re-id rank-5 (representation)", rid.get("rank5")],
+        ["re-id rank-1 (raw pixels)", raw_rid.get("rank1")], ["re-id rank-5 (raw pixels)", raw_rid.get("rank5")],
+        ["re-id chance rank-1", rid.get("chance_rank1")], ["re-id queries", rid.get("n_queries")]])
+    L += [f"![reconstructions]({r['grid']})", ""]
+    multi = rel["attributes"]
+    L += ["### Leakage of every attribute", "",
+          "Strongest attacker (multi-label heads, epoch chosen per attribute on validation) vs the raw-image "
+          "CNN and the majority rate; 'gain' = attacker − majority.", ""]
+    rows = []
+    for j, n in enumerate(multi["attributes"]):
+        rows.append([n + (" (private)" if n == s["private"] else " (primary)" if n in s.get("primary", []) else ""),
+                     multi["accuracy"][j], multi["strongest"][j], raw_of(n), multi["majority_rate"][j],
+                     multi["accuracy"][j] - multi["majority_rate"][j]])
+    L += _md_table(["attribute", "attacker", "kind", "raw-image CNN", "majority", "gain"], rows)
+    if rel.get("verdicts"):
+        L += ["### Verdicts", ""]
+        L += _md_table(["check", "value", "threshold", "result"],
+                       [[v["check"], v["value"], v["threshold"], "PASS" if v["pass"] else "**FAIL**"] for v in rel["verdicts"]])
+    return L
+
+
+def _live_md(report: dict[str, Any]) -> list[str]:
+    s, lv = report["setup"], report["live"]
+    L = ["## Setup", "", f"- collector: {s['collector']}; model `{s['model_id']}` (card and file sha256 verified)",
+         f"- probe set: `{s['probe']}`: train {s['n_probe_train']}, validation {s['n_probe_val']}, test {s['n_probe_test']}",
+         f"- private attribute: **{s['private']}**; attackers trained on the probe set's features only", "",
+         "## Pulled features", "",
+         f"{lv['n_pulled']} items from {lv['n_participants']} participants; {lv['n_labelled']} carry a "
+         f"{s['private']} label.", ""]
+    L += _md_table(["attacker", "accuracy on pulled (labelled)", "accuracy on held-out probes", "predicted positive rate (pulled)"],
+                   [[k, v["pulled_accuracy"], v["probe_test_accuracy"], v["pulled_predicted_positive_rate"]]
+                    for k, v in lv["per_attack"].items()])
+    L += [f"Majority rate: pulled {_f(lv['pulled_majority_rate'])}, probes {_f(lv['probe_majority_rate'])}.", ""]
+    return L
+
+
+def _short_json(d: Any) -> str:
+    import json
+
+    text = json.dumps(d, indent=1, default=str)
+    return text if len(text) < 6000 else text[:6000] + "\n…"
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """Write report.md and plane.png (when there are points) into out_dir."""
+    s = report["setup"]
+    pts = report.get("points", [])
+    if pts and any(p.get("primary_acc") is not None for p in pts):
+        maj = next((p.get("majority_rate") for p in pts if p.get("majority_rate") is not None), None)
+        plot_plane(pts, out_dir / PLANE_PNG, s.get("private", ""), s.get("primary", []), maj)
+    (out_dir / "report.md").write_text(render_markdown(report) + "\n")
