@@ -75,7 +75,7 @@ class Blur(Baseline):
 
 def _random_filters(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
     """(n, 3, 3, K, K) i.i.d. N(0, 1) weights, scaled so outputs keep a similar range."""
-    w = rng.standard_normal((n, 3, 3, k, k)).astype(np.float32) / np.sqrt(3 * k * k)
+    w = (rng.standard_normal((n, 3, 3, k, k)) / np.sqrt(3 * k * k)).astype(np.float32)
     return torch.from_numpy(w)
 
 

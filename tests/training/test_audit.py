@@ -1,0 +1,220 @@
+"""pric-audit end to end on the bundled thumbnails (quick mode), the baselines' properties,
+bad input, and the live-collector audit against a real collector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol.model_card import load_card
+from training.audit import main
+from training.baselines import ALL_SPECS, blur_sigma, create_baseline, gaussian_kernel1d, parse_baselines
+
+FAST = ["--quick", "--epochs", "2", "--recon-epochs", "1", "--min-class-samples", "2", "--no-progress"]
+
+
+# --- baselines ---------------------------------------------------------------------------
+def _images(n: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, 16, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_every_baseline_keeps_the_image_shape(spec: str) -> None:
+    (b,) = parse_baselines(spec)
+    x = _images()
+
+    y = b.apply(x)
+
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert not np.allclose(y, x)
+
+
+def test_blur_kernel_follows_the_opencv_sigma_rule() -> None:
+    k = 7
+    g = gaussian_kernel1d(k)
+    centre = (k - 1) / 2
+    sigma = np.sqrt(np.sum(g * (np.arange(k) - centre) ** 2))  # std of the (truncated) kernel
+
+    assert blur_sigma(k) == pytest.approx(0.3 * ((k - 1) / 2 - 1) + 0.8)
+    assert g.sum() == pytest.approx(1.0, abs=1e-6)
+    assert g.argmax() == centre
+    assert sigma == pytest.approx(blur_sigma(k), rel=0.1)
+
+
+def test_blur_keeps_a_constant_image_and_smooths_noise() -> None:
+    const = np.full((1, 3, 16, 16), 0.4, np.float32)
+    noise = _images(1)
+
+    assert np.allclose(create_baseline("blur", 5).apply(const), 0.4, atol=1e-5)
+    assert create_baseline("blur", 5).apply(noise).std() < noise.std() / 2
+
+
+def test_block_scrambling_permutes_pixels_within_each_block_only() -> None:
+    k = 4
+    x = _images(2)
+
+    y = create_baseline("scramble", k).apply(x)
+
+    for i in range(0, 16, k):
+        for j in range(0, 16, k):
+            a = np.sort(x[:, :, i:i + k, j:j + k].reshape(2, 3, -1), axis=-1)
+            b = np.sort(y[:, :, i:i + k, j:j + k].reshape(2, 3, -1), axis=-1)
+            assert np.array_equal(a, b)
+    # the same permutation for every image: scrambling is a fixed key of the release
+    x2 = x[::-1].copy()
+    assert np.array_equal(create_baseline("scramble", k).apply(x2), y[::-1])
+
+
+def test_one_random_filter_for_all_images_but_a_new_one_per_image_for_iid() -> None:
+    x = np.repeat(_images(1), 2, axis=0)  # the same image twice
+
+    same = create_baseline("random_filter", 5).apply(x)
+    iid = create_baseline("iid_filter", 5).apply(x)
+
+    assert np.allclose(same[0], same[1])
+    assert not np.allclose(iid[0], iid[1])
+
+
+def test_baseline_factory_rejects_unknown_names_and_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="blur, random_filter, iid_filter, scramble"):
+        create_baseline("pixelate", 4)
+    with pytest.raises(ValueError, match="odd"):
+        create_baseline("blur", 4)
+    with pytest.raises(ValueError, match="divisible"):
+        create_baseline("scramble", 5).apply(_images(1))
+
+
+# --- pric-audit on the bundled thumbnails ---------------------------------------------------
+def test_audit_writes_report_plots_and_card(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path) -> None:
+    model = tiny_model_dir / "tiny"
+    out = tmp_path / "out"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"headline": {"label": "pric λ=1", "private_acc": 0.6, "primary_acc": 0.8}}))
+
+    rc = main(["--model", str(model), "--data", str(sample_faces), "--private", "Male", "--primary", "Smiling",
+               "--out", str(out), "--baselines", "scramble:8", "--attacks", "linear,cnn", "--compare", str(other),
+               "--cache-dir", str(tmp_path / "cache"), "--write-card", *FAST])
+
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    labels = [r["label"] for r in report["releases"]]
+    assert labels == ["tiny@1", "scramble:8"]
+    rel = report["releases"][0]
+    assert set(rel["private"]) >= {"linear", "cnn", "reconstruct", "accuracy", "strongest", "majority_rate"}
+    assert rel["private"]["accuracy"] == max(rel["private"][k] for k in ("linear", "cnn", "reconstruct"))
+    assert 0.0 <= rel["primary"]["Smiling"]["accuracy"] <= 1.0
+    assert len(rel["attributes"]["accuracy"]) == len(report["setup"]["attr_names"]) == 40
+    assert rel["reconstruction"]["psnr"] > 0 and -1 <= rel["reconstruction"]["ssim"] <= 1
+    assert "rank1" in rel["reid"] and "rank1" in report["raw_reference"]["reid"]
+    assert {p["kind"] for p in report["points"]} == {"raw", "model", "baseline", "compare"}
+    assert all(v["check"] and isinstance(v["pass"], bool) for v in rel["verdicts"])
+    for name in ("report.md", "plane.png", "reconstructions-tiny-1.png", "reconstructions-scramble-8.png"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "Verdicts" in md and "Eyeglasses" in md and "Male" in md
+    card = load_card(model)  # sha256 still verifies after --write-card
+    assert card.audit["private"]["strongest_accuracy"] == rel["private"]["accuracy"]
+    assert list(Path(tmp_path / "cache").glob("audit-rawref-*.pt"))
+
+
+def test_unknown_attribute_names_the_valid_ones(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--model", str(tiny_model_dir / "tiny"), "--data", str(sample_faces), "--private", "Gender",
+               "--out", str(tmp_path / "o"), *FAST])
+
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Gender" in err and "Male" in err and len(err.strip().splitlines()) == 1
+
+
+def test_too_few_samples_of_a_class_is_refused(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--model", str(tiny_model_dir / "tiny"), "--data", str(sample_faces), "--private", "Bald",
+               "--out", str(tmp_path / "o"), *FAST])
+
+    assert rc == 2
+    assert "too few samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("output", {"name": "feature", "shape": [8, 8, 8], "dtype": "float32"}, "output shape"),
+    ("input", {"height": 32, "width": 32}, "model expects input"),
+])
+def test_card_that_does_not_match_the_model_is_refused(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str], field: str, value: dict,
+                                                       message: str) -> None:
+    model = tiny_model_dir / "tiny"
+    card = json.loads((model / "model_card.json").read_text())
+    card[field] = {**card[field], **value}
+    (model / "model_card.json").write_text(json.dumps(card))
+
+    rc = main(["--model", str(model), "--data", str(sample_faces), "--private", "Male", "--out", str(tmp_path / "o"),
+               "--cache-dir", str(tmp_path / "cache"), "--no-reference", *FAST])
+
+    assert rc == 4
+    assert message in capsys.readouterr().err
+
+
+def test_tampered_model_file_is_refused(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with open(tiny_model_dir / "tiny" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+
+    rc = main(["--model", str(tiny_model_dir / "tiny"), "--data", str(sample_faces), "--private", "Male",
+               "--out", str(tmp_path / "o"), *FAST])
+
+    assert rc == 4
+    assert "sha256" in capsys.readouterr().err
+
+
+# --- live collector ----------------------------------------------------------------------------
+def test_live_collector_audit(live_collector, sample_faces: Path, tmp_path: Path) -> None:
+    import requests
+
+    from protocol import routes
+    from protocol.wire import UploadBatch, UploadItem, encode_batch
+    from training.audit import OnnxRelease
+    from training.data import load_faces
+
+    card = load_card(live_collector.models_dir / "tiny")
+    data = load_faces(sample_faces, card.input, cache_dir=tmp_path / "cache", progress=False)
+    feats = OnnxRelease(live_collector.models_dir / "tiny", card)(data.pixels)
+    male = data.attr("Male")
+    for part in range(2):  # two participants upload half of the photos each; half carry a Male label
+        token = requests.post(live_collector.url + routes.REGISTER, timeout=10).json()["token"]
+        idx = np.arange(part, len(data), 2)
+        items = [UploadItem(f"img-{i}", {"feature": feats[i]}, {"Male": int(male[i])} if i % 4 < 2 else {"Smiling": 1})
+                 for i in idx]
+        body = encode_batch(UploadBatch(card.model_id, card.sha256, items))
+        r = requests.post(live_collector.url + routes.ITEMS, data=body, timeout=10,
+                          headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+    out = tmp_path / "live"
+
+    rc = main(["--collector", live_collector.url, "--token", live_collector.auditor_token, "--model-id",
+               card.model_id, "--probe", str(sample_faces), "--private", "Male", "--out", str(out),
+               "--attacks", "linear,mlp", "--cache-dir", str(tmp_path / "cache"), *FAST])
+
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    live = report["live"]
+    assert live["n_pulled"] == len(data)
+    assert live["n_participants"] == 2
+    assert live["n_labelled"] == sum(1 for i in range(len(data)) if i % 4 < 2)
+    assert 0.0 <= live["pulled_accuracy"] <= 1.0
+    assert set(live["per_attack"]) == {"linear", "mlp"}
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".md"):
+            assert live_collector.auditor_token not in f.read_text()
+
+
+def test_live_audit_with_a_wrong_token_fails_cleanly(live_collector, sample_faces: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--collector", live_collector.url, "--token", "not-a-token", "--model-id", "tiny@1", "--probe",
+               str(sample_faces), "--private", "Male", "--out", str(tmp_path / "o"), *FAST])
+
+    assert rc == 6
+    assert "not-a-token" not in capsys.readouterr().err
