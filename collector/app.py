@@ -90,6 +90,7 @@ class CollectorState:
     pseudonym_secret: str
     train_lock: threading.Lock
     classifiers_dir: Path
+    items_store: store.GroupCommitStore
 
     def pseudonym(self, participant_id: str) -> str:
         return pseudonym(self.pseudonym_secret, participant_id)
@@ -119,6 +120,7 @@ def create_app(config: dict | None = None) -> Flask:
         pseudonym_secret=db.secret("pseudonym_secret"),
         train_lock=threading.Lock(),
         classifiers_dir=data_dir / "classifiers",
+        items_store=store.GroupCommitStore(db),
     )
     app.register_blueprint(api)
     _install_error_handlers(app)
@@ -282,7 +284,7 @@ def upload() -> Response:
     batch = decode_batch(request.get_data(cache=False))
     reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)
     store.validate_batch(batch, reg.card)
-    stored, duplicates = store.store_batch(state().db, who.participant_id, batch)
+    stored, duplicates = state().items_store.store(who.participant_id, batch)
     g.n_items = len(batch.items)
     return jsonify({"stored": stored, "duplicates": duplicates})
 

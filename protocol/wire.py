@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import re
@@ -57,14 +58,33 @@ def array_to_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) of `.npy` bytes, without reading the data."""
+    if len(data) < 10 or data[6] not in (1, 2, 3):
+        raise ValueError("no .npy magic string and version")
+    start = 10 if data[6] == 1 else 12
+    end = start + int.from_bytes(data[8:start], "little")
+    if len(data) < end:
+        raise ValueError("header is truncated")
+    return (*_parse_npy_header(bytes(data[:end])), end)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    # Every item of one model carries the same header: parse each distinct one once.
+    fp = io.BytesIO(header)
+    major, _minor = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
+    if fp.tell() != len(header):
+        raise ValueError("header length mismatch")
+    return tuple(shape), bool(fortran), dtype
+
+
 def npy_to_array(data: bytes, what: str = "array") -> np.ndarray:
     """Parse `.npy` bytes; never unpickles. Raises WireFormatError on anything odd."""
     try:
-        # Parse the header once, refuse a huge shape before allocating, then view the data.
-        fp = io.BytesIO(data)
-        major, _minor = np.lib.format.read_magic(fp)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(fp)
+        shape, fortran, dtype, offset = _npy_header(data)
     except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
         raise WireFormatError(f"{what}: not a valid .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if dtype.hasobject:
@@ -74,7 +94,6 @@ def npy_to_array(data: bytes, what: str = "array") -> np.ndarray:
     count = int(np.prod(shape, dtype=np.float64))
     if count > MAX_ARRAY_ELEMENTS:
         raise ValidationError(f"{what}: shape {tuple(shape)} exceeds {MAX_ARRAY_ELEMENTS} elements")
-    offset = fp.tell()
     if len(data) - offset != count * dtype.itemsize:
         raise WireFormatError(f"{what}: not a valid .npy array (data is {len(data) - offset} bytes, "
                               f"shape {tuple(shape)} needs {count * dtype.itemsize})")

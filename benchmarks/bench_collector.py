@@ -1,0 +1,122 @@
+"""Collector ingestion: items/s of the upload endpoint vs a bare Flask endpoint that only
+reads the body. Same server (waitress, same thread count), same concurrency, same
+bodies, measured in one run; prints the ratio (goal ≥ 0.5) and the p99 latency of
+uploads under 16 clients.
+
+    .venv/bin/python benchmarks/bench_collector.py                  # 16 clients, 8,000 items
+    .venv/bin/python benchmarks/bench_collector.py --items 20000 --repeats 3
+
+The two servers run in turn (never at once) so they do not share the CPU; each is
+measured `--repeats` times, alternating, and the best run of each is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_test import make_bodies, percentiles_ms, run_clients, synthetic_model  # noqa: E402
+
+from collector.launch import start_collector, start_process, stop  # noqa: E402
+from protocol import routes  # noqa: E402
+
+BARE_PATH = "/bare"
+
+
+def serve_bare(threads: int) -> int:
+    """A Flask app with one endpoint that reads the whole body and answers its length."""
+    import waitress
+    from flask import Flask, jsonify, request
+
+    app = Flask("bare")
+
+    @app.post(BARE_PATH)
+    def bare():
+        return jsonify({"bytes": len(request.get_data(cache=False))})
+
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    print(f"bare flask: serving on http://127.0.0.1:{server.effective_port}", flush=True)
+    server.run()
+    return 0
+
+
+def measure_collector(root: Path, card, bodies, threads: int, run: int, max_seconds: float) -> dict:
+    data = root / f"data-{run}"
+    proc, url = start_collector(data, root / "models", "--rate-limit", "0", threads=threads)
+    try:
+        tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]
+                  for _ in bodies]
+        logs, wall = run_clients(url, routes.ITEMS, tokens, bodies, time.monotonic() + max_seconds,
+                                 lambda log, ans: setattr(log, "stored", log.stored + ans["stored"]))
+    finally:
+        stop(proc)
+    return _summary(logs, wall, stored=sum(log.stored for log in logs))
+
+
+def measure_bare(bodies, threads: int, max_seconds: float) -> dict:
+    proc, url = start_process([sys.executable, __file__, "--serve-bare", "--threads", str(threads)])
+    try:
+        logs, wall = run_clients(url, BARE_PATH, [None] * len(bodies), bodies, time.monotonic() + max_seconds)
+    finally:
+        stop(proc)
+    return _summary(logs, wall, stored=sum(n for client in bodies for n, _ in client))
+
+
+def _summary(logs, wall: float, stored: int) -> dict:
+    lat = [x for log in logs for x in log.latencies]
+    p50, p99 = percentiles_ms(lat)
+    return {"items_per_s": stored / wall, "wall_s": wall, "p50_ms": p50, "p99_ms": p99,
+            "errors": sum(log.errors for log in logs), "items": stored}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--items", type=int, default=8000)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--batch", type=int, default=25)
+    p.add_argument("--threads", type=int, default=16, help="waitress worker threads (both servers)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--max-seconds", type=float, default=300.0)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_bare:
+        return serve_bare(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="pric-bench-") as tmp:
+        root = Path(tmp)
+        card = synthetic_model(root / "models", (16, 8, 8))
+        bodies = make_bodies(card, args.items, args.clients, args.batch)
+        body_bytes = sum(len(b) for client in bodies for _, b in client)
+        runs: dict[str, list[dict]] = {"collector": [], "bare": []}
+        for r in range(args.repeats):
+            runs["bare"].append(measure_bare(bodies, args.threads, args.max_seconds))
+            runs["collector"].append(measure_collector(root, card, bodies, args.threads, r, args.max_seconds))
+
+    best = {k: max(v, key=lambda s: s["items_per_s"]) for k, v in runs.items()}
+    ratio = best["collector"]["items_per_s"] / best["bare"]["items_per_s"]
+    print(f"collector ingestion: {args.clients} clients, {args.items} items in batches of {args.batch} "
+          f"({body_bytes / len(bodies[0]) / args.clients / 1024:.0f} KiB per request), waitress {args.threads} "
+          f"threads, best of {args.repeats}")
+    for name in ("bare", "collector"):
+        s = best[name]
+        print(f"  {name:<9} {s['items_per_s']:8.0f} items/s   p50 {s['p50_ms']:6.1f} ms   p99 {s['p99_ms']:6.1f} ms"
+              f"   errors {s['errors']}")
+    print(f"  ratio collector / bare = {ratio:.2f} (goal >= 0.5); upload p99 under {args.clients} clients "
+          f"= {best['collector']['p99_ms']:.1f} ms")
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "ratio": ratio, "args": {k: str(v) for k, v in vars(args).items()}},
+                                        indent=2) + "\n")
+    return 0 if all(s["errors"] == 0 for v in runs.values() for s in v) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
