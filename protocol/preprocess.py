@@ -133,11 +133,13 @@ def prepare(img: Image.Image, spec: InputSpec) -> np.ndarray:
 
 def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """uint8 (H, W, 3) or (N, H, W, 3) → float32 (3, H, W) or (N, 3, H, W)."""
-    x = pixels.astype(np.float32) / 255.0
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    x = (x - mean) / std
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    # Channels first, then the same float32 operations as (x/255 - mean)/std on (..., 3):
+    # identical values, ~6x faster (numpy's inner loops run over H*W, not over 3 channels).
+    x = np.ascontiguousarray(np.moveaxis(pixels, -1, -3)).astype(np.float32)
+    x /= 255.0
+    x -= np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    x /= np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return x
 
 
 def preprocess(source: str | Path | bytes | BinaryIO, spec: InputSpec, name: str | None = None) -> np.ndarray:

@@ -300,3 +300,19 @@ def test_not_registered_is_one_line_exit_2(cli, tmp_path: Path) -> None:
     res = cli("--home", str(tmp_path / "h"), "status")
     assert res.rc == 2
     assert len(res.err.strip().splitlines()) == 1 and "register" in res.err
+
+
+# --- preprocessing speed-up kept identical ---------------------------------------------
+@pytest.mark.parametrize("shape", [(64, 64, 3), (5, 48, 40, 3)])
+def test_normalize_equals_its_documented_formula(shape: tuple[int, ...]) -> None:
+    """protocol.normalize (channels-first fast path) == (x/255 - mean)/std then CHW, bit for bit."""
+    from protocol.model_card import InputSpec
+    from protocol.preprocess import normalize
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    spec = InputSpec(mean=tuple(rng.uniform(0, 1, 3)), std=tuple(rng.uniform(0.1, 1, 3)))
+    reference = (pixels.astype(np.float32) / 255.0 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    got = normalize(pixels, spec)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, np.moveaxis(reference, -1, -3))
