@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -48,33 +49,44 @@ def serve_bare(threads: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), robust to a busy machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_collector(root: Path, card, bodies, threads: int, run: int, max_seconds: float) -> dict:
     data = root / f"data-{run}"
     proc, url = start_collector(data, root / "models", "--rate-limit", "0", threads=threads)
     try:
         tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]
                   for _ in bodies]
+        cpu0 = cpu_seconds(proc.pid)
         logs, wall = run_clients(url, routes.ITEMS, tokens, bodies, time.monotonic() + max_seconds,
                                  lambda log, ans: setattr(log, "stored", log.stored + ans["stored"]))
+        cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop(proc)
-    return _summary(logs, wall, stored=sum(log.stored for log in logs))
+    return _summary(logs, wall, stored=sum(log.stored for log in logs), server_cpu_s=cpu)
 
 
 def measure_bare(bodies, threads: int, max_seconds: float) -> dict:
     proc, url = start_process([sys.executable, __file__, "--serve-bare", "--threads", str(threads)])
     try:
+        cpu0 = cpu_seconds(proc.pid)
         logs, wall = run_clients(url, BARE_PATH, [None] * len(bodies), bodies, time.monotonic() + max_seconds)
+        cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop(proc)
-    return _summary(logs, wall, stored=sum(n for client in bodies for n, _ in client))
+    return _summary(logs, wall, stored=sum(n for client in bodies for n, _ in client), server_cpu_s=cpu)
 
 
-def _summary(logs, wall: float, stored: int) -> dict:
+def _summary(logs, wall: float, stored: int, server_cpu_s: float) -> dict:
     lat = [x for log in logs for x in log.latencies]
     p50, p99 = percentiles_ms(lat)
     return {"items_per_s": stored / wall, "wall_s": wall, "p50_ms": p50, "p99_ms": p99,
-            "errors": sum(log.errors for log in logs), "items": stored}
+            "errors": sum(log.errors for log in logs), "items": stored,
+            "server_cpu_ms_per_request": 1000 * server_cpu_s / max(1, len(lat))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("bare", "collector"):
         s = best[name]
         print(f"  {name:<9} {s['items_per_s']:8.0f} items/s   p50 {s['p50_ms']:6.1f} ms   p99 {s['p99_ms']:6.1f} ms"
-              f"   errors {s['errors']}")
+              f"   server CPU {s['server_cpu_ms_per_request']:.2f} ms/request   errors {s['errors']}")
     print(f"  ratio collector / bare = {ratio:.2f} (goal >= 0.5); upload p99 under {args.clients} clients "
           f"= {best['collector']['p99_ms']:.1f} ms")
     if args.json:

@@ -31,6 +31,7 @@ from collector.auth import (
     OPERATOR,
     PARTICIPANT,
     Principal,
+    PrincipalCache,
     TokenBucket,
     authenticate,
     bearer_token,
@@ -91,6 +92,7 @@ class CollectorState:
     train_lock: threading.Lock
     classifiers_dir: Path
     items_store: store.GroupCommitStore
+    principals: PrincipalCache
 
     def pseudonym(self, participant_id: str) -> str:
         return pseudonym(self.pseudonym_secret, participant_id)
@@ -121,6 +123,7 @@ def create_app(config: dict | None = None) -> Flask:
         train_lock=threading.Lock(),
         classifiers_dir=data_dir / "classifiers",
         items_store=store.GroupCommitStore(db),
+        principals=PrincipalCache(),
     )
     app.register_blueprint(api)
     _install_error_handlers(app)
@@ -142,7 +145,7 @@ def state() -> CollectorState:
 
 def authorize(*roles: str) -> Principal:
     token = bearer_token(request.headers.get(routes.AUTH_HEADER))
-    principal = authenticate(state().db, token)
+    principal = authenticate(state().db, token, state().principals)
     g.principal = principal
     g.token_key = hash_token(token)  # type: ignore[arg-type]  # authenticate refused None
     require_role(principal, *roles)

@@ -70,17 +70,48 @@ def bearer_token(header: str | None) -> str | None:
     return token or None
 
 
-def authenticate(db: Database, token: str | None) -> Principal:
+class PrincipalCache:
+    """Token hash → principal for `ttl_s` seconds: saves a query per request. Tokens are
+    never reissued under the same hash, so a hit can only be stale by revocation, which
+    takes effect within `ttl_s`."""
+
+    def __init__(self, ttl_s: float = 30.0, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Principal | None:
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is None or time.monotonic() - hit[1] > self.ttl_s:
+            return None
+        return hit[0]
+
+    def put(self, key: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[key] = (principal, time.monotonic())
+
+
+def authenticate(db: Database, token: str | None, cache: PrincipalCache | None = None) -> Principal:
     if token is None:
         raise AuthError("missing bearer token (Authorization: Bearer <token>)")
     if len(token) > 256:
         raise AuthError("invalid token")
+    key = hash_token(token)
+    if cache is not None and (principal := cache.get(key)) is not None:
+        return principal
     with db.read() as conn:
         row = conn.execute(select(tokens.c.role, tokens.c.participant_id)
-                           .where(tokens.c.token_hash == hash_token(token))).first()
+                           .where(tokens.c.token_hash == key)).first()
     if row is None:
         raise AuthError("invalid token")
-    return Principal(role=row.role, participant_id=row.participant_id)
+    principal = Principal(role=row.role, participant_id=row.participant_id)
+    if cache is not None:
+        cache.put(key, principal)
+    return principal
 
 
 def require_role(principal: Principal, *roles: str) -> None:

@@ -26,6 +26,8 @@ log = logging.getLogger("collector.registry")
 
 ACTIVE = "active"
 RETIRED = "retired"
+STATUS_TTL_S = 1.0  # a retirement by another process reaches a running server within this
+_status_generation = 0  # bumped by set_status: this process sees its own changes at once
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ModelRegistry:
         self.models_dir = Path(models_dir) if models_dir else None
         self.configured_current = current
         self.models: dict[str, RegisteredModel] = {}
+        self._status_cache: tuple[float, int, dict[str, str]] | None = None
         self.scan()
 
     # --- loading -----------------------------------------------------------------------
@@ -96,8 +99,16 @@ class ModelRegistry:
 
     # --- status --------------------------------------------------------------------------
     def statuses(self) -> dict[str, str]:
+        """model id → status, re-read at most every STATUS_TTL_S (uploads ask on every request)."""
+        now = time.monotonic()
+        cached = self._status_cache
+        if cached is not None and now - cached[0] < STATUS_TTL_S and cached[1] == _status_generation:
+            return cached[2]
+        generation = _status_generation
         with self.db.read() as conn:
-            return {r.model_id: r.status for r in conn.execute(select(models.c.model_id, models.c.status))}
+            status = {r.model_id: r.status for r in conn.execute(select(models.c.model_id, models.c.status))}
+        self._status_cache = (now, generation, status)
+        return status
 
     def active_ids(self) -> list[str]:
         status = self.statuses()
@@ -124,8 +135,7 @@ class ModelRegistry:
         reg = self.models.get(model_id)
         if reg is None:
             raise UnknownModelError(f"model {model_id!r} is unknown to this collector; update your client")
-        status = self.statuses().get(model_id)
-        if status != ACTIVE:
+        if self.statuses().get(model_id) != ACTIVE:
             newest = self._current_id_or_none()
             hint = f" (current model: {newest})" if newest else ""
             raise UnknownModelError(
@@ -157,11 +167,13 @@ class ModelRegistry:
 
 def set_status(db: Database, model_id: str, status: str) -> None:
     """Retire or reactivate a recorded model (NotFoundError if it was never registered)."""
+    global _status_generation
     with db.write() as conn:
         res = conn.execute(models.update().where(models.c.model_id == model_id).values(
             status=status, retired_at=time.time() if status == RETIRED else None))
         if res.rowcount == 0:
             raise NotFoundError(f"model {model_id!r} is not registered with this collector")
+    _status_generation += 1
 
 
 def list_models(db: Database) -> list[dict]:

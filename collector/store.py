@@ -63,6 +63,8 @@ class GroupCommitStore:
         self._cond = threading.Condition()
         self._queue: list[_StoreJob] = []
         self._flushing = False
+        self.flushes = 0  # commits made; jobs_flushed / flushes = mean group size
+        self.jobs_flushed = 0
 
     def store(self, participant_id: str, batch: UploadBatch) -> tuple[int, int]:
         """Store the batch, skipping item ids this participant already has.
@@ -70,12 +72,13 @@ class GroupCommitStore:
         Returns (stored, duplicates). A retried batch stores nothing twice.
         """
         now = time.time()
-        job = _StoreJob(participant_id, [
-            {"participant_id": participant_id, "item_id": item.item_id, "model_id": batch.model_id,
-             "arrays": pack_arrays(item.arrays), "labels": json.dumps(item.labels, sort_keys=True),
-             "created_at": now}
-            for item in batch.items
-        ])
+        rows = []
+        for item in batch.items:
+            blob, names = pack_arrays(item.arrays)
+            rows.append({"participant_id": participant_id, "item_id": item.item_id, "model_id": batch.model_id,
+                         "arrays": blob, "array_names": names, "labels": json.dumps(item.labels, sort_keys=True),
+                         "created_at": now})
+        job = _StoreJob(participant_id, rows)
         with self._cond:
             self._queue.append(job)
             while not job.done:
@@ -95,6 +98,8 @@ class GroupCommitStore:
         return job.result
 
     def _flush(self, jobs: list[_StoreJob]) -> None:
+        self.flushes += 1
+        self.jobs_flushed += len(jobs)
         try:
             with self.db.write() as conn:
                 results = [_insert_new(conn, job) for job in jobs]
@@ -178,13 +183,13 @@ def export_items(db: Database, model_id: str, offset: int, limit: int, pseudonym
     """A page of stored items of one model, participants replaced by pseudonyms."""
     with db.read() as conn:
         rows = conn.execute(
-            select(items.c.item_id, items.c.participant_id, items.c.arrays, items.c.labels)
+            select(items.c.item_id, items.c.participant_id, items.c.arrays, items.c.array_names, items.c.labels)
             .where(items.c.model_id == model_id).order_by(items.c.id).offset(offset).limit(limit + 1)
         ).all()
     more = len(rows) > limit
     out = []
     for r in rows[:limit]:
-        arrays = unpack_arrays(r.arrays)
+        arrays = unpack_arrays(r.arrays, r.array_names)
         out.append({
             "item_id": r.item_id,
             "participant": pseudonymise(r.participant_id),

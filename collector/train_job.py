@@ -67,13 +67,13 @@ def load_labelled(db: Database, model_id: str, task: str) -> LabelledSet:
     card = recorded_card(db, model_id)
     xs, ys, test, who = [], [], [], set()
     with db.read() as conn:
-        rows = conn.execute(select(items.c.participant_id, items.c.item_id, items.c.arrays, items.c.labels)
+        rows = conn.execute(select(items.c.participant_id, items.c.item_id, items.c.arrays, items.c.array_names, items.c.labels)
                             .where(items.c.model_id == model_id).order_by(items.c.id))
         for r in rows:
             label = json.loads(r.labels).get(task)
             if label is None:
                 continue
-            xs.append(item_vector(unpack_arrays(r.arrays), card))
+            xs.append(item_vector(unpack_arrays(r.arrays, r.array_names), card))
             ys.append(int(label))
             test.append(is_held_out(r.participant_id, r.item_id))
             who.add(r.participant_id)
