@@ -14,7 +14,8 @@
 `--home` defaults to $PRIC_CLIENT_HOME, else the per-user config folder (platformdirs).
 Unreadable photos (corrupt, truncated, not an image, too large, broken symlink, link out of
 the given paths) are reported on stderr, one line each naming the file, and skipped.
-`upload` ends with one line: "N stored, M already there, K skipped (errors)".
+`upload` ends with one line: "N stored, M already there, K skipped (errors)" (already there:
+acknowledged before, per the local journal or the collector, or a byte-identical copy).
 
 Exit codes:
     0   done (at least one photo processed; some may have been skipped)
@@ -242,6 +243,9 @@ class Uploader:
         if self.keystore is not None and (got := self.keystore.get(item_id)) is not None:
             # re-send the code already drawn for this photo: its key is the one we kept
             self._kept.append((path, item_id, wire_arrays_of(self.card, None, got[1])))
+            if len(self._kept) >= self.cfg.batch_size:
+                self._send(self._kept)
+                self._kept = []
             return True
         return False
 
@@ -251,9 +255,6 @@ class Uploader:
             for rows in self.extractor.stream(files, self.cfg.batch_size, self.skip, self._known,
                                               lambda: bar.update(1), self.cfg.workers):
                 self._send(self._items(rows))
-                if len(self._kept) >= self.cfg.batch_size:
-                    self._send(self._kept)
-                    self._kept = []
             if self._kept:
                 self._send(self._kept)
                 self._kept = []
