@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tm_small = tracemalloc_peak(many[: args.mem_n], model_dir, tmp)
         tm_big = tracemalloc_peak(many, model_dir, tmp)
         results["memory"] = {
-            "n": [args.mem_n, 4 * args.mem_n], "ru_maxrss_kib": [rss_small, rss_big],
+            "n": [args.mem_n, 4 * args.mem_n], "peak_rss_kib_vmhwm": [rss_small, rss_big],
             "tracemalloc_peak_bytes": [tm_small, tm_big],
         }
         print(f"[4] transform peak RSS: N={args.mem_n}: {rss_small / 1024:.0f} MiB, N={4 * args.mem_n}: "
