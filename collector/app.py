@@ -157,6 +157,8 @@ def _start_timer() -> None:
 
 
 def _log_request(response: Response) -> Response:
+    if not access_log.isEnabledFor(logging.INFO):
+        return response
     principal: Principal | None = g.get("principal")
     entry = {
         "method": request.method,
