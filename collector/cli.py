@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from protocol.errors import PricError
+from protocol.errors import NotFoundError, PricError
 
 EXIT_DB = 9
 
@@ -119,8 +119,10 @@ def _redact(args: argparse.Namespace) -> str:
 
 
 def _database(args: argparse.Namespace):
-    from collector.db import Database, default_database_url
+    from collector.db import DB_FILE, Database, default_database_url
 
+    if args.command in ("stats", "train") and not args.database_url and not (Path(args.data_dir) / DB_FILE).is_file():
+        raise NotFoundError(f"{args.data_dir}: no collector database here (start `pric-collector serve` on it first)")
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     db = Database(args.database_url or default_database_url(args.data_dir))
     db.create_all()
@@ -172,7 +174,10 @@ def _serve(args: argparse.Namespace) -> int:
     if saved["database_url"]:
         saved["database_url"] = _redact(args)
     (Path(cfg.data_dir) / "serve_config.json").write_text(json.dumps(saved, indent=2) + "\n")
-    server = waitress.create_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads)
+    # waitress buffers a whole body before the app runs: cap it so that the app's own
+    # Content-Length check (a JSON 413) is what clients normally see, yet nothing huge is spooled.
+    server = waitress.create_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads,
+                                    max_request_body_size=2 * int(app.config["MAX_BODY_BYTES"]))
     print(f"pric-collector: serving on http://{cfg.host}:{server.effective_port} "
           f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'})",
           flush=True)

@@ -74,6 +74,12 @@ def test_train_errors_are_one_line_with_exit_codes(tmp_path, tiny_model_dir, cap
     assert main(["train", "--task", "Smiling", "--data-dir", data, "--model-id", "nope@1"]) == 7
 
 
+def test_stats_on_a_folder_without_database_is_an_error(tmp_path, capsys):
+    assert main(["stats", "--data-dir", str(tmp_path / "typo")]) == 7
+    assert "no collector database" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
 def test_model_list_and_retire(filled, tiny_model_dir, capsys):
     data_dir = filled.app.config["DATA_DIR"]
     model_id = filled.card.model_id
