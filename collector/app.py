@@ -310,13 +310,17 @@ def train() -> Response:
     model_id = body.get("model_id") or state().registry.current().model_id
     if not isinstance(model_id, str):
         raise InvalidInputError("model_id must be a string")
+    kind = body.get("kind", "logistic")
+    if kind not in ("logistic", "mlp"):
+        raise InvalidInputError("kind must be 'logistic' or 'mlp'")
     recorded_card(state().db, model_id)  # 404 before any work for an unknown model
     if not state().train_lock.acquire(blocking=False):
         raise ConflictError("a training job is already running; try again when it has finished")
     try:
-        from collector.train_job import train_classifier
+        from collector.train_job import TrainConfig, train_classifier
 
-        result = train_classifier(state().db, model_id, task, out_dir=state().classifiers_dir)
+        result = train_classifier(state().db, model_id, task, TrainConfig(kind=kind),
+                                  out_dir=state().classifiers_dir)
     finally:
         state().train_lock.release()
     return jsonify(result)

@@ -378,7 +378,8 @@ def test_train_with_too_few_items_is_422(kit):
     assert "too few" in resp.json["message"]
 
 
-@pytest.mark.parametrize("body", [{}, {"task": 3}, {"task": "a b"}, {"task": "Smiling", "model_id": "nope@1"}])
+@pytest.mark.parametrize("body", [{}, {"task": 3}, {"task": "a b"}, {"task": "Smiling", "model_id": "nope@1"},
+                                  {"task": "Smiling", "kind": "svm"}])
 def test_train_bad_request(kit, body):
     resp = kit.client.post(routes.TRAIN, json=body, headers=kit.staff("operator"))
     assert resp.status_code in (400, 404)

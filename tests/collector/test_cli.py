@@ -65,6 +65,13 @@ def test_train_json_beats_majority_and_is_recorded(filled, capsys):
     assert [c["id"] for c in stats["classifiers"]] == [result["classifier"]["id"]]
 
 
+def test_train_api_mlp_beats_majority(filled):
+    resp = filled.client.post(routes.TRAIN, json={"task": "Smiling", "kind": "mlp"}, headers=filled.staff("operator"))
+    assert resp.status_code == 200
+    assert resp.json["classifier"]["kind"] == "mlp"
+    assert resp.json["accuracy"] > resp.json["majority_rate"]
+
+
 def test_train_errors_are_one_line_with_exit_codes(tmp_path, tiny_model_dir, capsys):
     data = str(tmp_path / "data")
     create_app({"DATA_DIR": data, "MODELS_DIR": str(tiny_model_dir)})  # registers the model
