@@ -89,6 +89,17 @@ def fit_and_score(data: LabelledSet, cfg: TrainConfig) -> tuple[float, float, di
     """
     import torch
 
+    # One intra-op thread: these problems are tiny, and OpenMP workers spinning on a busy
+    # machine made a 0.1 s fit take a minute. Restored after the job (process-global).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_and_score(torch, data, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_and_score(torch, data: LabelledSet, cfg: TrainConfig) -> tuple[float, float, dict[str, np.ndarray]]:  # noqa: ANN001
     Xtr, ytr = data.X[~data.is_test], data.y[~data.is_test]
     Xte, yte = data.X[data.is_test], data.y[data.is_test]
     mean = Xtr.mean(axis=0)
