@@ -8,6 +8,7 @@ with a lock-upgrade error half way through.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import secrets
@@ -203,7 +204,18 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
     the JSON list `names`. Cheaper than an .npz (no zip records) and read with
     allow_pickle=False all the same."""
     names = sorted(arrays)
-    return b"".join(array_to_npy(arrays[n]) for n in names), json.dumps(names)
+    parts = []
+    for n in names:
+        arr = np.ascontiguousarray(arrays[n])
+        parts += [_npy_header(arr.dtype.str, arr.shape), arr.tobytes()]
+    return b"".join(parts), json.dumps(names)
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The `.npy` header numpy writes for a C-ordered array of this dtype and shape."""
+    empty = np.zeros(shape, dtype=dtype)
+    return array_to_npy(empty)[: len(array_to_npy(empty)) - empty.nbytes]
 
 
 def unpack_arrays(blob: bytes, names: str) -> dict[str, np.ndarray]:
