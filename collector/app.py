@@ -161,6 +161,7 @@ def _log_request(response: Response) -> Response:
         return response
     principal: Principal | None = g.get("principal")
     entry = {
+        "ts": round(time.time(), 3),
         "method": request.method,
         "route": request.url_rule.rule if request.url_rule else "<unmatched>",
         "status": response.status_code,
