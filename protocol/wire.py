@@ -21,6 +21,7 @@ import binascii
 import functools
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,12 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     return (*_parse_npy_header(bytes(data[:end])), end)
 
 
+@functools.lru_cache(maxsize=64)
+def dtype_name(dtype: np.dtype) -> str:
+    """`dtype.name`, cached: numpy computes it in Python on every access."""
+    return dtype.name
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     # Every item of one model carries the same header: parse each distinct one once.
@@ -89,9 +96,9 @@ def npy_to_array(data: bytes, what: str = "array") -> np.ndarray:
         raise WireFormatError(f"{what}: not a valid .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if dtype.hasobject:
         raise WireFormatError(f"{what}: not a valid .npy array (object arrays need pickle, which is refused)")
-    if dtype.name not in ALLOWED_DTYPES:
+    if dtype_name(dtype) not in ALLOWED_DTYPES:
         raise ValidationError(f"{what}: dtype {dtype.name} not allowed (one of {', '.join(ALLOWED_DTYPES)})")
-    count = int(np.prod(shape, dtype=np.float64))
+    count = math.prod(shape)
     if count > MAX_ARRAY_ELEMENTS:
         raise ValidationError(f"{what}: shape {tuple(shape)} exceeds {MAX_ARRAY_ELEMENTS} elements")
     if len(data) - offset != count * dtype.itemsize:
@@ -200,5 +207,5 @@ def check_item_against(item: UploadItem, expected: dict[str, tuple[tuple[int, ..
         arr = item.arrays[key]
         if tuple(arr.shape) != tuple(shape):
             raise ValidationError(f"items[{n}].arrays.{key} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
-        if arr.dtype.name != dtype:
+        if dtype_name(arr.dtype) != dtype:
             raise ValidationError(f"items[{n}].arrays.{key} has dtype {arr.dtype.name}, expected {dtype}")
