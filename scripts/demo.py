@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = work / "collector"
         server = subprocess.Popen(
             [str(BIN / "pric-collector"), "serve", "--data-dir", str(data), "--models-dir", str(args.models_dir),
-             "--host", "127.0.0.1", "--port", str(port)],
+             "--host", "127.0.0.1", "--port", str(port), "--quiet"],
         )
         for _ in range(150):
             try:

@@ -66,7 +66,8 @@ class MLPAttack(nn.Module):
 class CNNAttack(nn.Module):
     """Small CNN on a map (B, C, h, w) → (B, n_out) logits.
 
-    Large maps (images) start with a stride-2 convolution; the map is then halved with
+    Large maps (images, side > 16) start with a 4x4 stride-4 "patchify" convolution (CPU
+    cost matters: the audit trains several of these); the map is then halved with
     stride-2 convolutions down to 4x4 and kept spatially (2x2 pooling) before the head, so
     that where in the map a signal lives still counts.
     """
@@ -75,10 +76,12 @@ class CNNAttack(nn.Module):
         super().__init__()
         c, h, w = (int(v) for v in input_shape)
         layers: list[nn.Module] = []
-        stride = 2 if min(h, w) > 16 else 1
-        ch = width
-        layers += [nn.Conv2d(c, ch, 3, stride=stride, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
-        size = min(h, w) // stride
+        if min(h, w) > 16:
+            ch, size = 16, min(h, w) // 4
+            layers += [nn.Conv2d(c, ch, 4, stride=4), nn.BatchNorm2d(ch), nn.ReLU()]
+        else:
+            ch, size = width, min(h, w)
+            layers += [nn.Conv2d(c, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
         while size > 4:
             nxt = min(ch * 2, 128)
             layers += [nn.Conv2d(ch, nxt, 3, stride=2, padding=1), nn.BatchNorm2d(nxt), nn.ReLU()]

@@ -69,7 +69,7 @@ class AuditConfig:
     write_card: bool = False
     seed: int = 0
     quick: bool = False
-    epochs: int = 20
+    epochs: int = 15
     recon_epochs: int = 8
     limit: int | None = None
     split_file: str | None = None
@@ -81,6 +81,7 @@ class AuditConfig:
     max_reid_rank1: float = 0.05
     no_reference: bool = False
     progress: bool = True
+    threads: int = 0
     # live collector
     collector: str | None = None
     token: str | None = None
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-card", action="store_true", help="write headline figures into the model card")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="few epochs (tests, smoke runs)")
-    p.add_argument("--epochs", type=int, default=None, help="attacker epochs (default 20, quick 3)")
+    p.add_argument("--epochs", type=int, default=None, help="attacker epochs (default 15, quick 3)")
     p.add_argument("--recon-epochs", type=int, default=None, help="decoder epochs (default 8, quick 2)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     p.add_argument("--split-file", default=None)
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-reid-rank1", type=float, default=0.05, help="re-identification rank-1 above this fails")
     p.add_argument("--no-reference", action="store_true", help="skip the raw-image reference classifier")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: all cores, or 1 when the machine is already busy)")
     p.add_argument("--collector", help="collector URL (live audit)")
     p.add_argument("--token", help="auditor token (live audit)")
     p.add_argument("--model-id", help="model id name@version (live audit)")
@@ -132,18 +135,21 @@ def config_from_args(a: argparse.Namespace) -> AuditConfig:
         out=a.out, private=a.private, primary=split(a.primary), model=a.model, data=a.data,
         baselines=split(a.baselines) if a.baselines.strip() != "all" else ("all",), attacks=split(a.attacks),
         compare=tuple(a.compare or ()), write_card=a.write_card, seed=a.seed, quick=a.quick,
-        epochs=a.epochs if a.epochs is not None else (3 if a.quick else 20),
+        epochs=a.epochs if a.epochs is not None else (3 if a.quick else 15),
         recon_epochs=a.recon_epochs if a.recon_epochs is not None else (2 if a.quick else 8),
         limit=a.limit, split_file=a.split_file, cache_dir=a.cache_dir, min_class_samples=a.min_class_samples,
         max_private_acc=a.max_private_acc, max_primary_drop=a.max_primary_drop, max_psnr=a.max_psnr,
-        max_reid_rank1=a.max_reid_rank1, no_reference=a.no_reference, progress=not a.no_progress,
+        max_reid_rank1=a.max_reid_rank1, no_reference=a.no_reference, progress=not a.no_progress, threads=a.threads,
         collector=a.collector, token=a.token, model_id=a.model_id, probe=a.probe, timeout=a.timeout,
     )
 
 
+_T0 = time.time()
+
+
 def _say(cfg: AuditConfig, msg: str) -> None:
-    if cfg.progress:
-        print(msg, file=sys.stderr, flush=True)
+    """Stage lines on stderr (kept with --no-progress, which only hides the bars)."""
+    print(f"[{time.time() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 # --- releases ------------------------------------------------------------------------------
@@ -216,30 +222,37 @@ class Splits:
 class Decoder(nn.Module):
     """Inverts a representation: (B, *shape) → image (B, 3, H, W) in [0, 1].
 
-    A map (C, h, w) is lifted with a 3x3 conv, a flat vector with a linear layer onto an
-    (64, H/8, W/8) map; the map is then upsampled (bilinear x2 + conv) to H x W.
+        map (C, h, w) ─ conv (3x3, or 4x4 stride 4 for image-sized maps) ─┐
+        flat (D,)     ─ linear → (32, H/8, W/8) ──────────────────────────┴► [transposed conv x2]* → conv → sigmoid
+
+    Channels halve (32 → 8) as the map grows: small on purpose, several are trained per audit on CPU.
     """
 
-    def __init__(self, shape: Sequence[int], out_hw: tuple[int, int]) -> None:
+    def __init__(self, shape: Sequence[int], out_hw: tuple[int, int], width: int = 32) -> None:
         super().__init__()
         h_out, w_out = out_hw
+        ch = width
         layers: list[nn.Module] = []
         if len(shape) == 3:
-            c, h, _ = shape
-            ch = 64 if h < h_out else 16
-            layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU()]
-            size = h
+            c, h, _ = (int(v) for v in shape)
+            if h > 16:
+                layers += [nn.Conv2d(c, ch, 4, stride=4), nn.ReLU()]
+                size = h // 4
+            else:
+                layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU()]
+                size = h
         else:
-            ch, size = 64, max(h_out // 8, 1)
-            layers += [nn.Linear(int(np.prod(shape)), ch * size * (w_out * size // h_out)), nn.ReLU(),
-                       nn.Unflatten(1, (ch, size, w_out * size // h_out))]
+            size = max(h_out // 8, 1)
+            sw = max(w_out // 8, 1)
+            layers += [nn.Linear(int(np.prod(shape)), ch * size * sw), nn.ReLU(), nn.Unflatten(1, (ch, size, sw))]
         while size < h_out:
-            nxt = max(ch // 2, 16)
-            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                       nn.Conv2d(ch, nxt, 3, padding=1), nn.ReLU()]
+            nxt = max(ch // 2, 8)
+            # transposed convs: about 3x cheaper on CPU than bilinear upsampling + conv
+            layers += [nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1), nn.ReLU()]
             ch, size = nxt, size * 2
-        layers += [nn.Upsample(size=out_hw, mode="bilinear", align_corners=False), nn.Conv2d(ch, ch, 3, padding=1),
-                   nn.ReLU(), nn.Conv2d(ch, 3, 3, padding=1), nn.Sigmoid()]
+        if size != h_out:
+            layers.append(nn.Upsample(size=out_hw, mode="bilinear", align_corners=False))
+        layers += [nn.Conv2d(ch, 3, 3, padding=1), nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -771,9 +784,24 @@ def run_live_audit(cfg: AuditConfig) -> dict[str, Any]:
 
 
 # --- CLI ---------------------------------------------------------------------------------------
+def set_threads(n: int) -> int:
+    """Pick torch's CPU threads. With several busy processes on few cores, one thread per
+    process is far faster (measured ~10x on a 2-core machine at load 10): spinning
+    OpenMP workers fight over the cores."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if n <= 0:
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > cores
+        n = 1 if busy else cores
+    torch.set_num_threads(n)
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    set_threads(cfg.threads)
     try:
         report = run_audit(cfg)
     except PricError as exc:

@@ -266,7 +266,10 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     }
 
     classifiers: dict[str, Any] = {}
-    names = [a for a in ATTRIBUTES if a in data.attr_names]
+    private = getattr(args, "private", None)
+    primary = [a for a in str(getattr(args, "primary", "") or "").split(",") if a] if not isinstance(
+        getattr(args, "primary", None), (list, tuple)) else list(getattr(args, "primary"))
+    names = [a for a in dict.fromkeys([*ATTRIBUTES, *([private] if private else []), *primary]) if a in data.attr_names]
     if names and len(train) > 0:
         tr_codes = models.encode(train.pixels)
         tr_ambs, _ = _ambiguate_all(tr_codes, card, rng)
@@ -290,6 +293,13 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
         "magnitude_recovery_within_chance_plus_2pts": max(recovery["largest"], recovery["smallest"]) <= chance + 0.02,
         "key_at_most_1kb": len(keys[0]) <= 1024,
     }
+    headline = None
+    if private in classifiers:
+        # a point for pric-audit's privacy/utility plane: what the public (no key) can learn
+        headline = {"label": f"{card.model_id} ambiguated code", "private": private,
+                    "private_acc": classifiers[private]["ambiguated_code"],
+                    "primary_acc": float(np.mean([classifiers[a]["ambiguated_code"] for a in primary if a in classifiers]))
+                    if any(a in classifiers for a in primary) else None}
     report = {
         "kind": "sparse_code",
         "model_id": card.model_id,
@@ -307,6 +317,7 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
         "rate": rate,
         "classifiers": classifiers,
         "goals": goals,
+        "headline": headline,
         "seconds": time.time() - t0,
         "config": asdict(SparseAuditConfig(model=str(model_dir), data=str(data_dir), out=str(out_dir),
                                            seed=seed, quick=quick, batch_size=batch_size)),

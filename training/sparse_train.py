@@ -184,6 +184,8 @@ def train(cfg: SparseTrainConfig) -> dict[str, Any]:
     (out / METRICS).write_text("")
     gen = torch.Generator().manual_seed(cfg.seed)
     best: dict[str, Any] = {"val_psnr": -math.inf, "epoch": 0}
+    summary = run_summary(cfg, best, len(train_t), len(val_t), device)
+    (out / CONFIG).write_text(json.dumps(summary, indent=2) + "\n")  # a stopped run can still be exported
     bar = tqdm(range(1, cfg.epochs + 1), desc="sparse AE", unit="epoch", file=sys.stderr)
     for epoch in bar:
         t0 = time.time()
@@ -212,20 +214,26 @@ def train(cfg: SparseTrainConfig) -> dict[str, Any]:
         if val["psnr"] > best["val_psnr"]:
             best = {"val_psnr": val["psnr"], "epoch": epoch}
             torch.save({"model": model.state_dict(), "model_config": asdict(cfg.model_config())}, out / CHECKPOINT)
-    summary = {
+            summary = run_summary(cfg, best, len(train_t), len(val_t), device)
+            (out / CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_summary(cfg: SparseTrainConfig, best: dict[str, Any], n_train: int, n_val: int,
+                device: torch.device) -> dict[str, Any]:
+    """The run's config.json: mode, train config, InputSpec, model and sparse settings, best epoch."""
+    return {
         "mode": "sparse",
         "train": asdict(cfg),
-        "input": asdict(spec),
+        "input": asdict(cfg.input_spec()),
         "model": asdict(cfg.model_config()),
         "sparse": asdict(cfg.sparse_spec()),
         "best_epoch": best["epoch"],
-        "best_val_psnr": best["val_psnr"],
-        "n_train": int(len(train_t)),
-        "n_val": int(len(val_t)),
+        "best_val_psnr": best["val_psnr"] if math.isfinite(best["val_psnr"]) else None,
+        "n_train": int(n_train),
+        "n_val": int(n_val),
         "device": str(device),
     }
-    (out / CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def load_run(run_dir: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:

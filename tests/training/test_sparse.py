@@ -133,7 +133,7 @@ def test_export_refuses_a_run_that_is_not_sparse(tmp_path: Path) -> None:
 
 
 def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path, tmp_path: Path) -> None:
-    report = sparse_audit.audit_sparse(tiny_export, sample_faces, tmp_path / "audit", SimpleNamespace(seed=3, quick=True))
+    report = sparse_audit.audit_sparse(tiny_export, sample_faces, tmp_path / "audit", SimpleNamespace(seed=3, quick=True, private="Male", primary=("Smiling",)))
 
     card = load_card(tiny_export)
     rec = report["reconstruction"]
@@ -146,6 +146,7 @@ def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path,
     assert 0.0 <= report["support_recovery"]["k_largest"] <= 1.0
     assert report["support_recovery"]["chance"] == card.sparse.k / card.sparse.k_prime
     assert set(report["classifiers"]) == {"Smiling", "Male"}
+    assert report["headline"]["private_acc"] == report["classifiers"]["Male"]["ambiguated_code"]
     assert (tmp_path / "audit" / "sparse_report.json").is_file()
     assert (tmp_path / "audit" / "sparse_grid.png").stat().st_size > 0
 

@@ -4,6 +4,7 @@ import json
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,14 @@ def test_sparse_mode_is_delegated_with_the_whole_argv(monkeypatch):
 def test_cuda_mixed_precision_run(sample_faces, tmp_path):
     assert _run(sample_faces, tmp_path / "run", "--device", "cuda", "--method", "entropy+mmd") == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["device_used"].startswith("cuda")
+
+
+def test_label_floor_uses_only_the_primary_labels():
+    from training.experiments import label_floor
+
+    y_tr = np.array([[0], [0], [0], [1], [1], [1]])
+    u_tr = np.array([0, 0, 1, 1, 1, 0])
+    y_te = np.array([[0], [1], [1], [0]])
+    u_te = np.array([0, 1, 0, 1])
+    assert label_floor(y_tr, u_tr, y_te, u_te) == 0.5  # predicts 0 for y=0 and 1 for y=1
+    assert label_floor(np.zeros((6, 0), np.int64), u_tr, np.zeros((4, 0), np.int64), u_te) == 0.5
