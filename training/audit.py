@@ -82,6 +82,8 @@ class AuditConfig:
     no_reference: bool = False
     progress: bool = True
     threads: int = 0
+    baseline_epochs: int | None = None
+    baseline_recon_epochs: int | None = None
     # live collector
     collector: str | None = None
     token: str | None = None
@@ -108,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="few epochs (tests, smoke runs)")
     p.add_argument("--epochs", type=int, default=None, help="attacker epochs (default 15, quick 3)")
     p.add_argument("--recon-epochs", type=int, default=None, help="decoder epochs (default 8, quick 2)")
+    p.add_argument("--baseline-epochs", type=int, default=None,
+                   help="attacker epochs for baselines (default: half of --epochs, at least 3)")
+    p.add_argument("--baseline-recon-epochs", type=int, default=None,
+                   help="decoder epochs for baselines (default: half of --recon-epochs, at least 1)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     p.add_argument("--split-file", default=None)
     p.add_argument("--cache-dir", default=None, help="cache of prepared photos and raw-image references")
@@ -140,6 +146,7 @@ def config_from_args(a: argparse.Namespace) -> AuditConfig:
         limit=a.limit, split_file=a.split_file, cache_dir=a.cache_dir, min_class_samples=a.min_class_samples,
         max_private_acc=a.max_private_acc, max_primary_drop=a.max_primary_drop, max_psnr=a.max_psnr,
         max_reid_rank1=a.max_reid_rank1, no_reference=a.no_reference, progress=not a.no_progress, threads=a.threads,
+        baseline_epochs=a.baseline_epochs, baseline_recon_epochs=a.baseline_recon_epochs,
         collector=a.collector, token=a.token, model_id=a.model_id, probe=a.probe, timeout=a.timeout,
     )
 
@@ -342,8 +349,9 @@ def reidentification(x: np.ndarray, ids: np.ndarray, ref_mean: np.ndarray | None
 
 
 # --- raw-image reference ----------------------------------------------------------------------
-def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConfig) -> dict[str, Any]:
-    """A CNN on raw images over all attributes (trained once; cached by data + seed + epochs).
+def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConfig, spec: InputSpec) -> dict[str, Any]:
+    """A CNN on raw images over all attributes (trained once; cached by data, normalisation,
+    seed and epochs).
 
     Returns {"attributes", "accuracy": [..], "majority_rate": [..], "reid": {..},
     "classifier": TrainedAttack}. The classifier is reused for classify-after-reconstruct.
@@ -352,7 +360,7 @@ def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConf
     h.update(str(Path(data.root).resolve()).encode())
     h.update("\n".join(data.filenames).encode())
     h.update(data.splits.tobytes())
-    h.update(json.dumps([cfg.seed, cfg.epochs, list(data.attr_names), images.shape[1:]]).encode())
+    h.update(json.dumps([cfg.seed, cfg.epochs, list(data.attr_names), images.shape[1:], asdict(spec)]).encode())
     key = h.hexdigest()[:20]
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     res_path, state_path = cache / f"audit-rawref-{key}.json", cache / f"audit-rawref-{key}.pt"
@@ -561,7 +569,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     if not cfg.no_reference:
         _say(cfg, "raw-image reference classifier")
         images = normalized_images(data.pixels, spec)
-        ref = raw_reference(data, images, sp, cfg)
+        ref = raw_reference(data, images, sp, cfg, spec)
         del images
         report["raw_reference"] = {k: v for k, v in ref.items() if k != "classifier"}
         pi = data.attr_index(cfg.private)
@@ -573,14 +581,19 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         _say(cfg, f"transforming {len(data)} photos with {card.model_id}")
         feats = release(data.pixels)
         rel = audit_release(card.model_id, feats, data, sp, cfg, ref, spec, True, out_dir)
+        rel["epochs"], rel["recon_epochs"] = cfg.epochs, cfg.recon_epochs
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
         report["releases"].append(rel)
         report["headline"] = headline(rel, cfg, "model")
         report["points"].append(report["headline"])
+    bcfg = dataclasses.replace(
+        cfg, epochs=cfg.baseline_epochs or max(3, cfg.epochs // 2),
+        recon_epochs=cfg.baseline_recon_epochs or max(1, cfg.recon_epochs // 2))
     for b in baselines:
         _say(cfg, f"baseline {b.label}")
         obf = b.apply(unit_images(data.pixels)).astype(np.float16)
-        rel = audit_release(b.label, obf, data, sp, cfg, ref, spec, False, out_dir)
+        rel = audit_release(b.label, obf, data, sp, bcfg, ref, spec, False, out_dir)
+        rel["epochs"], rel["recon_epochs"] = bcfg.epochs, bcfg.recon_epochs
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
         rel["baseline"] = {"name": b.name, "k": b.k}
         report["releases"].append(rel)

@@ -142,7 +142,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | None, names: list[str]) -> list[str]:
     p = rel["private"]
-    L = [f"## Release: {rel['label']}", "", f"Representation shape {rel['shape']}; audited in {rel.get('seconds')} s.", ""]
+    L = [f"## Release: {rel['label']}", "", f"Representation shape {rel['shape']}; attackers at most "
+         f"{rel.get('epochs', '–')} epochs, decoder {rel.get('recon_epochs', '–')} epochs; audited in "
+         f"{rel.get('seconds')} s.", ""]
     raw_of = (lambda n: ref["accuracy"][names.index(n)]) if ref else (lambda n: None)
     kinds = [k for k in (*p.get("kinds", []), "reconstruct") if k in p]
     L += [f"### Private attribute: {s['private']}", ""]
