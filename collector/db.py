@@ -3,7 +3,10 @@
 SQLite runs in WAL mode with `synchronous=FULL`, so a commit acknowledged to a client
 survives a killed process (and a power cut). Write transactions start with
 `BEGIN IMMEDIATE` so concurrent writers queue on the busy timeout instead of failing
-with a lock-upgrade error half way through.
+with a lock-upgrade error half way through. On PostgreSQL a write transaction first takes
+a transaction-scoped advisory lock, so there too writers (of every process) take turns
+and each sees what the previous one committed: the check-then-insert writes (schema,
+models, secrets) then cannot race into a unique-key error when collectors start together.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     select,
 )
 
@@ -42,6 +46,7 @@ from protocol.errors import ValidationError
 from protocol.wire import array_to_npy
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_WRITE_LOCK_KEY = 0x70726963  # "pric": the advisory lock every PostgreSQL write transaction holds
 DB_FILE = "collector.sqlite3"
 
 metadata = MetaData()
@@ -157,12 +162,15 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._pg_write_lock = self.engine.dialect.name == "postgresql"
         # SQLite has one writer at a time; queueing writers of this process on a lock is
         # fair and fast, where SQLite's busy handler polls with sleeps of up to 100 ms.
         self._write_lock = threading.Lock() if self.is_sqlite else None
 
     def create_all(self) -> None:
-        metadata.create_all(self.engine)
+        """Create missing tables; in one write transaction, so that concurrent starts take turns."""
+        with self.write() as conn:
+            metadata.create_all(conn)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -174,6 +182,8 @@ class Database:
         """One transaction, committed on success and rolled back on any exception."""
         if self._write_lock is None:
             with self.engine.connect() as conn, conn.begin():
+                if self._pg_write_lock:
+                    conn.execute(select(func.pg_advisory_xact_lock(PG_WRITE_LOCK_KEY)))
                 yield conn
             return
         with self._write_lock, self.engine.connect() as conn:

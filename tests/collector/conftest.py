@@ -1,17 +1,29 @@
 """Collector fixtures: a fresh app over a fresh temporary database per test (flaskr style),
-and a small kit of helpers to register participants, build batches and count rows."""
+and a small kit of helpers to register participants, build batches and count rows.
+
+With PRIC_TEST_DATABASE_URL set (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/pric),
+every collector a test builds without its own DATABASE_URL stores into a fresh schema of
+that database, one schema per data folder, dropped after the test; CLI calls and servers
+started by tests get the same database through `db_args`. Unset, they use SQLite files.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-from dataclasses import dataclass
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, create_engine, func, make_url, select, text
+from sqlalchemy.pool import NullPool
 
+import collector.app
 from collector.app import create_app, issue_token
 from collector.db import items
 from protocol import routes
@@ -28,6 +40,71 @@ def _root_conftest():
 
 
 write_tiny_features_model = _root_conftest().write_tiny_features_model
+
+TEST_DATABASE_URL = os.environ.get("PRIC_TEST_DATABASE_URL") or None
+
+
+@dataclass
+class SchemaPerDataDir:
+    """One fresh PostgreSQL schema per data folder of a test, in place of its SQLite file."""
+
+    admin: Engine
+    schemas: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # collectors may start in threads
+
+    def url(self, data_dir: str | Path) -> str:
+        """A URL whose connections see only this data folder's schema (made on first use)."""
+        name = "t_" + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:20]
+        with self.lock:
+            if name not in self.schemas:
+                with self.admin.begin() as conn:
+                    conn.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+                    conn.execute(text(f"CREATE SCHEMA {name}"))
+                self.schemas.append(name)
+        url = make_url(TEST_DATABASE_URL).update_query_dict(
+            {"options": f"-csearch_path={name}", "application_name": f"pric-test-{name}"})
+        return url.render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        """Close the test's leftover connections (apps a test built and never disposed), drop its schemas."""
+        with self.admin.begin() as conn:
+            for name in self.schemas:
+                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE application_name = :app"), {"app": f"pric-test-{name}"})
+                conn.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+        self.schemas.clear()
+
+
+@pytest.fixture(scope="session")
+def _test_database() -> Iterator[SchemaPerDataDir | None]:
+    if TEST_DATABASE_URL is None:
+        yield None
+        return
+    admin = create_engine(TEST_DATABASE_URL, poolclass=NullPool)
+    yield SchemaPerDataDir(admin)
+    admin.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _database_per_data_dir(_test_database, monkeypatch) -> Iterator[None]:
+    """Under PRIC_TEST_DATABASE_URL, `create_app` defaults to a fresh schema per data folder."""
+    if _test_database is None:
+        yield
+        return
+    monkeypatch.setattr(collector.app, "default_database_url", _test_database.url)
+    try:
+        yield
+    finally:
+        _test_database.drop_all()
+
+
+@pytest.fixture
+def db_args(_test_database):
+    """data_dir -> the `--database-url` arguments that select the data folder's database
+    for `pric-collector` commands: none for SQLite (its file lives in the data folder)."""
+    if _test_database is None:
+        return lambda data_dir: []
+    return lambda data_dir: ["--database-url", _test_database.url(data_dir)]
 
 
 @pytest.fixture

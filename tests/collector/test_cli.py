@@ -28,9 +28,9 @@ def filled(kit):
     return kit
 
 
-def test_token_create_prints_a_working_token(tmp_path, tiny_model_dir, capsys):
+def test_token_create_prints_a_working_token(tmp_path, tiny_model_dir, capsys, db_args):
     data = tmp_path / "data"
-    assert main(["token", "create", "--role", "operator", "--data-dir", str(data)]) == 0
+    assert main(["token", "create", "--role", "operator", "--data-dir", str(data), *db_args(data)]) == 0
     token = capsys.readouterr().out.strip()
     app = create_app({"DATA_DIR": str(data), "MODELS_DIR": str(tiny_model_dir)})
     resp = app.test_client().get(routes.STATS, headers={"Authorization": "Bearer " + token})
@@ -43,20 +43,20 @@ def test_token_create_refuses_participant_role(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def test_stats_json_matches_the_api(filled, capsys):
-    data_dir = filled.app.config["DATA_DIR"]
-    assert main(["stats", "--data-dir", data_dir, "--json"]) == 0
+def test_stats_json_matches_the_api(filled, capsys, db_args):
+    data_dir, db = filled.app.config["DATA_DIR"], db_args(filled.app.config["DATA_DIR"])
+    assert main(["stats", "--data-dir", data_dir, "--json", *db]) == 0
     printed = json.loads(capsys.readouterr().out)
     api = filled.client.get(routes.STATS, headers=filled.staff("operator")).json
     assert printed == api
     assert printed["items"] == 60 and printed["labels"]["Smiling"] == {"0": 30, "1": 30}
-    assert main(["stats", "--data-dir", data_dir]) == 0
+    assert main(["stats", "--data-dir", data_dir, *db]) == 0
     assert "items:        60" in capsys.readouterr().out
 
 
-def test_train_json_beats_majority_and_is_recorded(filled, capsys):
+def test_train_json_beats_majority_and_is_recorded(filled, capsys, db_args):
     data_dir = filled.app.config["DATA_DIR"]
-    assert main(["train", "--task", "Smiling", "--data-dir", data_dir, "--json"]) == 0
+    assert main(["train", "--task", "Smiling", "--data-dir", data_dir, "--json", *db_args(data_dir)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model_id"] == filled.card.model_id
     assert result["n_train"] + result["n_test"] == 60
@@ -72,13 +72,13 @@ def test_train_api_mlp_beats_majority(filled):
     assert resp.json["accuracy"] > resp.json["majority_rate"]
 
 
-def test_train_errors_are_one_line_with_exit_codes(tmp_path, tiny_model_dir, capsys):
+def test_train_errors_are_one_line_with_exit_codes(tmp_path, tiny_model_dir, capsys, db_args):
     data = str(tmp_path / "data")
     create_app({"DATA_DIR": data, "MODELS_DIR": str(tiny_model_dir)})  # registers the model
-    assert main(["train", "--task", "Smiling", "--data-dir", data]) == 3
+    assert main(["train", "--task", "Smiling", "--data-dir", data, *db_args(data)]) == 3
     err = capsys.readouterr().err.strip()
     assert err.startswith("pric-collector: error: too few items") and "\n" not in err
-    assert main(["train", "--task", "Smiling", "--data-dir", data, "--model-id", "nope@1"]) == 7
+    assert main(["train", "--task", "Smiling", "--data-dir", data, "--model-id", "nope@1", *db_args(data)]) == 7
 
 
 def test_stats_on_a_folder_without_database_is_an_error(tmp_path, capsys):
@@ -87,13 +87,14 @@ def test_stats_on_a_folder_without_database_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "typo").exists()
 
 
-def test_model_list_and_retire(filled, tiny_model_dir, capsys):
+def test_model_list_and_retire(filled, tiny_model_dir, capsys, db_args):
     data_dir = filled.app.config["DATA_DIR"]
+    dirs = ["--data-dir", data_dir, "--models-dir", str(tiny_model_dir), *db_args(data_dir)]
     model_id = filled.card.model_id
-    assert main(["model", "list", "--data-dir", data_dir, "--models-dir", str(tiny_model_dir), "--json"]) == 0
+    assert main(["model", "list", *dirs, "--json"]) == 0
     assert [(m["model_id"], m["status"]) for m in json.loads(capsys.readouterr().out)] == [(model_id, "active")]
-    assert main(["model", "retire", model_id, "--data-dir", data_dir, "--models-dir", str(tiny_model_dir)]) == 0
+    assert main(["model", "retire", model_id, *dirs]) == 0
     _, h = filled.register()
     resp = filled.upload(h, filled.body(filled.items(2, prefix="late")))  # the running app sees it
     assert resp.status_code == 409 and "retired" in resp.json["message"]
-    assert main(["model", "retire", "nope@1", "--data-dir", data_dir, "--models-dir", str(tiny_model_dir)]) == 7
+    assert main(["model", "retire", "nope@1", *dirs]) == 7
