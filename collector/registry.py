@@ -76,6 +76,10 @@ class ModelRegistry:
                 log.error(json.dumps({"event": "model_refused", "path": str(card_path.parent),
                                       "reason": f"duplicate model id {card.model_id}"}))
                 continue
+            if len(card.model_id) > models.c.model_id.type.length:  # PostgreSQL would refuse the row
+                log.error(json.dumps({"event": "model_refused", "path": str(card_path.parent),
+                                      "reason": f"model id longer than {models.c.model_id.type.length} characters"}))
+                continue
             found[card.model_id] = RegisteredModel(card=card, directory=card_path.parent)
         self.models = self._record(found)
 

@@ -446,6 +446,16 @@ def test_tampered_model_is_refused_and_logged(tmp_path, caplog, write_model):
     assert_error(client.get(routes.MODEL_FILE, query_string={"model_id": bad.model_id}, headers=h), 404)
 
 
+def test_model_id_too_long_for_the_database_is_refused_and_logged(tmp_path, caplog, write_model):
+    models = tmp_path / "models"
+    good = write_model(models / "good", name="good")
+    write_model(models / "long", name="x" * 201)  # the models.model_id column holds 200 characters
+    with caplog.at_level(logging.ERROR, logger="collector.registry"):
+        app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(models)})
+    assert any("model_refused" in r.getMessage() and "longer than" in r.getMessage() for r in caplog.records)
+    assert app.test_client().get(routes.HEALTH).json["models"] == [good.model_id]
+
+
 def test_model_changed_after_start_is_not_served(kit, tiny_model_dir):
     _, h = kit.register()
     (tiny_model_dir / "tiny" / "model.onnx").write_bytes(b"evil")
