@@ -80,6 +80,7 @@ class AuditConfig:
     max_psnr: float = 20.0
     max_reid_rank1: float = 0.05
     no_reference: bool = False
+    rerender: bool = False
     progress: bool = True
     threads: int = 0
     baseline_epochs: int | None = None
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-primary-drop", type=float, default=0.05, help="allowed utility drop vs raw images")
     p.add_argument("--max-psnr", type=float, default=20.0, help="reconstruction PSNR (dB) above this fails")
     p.add_argument("--max-reid-rank1", type=float, default=0.05, help="re-identification rank-1 above this fails")
+    p.add_argument("--rerender", action="store_true",
+                   help="only re-write report.md and plots of an existing --out (e.g. with new --compare points)")
     p.add_argument("--no-reference", action="store_true", help="skip the raw-image reference classifier")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=0,
@@ -145,7 +148,7 @@ def config_from_args(a: argparse.Namespace) -> AuditConfig:
         recon_epochs=a.recon_epochs if a.recon_epochs is not None else (2 if a.quick else 8),
         limit=a.limit, split_file=a.split_file, cache_dir=a.cache_dir, min_class_samples=a.min_class_samples,
         max_private_acc=a.max_private_acc, max_primary_drop=a.max_primary_drop, max_psnr=a.max_psnr,
-        max_reid_rank1=a.max_reid_rank1, no_reference=a.no_reference, progress=not a.no_progress, threads=a.threads,
+        max_reid_rank1=a.max_reid_rank1, no_reference=a.no_reference, rerender=a.rerender, progress=not a.no_progress, threads=a.threads,
         baseline_epochs=a.baseline_epochs, baseline_recon_epochs=a.baseline_recon_epochs,
         collector=a.collector, token=a.token, model_id=a.model_id, probe=a.probe, timeout=a.timeout,
     )
@@ -529,6 +532,8 @@ def _check_classes(data: FaceData, sp: Splits, cfg: AuditConfig) -> None:
 
 def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     """Run the audit the config asks for; writes the report files and returns report.json's dict."""
+    if cfg.rerender:
+        return rerender(cfg)
     if cfg.collector:
         return run_live_audit(cfg)
     if not cfg.data:
@@ -608,11 +613,26 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     return report
 
 
+def rerender(cfg: AuditConfig) -> dict[str, Any]:
+    """Re-write report.md/plane.png of an existing report, replacing its --compare points."""
+    out_dir = Path(cfg.out)
+    try:
+        report = json.loads((out_dir / REPORT_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"--rerender: {out_dir / REPORT_JSON} is not a readable report ({exc})") from None
+    report["points"] = [p for p in report.get("points", []) if p.get("kind") != "compare"]
+    report["points"] += _compare_points(cfg.compare)
+    _finish(report, cfg, out_dir)
+    return report
+
+
 def _run_sparse(cfg: AuditConfig, model_dir: Path, out_dir: Path, compare: list, t0: float) -> dict[str, Any]:
     from training.sparse_audit import audit_sparse  # written by the sparse helper; imported lazily
 
     sparse = audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
-    report: dict[str, Any] = {"tool": "pric-audit", "config": _redacted(cfg), "setup": {"data": cfg.data, "kind": "sparse_code"},
+    report: dict[str, Any] = {"tool": "pric-audit", "config": _redacted(cfg), "setup": {"data": cfg.data, "kind": "sparse_code",
+                                        "private": cfg.private, "primary": list(cfg.primary),
+                                        "n_train": sparse.get("n_train"), "n_test": sparse.get("n_test")},
                               "releases": [], "points": list(compare), "sparse": sparse}
     h = sparse.get("headline") if isinstance(sparse, dict) else None
     if isinstance(h, dict) and "private_acc" in h:

@@ -128,7 +128,7 @@ def render_markdown(report: dict[str, Any]) -> str:
           "estimate), next to the majority-class rate of the test split",
           f"- run time: {report.get('seconds', '–')} s", ""]
     if "sparse" in report:
-        L += ["## Sparse-code audit", "", "```", _short_json(report["sparse"]), "```", ""]
+        L += _sparse_md(report["sparse"])
     ref = report.get("raw_reference")
     names = s.get("attr_names", [])
     for rel in report.get("releases", []):
@@ -198,10 +198,29 @@ def _live_md(report: dict[str, Any]) -> list[str]:
     return L
 
 
+def _sparse_md(sparse: dict[str, Any]) -> list[str]:
+    """The sparse-code audit (training.sparse_audit) as its own table plus the raw figures."""
+    L = ["## Sparse-code audit (training.sparse_audit)", ""]
+    try:
+        from training.sparse_audit import format_table
+
+        L += [format_table(sparse), ""]
+    except (ImportError, KeyError, TypeError):
+        pass
+    if isinstance(sparse.get("headline"), dict):
+        h = sparse["headline"]
+        L += [f"Headline: {h.get('private')} accuracy {_f(h.get('private_acc'))}, primary accuracy "
+              f"{_f(h.get('primary_acc'))}.", ""]
+    for key in ("support_recovery", "key", "classifiers", "goals"):
+        if key in sparse:
+            L += [f"**{key}**: `{_short_json(sparse[key])}`", ""]
+    return L
+
+
 def _short_json(d: Any) -> str:
     import json
 
-    text = json.dumps(d, indent=1, default=str)
+    text = json.dumps(d, default=str)
     return text if len(text) < 6000 else text[:6000] + "\n…"
 
 

@@ -218,3 +218,31 @@ def test_live_audit_with_a_wrong_token_fails_cleanly(live_collector, sample_face
 
     assert rc == 6
     assert "not-a-token" not in capsys.readouterr().err
+
+
+def test_sparse_code_models_are_delegated_to_the_sparse_audit(tiny_model_dir: Path, sample_faces: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.sparse_audit
+
+    model = tiny_model_dir / "tiny"
+    card = json.loads((model / "model_card.json").read_text())
+    card.update(kind="sparse_code", sparse={"L": 4, "m": 16, "k": 2, "k_fake": 2})
+    (model / "model_card.json").write_text(json.dumps(card))
+    calls = []
+
+    def fake_audit_sparse(model_dir, data_dir, out_dir, args):
+        calls.append((Path(model_dir), Path(data_dir), args.private))
+        return {"n_test": 8, "headline": {"label": "sparse", "private": "Male", "private_acc": 0.55, "primary_acc": 0.8}}
+
+    monkeypatch.setattr(training.sparse_audit, "audit_sparse", fake_audit_sparse)
+    out = tmp_path / "o"
+
+    rc = main(["--model", str(model), "--data", str(sample_faces), "--private", "Male", "--primary", "Smiling",
+               "--out", str(out), *FAST])
+
+    assert rc == 0
+    assert calls == [(model, sample_faces, "Male")]
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparse"]["n_test"] == 8
+    assert report["headline"]["private_acc"] == 0.55
+    assert (out / "report.md").is_file() and (out / "plane.png").is_file()
