@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,20 +21,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import requests
-
-from protocol import routes
+from collector.launch import start_collector, stop
 from training.data import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SAMPLE_FACES = REPO / "tests" / "assets" / "sample_faces"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -80,22 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, lab in labels.items():
                 w.writerow([name, lab["Smiling"]])
 
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
         data = work / "collector"
-        server = subprocess.Popen(
-            [str(BIN / "pric-collector"), "serve", "--data-dir", str(data), "--models-dir", str(args.models_dir),
-             "--host", "127.0.0.1", "--port", str(port), "--quiet"],
-        )
-        for _ in range(150):
-            try:
-                if requests.get(url + routes.HEALTH, timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit("collector exited during start-up")
-            time.sleep(0.2)
+        server, url = start_collector(data, args.models_dir)
         print(f"collector up at {url} (data in {data})", flush=True)
 
         share = max(1, len(photos) // 3)
@@ -132,11 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
         if args.keep:
             print(f"kept {work}")
         else:

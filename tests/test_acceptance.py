@@ -1,0 +1,71 @@
+"""Issue 2's acceptance check, the way a user runs it: a collector started as a process
+with the shipped model, `pric-client` as a process on 40 celeba-10k photos plus a corrupt
+file, a repeated upload, withdrawal; and the shipped models' cards match their files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collector.launch import start_collector, stop
+from protocol.model_card import CARD_FILE, load_card, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORTED = REPO / "exported_models"
+SHIPPED = sorted(d for d in EXPORTED.iterdir() if (d / CARD_FILE).is_file()) if EXPORTED.is_dir() else []
+
+
+def client(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client.cli", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("model_dir", SHIPPED, ids=[d.name for d in SHIPPED])
+def test_shipped_card_matches_its_files(model_dir: Path):
+    card = load_card(model_dir)  # raises unless every file's sha256 matches the card
+    assert sha256_file(model_dir / card.file) == card.sha256
+    assert (model_dir / card.file).stat().st_size <= 5 * 2**20
+    assert card.training, "the card states what the model was trained on and against"
+
+
+def test_a_model_is_shipped():
+    kinds = {load_card(d, verify=False).kind for d in SHIPPED}
+    assert "features" in kinds
+
+
+@pytest.mark.realdata
+def test_forty_photos_and_a_corrupt_file_end_to_end(celeba_dir: Path, tmp_path: Path):
+    album = tmp_path / "album"
+    album.mkdir()
+    for photo in sorted((celeba_dir / "images").glob("*.jpg"))[:40]:
+        shutil.copy(photo, album / photo.name)
+    good = (album / "000001.jpg").read_bytes()
+    (album / "zz_corrupt.jpg").write_bytes(good[: len(good) // 3])
+    home = tmp_path / "home"
+    server, url = start_collector(tmp_path / "collector", EXPORTED)
+    try:
+        assert client(home, "register", "--server", url).returncode == 0
+
+        first = client(home, "upload", str(album))
+        assert first.returncode == 0, first.stderr
+        error_lines = [l for l in first.stderr.splitlines() if "zz_corrupt.jpg" in l]
+        assert len(error_lines) == 1
+        assert first.stdout.strip().splitlines()[-1].startswith("40 stored")
+
+        second = client(home, "upload", str(album))
+        assert second.returncode == 0
+        assert second.stdout.strip().splitlines()[-1].startswith("0 stored")
+
+        status = json.loads(client(home, "status", "--json").stdout)
+        assert status["items"] == 40
+
+        withdrawn = client(home, "withdraw")
+        assert withdrawn.returncode == 0 and "40" in withdrawn.stdout
+        assert json.loads(client(home, "status", "--json").stdout)["items"] == 0
+    finally:
+        stop(server)
