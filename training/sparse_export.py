@@ -84,6 +84,11 @@ def _parity_images(spec: InputSpec, n: int = 16) -> torch.Tensor:
     return torch.from_numpy(normalize(data.pixels[:n], spec))
 
 
+def _epochs_completed(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+
 def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: str | None = None) -> Path:
     """Export RUN_DIR to OUT_DIR (model.onnx, decoder.onnx, model_card.json); returns OUT_DIR."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -122,6 +127,8 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
             "best_epoch": config.get("best_epoch"),
             "best_val_psnr": config.get("best_val_psnr"),
             "epochs": config["train"]["epochs"],
+            "epochs_completed": _epochs_completed(run_dir),
+            **({"note": config["note"]} if config.get("note") else {}),
             "parity": parity,
         },
         description="Sparse-code encoder (top-k per code map) for ambiguated release; decoder.onnx is for "

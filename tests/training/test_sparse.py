@@ -117,6 +117,7 @@ def test_export_writes_checked_card_and_matching_onnx(tiny_export: Path, tiny_ru
     assert image.shape == (3, 3, 64, 64) and image.min() >= 0.0 and image.max() <= 1.0
     assert np.abs(image - image_torch).max() <= sparse_export.TOLERANCE
     assert card.training["parity"]["decoder_max_abs_diff"] <= sparse_export.TOLERANCE
+    assert card.training["epochs_completed"] == 2
     # the exported code goes through the client's ambiguation unchanged
     amb, key = ambiguate(code[0], card.sparse)
     assert len(key) == key_size_bytes(card.sparse)
