@@ -146,7 +146,7 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
          f"{rel.get('epochs', '–')} epochs, decoder {rel.get('recon_epochs', '–')} epochs; audited in "
          f"{rel.get('seconds')} s.", ""]
     raw_of = (lambda n: ref["accuracy"][names.index(n)]) if ref else (lambda n: None)
-    kinds = [k for k in (*p.get("kinds", []), "reconstruct") if k in p]
+    kinds = [k for k in (*p.get("kinds", []), "multi_label", "reconstruct") if k in p]
     L += [f"### Private attribute: {s['private']}", ""]
     L += _md_table(["attacker", "test accuracy"], [[k, p[k]] for k in kinds]
                    + [["**strongest**", p["accuracy"]], ["majority rate", p["majority_rate"]],
