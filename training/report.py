@@ -55,19 +55,21 @@ def plot_plane(points: Sequence[dict[str, Any]], path: Path, private: str, prima
     """Privacy–utility plane: x = private-attribute leakage (strongest attacker accuracy),
     y = primary-task accuracy. Lower right is bad; upper left near the majority rate is good."""
     plt = _mpl()
-    style = {"model": ("*", "tab:red", 160), "raw": ("s", "black", 60), "baseline": ("o", "tab:blue", 50),
-             "compare": ("D", "tab:green", 50)}
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for p in points:
-        if p.get("primary_acc") is None or p.get("private_acc") is None:
-            continue
-        marker, color, size = style.get(p.get("kind", "compare"), style["compare"])
-        ax.scatter(p["private_acc"], p["primary_acc"], marker=marker, c=color, s=size, zorder=3)
-        ax.annotate(p["label"], (p["private_acc"], p["primary_acc"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
+    markers = {"model": ("*", 220), "raw": ("s", 70), "baseline": ("o", 60), "compare": ("D", 60)}
+    fig, ax = plt.subplots(figsize=(8.0, 4.8))
+    shown = [p for p in points if p.get("primary_acc") is not None and p.get("private_acc") is not None]
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(shown), 2)))
+    # one colour and legend entry per release: clustered points stay readable
+    for p, color in zip(shown, colors):
+        marker, size = markers.get(p.get("kind", "compare"), markers["compare"])
+        if p.get("kind") == "raw":
+            color = "black"
+        ax.scatter(p["private_acc"], p["primary_acc"], marker=marker, color=color, s=size, zorder=3,
+                   edgecolors="black", linewidths=0.4, label=f"{p['label']} ({p['private_acc']:.3f}, {p['primary_acc']:.3f})")
     if majority is not None:
         ax.axvline(majority, ls="--", c="grey", lw=1, label=f"majority rate of {private}")
-        ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="release (leakage, utility)",
+              title_fontsize=7)
     ax.set_xlabel(f"{private} leakage: strongest attacker accuracy (test)")
     ax.set_ylabel(f"primary accuracy ({', '.join(primary) or '–'}, mean, test)")
     ax.set_title("privacy–utility plane (up and left is better)", fontsize=9)
