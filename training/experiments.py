@@ -104,7 +104,7 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of result rows: strongest fresh attacker per private attribute (with
     its label floor and majority rate) and the best fresh classifier per primary task."""
     head = "| method | λ | adv w | pen w | epochs | seed | private: strongest fresh attacker (lin/mlp/cnn) [floor, majority] | primary: fresh classifier | other attrs rel. raw | train s |"
-    lines = [head, "|" + " --- |" * head.count(" | ")]
+    lines = [head, "|" + " --- |" * (head.count(" | ") + 1)]
     for r in rows:
         priv = "; ".join(
             f"{n} **{v['strongest']:.3f}** ({'/'.join(f'{v[k]:.3f}' for k in ('linear', 'mlp', 'cnn') if k in v)})"

@@ -131,6 +131,7 @@ def export_run(cfg: ExportConfig) -> Path:
     ).validate()
     card.save(out)
     (out / "export_config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
+    (out / "train_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     print(f"exported {card.model_id} to {onnx_path} ({size / 1e6:.2f} MB, parity {diff:.1e})", flush=True)
     return out
 
