@@ -62,8 +62,8 @@ def plot_plane(points: Sequence[dict[str, Any]], path: Path, private: str, prima
     # one colour and legend entry per release: clustered points stay readable
     for p, color in zip(shown, colors):
         marker, size = markers.get(p.get("kind", "compare"), markers["compare"])
-        if p.get("kind") == "raw":
-            color = "black"
+        if p.get("kind") in ("raw", "model"):
+            color = "black" if p["kind"] == "raw" else "tab:red"
         ax.scatter(p["private_acc"], p["primary_acc"], marker=marker, color=color, s=size, zorder=3,
                    edgecolors="black", linewidths=0.4, label=f"{p['label']} ({p['private_acc']:.3f}, {p['primary_acc']:.3f})")
     if majority is not None:
