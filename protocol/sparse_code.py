@@ -5,11 +5,12 @@ map (top-k by magnitude). Before upload the owner adds k_fake *fake* non-zeros p
 random zero positions; the public code then has k' = k + k_fake non-zeros per map and the
 secret key is which k of those k' are true.
 
-Fake values are drawn from the same distribution as the true kept values of that map
-(inverse of the empirical CDF of the true magnitudes, linearly interpolated so no value
-repeats exactly; signs with the true maps' sign rate). The reference code drew them
-m/k times too large, which lets an attacker keep the k smallest magnitudes and recover
-most of the key; this module does not.
+Fake values are drawn so that their magnitudes are exchangeable with the true kept
+values of that map (see `sample_fake_values`: a Bayesian bootstrap over the k+1 gaps
+between the sorted true magnitudes, tails included, so the largest and the smallest
+magnitude of a map are true only with probability k/k'; signs with the true map's sign
+rate). The reference code drew them m/k times too large, which lets an attacker keep the
+k smallest magnitudes and recover most of the key; this module does not.
 
 Key format (version 1), bytes:
     b"PK" | version u8 | L u16 | k' u16 | k u16 | fingerprint 8 bytes | packbits(mask (L, k'))
@@ -83,16 +84,43 @@ def _true_support(code: np.ndarray, k: int) -> np.ndarray:
 
 
 def sample_fake_values(true_values: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw n values distributed like `true_values` (1-D): interpolated inverse empirical
-    CDF of magnitudes, signs at the true sign rate."""
-    mags = np.sort(np.abs(true_values.astype(np.float64)))
+    """Draw n fake values for one code map from its k true values (1-D array).
+
+    Magnitudes: the k sorted true magnitudes x_1 <= ... <= x_k cut the line into k+1
+    gaps (below x_1, between neighbours, above x_k). For k i.i.d. draws of any
+    continuous law, the probability masses of those gaps are Dirichlet(1, ..., 1); the
+    sampler draws the masses from that law once per map, then each fake's gap from them
+    (a Bayesian bootstrap with tails). So the rank of every fake among the true values
+    has exactly the law of the rank of one more true value: ranking magnitudes, the
+    largest and the smallest included, recovers the true support only at chance k/k'.
+    Within a gap the magnitude is uniform between its ends; below x_1 the lower end is
+    x_1 - (x_2 - x_1), not below x_1 / 2; above x_k an exponential tail whose scale is
+    the Rényi estimate from the top spacings, mean of i·(x_{k-i+1} - x_{k-i}), i <= 5.
+    Signs: + with the true map's rate of positive values.
+    """
+    tv = np.asarray(true_values, dtype=np.float64).ravel()
+    mags = np.sort(np.abs(tv))
     k = mags.size
+    if k == 0:
+        raise ValueError("sample_fake_values needs at least one true value")
     if k == 1:
-        fake_mag = np.full(n, mags[0])
+        fake_mag = mags[0] * rng.uniform(0.5, 1.5, size=n)
     else:
-        u = rng.uniform(0.0, k - 1, size=n)
-        fake_mag = np.interp(u, np.arange(k), mags)
-    p_pos = float(np.mean(true_values > 0)) if k else 0.5
+        gap = rng.choice(k + 1, size=n, p=rng.dirichlet(np.ones(k + 1)))
+        v = rng.random(n)
+        fake_mag = np.empty(n)
+        inner = (gap > 0) & (gap < k)
+        lo_i = gap[inner] - 1
+        fake_mag[inner] = mags[lo_i] + v[inner] * (mags[lo_i + 1] - mags[lo_i])
+        low = gap == 0
+        low_end = max(mags[0] - (mags[1] - mags[0]), 0.5 * mags[0])
+        fake_mag[low] = low_end + v[low] * (mags[0] - low_end)
+        high = gap == k
+        j = min(k - 1, 5)
+        spacings = np.diff(mags)[::-1][:j]  # x_k - x_{k-1}, x_{k-1} - x_{k-2}, ...
+        scale = float(np.mean(np.arange(1, j + 1) * spacings))
+        fake_mag[high] = mags[-1] + scale * -np.log1p(-v[high])
+    p_pos = float(np.mean(tv > 0))
     signs = np.where(rng.random(n) < p_pos, 1.0, -1.0)
     return (fake_mag * signs).astype(np.float32)
 

@@ -265,3 +265,26 @@ def test_validate_code_rejects_out_of_range():
     with pytest.raises(SparseCodeError, match="out of range"):
         validate_code(bad, amb.values, SPEC)
     assert SparseCodeError("x").http_status == 400
+
+
+@pytest.mark.parametrize("k_fake", [11, 22])
+def test_extreme_magnitudes_are_true_only_at_chance(k_fake):
+    """The largest and the smallest magnitude of a map, and the k largest, are true at k/k'."""
+    spec = SparseSpec(L=4, m=256, k=11, k_fake=k_fake)
+    rng = np.random.default_rng(1)
+    top_hits, max_true, min_true, n_maps = 0, 0, 0, 0
+    for _ in range(300):
+        scale = rng.gamma(2, 1, (spec.L, 1))
+        code = top_k(rng.standard_normal((spec.L, spec.m)).astype(np.float32) * scale, spec.k)
+        amb, key = ambiguate(code, spec, rng)
+        mask, _, _ = unpack_key(key)
+        order = np.argsort(np.abs(amb.values.astype(np.float32)), axis=1, kind="stable")
+        ranked = np.take_along_axis(mask, order, axis=1)
+        top_hits += ranked[:, -spec.k:].sum()
+        max_true += ranked[:, -1].sum()
+        min_true += ranked[:, 0].sum()
+        n_maps += spec.L
+    chance = spec.k / spec.k_prime
+    assert abs(top_hits / (n_maps * spec.k) - chance) < 0.02
+    assert abs(max_true / n_maps - chance) < 0.06
+    assert abs(min_true / n_maps - chance) < 0.06
