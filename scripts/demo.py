@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from collector.launch import start_collector, stop
+from protocol.model_card import CARD_FILE, load_card
 from training.data import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,13 @@ def _pick_photos(data_dir: Path, per_participant: int) -> tuple[list[Path], dict
     photos = [data_dir / "images" / index.filenames[i] for i in chosen]
     labels = {index.filenames[i]: {"Smiling": int(index.labels[i, smiling])} for i in chosen}
     return photos, labels
+
+
+def _features_model(models_dir: Path) -> Path:
+    for d in sorted(models_dir.iterdir()):
+        if (d / CARD_FILE).is_file() and load_card(d, verify=False).kind == "features":
+            return d
+    raise SystemExit(f"{models_dir}: no exported `features` model found")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,8 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, lab in labels.items():
                 w.writerow([name, lab["Smiling"]])
 
+        # the collector serves every shipped model; the demo's participants use the
+        # anonymized-features model (the first `features` card in --models-dir)
+        model_dir = _features_model(args.models_dir)
+        model_id = load_card(model_dir).model_id
         data = work / "collector"
-        server, url = start_collector(data, args.models_dir)
+        server, url = start_collector(data, args.models_dir, "--current-model", model_id)
         print(f"collector up at {url} (data in {data})", flush=True)
 
         share = max(1, len(photos) // 3)
@@ -88,23 +100,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run([BIN / "pric-client", "--home", home, "upload", album, "--labels", labels_csv])
 
         _run([BIN / "pric-collector", "stats", "--data-dir", data])
-        result = _run([BIN / "pric-collector", "train", "--task", "Smiling", "--data-dir", data, "--json"],
+        result = _run([BIN / "pric-collector", "train", "--task", "Smiling", "--data-dir", data,
+                       "--model-id", model_id, "--json"],
                       capture_output=True, text=True)
         trained = json.loads(result.stdout)
         print(f"\nSmiling classifier trained by the collector on uploaded features: "
               f"held-out accuracy {trained['accuracy']:.3f} (majority rate {trained['majority_rate']:.3f}, "
               f"{trained['n_train']} train / {trained['n_test']} held-out items)", flush=True)
 
-        model_dirs = sorted(d for d in args.models_dir.iterdir() if (d / "model_card.json").is_file())
-        card = json.loads((model_dirs[0] / "model_card.json").read_text()) if model_dirs else {}
         audit_dir = work / "audit"
-        if data_dir != SAMPLE_FACES and model_dirs:
-            _run([BIN / "pric-audit", "--model", model_dirs[0], "--data", data_dir, "--private", "Male",
+        if data_dir != SAMPLE_FACES:
+            _run([BIN / "pric-audit", "--model", model_dir, "--data", data_dir, "--private", "Male",
                   "--primary", "Smiling", "--out", audit_dir, "--quick"])
             print((audit_dir / "report.md").read_text() if (audit_dir / "report.md").is_file() else "", flush=True)
         else:
             print("shipped model card's audit figures (measured on the celeba-10k test split):")
-            print(json.dumps(card.get("audit", {}), indent=2))
+            print(json.dumps(load_card(model_dir).audit, indent=2))
         print(f"\ndemo finished in {time.monotonic() - started:.0f} s", flush=True)
         return 0
     finally:
