@@ -2,13 +2,16 @@
 
 1. Pipeline (read, sha256, decode with draft, crop, resize, normalise, ONNX, batch 64)
    photos/s on celeba-10k vs JPEG decode + resize alone (with and without draft mode).
-   Goal: pipeline >= 0.8 x the decode+resize limit.
+   Goal: pipeline >= 0.8 x the decode+resize limit. Also the pipeline with the ONNX run
+   replaced by zeros (what the client adds around decode+resize), CPU us per photo of each
+   run and of each stage: on a shared machine CPU time is the steadier measure.
 2. onnxruntime vs torch eager for the same extractor architecture (training.models,
    random weights, exported with training.export.export_onnx), batch 64. Skipped
    without torch; the client itself never imports torch.
 3. Phone-sized photos: 4000x3000 JPEGs made by upscaling celeba faces vs 89x109 files,
-   client pipeline photos/s, and a full-resolution decode (draft disabled) for contrast.
-4. Peak memory of `pric-client transform` (a real process, ru_maxrss) over N and 4N
+   client pipeline photos/s, and a full-resolution decode (draft disabled) for contrast;
+   CPU ms per 12-MP photo of read, sha256, draft decode, crop+resize (what bounds it).
+4. Peak memory of `pric-client transform` (a real process, VmHWM) over N and 4N
    photos, and the tracemalloc peak in-process: flat when the transform streams.
 
     .venv/bin/python benchmarks/bench_client.py [--n 1000] [--model-dir DIR] [--json OUT]
@@ -107,28 +110,73 @@ def pipeline(files: Sequence[Path], ex: Extractor, batch: int = 64, workers: int
     return n
 
 
+def cpu_clock(t: dict[str, float], n: int, unit: float) -> Callable[[str, Callable[[], object]], object]:
+    """clock(name, fn): run fn, store its process CPU time per photo (x unit) in t[name]."""
+
+    def clock(name: str, fn: Callable[[], object]) -> object:
+        t0 = time.process_time()
+        out = fn()
+        t[name] = (time.process_time() - t0) / n * unit
+        return out
+
+    return clock
+
+
 def stage_breakdown(files: Sequence[Path], ex: Extractor) -> dict[str, float]:
-    """Microseconds per photo of each pipeline stage, single thread."""
+    """CPU microseconds per photo of each pipeline stage (process CPU time, all threads:
+    steadier than wall time on a shared machine), in the order the client runs them."""
     import hashlib
 
     from protocol.preprocess import load_image, normalize, prepare
 
     spec = ex.card.input
     t: dict[str, float] = {}
-
-    def clock(name: str, fn: Callable[[], object]) -> object:
-        t0 = time.perf_counter()
-        out = fn()
-        t[name] = (time.perf_counter() - t0) / len(files) * 1e6
-        return out
+    clock = cpu_clock(t, len(files), 1e6)
 
     datas = clock("read", lambda: [p.read_bytes() for p in files])
     clock("sha256", lambda: [hashlib.sha256(d).hexdigest() for d in datas])
     imgs = clock("decode (load_image)", lambda: [load_image(d, spec) for d in datas])
     arrs = clock("crop+resize (prepare)", lambda: [prepare(i, spec) for i in imgs])
-    xs = clock("normalize", lambda: [normalize(a, spec) for a in arrs])
-    x = np.stack(xs)
+    x = clock("stack+normalize (batches of 64)",
+              lambda: np.concatenate([normalize(np.stack(arrs[i:i + 64]), spec) for i in range(0, len(arrs), 64)]))
     clock("onnx (batch 64)", lambda: [ex.run(x[i:i + 64]) for i in range(0, len(x), 64)])
+    return t
+
+
+class NoModelExtractor(Extractor):
+    """The client pipeline with the ONNX run replaced by zeros: what the client itself adds
+    to decode+resize (read, sha256, EXIF check, normalise, batching), without the model."""
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros((len(x), *self.out_shape), dtype=self.card.output.dtype)
+
+
+def phone_breakdown(files: Sequence[Path], spec: InputSpec) -> dict[str, float]:
+    """CPU milliseconds per 12-MP photo: file read, sha256, JPEG decode in draft mode
+    (libjpeg still entropy-decodes every coefficient), EXIF check + RGB, crop+resize,
+    and a full-resolution decode for contrast."""
+    import hashlib
+    import io
+
+    from protocol.preprocess import load_image, prepare
+
+    t: dict[str, float] = {}
+    clock = cpu_clock(t, len(files), 1e3)
+
+    def decode(d: bytes, size: tuple[int, int] | None) -> Image.Image:
+        img = Image.open(io.BytesIO(d))
+        if size:
+            img.draft("RGB", size)
+        img.load()
+        return img
+
+    datas = clock("read", lambda: [p.read_bytes() for p in files])
+    clock("sha256", lambda: [hashlib.sha256(d).hexdigest() for d in datas])
+    small = clock("decode at 1/8 (draft)", lambda: [decode(d, _needed_size((0, 0), spec)) for d in datas])
+    t["draft_size"] = list(small[0].size)  # type: ignore[index]
+    imgs = clock("load_image (draft + EXIF + RGB)", lambda: [load_image(d, spec) for d in datas])
+    clock("crop+resize (prepare)", lambda: [prepare(i, spec) for i in imgs])
+    clock("full-resolution decode", lambda: [decode(d, None) for d in datas])
     return t
 
 
@@ -244,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         card = open_model_dir(model_dir)
         spec = card.input
         ex = Extractor(card, model_dir)
+        no_model = NoModelExtractor(card, model_dir)
         files = celeba_images(args.n)
         results["model"] = card.model_id
         print(f"model {card.model_id} from {model_dir}; {len(files)} photos; {os.cpu_count()} CPUs", flush=True)
@@ -253,8 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline(files[:128], ex)
         workers = default_workers()
         # the machine is shared: interleave the runs in rounds and report median ratios
-        rounds: dict[str, list[float]] = {"full": [], "draft": [], "pipe1": [], "drafW": [], "pipeW": []}
-        cpu: dict[str, list[float]] = {"draft": [], "pipe1": []}
+        rounds: dict[str, list[float]] = {"full": [], "draft": [], "pipe1": [], "prep1": [], "drafW": [], "pipeW": []}
+        cpu: dict[str, list[float]] = {"draft": [], "pipe1": [], "prep1": [], "pipeW": []}
         for _ in range(args.rounds):
             rounds["full"].append(rates(lambda: decode_resize(files, spec, draft=False))[0])
             w, c = rates(lambda: decode_resize(files, spec, draft=True))
@@ -263,26 +312,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             w, c = rates(lambda: pipeline(files, ex, workers=1))
             rounds["pipe1"].append(w)
             cpu["pipe1"].append(c)
+            w, c = rates(lambda: pipeline(files, no_model, workers=1))
+            rounds["prep1"].append(w)
+            cpu["prep1"].append(c)
             rounds["drafW"].append(rates(lambda: decode_resize_parallel(files, spec, workers))[0])
-            rounds["pipeW"].append(rates(lambda: pipeline(files, ex, workers=workers))[0])
+            w, c = rates(lambda: pipeline(files, ex, workers=workers))
+            rounds["pipeW"].append(w)
+            cpu["pipeW"].append(c)
         med = {k: float(np.median(v)) for k, v in rounds.items()}
         r1 = float(np.median(np.array(rounds["pipe1"]) / np.array(rounds["draft"])))
         rw = float(np.median(np.array(rounds["pipeW"]) / np.array(rounds["drafW"])))
         rc = float(np.median(np.array(cpu["pipe1"]) / np.array(cpu["draft"])))
+        rp = float(np.median(np.array(rounds["prep1"]) / np.array(rounds["draft"])))
+        rpc = float(np.median(np.array(cpu["prep1"]) / np.array(cpu["draft"])))
+        cpu_us = {k: 1e6 / float(np.median(v)) for k, v in cpu.items()}
         results["celeba"] = {
             "rounds": args.rounds, "workers": workers, "per_round_photos_s": rounds, "per_round_photos_per_cpu_s": cpu,
             "median_photos_s": med, "ratio_1_thread_vs_draft_limit": r1, "ratio_workers_vs_parallel_draft_limit": rw,
             "ratio_cpu_time_1_thread_vs_draft_limit": rc, "load_average": os.getloadavg(),
+            "ratio_no_model_1_thread_vs_draft_limit": rp, "ratio_cpu_time_no_model_vs_draft_limit": rpc,
+            "median_cpu_us_per_photo": cpu_us,
         }
         print(f"[1] celeba ({args.rounds} interleaved rounds, medians, load average {os.getloadavg()[0]:.1f}): "
               f"decode+resize alone {med['draft']:.0f} photos/s (draft as the client), {med['full']:.0f}/s (full "
               f"decode); client pipeline {med['pipe1']:.0f}/s with 1 thread (ratio {r1:.2f}; per CPU second "
               f"{rc:.2f}), {med['pipeW']:.0f}/s with {workers} decode threads vs decode+resize on {workers} threads "
               f"{med['drafW']:.0f}/s (ratio {rw:.2f})  goal >= 0.8", flush=True)
+        print(f"    without the model (ONNX run replaced by zeros): {med['prep1']:.0f}/s, ratio {rp:.2f} (per CPU "
+              f"second {rpc:.2f}); CPU us/photo: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu_us.items()), flush=True)
 
         stages = stage_breakdown(files, ex)
         results["stages_us_per_photo"] = stages
-        print("    stages, us/photo: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()), flush=True)
+        print("    stages, CPU us/photo: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()), flush=True)
 
         ot = bench_ort_vs_torch(files, spec, tmp)
         results["ort_vs_torch"] = ot
@@ -301,16 +362,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         big_pipe_w = rate(lambda: pipeline(big, ex, workers=default_workers()), 2)
         small_pipe = rate(lambda: pipeline(small * 8, ex), 2)  # single thread both
         big_full = rate(lambda: full_decode_pipeline(big, spec), 1)
+        big_cpu = rates(lambda: pipeline(big, ex))[1]
+        small_cpu = rates(lambda: pipeline(small * 8, ex))[1]
+        parts = phone_breakdown(big, spec)
         results["phone"] = {
             "n_12mp": len(big), "mean_file_mib": mb, "pipeline_12mp_photos_s": big_pipe,
             "pipeline_89x109_photos_s": small_pipe, "full_res_decode_12mp_photos_s": big_full,
             "pipeline_12mp_workers_photos_s": big_pipe_w,
             "draft_speedup_12mp": big_pipe / big_full, "cost_ratio_12mp_vs_small": small_pipe / big_pipe,
+            "pipeline_cpu_ms_per_photo_12mp": 1e3 / big_cpu, "pipeline_cpu_ms_per_photo_89x109": 1e3 / small_cpu,
+            "breakdown_12mp_cpu_ms": parts,
         }
         print(f"[3] 12-MP JPEGs ({mb:.1f} MiB): pipeline {big_pipe:.1f} photos/s; 89x109: {small_pipe:.0f}/s "
               f"(12 MP costs {small_pipe / big_pipe:.1f}x more per photo); full-resolution decode+resize "
               f"{big_full:.1f}/s (draft is {big_pipe / big_full:.1f}x faster); 12 MP with {default_workers()} decode threads "
               f"{big_pipe_w:.1f}/s", flush=True)
+        print(f"    CPU ms/photo: 12 MP {1e3 / big_cpu:.1f}, 89x109 {1e3 / small_cpu:.2f}; 12-MP parts, CPU ms/photo: "
+              + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in parts.items()), flush=True)
 
         many = celeba_images(4 * args.mem_n)
         rss_small = peak_rss_of_transform(many[: args.mem_n], model_dir, tmp)

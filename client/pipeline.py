@@ -1,9 +1,10 @@
 """Photo → released arrays, streaming in batches.
 
     file ─► read bytes (size guard) ─► sha256 ─► item id = H(photo sha256, model sha256)
-         ─► protocol.preprocess (decode with draft, EXIF, RGB, crop, resize, normalise)
-                                                        → float32 (3, H, W)
-         ─► stack B photos ─► ONNX model                → (B, *card.output.shape)
+         ─► protocol.preprocess load_image + prepare (decode with draft, EXIF, RGB, crop,
+            resize)                                     → uint8 (H, W, 3)
+         ─► stack B photos ─► normalise the batch       → float32 (B, 3, H, W)
+         ─► ONNX model                                  → (B, *card.output.shape)
          ─► features: {"feature": (…)}  |  sparse_code: ambiguate each (L, m) code
                                                         → {"indices": (L, k'), "values": (L, k')}
 
@@ -27,7 +28,7 @@ import numpy as np
 from client.models import card_model
 from protocol.errors import ImageError, ImageTooLargeError, ModelIntegrityError
 from protocol.model_card import ModelCard
-from protocol.preprocess import MAX_FILE_BYTES, preprocess
+from protocol.preprocess import MAX_FILE_BYTES, load_image, normalize, prepare
 from protocol.sparse_code import AmbiguatedCode, ambiguate, os_rng
 
 ITEM_ID_HEX = 40
@@ -87,8 +88,14 @@ class Extractor:
         self.out_shape = tuple(int(d) for d in card.output.shape)
 
     def decode(self, data: bytes, path: Path) -> np.ndarray:
-        """Photo bytes → float32 (3, H, W) per the card's input spec."""
-        return preprocess(data, self.card.input, name=str(path))
+        """Photo bytes → uint8 (H, W, 3), cropped and resized per the card's input spec
+        (normalised later, a batch at a time: same values, a quarter of the bytes held)."""
+        spec = self.card.input
+        return prepare(load_image(data, spec, name=str(path)), spec)
+
+    def transform(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) → model output (B, *card.output.shape): normalise, run."""
+        return self.run(normalize(pixels, self.card.input))
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """float32 (B, 3, H, W) → (B, *card.output.shape) in the card's dtype."""
@@ -151,7 +158,7 @@ class Extractor:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def _finish(self, pending: list[tuple[Path, str, np.ndarray]]) -> list[Row]:
-        y = self.run(np.stack([x for _, _, x in pending]))
+        y = self.transform(np.stack([x for _, _, x in pending]))
         return [Row(path=p, item_id=i, output=y[n]) for n, (p, i, _) in enumerate(pending)]
 
 

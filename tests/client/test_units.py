@@ -316,3 +316,34 @@ def test_normalize_equals_its_documented_formula(shape: tuple[int, ...]) -> None
     got = normalize(pixels, spec)
     assert got.dtype == np.float32 and got.flags.c_contiguous
     np.testing.assert_array_equal(got, np.moveaxis(reference, -1, -3))
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+def test_load_image_equals_always_calling_exif_transpose(orientation: int | None) -> None:
+    """load_image skips ImageOps.exif_transpose (a full copy) for upright photos: pixels,
+    size and mode stay those of open, draft, load, exif_transpose, RGB, bit for bit."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    from protocol.model_card import InputSpec
+    from protocol.preprocess import _needed_size, load_image
+
+    rng = np.random.default_rng(orientation or 0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    spec = InputSpec()
+    for with_spec in (None, spec):
+        ref = Image.open(io.BytesIO(buf.getvalue()))
+        if with_spec is not None:
+            ref.draft("RGB", _needed_size(ref.size, spec))
+        ref = ImageOps.exif_transpose(ref).convert("RGB")
+        got = load_image(buf.getvalue(), with_spec)
+        assert (got.mode, got.size) == (ref.mode, ref.size)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    turned = orientation in (5, 6, 7, 8)
+    assert load_image(buf.getvalue()).size == ((300, 200) if turned else (200, 300))
