@@ -13,7 +13,7 @@ import torch
 
 from protocol.model_card import load_card
 from protocol.sparse_code import ambiguate, key_size_bytes
-from training import sparse_audit, sparse_export, sparse_train
+from training import sparse_audit, sparse_export, sparse_sweep, sparse_train
 from training.models.sparse import GroupedLinear, SparseAEConfig, SparseAutoencoder, top_k_per_map
 
 TINY = ["--L", "2", "--m", "32", "--k", "4", "--k-train", "6", "--k-fake", "4", "--channels", "8,8,8",
@@ -170,3 +170,32 @@ def test_jpeg_at_budget_respects_the_byte_budget(sample_faces: Path) -> None:
 
     assert small <= 700 and large <= 1500
     assert q_large > q_small
+
+
+def test_sweep_measures_each_sampler_and_k_fake(tiny_export: Path, sample_faces: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    rc = sparse_sweep.main(["--model", str(tiny_export), "--data", str(sample_faces), "--out", str(tmp_path),
+                            "--n", "8", "--k-fake", "4,8"])
+
+    assert rc == 0
+    report = json.loads((tmp_path / sparse_sweep.REPORT).read_text())
+    cells = {(r["sampler"], r["k_fake"]) for r in report["rows"]}
+    assert cells == {(s, kf) for s in ("bootstrap", "interp") for kf in (4, 8)}
+    card = load_card(tiny_export)
+    for row in report["rows"]:
+        assert row["wire_bytes"] == card.sparse.L * (card.sparse.k + row["k_fake"]) * 4
+        assert row["chance"] == card.sparse.k / (card.sparse.k + row["k_fake"])
+        assert 0.0 <= row["largest"]["recovery"] <= 1.0 and np.isfinite(row["as_is"]["psnr"])
+    interp = [r for r in report["rows"] if r["sampler"] == "interp"]
+    # the flaw the bootstrap sampler removes: the largest magnitude is a true value (up to float16 ties)
+    assert all(r["largest_value_is_true"] >= 0.85 for r in interp)
+    assert "| bootstrap | 4 |" in capsys.readouterr().out
+
+
+def test_sweep_refuses_an_unknown_sampler(tiny_export: Path, sample_faces: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    rc = sparse_sweep.main(["--model", str(tiny_export), "--data", str(sample_faces), "--out", str(tmp_path),
+                            "--samplers", "uniform"])
+
+    assert rc == 2
+    assert "uniform" in capsys.readouterr().err
