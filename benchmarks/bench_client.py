@@ -1,6 +1,7 @@
 """Client benchmarks (issue 6). Ratios are measured in one run on this machine.
 
-1. Pipeline (read, sha256, decode with draft, crop, resize, normalise, ONNX, batch 64)
+1. Pipeline (read, sha256, decode with draft, crop, resize, normalise, ONNX; batches of
+   64 photos, the model run 16 at a time)
    photos/s on celeba-10k vs JPEG decode + resize alone (with and without draft mode).
    Goal: pipeline >= 0.8 x the decode+resize limit. Also the pipeline with the ONNX run
    replaced by zeros (what the client adds around decode+resize), CPU us per photo of each
@@ -122,6 +123,30 @@ def cpu_clock(t: dict[str, float], n: int, unit: float) -> Callable[[str, Callab
     return clock
 
 
+def model_macs(path: Path) -> int | None:
+    """Multiply-accumulates per photo of the ONNX graph's Conv and MatMul nodes (shape
+    inference; None without onnx or when a shape is unknown)."""
+    try:
+        import onnx
+        from onnx import shape_inference
+    except ImportError:
+        return None
+    graph = shape_inference.infer_shapes(onnx.load(str(path))).graph
+    weights = {w.name: list(w.dims) for w in graph.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.value_info, *graph.output]}
+    total = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul"):
+            continue
+        w, out = weights.get(node.input[1]), shapes.get(node.output[0])
+        if w is None or not out or 0 in out[1:]:
+            return None
+        per_output = int(np.prod(w[1:])) if node.op_type == "Conv" else w[0]
+        total += int(np.prod(out[1:])) * per_output
+    return total
+
+
 def stage_breakdown(files: Sequence[Path], ex: Extractor) -> dict[str, float]:
     """CPU microseconds per photo of each pipeline stage (process CPU time, all threads:
     steadier than wall time on a shared machine), in the order the client runs them."""
@@ -137,9 +162,9 @@ def stage_breakdown(files: Sequence[Path], ex: Extractor) -> dict[str, float]:
     clock("sha256", lambda: [hashlib.sha256(d).hexdigest() for d in datas])
     imgs = clock("decode (load_image)", lambda: [load_image(d, spec) for d in datas])
     arrs = clock("crop+resize (prepare)", lambda: [prepare(i, spec) for i in imgs])
-    x = clock("stack+normalize (batches of 64)",
-              lambda: np.concatenate([normalize(np.stack(arrs[i:i + 64]), spec) for i in range(0, len(arrs), 64)]))
-    clock("onnx (batch 64)", lambda: [ex.run(x[i:i + 64]) for i in range(0, len(x), 64)])
+    xs = clock("stack+normalize (batches of 64)",
+               lambda: [normalize(np.stack(arrs[i:i + 64]), spec) for i in range(0, len(arrs), 64)])
+    clock("onnx", lambda: [ex.run(x) for x in xs])  # type: ignore[union-attr]
     return t
 
 
@@ -344,6 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = stage_breakdown(files, ex)
         results["stages_us_per_photo"] = stages
         print("    stages, CPU us/photo: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()), flush=True)
+        macs = model_macs(model_dir / card.file)
+        if macs:
+            gflops = 2 * macs / (stages["onnx"] * 1e-6) / 1e9
+            results["model_macs_per_photo"] = macs
+            results["model_gflop_per_cpu_s"] = gflops
+            print(f"    model: {macs / 1e6:.1f} M multiply-adds per photo, {gflops:.0f} GFLOP per CPU second", flush=True)
 
         ot = bench_ort_vs_torch(files, spec, tmp)
         results["ort_vs_torch"] = ot

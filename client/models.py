@@ -98,6 +98,7 @@ class OnnxModel:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
 
-def card_model(card: ModelCard, model_dir: Path) -> OnnxModel:
-    """The on-device model of a card: input card.input.name → output card.output.name."""
-    return OnnxModel(model_dir / card.file, card.input.name, card.output.name)
+def card_model(card: ModelCard, model_dir: Path, threads: int = 0) -> OnnxModel:
+    """The on-device model of a card: input card.input.name → output card.output.name;
+    `threads` onnxruntime intra-op threads (0: one per core)."""
+    return OnnxModel(model_dir / card.file, card.input.name, card.output.name, threads=threads)

@@ -347,3 +347,20 @@ def test_load_image_equals_always_calling_exif_transpose(orientation: int | None
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     turned = orientation in (5, 6, 7, 8)
     assert load_image(buf.getvalue()).size == ((300, 200) if turned else (200, 300))
+
+
+@pytest.mark.parametrize("n", [1, 16, 37])
+def test_extractor_runs_the_model_in_chunks_with_unchanged_outputs(features_model_dir, n: int) -> None:
+    """Extractor.run splits a batch into RUN_CHUNK-photo model calls: same rows, in order,
+    as one model call per photo."""
+    from client.models import open_model_dir
+    from client.pipeline import RUN_CHUNK, Extractor
+
+    card = open_model_dir(features_model_dir)
+    ex = Extractor(card, features_model_dir, threads=1)
+    x = np.random.default_rng(n).standard_normal((n, 3, card.input.height, card.input.width)).astype(np.float32)
+    got = ex.run(x)
+    one_by_one = np.concatenate([ex.model(x[i:i + 1]) for i in range(n)])
+    assert got.shape == (n, *card.output.shape)
+    assert 37 > RUN_CHUNK  # one case spans several chunks and a partial one
+    np.testing.assert_allclose(got, one_by_one, rtol=0, atol=1e-6)
