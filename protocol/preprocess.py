@@ -56,8 +56,10 @@ def load_image(
 ) -> Image.Image:
     """Decode a photo into an upright RGB PIL image.
 
-    With `spec`, JPEGs are decoded at reduced scale (draft mode) when the photo is much
-    larger than the model input, so a 12 MP photo costs about as much as a small one.
+    With `spec`, JPEGs (and MPO, multi-frame phone JPEGs) are decoded at reduced scale
+    (draft mode, down to 1/8) when the photo is much larger than the model input: a 12 MP
+    photo skips the inverse DCT and colour conversion of most pixels, but its whole file is
+    still entropy-decoded (measured ~30 ms CPU for 3 MiB, ~60x an 89x109 photo).
     Raises ImageError (one line, naming the input) for anything unreadable.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "<bytes>")
@@ -82,7 +84,8 @@ def load_image(
                 raise ImageTooLargeError(
                     f"{label}: {w}x{h} pixels exceeds the limit of {max_pixels} (decompression bomb?)"
                 )
-            if spec is not None and img.format == "JPEG":
+            # MPO: phone JPEGs with extra frames (depth map, HDR gain map); frame 0 is a JPEG
+            if spec is not None and img.format in ("JPEG", "MPO"):
                 need_w, need_h = _needed_size(img.size, spec)
                 img.draft("RGB", (need_w, need_h))
             img.load()

@@ -364,3 +364,25 @@ def test_extractor_runs_the_model_in_chunks_with_unchanged_outputs(features_mode
     assert got.shape == (n, *card.output.shape)
     assert 37 > RUN_CHUNK  # one case spans several chunks and a partial one
     np.testing.assert_allclose(got, one_by_one, rtol=0, atol=1e-6)
+
+
+def test_mpo_phone_photo_is_decoded_at_reduced_scale_like_a_jpeg() -> None:
+    """Phone JPEGs with extra frames open as MPO: draft mode applies to them too, and the
+    model input equals that of the same first frame saved as a plain JPEG."""
+    import io
+
+    from PIL import Image
+
+    from protocol.model_card import InputSpec
+    from protocol.preprocess import load_image, prepare
+
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (1200, 900, 3), dtype=np.uint8))
+    mpo, jpeg = io.BytesIO(), io.BytesIO()
+    photo.save(mpo, "MPO", save_all=True, append_images=[photo.resize((90, 120))], quality=90)
+    photo.save(jpeg, "JPEG", quality=90)
+    spec = InputSpec()
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    got = load_image(mpo.getvalue(), spec)
+    assert got.width < photo.width // 4  # decoded at reduced scale
+    np.testing.assert_array_equal(prepare(got, spec), prepare(load_image(jpeg.getvalue(), spec), spec))
