@@ -375,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["model_macs_per_photo"] = macs
             results["model_gflop_per_cpu_s"] = gflops
             print(f"    model: {macs / 1e6:.1f} M multiply-adds per photo, {gflops:.0f} GFLOP per CPU second", flush=True)
+        ceiling = cpu_us["draft"] / (cpu_us["draft"] + stages["onnx"])
+        results["celeba"]["ratio_ceiling_with_this_model"] = ceiling
+        print(f"    ceiling with this model (limit CPU / (limit + model CPU), same cores): {ceiling:.2f}", flush=True)
 
         ot = bench_ort_vs_torch(files, spec, tmp)
         results["ort_vs_torch"] = ot
