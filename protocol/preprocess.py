@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -76,24 +75,25 @@ def load_image(
     else:
         fp = source
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageTooLargeError(
-                    f"{label}: {w}x{h} pixels exceeds the limit of {max_pixels} (decompression bomb?)"
-                )
-            # MPO: phone JPEGs with extra frames (depth map, HDR gain map); frame 0 is a JPEG
-            if spec is not None and img.format in ("JPEG", "MPO"):
-                need_w, need_h = _needed_size(img.size, spec)
-                img.draft("RGB", (need_w, need_h))
-            img.load()
-            # exif_transpose copies the whole image even when there is nothing to turn;
-            # call it only for a real orientation (getexif also reads XMP orientation)
-            if img.getexif().get(_ORIENTATION, 1) in _TURNS:
-                img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
+        # The pixel limit is checked here, before decoding, instead of turning Pillow's
+        # DecompressionBombWarning into an error: warnings.catch_warnings is not
+        # thread-safe and the client decodes in a thread pool.
+        img = Image.open(fp)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(
+                f"{label}: {w}x{h} pixels exceeds the limit of {max_pixels} (decompression bomb?)"
+            )
+        # MPO: phone JPEGs with extra frames (depth map, HDR gain map); frame 0 is a JPEG
+        if spec is not None and img.format in ("JPEG", "MPO"):
+            need_w, need_h = _needed_size(img.size, spec)
+            img.draft("RGB", (need_w, need_h))
+        img.load()
+        # exif_transpose copies the whole image even when there is nothing to turn;
+        # call it only for a real orientation (getexif also reads XMP orientation)
+        if img.getexif().get(_ORIENTATION, 1) in _TURNS:
+            img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
