@@ -84,9 +84,35 @@ def evaluate_run(run_dir: Path, cfg: ExperimentConfig, data: FaceData | None = N
                                      epochs=cfg.attack_epochs, progress=False)
         row["other_attrs"] = dict(zip(others, res["accuracy"]))
         if cfg.raw_baseline and Path(cfg.raw_baseline).is_file():
-            raw = json.loads(Path(cfg.raw_baseline).read_text())
+            raw = load_raw_baseline(cfg.raw_baseline)
+            corr = {a: max(abs(phi(tr.attr(a), tr.attr(p))) for p in tcfg.private) for a in others}
+            row["other_phi_private"] = corr
             row["other_utility_rel_raw"] = relative_utility(row["other_attrs"], raw, te)
+            for tag, keep in (("uncorrelated", lambda a: corr[a] < CORRELATED_PHI),
+                              ("correlated", lambda a: corr[a] >= CORRELATED_PHI)):
+                sub = {a: v for a, v in row["other_attrs"].items() if keep(a)}
+                row[f"other_utility_rel_raw_{tag}"] = relative_utility(sub, raw, te)
+                row[f"other_attrs_{tag}"] = sorted(sub)
     return row
+
+
+CORRELATED_PHI = 0.3  # |phi| with a private attribute on train at or above which an attribute counts as correlated
+
+
+def phi(a: np.ndarray, b: np.ndarray) -> float:
+    """Phi coefficient (Pearson correlation) of two 0/1 label vectors (N,); 0 when one is constant."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sa, sb = a.std(), b.std()
+    return float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb)) if sa > 0 and sb > 0 else 0.0
+
+
+def load_raw_baseline(path: str | Path) -> dict[str, float]:
+    """{attribute: raw-image classifier test accuracy} from a JSON dict or a pric-audit
+    report.json (its `raw_reference` attributes/accuracy lists)."""
+    d = json.loads(Path(path).read_text())
+    if "raw_reference" in d:
+        d = dict(zip(d["raw_reference"]["attributes"], d["raw_reference"]["accuracy"]))
+    return {str(k): float(v) for k, v in d.items()}
 
 
 def relative_utility(acc: dict[str, float], raw: dict[str, float], test: FaceData) -> float:
@@ -111,8 +137,10 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             f" [{v['label_floor']:.3f}, {v['majority_rate']:.3f}]" for n, v in r["private"].items())
         prim = "; ".join(f"{n} {v['best']:.3f}" for n, v in r["primary"].items())
         rel = r.get("other_utility_rel_raw")
+        if "other_utility_rel_raw_uncorrelated" in r:
+            rel = f"{r['other_utility_rel_raw_uncorrelated']:.2f} (corr. {r['other_utility_rel_raw_correlated']:.2f})"
         lines.append(f"| {r['method']} | {r['lam']} | {r['adv_weight']} | {r['penalty_weight']} | {r['epochs']} | "
-                     f"{r['seed']} | {priv} | {prim} | {'' if rel is None else f'{rel:.2f}'} | {r.get('train_wall_s')} |")
+                     f"{r['seed']} | {priv} | {prim} | {'' if rel is None else rel if isinstance(rel, str) else f'{rel:.2f}'} | {r.get('train_wall_s')} |")
     return "\n".join(lines)
 
 
@@ -130,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kinds", default="linear,mlp,cnn")
     p.add_argument("--attack-epochs", type=int, default=30)
     p.add_argument("--all-attrs", action="store_true")
-    p.add_argument("--raw-baseline", help="JSON {attribute: raw-image classifier test accuracy}")
+    p.add_argument("--raw-baseline", help="JSON {attribute: raw-image classifier test accuracy}, or a pric-audit report.json")
     p.add_argument("--note", default="")
     args = p.parse_args(own)
     cfg = ExperimentConfig(results=args.results, run_dir=args.run_dir, train_argv=tuple(train_argv),

@@ -48,6 +48,7 @@ METHOD_PARTS: dict[str, str] = {
     "mmd": "penalty: MMD² between the feature distributions of the private classes within primary-label strata",
     "dcor": "penalty: distance correlation of z and u within primary-label strata",
     "noise": "stochastic features: per-channel Gaussian noise with learned scale (training only)",
+    "relnoise": "the learned noise of `noise` kept at inference too: a stochastic release (not exportable with a parity check)",
     "narrow": "narrow bottleneck: 4 feature channels instead of 16",
     "leace": "closed-form LEACE erasure of the private attributes, fitted on the train split after training, baked into the graph",
 }
@@ -64,6 +65,7 @@ class Method:
     reinit_every: int = 0
     penalty: str = ""
     stochastic: bool = False
+    release_noise: bool = False
     narrow: bool = False
     leace: bool = False
 
@@ -84,7 +86,8 @@ def parse_method(text: str) -> Method:
         adv_steps=5 if "steps" in parts else 1,
         reinit_every=100 if "reinit" in parts else 0,
         penalty="+".join(penalties),
-        stochastic="noise" in parts,
+        stochastic="noise" in parts or "relnoise" in parts,
+        release_noise="relnoise" in parts,
         narrow="narrow" in parts,
         leace="leace" in parts,
     )
@@ -140,6 +143,7 @@ def build_extractor(cfg: TrainConfig, erase_rank: int = 0) -> Extractor:
     return create_model(
         "extractor", width=cfg.width, feat_channels=4 if m.narrow else cfg.feat_channels,
         input_size=(cfg.input.height, cfg.input.width), stochastic=m.stochastic, erase_rank=erase_rank,
+        release_noise=m.release_noise,
     )
 
 

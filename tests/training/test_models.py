@@ -26,6 +26,14 @@ def test_stochastic_features_are_noisy_in_training_only():
     assert torch.equal(model(x), model(x))
 
 
+def test_release_noise_stays_on_at_inference():
+    model = create_model("extractor", release_noise=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert model.stochastic and not torch.equal(model(x), model(x))
+    assert parse_method("entropy+relnoise").release_noise and parse_method("entropy+relnoise").stochastic
+    assert not parse_method("entropy+noise").release_noise
+
+
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="extractor"):
         create_model("resnet")

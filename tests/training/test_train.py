@@ -84,3 +84,18 @@ def test_label_floor_uses_only_the_primary_labels():
     u_te = np.array([0, 1, 0, 1])
     assert label_floor(y_tr, u_tr, y_te, u_te) == 0.5  # predicts 0 for y=0 and 1 for y=1
     assert label_floor(np.zeros((6, 0), np.int64), u_tr, np.zeros((4, 0), np.int64), u_te) == 0.5
+
+
+def test_phi_separates_correlated_attributes_and_raw_baseline_reads_audit_reports(tmp_path):
+    from training.experiments import CORRELATED_PHI, load_raw_baseline, phi
+
+    u = np.array([0, 0, 1, 1, 0, 1, 0, 1])
+    assert phi(u, u) == pytest.approx(1.0)
+    assert phi(1 - u, u) == pytest.approx(-1.0)
+    assert abs(phi(np.array([1, 1, 1, 1, 0, 0, 0, 0]), u)) < CORRELATED_PHI  # independent of u
+    assert phi(np.ones(8, np.int64), u) == 0.0
+    report = {"raw_reference": {"attributes": ["Smiling", "Young"], "accuracy": [0.9, 0.8], "majority_rate": [0.5, 0.7]}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "plain.json").write_text(json.dumps({"Smiling": 0.9}))
+    assert load_raw_baseline(tmp_path / "report.json") == {"Smiling": 0.9, "Young": 0.8}
+    assert load_raw_baseline(tmp_path / "plain.json") == {"Smiling": 0.9}

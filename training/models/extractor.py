@@ -6,7 +6,8 @@
       └─ ConvBNReLU    ─► (B, 2w, 16, 16)
       └─ Conv s2 + BatchNorm(affine=False) ─► (B, C, 8, 8)    fixed scale, so learned
                                                               noise means something
-      └─ [training only] + σ·ε, σ = exp(log_sigma) per channel  (stochastic features)
+      └─ [training only, or always with release_noise] + σ·ε, σ = exp(log_sigma) per channel
+                                                              (stochastic features)
       └─ LinearEraser (closed-form, fitted after training; identity if not fitted)
     feature (B, C, 8, 8)
 
@@ -31,6 +32,7 @@ class Extractor(nn.Module):
         input_size: tuple[int, int] = (64, 64),
         stochastic: bool = False,
         erase_rank: int = 0,
+        release_noise: bool = False,
     ) -> None:
         super().__init__()
         self.feat_channels = feat_channels
@@ -42,14 +44,17 @@ class Extractor(nn.Module):
             nn.Conv2d(2 * width, feat_channels, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(feat_channels, affine=False),
         )
-        self.stochastic = stochastic
+        self.stochastic = stochastic or release_noise
+        # release_noise: the noise stays on in eval mode too (a stochastic release: every
+        # extraction of the same image gives a different feature)
+        self.release_noise = release_noise
         # learned per-channel noise scale; used while training only (see docs/results-pric.md)
-        self.log_sigma = nn.Parameter(torch.full((feat_channels,), -2.0)) if stochastic else None
+        self.log_sigma = nn.Parameter(torch.full((feat_channels,), -2.0)) if self.stochastic else None
         dim = feat_channels * self.feature_shape[1] * self.feature_shape[2]
         self.eraser = LinearEraser(dim, erase_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.body(x)
-        if self.training and self.log_sigma is not None:
+        if (self.training or self.release_noise) and self.log_sigma is not None:
             z = z + torch.randn_like(z) * self.log_sigma.exp().view(1, -1, 1, 1)
         return self.eraser(z)
