@@ -129,7 +129,7 @@ def relative_utility(acc: dict[str, float], raw: dict[str, float], test: FaceDat
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of result rows: strongest fresh attacker per private attribute (with
     its label floor and majority rate) and the best fresh classifier per primary task."""
-    head = "| method | λ | adv w | pen w | epochs | seed | private: strongest fresh attacker (lin/mlp/cnn) [floor, majority] | primary: fresh classifier | other attrs rel. raw | train s |"
+    head = "| method | λ | adv w | pen w | prim w | epochs | seed | private: strongest fresh attacker (lin/mlp/cnn) [floor, majority] | primary: fresh classifier | other attrs rel. raw | train s |"
     lines = [head, "|" + " --- |" * (head.count(" | ") + 1)]
     for r in rows:
         priv = "; ".join(
@@ -139,7 +139,7 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
         rel = r.get("other_utility_rel_raw")
         if "other_utility_rel_raw_uncorrelated" in r:
             rel = f"{r['other_utility_rel_raw_uncorrelated']:.2f} (corr. {r['other_utility_rel_raw_correlated']:.2f})"
-        lines.append(f"| {r['method']} | {r['lam']} | {r['adv_weight']} | {r['penalty_weight']} | {r['epochs']} | "
+        lines.append(f"| {r['method']} | {r['lam']} | {r['adv_weight']} | {r['penalty_weight']} | {r.get('primary_weight', 1.0)} | {r['epochs']} | "
                      f"{r['seed']} | {priv} | {prim} | {'' if rel is None else rel if isinstance(rel, str) else f'{rel:.2f}'} | {r.get('train_wall_s')} |")
     return "\n".join(lines)
 
@@ -174,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_cfg = json.loads((Path(cfg.run_dir) / "config.json").read_text())
         row = evaluate_run(Path(cfg.run_dir), cfg)
         row = {"method": run_cfg["method"], "lam": run_cfg["lam"], "adv_weight": run_cfg["adv_weight"],
-               "penalty_weight": run_cfg["penalty_weight"], "epochs": run_cfg["epochs"], "seed": run_cfg["seed"],
+               "penalty_weight": run_cfg["penalty_weight"], "primary_weight": run_cfg.get("primary_weight", 1.0),
+               "epochs": run_cfg["epochs"], "seed": run_cfg["seed"],
                "train_wall_s": run_cfg.get("train_wall_s"), "note": cfg.note, **row,
                "command": "python -m training.experiments " + " ".join(argv), "eval_wall_s": round(
                    time.perf_counter() - t0 - t_train, 1)}
