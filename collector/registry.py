@@ -119,13 +119,14 @@ class ModelRegistry:
         return sorted(m for m in self.models if status.get(m) == ACTIVE)
 
     def current(self) -> RegisteredModel:
-        """The configured current model when active, else the newest active version."""
+        """The configured current model when active, else the newest active `features` model
+        (else the newest active sparse-code model)."""
         active = self.active_ids()
         if not active:
             raise NotFoundError("the collector has no active model")
         if self.configured_current in active:
             return self.models[self.configured_current]
-        newest = max(active, key=lambda m: (version_key(self.models[m].card.version), m))
+        newest = max(active, key=lambda m: _preference(self.models[m].card.kind, self.models[m].card.version, m))
         return self.models[newest]
 
     def get(self, model_id: str) -> RegisteredModel:
@@ -202,4 +203,14 @@ def newest_active_model(db: Database) -> str:
         rows = conn.execute(select(models.c.model_id, models.c.card_json).where(models.c.status == ACTIVE)).all()
     if not rows:
         raise NotFoundError("no active model is registered; start the server once or pass --model-id")
-    return max(rows, key=lambda r: (version_key(json.loads(r.card_json)["version"]), r.model_id)).model_id
+    def key(r):  # noqa: ANN001, ANN202
+        card = json.loads(r.card_json)
+        return _preference(card.get("kind", "features"), card["version"], r.model_id)
+
+    return max(rows, key=key).model_id
+
+
+def _preference(kind: str, version: str, model_id: str) -> tuple:
+    """Default current model: anonymized features before sparse codes (the main release
+    mode), then the highest version, then the name."""
+    return (kind == "features", version_key(version), model_id)
