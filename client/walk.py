@@ -20,6 +20,19 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
+def _link_target(link: Path, roots: list[Path], on_skip: SkipFn) -> Path | None:
+    """The target of a symbolic link if it exists inside the given paths, else report it."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):
+        on_skip(str(link), "broken symbolic link")
+        return None
+    if not _inside(target, roots):
+        on_skip(str(link), "symbolic link points outside the given paths; not followed")
+        return None
+    return target
+
+
 def iter_files(paths: Iterable[str | Path], on_skip: SkipFn) -> Iterator[Path]:
     """Yield the real paths of the regular files to read, in a stable order."""
     given = [Path(p) for p in paths]
@@ -73,25 +86,14 @@ def _walk_dir(
         for d in dirnames:
             link = here / d
             if link.is_symlink():
-                try:
-                    target = link.resolve(strict=True)
-                except (OSError, RuntimeError):
-                    on_skip(str(link), "broken symbolic link")
-                    continue
-                if not _inside(target, roots):
-                    on_skip(str(link), "symbolic link points outside the given paths; not followed")
-                # a link to a folder inside the given paths is walked there already
+                # reported if broken or outside; a link to a folder inside the given
+                # paths is walked there already
+                _link_target(link, roots, on_skip)
         for name in sorted(filenames):
             path = here / name
             if path.is_symlink():
-                try:
-                    target = path.resolve(strict=True)
-                except (OSError, RuntimeError):
-                    on_skip(str(path), "broken symbolic link")
-                    continue
-                if not _inside(target, roots):
-                    on_skip(str(path), "symbolic link points outside the given paths; not followed")
-                    continue
-                yield from accept(target, str(path))
+                target = _link_target(path, roots, on_skip)
+                if target is not None:
+                    yield from accept(target, str(path))
             else:
                 yield from accept(path, str(path))
