@@ -249,7 +249,8 @@ def train_attack(
 
     from tqdm import tqdm
 
-    bar = tqdm(range(epochs), desc=desc or f"{kind} attack", unit="ep", leave=False, disable=not progress)
+    bar = tqdm(range(epochs), desc=desc or f"{kind} attack", unit="ep", leave=False,
+               disable=None if progress else True)  # None: hidden when stderr is not a terminal
     epoch = 0
     for epoch in bar:
         model.train()

@@ -25,6 +25,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -61,7 +62,8 @@ class AuditConfig:
     out: str
     private: str
     primary: tuple[str, ...] = ()
-    model: str | None = None
+    model: str | None = None  # the audited model: the first of `models`
+    models: tuple[str, ...] = ()
     data: str | None = None
     baselines: tuple[str, ...] = ()
     attacks: tuple[str, ...] = ATTACKS
@@ -79,6 +81,7 @@ class AuditConfig:
     max_primary_drop: float = 0.05
     max_psnr: float = 20.0
     max_reid_rank1: float = 0.05
+    dominance_tolerance: float | None = None  # None: one binomial standard error per axis
     no_reference: bool = False
     rerender: bool = False
     progress: bool = True
@@ -97,7 +100,10 @@ class AuditConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pric-audit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="exported model folder (model.onnx + model_card.json)")
+    p.add_argument("--model", nargs="+", metavar="DIR",
+                   help="exported model folder(s) (model.onnx + model_card.json). The first is the audited "
+                        "model (headline, --write-card); more (the same method at other λ, a sparse_code "
+                        "model) are audited with the same attacks and put on the privacy–utility plane")
     p.add_argument("--data", help="dataset folder (CelebA layout or images/ + labels.csv)")
     p.add_argument("--private", required=True, help="private attribute, e.g. Male")
     p.add_argument("--primary", default="", help="primary task attribute(s), comma-separated")
@@ -124,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-primary-drop", type=float, default=0.05, help="allowed utility drop vs raw images")
     p.add_argument("--max-psnr", type=float, default=20.0, help="reconstruction PSNR (dB) above this fails")
     p.add_argument("--max-reid-rank1", type=float, default=0.05, help="re-identification rank-1 above this fails")
+    p.add_argument("--dominance-tolerance", type=float, default=None,
+                   help="accuracy difference treated as a tie when checking that the models dominate the "
+                        "baselines (default: one binomial standard error of the test split, per axis)")
     p.add_argument("--rerender", action="store_true",
                    help="only re-write report.md and plots of an existing --out (e.g. with new --compare points)")
     p.add_argument("--no-reference", action="store_true", help="skip the raw-image reference classifier")
@@ -141,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> AuditConfig:
     split = lambda s: tuple(v.strip() for v in s.split(",") if v.strip())  # noqa: E731
     return AuditConfig(
-        out=a.out, private=a.private, primary=split(a.primary), model=a.model, data=a.data,
+        out=a.out, private=a.private, primary=split(a.primary), model=a.model[0] if a.model else None,
+        models=tuple(a.model or ()), data=a.data, dominance_tolerance=a.dominance_tolerance,
         baselines=split(a.baselines) if a.baselines.strip() != "all" else ("all",), attacks=split(a.attacks),
         compare=tuple(a.compare or ()), write_card=a.write_card, seed=a.seed, quick=a.quick,
         epochs=a.epochs if a.epochs is not None else (3 if a.quick else 15),
@@ -233,7 +243,7 @@ class Decoder(nn.Module):
     """Inverts a representation: (B, *shape) → image (B, 3, H, W) in [0, 1].
 
         map (C, h, w) ─ conv (3x3, or 4x4 stride 4 for image-sized maps) ─┐
-        flat (D,)     ─ linear → (32, H/8, W/8) ──────────────────────────┴► [transposed conv x2]* → conv → sigmoid
+        other (D,…)   ─ flatten, linear → (32, H/8, W/8) ──────────────────────────┴► [transposed conv x2]* → conv → sigmoid
 
     Channels halve (32 → 8) as the map grows: small on purpose, several are trained per audit on CPU.
     """
@@ -254,7 +264,8 @@ class Decoder(nn.Module):
         else:
             size = max(h_out // 8, 1)
             sw = max(w_out // 8, 1)
-            layers += [nn.Linear(int(np.prod(shape)), ch * size * sw), nn.ReLU(), nn.Unflatten(1, (ch, size, sw))]
+            layers += [nn.Flatten(), nn.Linear(int(np.prod(shape)), ch * size * sw), nn.ReLU(),
+                       nn.Unflatten(1, (ch, size, sw))]
         while size < h_out:
             nxt = max(ch // 2, 8)
             # transposed convs: about 3x cheaper on CPU than bilinear upsampling + conv
@@ -286,7 +297,8 @@ def train_decoder(x: np.ndarray, pixels: np.ndarray, sp: Splits, cfg: AuditConfi
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     bs = int(min(64, max(8, len(sp.tr) // 20)))
     best, best_state = float("inf"), None
-    for _ in tqdm(range(cfg.recon_epochs), desc=f"decoder on {what}", unit="ep", leave=False, disable=not cfg.progress):
+    for _ in tqdm(range(cfg.recon_epochs), desc=f"decoder on {what}", unit="ep", leave=False,
+                  disable=None if cfg.progress else True):
         model.train()
         perm = rng.permutation(len(sp.tr))
         for i in range(0, len(sp.tr), bs):
@@ -518,7 +530,7 @@ def _compare_points(paths: Sequence[str]) -> list[dict[str, Any]]:
         h = other.get("headline")
         if not isinstance(h, dict) or "private_acc" not in h:
             raise InvalidInputError(f"--compare {p}: not a pric-audit report (no 'headline')")
-        points.append({**h, "kind": "compare", "source": str(p)})
+        points.append({**h, "kind": "compare", "source_kind": h.get("kind"), "source": str(p)})
     return points
 
 
@@ -554,17 +566,11 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     except ValueError as exc:
         raise InvalidInputError(f"--baselines: {exc}") from None
     compare = _compare_points(cfg.compare)
+    models = _load_models(cfg)
     out_dir = _save_config(cfg)
     t0 = time.time()
-    card, release = None, None
-    spec = InputSpec()
-    if cfg.model:
-        model_dir = Path(cfg.model)
-        card = load_card(model_dir)
-        spec = card.input
-        if card.kind == "sparse_code":
-            return _run_sparse(cfg, model_dir, out_dir, compare, t0)
-        release = OnnxRelease(model_dir, card)
+    card = models[0][1] if models else None
+    spec = card.input if card else InputSpec()
     data = _load_data(cfg.data, spec, cfg)
     sp = Splits.of(data, str(cfg.data))
     _check_classes(data, sp, cfg)
@@ -573,7 +579,8 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         "setup": {"data": str(cfg.data), "n": len(data), "n_train": len(sp.tr), "n_val": len(sp.va),
                   "n_test": len(sp.te), "private": cfg.private, "primary": list(cfg.primary),
                   "attr_names": data.attr_names, "input": asdict(spec),
-                  "model": card.to_dict() if card else None},
+                  "model": card.to_dict() if card else None,
+                  "models": [c.to_dict() for _, c in models]},
         "releases": [], "points": [],
     }
     ref = None
@@ -588,15 +595,29 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
             "label": "raw images", "kind": "raw", "private_acc": ref["accuracy"][pi],
             "primary_acc": float(np.mean([ref["accuracy"][data.attr_index(n)] for n in cfg.primary]))
             if cfg.primary else None})
-    if release is not None:
-        _say(cfg, f"transforming {len(data)} photos with {card.model_id}")
-        feats = release(data.pixels)
-        rel = audit_release(card.model_id, feats, data, sp, cfg, ref, spec, True, out_dir)
+    for model_dir, mcard in models:
+        if mcard.kind == "sparse_code":
+            from training import sparse_audit
+
+            _say(cfg, f"sparse-code figures of {mcard.model_id} (authorised, JPEG, key attacks)")
+            report["sparse"] = sparse_audit.audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
+            _say(cfg, f"ambiguating the codes of {len(data)} photos with {mcard.model_id}")
+            x = sparse_audit.ambiguated_codes(model_dir, mcard, data.pixels, cfg.seed)
+            label, kind = f"{mcard.model_id} ambiguated code", "sparse"
+        else:
+            _say(cfg, f"transforming {len(data)} photos with {mcard.model_id}")
+            x = OnnxRelease(model_dir, mcard)(data.pixels)
+            label, kind = mcard.model_id, "model"
+        rel = audit_release(label, x, data, sp, cfg, ref, spec, True, out_dir)
+        del x
         rel["epochs"], rel["recon_epochs"] = cfg.epochs, cfg.recon_epochs
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
+        rel["model_dir"], rel["model_id"] = str(model_dir), mcard.model_id
         report["releases"].append(rel)
-        report["headline"] = headline(rel, cfg, "model")
-        report["points"].append(report["headline"])
+        point = headline(rel, cfg, kind)
+        point["model_id"], point["training"] = mcard.model_id, _training_summary(mcard)
+        report.setdefault("headline", point)
+        report["points"].append(point)
     bcfg = dataclasses.replace(
         cfg, epochs=cfg.baseline_epochs or max(3, cfg.epochs // 2),
         recon_epochs=cfg.baseline_recon_epochs or max(1, cfg.recon_epochs // 2))
@@ -612,11 +633,66 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         if "headline" not in report:
             report["headline"] = headline(rel, cfg, "baseline")
     report["points"] += compare
+    report["dominance"] = dominance(report["points"], len(sp.te), cfg.dominance_tolerance)
     report["seconds"] = round(time.time() - t0, 1)
     _finish(report, cfg, out_dir)
     if cfg.write_card and card is not None:
         write_card_audit(Path(cfg.model), card, report)
     return report
+
+
+def _load_models(cfg: AuditConfig) -> list[tuple[Path, ModelCard]]:
+    """Load and verify (sha256) every --model card; all must read the photos the same way
+    (one raw-image reference, one set of decoder targets)."""
+    models = [(Path(m), load_card(Path(m))) for m in (cfg.models or ((cfg.model,) if cfg.model else ()))]
+    if sum(c.kind == "sparse_code" for _, c in models) > 1:
+        raise InvalidInputError("--model: give at most one sparse_code model per audit (audit others separately "
+                                "and add them with --compare)")
+    for model_dir, c in models[1:]:
+        first_dir, first = models[0]
+        if asdict(c.input) != asdict(first.input):
+            raise InvalidInputError(
+                f"--model {model_dir}: its card's input ({c.input.width}x{c.input.height}, crop {c.input.crop_box}) "
+                f"differs from {first_dir}'s; audit it separately and add its report with --compare")
+    return models
+
+
+def _training_summary(card: ModelCard) -> dict[str, Any]:
+    t = card.training or {}
+    return {k: t[k] for k in ("method", "lambda", "adv_weight", "penalty_weight", "epochs", "seed") if k in t}
+
+
+# --- dominance ---------------------------------------------------------------------------------
+OURS = ("model", "sparse")
+
+
+def dominance(points: Sequence[dict[str, Any]], n_test: int, tolerance: float | None = None) -> dict[str, Any]:
+    """Is every baseline dominated on the privacy–utility plane by one of the audited models
+    (kinds 'model'/'sparse', or --compare points that were models in their own report)?
+
+    P dominates B strictly when P leaks no more (private_acc ≤) and keeps no less utility
+    (primary_acc ≥). Accuracies on n_test photos carry a binomial error, so a second test
+    treats differences within `tolerance` as ties (default: one standard error
+    sqrt(p(1-p)/n_test) of B's figure on each axis)."""
+    ours = [p for p in points if p.get("primary_acc") is not None and
+            (p.get("kind") in OURS or (p.get("kind") == "compare" and p.get("source_kind") in OURS))]
+    rows = []
+    for b in points:
+        if b.get("kind") != "baseline" or b.get("primary_acc") is None:
+            continue
+        bl, bu = float(b["private_acc"]), float(b["primary_acc"])
+        tl = tolerance if tolerance is not None else math.sqrt(bl * (1 - bl) / max(n_test, 1))
+        tu = tolerance if tolerance is not None else math.sqrt(bu * (1 - bu) / max(n_test, 1))
+        strict = [p["label"] for p in ours if p["private_acc"] <= bl and p["primary_acc"] >= bu]
+        tied = [p["label"] for p in ours if p["private_acc"] <= bl + tl and p["primary_acc"] >= bu - tu]
+        rows.append({"baseline": b["label"], "private_acc": bl, "primary_acc": bu,
+                     "tolerance": {"private": tl, "primary": tu},
+                     "dominated_by": strict, "dominated_within_tolerance_by": tied})
+    return {"n_models": len(ours), "baselines": rows,
+            "all_dominated": bool(rows) and bool(ours) and all(r["dominated_by"] for r in rows),
+            "all_dominated_within_tolerance": bool(rows) and bool(ours)
+            and all(r["dominated_within_tolerance_by"] for r in rows),
+            "tolerance": "one binomial standard error per axis" if tolerance is None else tolerance}
 
 
 def rerender(cfg: AuditConfig) -> dict[str, Any]:
@@ -628,23 +704,8 @@ def rerender(cfg: AuditConfig) -> dict[str, Any]:
         raise InvalidInputError(f"--rerender: {out_dir / REPORT_JSON} is not a readable report ({exc})") from None
     report["points"] = [p for p in report.get("points", []) if p.get("kind") != "compare"]
     report["points"] += _compare_points(cfg.compare)
-    _finish(report, cfg, out_dir)
-    return report
-
-
-def _run_sparse(cfg: AuditConfig, model_dir: Path, out_dir: Path, compare: list, t0: float) -> dict[str, Any]:
-    from training.sparse_audit import audit_sparse  # written by the sparse helper; imported lazily
-
-    sparse = audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
-    report: dict[str, Any] = {"tool": "pric-audit", "config": _redacted(cfg), "setup": {"data": cfg.data, "kind": "sparse_code",
-                                        "private": cfg.private, "primary": list(cfg.primary),
-                                        "n_train": sparse.get("n_train"), "n_test": sparse.get("n_test")},
-                              "releases": [], "points": list(compare), "sparse": sparse}
-    h = sparse.get("headline") if isinstance(sparse, dict) else None
-    if isinstance(h, dict) and "private_acc" in h:
-        report["headline"] = {**h, "kind": "model"}
-        report["points"].insert(0, report["headline"])
-    report["seconds"] = round(time.time() - t0, 1)
+    report["dominance"] = dominance(report["points"], int(report.get("setup", {}).get("n_test") or 0),
+                                    cfg.dominance_tolerance)
     _finish(report, cfg, out_dir)
     return report
 

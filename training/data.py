@@ -180,7 +180,8 @@ def _prepare_all(root: Path, files: Sequence[str], spec: InputSpec, progress: bo
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=len(files), desc=f"decoding {root.name}", unit="img", leave=False)
+            results = tqdm(results, total=len(files), desc=f"decoding {root.name}", unit="img", leave=False,
+                           disable=None)  # hidden when stderr is not a terminal
         for _ in results:
             pass
     return out, ok

@@ -55,17 +55,22 @@ def plot_plane(points: Sequence[dict[str, Any]], path: Path, private: str, prima
     """Privacy–utility plane: x = private-attribute leakage (strongest attacker accuracy),
     y = primary-task accuracy. Lower right is bad; upper left near the majority rate is good."""
     plt = _mpl()
-    markers = {"model": ("*", 220), "raw": ("s", 70), "baseline": ("o", 60), "compare": ("D", 60)}
+    markers = {"model": ("*", 220), "sparse": ("P", 120), "raw": ("s", 70), "baseline": ("o", 60),
+               "compare": ("D", 60)}
     fig, ax = plt.subplots(figsize=(8.0, 4.8))
     shown = [p for p in points if p.get("primary_acc") is not None and p.get("private_acc") is not None]
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(shown), 2)))
     # one colour and legend entry per release: clustered points stay readable
     for p, color in zip(shown, colors):
         marker, size = markers.get(p.get("kind", "compare"), markers["compare"])
-        if p.get("kind") in ("raw", "model"):
-            color = "black" if p["kind"] == "raw" else "tab:red"
+        if p.get("kind") in ("raw", "model", "sparse"):
+            color = {"raw": "black", "model": "tab:red", "sparse": "tab:purple"}[p["kind"]]
         ax.scatter(p["private_acc"], p["primary_acc"], marker=marker, color=color, s=size, zorder=3,
                    edgecolors="black", linewidths=0.4, label=f"{p['label']} ({p['private_acc']:.3f}, {p['primary_acc']:.3f})")
+    ours = sorted((p for p in shown if p.get("kind") == "model"), key=lambda p: p["private_acc"])
+    if len(ours) > 1:  # the audited models (e.g. one method at several λ) as a curve
+        ax.plot([p["private_acc"] for p in ours], [p["primary_acc"] for p in ours], ls=":", c="tab:red", lw=1,
+                zorder=2)
     if majority is not None:
         ax.axvline(majority, ls="--", c="grey", lw=1, label=f"majority rate of {private}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="release (leakage, utility)",
@@ -137,9 +142,38 @@ def render_markdown(report: dict[str, Any]) -> str:
         L += _release_md(rel, s, ref, names)
     if report.get("points"):
         L += ["## Privacy–utility plane", "", f"![plane]({PLANE_PNG})", ""]
-        L += _md_table(["release", "kind", f"{s['private']} leakage", "primary accuracy"],
-                       [[p["label"], p.get("kind"), p.get("private_acc"), p.get("primary_acc")] for p in report["points"]])
+        L += _md_table(["release", "kind", f"{s['private']} leakage", "primary accuracy", "training"],
+                       [[p["label"], p.get("kind"), p.get("private_acc"), p.get("primary_acc"),
+                         _training_md(p.get("training"))] for p in report["points"]])
+    if report.get("dominance", {}).get("baselines"):
+        L += _dominance_md(report["dominance"])
     return "\n".join(L)
+
+
+def _training_md(t: dict[str, Any] | None) -> str:
+    if not t:
+        return "–"
+    keys = (("method", "method"), ("adv_weight", "adv w"), ("penalty_weight", "pen w"), ("lambda", "λ"),
+            ("epochs", "epochs"), ("seed", "seed"))
+    return ", ".join(f"{label} {t[k]}" for k, label in keys if k in t)
+
+
+def _dominance_md(d: dict[str, Any]) -> list[str]:
+    """Does some audited model sit up and left of each baseline?"""
+    tol = d.get("tolerance")
+    tol_text = tol if isinstance(tol, str) else f"{tol:.3f}"
+    L = ["### Do the audited models dominate every baseline?", "",
+         "A model dominates a baseline when it leaks no more of the private attribute and keeps no less "
+         f"primary accuracy. Test accuracies carry sampling error, so the last column treats differences within "
+         f"the tolerance ({tol_text}) as ties.", ""]
+    rows = [[r["baseline"], r["private_acc"], r["primary_acc"], ", ".join(r["dominated_by"]) or "**none**",
+             ", ".join(r["dominated_within_tolerance_by"]) or "**none**"] for r in d["baselines"]]
+    L += _md_table(["baseline", "leakage", "primary accuracy", "dominated by (strictly)",
+                    "dominated by (within tolerance)"], rows)
+    verdict = ("yes, strictly" if d["all_dominated"] else
+               "yes within sampling error (not strictly)" if d["all_dominated_within_tolerance"] else "**no**")
+    L += [f"**Every baseline dominated by an audited model: {verdict}** ({d['n_models']} model point(s)).", ""]
+    return L
 
 
 def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | None, names: list[str]) -> list[str]:

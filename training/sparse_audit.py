@@ -193,6 +193,17 @@ def _ambiguate_all(codes: np.ndarray, card: ModelCard, rng: np.random.Generator)
     return [a for a, _ in out], [k for _, k in out]
 
 
+def ambiguated_codes(model_dir: Path, card: ModelCard, pixels: np.ndarray, seed: int,
+                     batch_size: int = 256) -> np.ndarray:
+    """What anyone without the key sees of each photo: its ambiguated code as a dense
+    float32 array (N, L, m), one ambiguation per photo (seeded here: an audit, not a client)."""
+    if card.sparse is None:
+        raise InvalidInputError(f"{model_dir}: the card has no 'sparse' section")
+    codes = OnnxPair(model_dir, card, batch_size).encode(pixels)
+    ambs, _ = _ambiguate_all(codes, card, np.random.default_rng(seed))
+    return np.stack([a.to_dense(card.sparse.m) for a in ambs]).astype(np.float32)
+
+
 def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = None) -> dict[str, Any]:
     """Run the sparse audit; returns the report dict (also written to OUT/sparse_report.json)."""
     t0 = time.time()

@@ -360,7 +360,7 @@ def train(cfg: TrainConfig, data: FaceData | None = None, progress: bool = True)
         order = rng.permutation(len(tr))
         sums: dict[str, float] = {}
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not progress, file=sys.stderr)
+                   disable=None if progress else True, file=sys.stderr)
         for b in bar:
             idx = torch.as_tensor(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
             x = to_input(pix[idx], cfg.input, device)

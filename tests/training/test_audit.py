@@ -220,29 +220,68 @@ def test_live_audit_with_a_wrong_token_fails_cleanly(live_collector, sample_face
     assert "not-a-token" not in capsys.readouterr().err
 
 
-def test_sparse_code_models_are_delegated_to_the_sparse_audit(tiny_model_dir: Path, sample_faces: Path,
-                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.sparse_audit
+def test_several_models_are_audited_alike_and_checked_for_dominance(tiny_model_dir: Path, sample_faces: Path,
+                                                                    tmp_path: Path) -> None:
+    import shutil
 
-    model = tiny_model_dir / "tiny"
-    card = json.loads((model / "model_card.json").read_text())
-    card.update(kind="sparse_code", sparse={"L": 4, "m": 16, "k": 2, "k_fake": 2})
-    (model / "model_card.json").write_text(json.dumps(card))
-    calls = []
+    first = tiny_model_dir / "tiny"
+    second = tmp_path / "tiny-other"
+    shutil.copytree(first, second)
+    card = json.loads((second / "model_card.json").read_text())
+    card.update(model_id="tiny@9", version="9")  # the sha256 is of model.onnx: the card still verifies
+    (second / "model_card.json").write_text(json.dumps(card))
+    out = tmp_path / "out"
 
-    def fake_audit_sparse(model_dir, data_dir, out_dir, args):
-        calls.append((Path(model_dir), Path(data_dir), args.private))
-        return {"n_test": 8, "headline": {"label": "sparse", "private": "Male", "private_acc": 0.55, "primary_acc": 0.8}}
-
-    monkeypatch.setattr(training.sparse_audit, "audit_sparse", fake_audit_sparse)
-    out = tmp_path / "o"
-
-    rc = main(["--model", str(model), "--data", str(sample_faces), "--private", "Male", "--primary", "Smiling",
-               "--out", str(out), *FAST])
+    rc = main(["--model", str(first), str(second), "--data", str(sample_faces), "--private", "Male", "--primary",
+               "Smiling", "--out", str(out), "--baselines", "blur:5", "--attacks", "linear",
+               "--cache-dir", str(tmp_path / "cache"), *FAST])
 
     assert rc == 0
-    assert calls == [(model, sample_faces, "Male")]
     report = json.loads((out / "report.json").read_text())
-    assert report["sparse"]["n_test"] == 8
-    assert report["headline"]["private_acc"] == 0.55
-    assert (out / "report.md").is_file() and (out / "plane.png").is_file()
+    assert [r["label"] for r in report["releases"]] == ["tiny@1", "tiny@9", "blur:5"]
+    assert report["headline"]["label"] == "tiny@1"
+    assert [p["kind"] for p in report["points"]] == ["raw", "model", "model", "baseline"]
+    (row,) = report["dominance"]["baselines"]
+    ours = report["points"][1:3]
+    b = report["points"][3]
+    expect = [p["label"] for p in ours if p["private_acc"] <= b["private_acc"] and p["primary_acc"] >= b["primary_acc"]]
+    assert row["baseline"] == "blur:5" and row["dominated_by"] == expect
+    assert report["dominance"]["all_dominated"] == bool(expect)
+    assert "dominate every baseline" in (out / "report.md").read_text()
+
+
+def test_models_that_read_photos_differently_are_refused(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    second = tmp_path / "tiny-96"
+    shutil.copytree(tiny_model_dir / "tiny", second)
+    card = json.loads((second / "model_card.json").read_text())
+    card["input"]["width"] = card["input"]["height"] = 96
+    (second / "model_card.json").write_text(json.dumps(card))
+
+    rc = main(["--model", str(tiny_model_dir / "tiny"), str(second), "--data", str(sample_faces), "--private",
+               "Male", "--out", str(tmp_path / "o"), *FAST])
+
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "tiny-96" in err and "--compare" in err
+
+
+def test_dominance_counts_ties_within_the_tolerance_only_when_asked() -> None:
+    from training.audit import dominance
+
+    points = [{"label": "raw", "kind": "raw", "private_acc": 0.93, "primary_acc": 0.89},
+              {"label": "pric", "kind": "model", "private_acc": 0.70, "primary_acc": 0.879},
+              {"label": "scramble", "kind": "baseline", "private_acc": 0.92, "primary_acc": 0.881},
+              {"label": "iid", "kind": "baseline", "private_acc": 0.72, "primary_acc": 0.66},
+              {"label": "other λ", "kind": "compare", "source_kind": "baseline", "private_acc": 0.5, "primary_acc": 0.95}]
+
+    d = dominance(points, n_test=2000)
+
+    rows = {r["baseline"]: r for r in d["baselines"]}
+    assert rows["iid"]["dominated_by"] == ["pric"]
+    assert rows["scramble"]["dominated_by"] == []  # 0.879 < 0.881, and a baseline's report is not ours
+    assert rows["scramble"]["dominated_within_tolerance_by"] == ["pric"]  # 0.002 < one standard error (0.007)
+    assert not d["all_dominated"] and d["all_dominated_within_tolerance"]
+    assert dominance(points, n_test=2000, tolerance=0.0)["all_dominated_within_tolerance"] is False

@@ -152,6 +152,28 @@ def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path,
     assert (tmp_path / "audit" / "sparse_grid.png").stat().st_size > 0
 
 
+def test_pric_audit_attacks_the_ambiguated_code_like_any_release(tiny_export: Path, sample_faces: Path,
+                                                                  tmp_path: Path) -> None:
+    from training.audit import main as audit_main
+
+    out = tmp_path / "o"
+
+    rc = audit_main(["--model", str(tiny_export), "--data", str(sample_faces), "--private", "Male", "--primary",
+                     "Smiling", "--out", str(out), "--quick", "--epochs", "2", "--recon-epochs", "1",
+                     "--min-class-samples", "2", "--no-progress", "--cache-dir", str(tmp_path / "cache")])
+
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    card = load_card(tiny_export)
+    (rel,) = report["releases"]
+    assert rel["label"] == f"{card.model_id} ambiguated code"
+    assert rel["shape"] == [card.sparse.L, card.sparse.m]
+    assert rel["attacks"] == ["linear", "mlp"]  # no CNN on a (L, m) code
+    assert report["headline"]["kind"] == "sparse" and report["headline"]["private_acc"] == rel["private"]["accuracy"]
+    assert report["sparse"]["key"]["bytes"] == key_size_bytes(card.sparse)  # the sparse-only figures too
+    assert (out / "sparse_report.json").is_file() and (out / "plane.png").stat().st_size > 0
+
+
 def test_audit_cli_refuses_a_features_model(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:
     rc = sparse_audit.main(["--model", str(tiny_model_dir / "tiny"), "--data", str(sample_faces), "--out", str(tmp_path)])
