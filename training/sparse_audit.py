@@ -10,7 +10,12 @@ whole test split. Measured (PSNR and SSIM with data_range=1, mean over images):
   (c) a random guess of the support (k of the k' chosen uniformly per map)
   (d) magnitude-ranking attackers (keep the k largest / the k smallest magnitudes), with
       their support-recovery rate next to chance k/k'
-  (e) JPEG (Pillow, optimised Huffman tables) at the code's bytes per image
+  (e) JPEG (Pillow, optimised Huffman tables) at the bytes of the TRUE code in compact form
+      (what a key holder needs: per non-zero ceil(ceil(log2 m)/8) bytes of index + 2 bytes
+      of float16 value, L·k non-zeros; the goal is judged here), also the best of JPEG at
+      full, 3/4 and 1/2 resolution (down-sampled, JPEG at the budget, up-sampled bilinearly),
+      and plain JPEG at the bytes of the ambiguated wire code (uint16 index + float16 value,
+      L·k' non-zeros). Files that exceed a budget even at quality 1 are counted over budget.
 
 plus key size, rate of the wire code and classifier accuracy (Smiling, Male) of a fresh
 logistic regression on true vs ambiguated codes. Writes OUT/sparse_report.json and
@@ -125,6 +130,68 @@ def jpeg_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, in
             hi = mid - 1
     dec = np.asarray(Image.open(io.BytesIO(best)).convert("RGB"), dtype=np.float32) / 255.0
     return dec, len(best), best_q
+
+
+JPEG_SCALES = (1.0, 0.75, 0.5)
+
+
+def jpeg_multires_at_budget(pixels: np.ndarray, budget: int,
+                            scales: Sequence[float] = JPEG_SCALES) -> tuple[np.ndarray, int, int, float]:
+    """A stronger low-rate JPEG: the best (PSNR) of JPEG at `budget` bytes on the photo
+    down-sampled by each of `scales` (bilinear), decoded and up-sampled back bilinearly.
+
+    pixels uint8 (H, W, 3) → (decoded float image (H, W, 3) in [0, 1], bytes, quality,
+    scale). Only files within the budget compete; when none fits (quality 1 is too large at
+    every scale) the full-resolution quality-1 file is returned, over budget, as
+    `jpeg_at_budget` does."""
+    from PIL import Image
+
+    h, w = pixels.shape[:2]
+    ref = pixels.astype(np.float32) / 255.0
+    tries = []
+    for s in scales:
+        if s == 1.0:
+            dec, size, q = jpeg_at_budget(pixels, budget)
+        else:
+            small = np.asarray(Image.fromarray(pixels).resize((max(1, round(w * s)), max(1, round(h * s))),
+                                                              Image.BILINEAR))
+            dec_small, size, q = jpeg_at_budget(small, budget)
+            up = Image.fromarray((dec_small * 255).round().astype(np.uint8)).resize((w, h), Image.BILINEAR)
+            dec = np.asarray(up, dtype=np.float32) / 255.0
+        tries.append((float(np.mean((dec - ref) ** 2)), dec, size, q, s))
+    fitting = [t for t in tries if t[2] <= budget]
+    best = min(fitting, key=lambda t: t[0]) if fitting else next((t for t in tries if t[4] == 1.0), tries[0])
+    return best[1], best[2], best[3], best[4]
+
+
+def index_bytes(m: int) -> int:
+    """Bytes of one index into a code map of length m in the compact true-code form:
+    ceil(log2 m) bits rounded up to whole bytes (1 byte for m <= 256)."""
+    return max(1, math.ceil(math.ceil(math.log2(max(m, 2))) / 8))
+
+
+def true_code_bytes(spec: Any) -> int:
+    """Bytes of the true code (what a key holder needs) in compact form:
+    L·k·(index_bytes(m) + 2), a float16 value per non-zero."""
+    return spec.L * spec.k * (index_bytes(spec.m) + 2)
+
+
+def _jpeg_row(ref: np.ndarray, pixels: np.ndarray, budget: int, multires: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """JPEG of every photo at `budget` bytes: quality figures + bytes, quality, over-budget
+    share (and the chosen scales when `multires`); returns (row, decoded images)."""
+    runs = [jpeg_multires_at_budget(p, budget) if multires else (*jpeg_at_budget(p, budget), 1.0) for p in pixels]
+    imgs = np.stack([r[0] for r in runs])
+    row: dict[str, Any] = quality(ref, imgs)
+    row.update({
+        "budget_bytes": int(budget),
+        "mean_bytes": float(np.mean([r[1] for r in runs])),
+        "mean_quality": float(np.mean([r[2] for r in runs])),
+        "over_budget_fraction": float(np.mean([r[1] > budget for r in runs])),
+    })
+    if multires:
+        scales = [r[3] for r in runs]
+        row["scale_fraction"] = {str(s): float(np.mean([x == s for x in scales])) for s in JPEG_SCALES}
+    return row, imgs
 
 
 # --- attackers on the ambiguated code --------------------------------------------------
@@ -244,14 +311,10 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     results = {name: quality(ref, rec) for name, rec in recon.items()}
 
     wire_bytes = int(ambs[0].indices.nbytes + ambs[0].values.nbytes)  # uint16 indices + float16 values
-    jpeg = [jpeg_at_budget(p, wire_bytes) for p in test.pixels]
-    jpeg_imgs = np.stack([j[0] for j in jpeg])
-    results["jpeg_same_bytes"] = quality(ref, jpeg_imgs)
-    results["jpeg_same_bytes"].update({
-        "mean_bytes": float(np.mean([j[1] for j in jpeg])),
-        "mean_quality": float(np.mean([j[2] for j in jpeg])),
-        "over_budget_fraction": float(np.mean([j[1] > wire_bytes for j in jpeg])),
-    })
+    true_bytes = true_code_bytes(sp)
+    results["jpeg_true_code_bytes"], jpeg_imgs = _jpeg_row(ref, test.pixels, true_bytes, multires=False)
+    results["jpeg_true_code_bytes_multires"], _ = _jpeg_row(ref, test.pixels, true_bytes, multires=True)
+    results["jpeg_same_bytes"], _ = _jpeg_row(ref, test.pixels, wire_bytes, multires=False)  # the wire code's bytes
 
     magnitude_best = max(("largest", "smallest"), key=lambda h: results[f"guess_{h}"]["psnr"])
     chance = sp.k / sp.k_prime
@@ -261,7 +324,17 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     p = counts / counts.sum()
     value_entropy = float(-(p * np.log2(p)).sum())
     support_bits = sp.L * (math.lgamma(sp.m + 1) - math.lgamma(sp.k_prime + 1) - math.lgamma(sp.m - sp.k_prime + 1)) / math.log(2)
+    true_values = true[true != 0].astype(np.float16).view(np.uint16)
+    _, tcounts = np.unique(true_values, return_counts=True)
+    tp = tcounts / tcounts.sum()
+    true_value_entropy = float(-(tp * np.log2(tp)).sum())
+    true_support_bits = sp.L * (math.lgamma(sp.m + 1) - math.lgamma(sp.k + 1) - math.lgamma(sp.m - sp.k + 1)) / math.log(2)
     rate = {
+        "true_code_bytes_per_image": true_bytes,
+        "true_code_bytes_formula": f"L*k*(ceil(ceil(log2 m)/8) + 2) = {sp.L}*{sp.k}*({index_bytes(sp.m)} + 2)",
+        "true_code_bits_per_pixel": true_bytes * 8 / (h * w),
+        "true_code_entropy_coded_bits_per_pixel_estimate":
+            (true_support_bits + true_value_entropy * sp.L * sp.k) / (h * w),
         "wire_bytes_per_image": wire_bytes,
         "wire_bits_per_pixel": wire_bytes * 8 / (h * w),
         "entropy_coded_bits_per_pixel_estimate": (support_bits + value_entropy * sp.L * sp.k_prime) / (h * w),
@@ -298,7 +371,12 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
 
     rg = results["guess_random"]["psnr"]
     goals = {
-        "authorised_beats_jpeg_by_3db": results["authorised_k"]["psnr"] - results["jpeg_same_bytes"]["psnr"] >= 3.0,
+        # judged as the issue states: plain JPEG at the bytes of the true code (what a key holder needs)
+        "authorised_beats_jpeg_by_3db": results["authorised_k"]["psnr"] - results["jpeg_true_code_bytes"]["psnr"] >= 3.0,
+        "authorised_beats_multires_jpeg_by_3db":
+            results["authorised_k"]["psnr"] - results["jpeg_true_code_bytes_multires"]["psnr"] >= 3.0,
+        "authorised_beats_jpeg_at_wire_bytes_by_3db":
+            results["authorised_k"]["psnr"] - results["jpeg_same_bytes"]["psnr"] >= 3.0,
         "attacks_within_0.5db_of_random_guess": all(
             results[n]["psnr"] - rg <= 0.5 for n in ("ambiguated_as_is", "guess_largest", "guess_smallest")),
         "magnitude_recovery_within_chance_plus_2pts": max(recovery["largest"], recovery["smallest"]) <= chance + 0.02,
@@ -341,9 +419,12 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Markdown table of the reconstruction results."""
+    """Markdown table of the reconstruction results (reports without the true-code JPEG rows,
+    written before they existed, give the rows they have)."""
     r = report["reconstruction"]
     sp = report["sparse"]
+    rate = report["rate"]
+    true_bytes = rate.get("true_code_bytes_per_image", 0)
     rows = [
         ("(a) authorised, k=%d" % sp["k"], "authorised_k"),
         ("(a) authorised, k=%d" % max(1, sp["k"] // 2), "authorised_half_k"),
@@ -351,10 +432,17 @@ def format_table(report: dict[str, Any]) -> str:
         ("(c) random support guess", "guess_random"),
         ("(d) magnitude attacker, k largest", "guess_largest"),
         ("(d) magnitude attacker, k smallest", "guess_smallest"),
-        ("(e) JPEG at %d bytes" % report["rate"]["wire_bytes_per_image"], "jpeg_same_bytes"),
+        ("(e) JPEG at the true code's %d bytes" % true_bytes, "jpeg_true_code_bytes"),
+        ("(e) best of JPEG at full, 3/4, 1/2 resolution, %d bytes" % true_bytes, "jpeg_true_code_bytes_multires"),
+        ("(e) JPEG at the ambiguated wire code's %d bytes" % rate["wire_bytes_per_image"], "jpeg_same_bytes"),
     ]
-    lines = ["| variant | PSNR (dB) | SSIM |", "| --- | --- | --- |"]
-    lines += [f"| {label} | {r[key]['psnr']:.2f} ± {r[key]['psnr_std']:.2f} | {r[key]['ssim']:.3f} |" for label, key in rows]
+    lines = ["| variant | PSNR (dB) | SSIM | JPEG files over budget |", "| --- | --- | --- | --- |"]
+    for label, key in rows:
+        if key not in r:
+            continue
+        over = r[key].get("over_budget_fraction")
+        lines.append(f"| {label} | {r[key]['psnr']:.2f} ± {r[key]['psnr_std']:.2f} | {r[key]['ssim']:.3f} | "
+                     + (f"{100 * over:.0f} % (mean {r[key]['mean_bytes']:.0f} B) |" if over is not None else "|"))
     return "\n".join(lines)
 
 

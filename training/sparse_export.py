@@ -6,6 +6,10 @@ users' decoder to ONNX, with a `sparse_code` model card.
     out/decoder.onnx  "code" (B, L, m) float32 → "image" (B, 3, H, W) in [0, 1]
     out/model_card.json
 
+The card's ambiguation (`sparse.k_fake`, fakes added per map by the client) defaults to the
+run's; `k_fake=` / `--k-fake N` sets it at export time (the ONNX files do not depend on it)
+and the card's `training.k_fake_trained` keeps the run's value.
+
 Both graphs pass onnx.checker and are compared with torch (max abs difference ≤ 1e-4 on
 real images); a mismatch fails the export.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 import warnings
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocol.errors import ModelIntegrityError
+from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import InputSpec, ModelCard, OutputSpec, SparseSpec, sha256_file
 from training.sparse_train import load_run
 
@@ -89,12 +94,26 @@ def _epochs_completed(run_dir: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
-def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: str | None = None) -> Path:
-    """Export RUN_DIR to OUT_DIR (model.onnx, decoder.onnx, model_card.json); returns OUT_DIR."""
+def with_k_fake(sparse: SparseSpec, k_fake: int | None, where: Path) -> SparseSpec:
+    """`sparse` with its ambiguation set to `k_fake` fakes per map (None: unchanged);
+    0 <= k_fake and k + k_fake <= m, else InvalidInputError naming `where`."""
+    if k_fake is None:
+        return sparse
+    if not 0 <= k_fake <= sparse.m - sparse.k:
+        raise InvalidInputError(f"{where}: --k-fake {k_fake} must be in [0, m - k = {sparse.m - sparse.k}] "
+                                f"(k' = k + k_fake non-zeros per map of length m = {sparse.m})")
+    return replace(sparse, k_fake=int(k_fake))
+
+
+def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: str | None = None,
+               k_fake: int | None = None) -> Path:
+    """Export RUN_DIR to OUT_DIR (model.onnx, decoder.onnx, model_card.json); returns OUT_DIR.
+    `k_fake` overrides the run's fakes per map in the card (None: the run's)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config = load_run(run_dir)
     spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["input"].items()})
-    sparse = SparseSpec(**config["sparse"])
+    trained = SparseSpec(**config["sparse"])
+    sparse = with_k_fake(trained, k_fake, run_dir)
     encoder, decoder = model.on_device_encoder().eval(), model.image_decoder().eval()
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -129,6 +148,7 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
             "epochs": config["train"]["epochs"],
             "epochs_completed": _epochs_completed(run_dir),
             **({"note": config["note"]} if config.get("note") else {}),
+            "k_fake_trained": trained.k_fake,
             "parity": parity,
         },
         description="Sparse-code encoder (top-k per code map) for ambiguated release; decoder.onnx is for "
@@ -154,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--name")
     p.add_argument("--version")
+    p.add_argument("--k-fake", type=int, default=None, help="fake non-zeros per map in the card (default: the run's)")
     args = p.parse_args(argv)
     try:
-        out = export_run(Path(args.run_dir), Path(args.out), args.name, args.version)
+        out = export_run(Path(args.run_dir), Path(args.out), args.name, args.version, k_fake=args.k_fake)
     except PricError as exc:
         print(f"pric-export: {exc.message}", file=sys.stderr)
         return exc.exit_code

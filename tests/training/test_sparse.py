@@ -139,11 +139,19 @@ def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path,
     card = load_card(tiny_export)
     rec = report["reconstruction"]
     for name in ("authorised_k", "authorised_half_k", "ambiguated_as_is", "guess_random", "guess_largest",
-                 "guess_smallest", "jpeg_same_bytes"):
+                 "guess_smallest", "jpeg_true_code_bytes", "jpeg_true_code_bytes_multires", "jpeg_same_bytes"):
         assert np.isfinite(rec[name]["psnr"]) and 0.0 <= rec[name]["ssim"] <= 1.0
     assert report["n_test"] == 8
     assert report["key"]["bytes"] == key_size_bytes(card.sparse)
     assert report["rate"]["wire_bytes_per_image"] == card.sparse.L * card.sparse.k_prime * 4
+    # m = 32 <= 256: one index byte + a float16 value per true non-zero
+    assert report["rate"]["true_code_bytes_per_image"] == card.sparse.L * card.sparse.k * 3
+    assert rec["jpeg_true_code_bytes"]["budget_bytes"] == report["rate"]["true_code_bytes_per_image"]
+    assert rec["jpeg_same_bytes"]["budget_bytes"] == report["rate"]["wire_bytes_per_image"]
+    assert sum(rec["jpeg_true_code_bytes_multires"]["scale_fraction"].values()) == pytest.approx(1.0)
+    gap = rec["authorised_k"]["psnr"] - rec["jpeg_true_code_bytes"]["psnr"]
+    assert report["goals"]["authorised_beats_jpeg_by_3db"] == (gap >= 3.0)
+    assert "true code's" in sparse_audit.format_table(report)
     assert 0.0 <= report["support_recovery"]["k_largest"] <= 1.0
     assert report["support_recovery"]["chance"] == card.sparse.k / card.sparse.k_prime
     assert set(report["classifiers"]) == {"Smiling", "Male"}
@@ -192,6 +200,71 @@ def test_jpeg_at_budget_respects_the_byte_budget(sample_faces: Path) -> None:
 
     assert small <= 700 and large <= 1500
     assert q_large > q_small
+
+
+@pytest.mark.parametrize(("m", "want"), [(2, 1), (200, 1), (256, 1), (257, 2), (65536, 2), (65537, 3)])
+def test_index_bytes_rounds_log2_m_up_to_whole_bytes(m: int, want: int) -> None:
+    assert sparse_audit.index_bytes(m) == want
+
+
+def test_multires_jpeg_fits_the_budget_and_is_never_worse_than_full_resolution(sample_faces: Path) -> None:
+    from training.data import load_faces
+
+    pixels = load_faces(sample_faces, progress=False).pixels[:4]
+    ref = pixels.astype(np.float32) / 255.0
+
+    for budget in (450, 900):
+        for img, ref_img in zip(pixels, ref):
+            full, _, _ = sparse_audit.jpeg_at_budget(img, budget)
+            best, size, _, scale = sparse_audit.jpeg_multires_at_budget(img, budget)
+            assert size <= budget and best.shape == full.shape and scale in sparse_audit.JPEG_SCALES
+            assert np.mean((best - ref_img) ** 2) <= np.mean((full - ref_img) ** 2) + 1e-12
+
+
+def test_multires_jpeg_over_budget_falls_back_to_full_resolution_quality_1(sample_faces: Path) -> None:
+    from training.data import load_faces
+
+    pixels = load_faces(sample_faces, progress=False).pixels[0]
+
+    _, size, q, scale = sparse_audit.jpeg_multires_at_budget(pixels, 10)
+
+    assert (size, q, scale) == (sparse_audit.jpeg_at_budget(pixels, 10)[1], 1, 1.0)
+    assert size > 10
+
+
+def test_export_k_fake_override_sets_the_cards_ambiguation(tiny_run: Path, tmp_path: Path) -> None:
+    from training.export import main as export_main
+
+    trained = json.loads((tiny_run / "config.json").read_text())["sparse"]["k_fake"]
+    want = trained + 7
+
+    rc = export_main([str(tiny_run), "--out", str(tmp_path / "o"), "--version", "kf", "--k-fake", str(want)])
+
+    assert rc == 0
+    card = load_card(tmp_path / "o")
+    assert card.sparse.k_fake == want and card.sparse.k_prime == card.sparse.k + want
+    assert card.training["k_fake_trained"] == trained
+    amb, _ = ambiguate(np.ones((card.sparse.L, card.sparse.m), np.float32) * (np.arange(card.sparse.m) < card.sparse.k),
+                       card.sparse, np.random.default_rng(0))
+    assert amb.indices.shape == (card.sparse.L, card.sparse.k + want)
+
+
+def test_export_k_fake_override_is_refused_beyond_m_and_for_feature_runs(tiny_run: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    from training.export import main as export_main
+
+    sparse = json.loads((tiny_run / "config.json").read_text())["sparse"]
+    m, k = sparse["m"], sparse["k"]
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "config.json").write_text(json.dumps({"mode": "paper"}))
+
+    rc_big = export_main([str(tiny_run), "--out", str(tmp_path / "o"), "--k-fake", str(m - k + 1)])
+    err_big = capsys.readouterr().err
+    rc_feat = export_main([str(tmp_path / "features"), "--out", str(tmp_path / "o2"), "--k-fake", "3"])
+    err_feat = capsys.readouterr().err
+
+    assert rc_big == 2 and "--k-fake" in err_big and not (tmp_path / "o").exists()
+    assert rc_feat == 2 and "sparse runs only" in err_feat
 
 
 def test_sweep_measures_each_sampler_and_k_fake(tiny_export: Path, sample_faces: Path, tmp_path: Path,
