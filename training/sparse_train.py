@@ -50,6 +50,8 @@ class SparseTrainConfig:
     seed: int = 0
     threads: int = 2
     limit: int | None = None
+    loss: str = "bce"
+    init: str | None = None
 
     def model_config(self) -> SparseAEConfig:
         return SparseAEConfig(height=self.size, width=self.size, L=self.L, m=self.m,
@@ -82,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=SparseTrainConfig.threads, help="CPU threads for torch")
     p.add_argument("--limit", type=int, default=None, help="use only the first N photos (smoke runs)")
+    p.add_argument("--loss", default=SparseTrainConfig.loss, choices=list(LOSSES),
+                   help="bce: BCE on the sigmoid output (the paper); mse: mean squared error of the sigmoid "
+                        "output (what PSNR measures)")
+    p.add_argument("--init", default=None,
+                   help="warm start: a sparse run folder whose checkpoint (same model settings) initialises the model")
     return p
 
 
@@ -95,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> SparseTrainConfig:
         k_train=args.k_train if args.k_train is not None else args.k, k=args.k,
         k_fake=args.k_fake if args.k_fake is not None else args.k, channels=channels, size=args.size,
         batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-        threads=args.threads, limit=args.limit,
+        threads=args.threads, limit=args.limit, loss=args.loss, init=str(args.init) if args.init else None,
     )
     checks = [
         (cfg.epochs >= 1, f"--epochs {cfg.epochs} must be at least 1"),
@@ -127,11 +134,24 @@ def to_input(pixels: torch.Tensor, spec: InputSpec) -> tuple[torch.Tensor, torch
     return (target - mean) / std, target
 
 
+LOSSES = ("bce", "mse")
+
+
 def reconstruction_losses(out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """BCE of the sigmoid output (computed from logits) and per-image PSNR (B,)."""
+    """BCE of the sigmoid output (computed from logits), its MSE (scalars) and per-image
+    PSNR (B,), for logits and target (B, 3, H, W)."""
     bce = F.binary_cross_entropy_with_logits(out["logits"], target)
     mse = (torch.sigmoid(out["logits"]) - target).pow(2).flatten(1).mean(1)
-    return {"bce": bce, "psnr": -10.0 * torch.log10(mse.clamp_min(1e-10))}
+    return {"bce": bce, "mse": mse.mean(), "psnr": -10.0 * torch.log10(mse.clamp_min(1e-10))}
+
+
+def warm_start(model: SparseAutoencoder, run_dir: Path) -> None:
+    """Load the checkpoint of sparse run `run_dir` into `model` (same model settings, else
+    InvalidInputError naming the run)."""
+    init_model, _ = load_run(run_dir)
+    if init_model.cfg != model.cfg:
+        raise InvalidInputError(f"--init {run_dir}: its model settings {asdict(init_model.cfg)} differ from this run's")
+    model.load_state_dict(init_model.state_dict())
 
 
 @torch.no_grad()
@@ -174,7 +194,10 @@ def train(cfg: SparseTrainConfig) -> dict[str, Any]:
     train_t = torch.from_numpy(train_px).to(device)
     val_t = torch.from_numpy(val_px).to(device)
 
-    model = SparseAutoencoder(cfg.model_config()).to(device)
+    model = SparseAutoencoder(cfg.model_config())
+    if cfg.init:
+        warm_start(model, Path(cfg.init))
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train_t) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
@@ -198,12 +221,13 @@ def train(cfg: SparseTrainConfig) -> dict[str, Any]:
             flip = torch.rand(len(batch), generator=gen) < 0.5
             batch = torch.where(flip.to(device).view(-1, 1, 1, 1), batch.flip(2), batch)
             x, target = to_input(batch, spec)
-            loss = reconstruction_losses(model(x), target)["bce"]
+            losses = reconstruction_losses(model(x), target)
+            loss = losses[cfg.loss]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            bce_sum += float(loss.detach()) * len(batch)
+            bce_sum += float(losses["bce"].detach()) * len(batch)
         val = evaluate(model, val_t, spec, cfg.k, device)
         val_half = evaluate(model, val_t, spec, max(1, cfg.k // 2), device)
         row = {"epoch": epoch, "train_bce": bce_sum / len(train_t), "val_bce": val["bce"],

@@ -133,6 +133,32 @@ def test_export_refuses_a_run_that_is_not_sparse(tmp_path: Path) -> None:
         sparse_export.export_run(tmp_path, tmp_path / "out", None, None)
 
 
+def test_warm_start_with_mse_loss_continues_from_the_run(tiny_run: Path, sample_faces: Path, tmp_path: Path) -> None:
+    start, _ = sparse_train.load_run(tiny_run)
+
+    rc = sparse_train.main(["--mode", "sparse", "--data", str(sample_faces), "--epochs", "1", "--out",
+                            str(tmp_path / "ft"), "--device", "cpu", "--seed", "2", "--lr", "1e-12", "--loss", "mse",
+                            "--init", str(tiny_run), *TINY])
+
+    assert rc == 0
+    tuned, config = sparse_train.load_run(tmp_path / "ft")
+    assert config["train"]["loss"] == "mse" and config["train"]["init"] == str(tiny_run)
+    # a vanishing learning rate leaves the warm-started weights (BatchNorm statistics aside) in place
+    w0, w1 = start.state_dict(), tuned.state_dict()
+    assert all(torch.allclose(w0[n], w1[n], atol=1e-6) for n in w0 if "running" not in n and "num_batches" not in n)
+
+
+def test_warm_start_refuses_a_run_with_other_settings(tiny_run: Path, sample_faces: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    other = [a if a != "32" else "64" for a in TINY]  # m = 64 instead of 32
+
+    rc = sparse_train.main(["--mode", "sparse", "--data", str(sample_faces), "--epochs", "1", "--out",
+                            str(tmp_path / "ft"), "--device", "cpu", "--init", str(tiny_run), *other])
+
+    assert rc == 2
+    assert "--init" in capsys.readouterr().err
+
+
 def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path, tmp_path: Path) -> None:
     report = sparse_audit.audit_sparse(tiny_export, sample_faces, tmp_path / "audit", SimpleNamespace(seed=3, quick=True, private="Male", primary=("Smiling",)))
 
