@@ -474,8 +474,35 @@ def audit_release(
     _say(cfg, f"[{label}] re-identification")
     res["reid"] = reidentification(x[sp.te], data.identities[sp.te], x[sp.tr].astype(np.float32).mean(0))
     res["primary_accuracy"] = float(np.mean([v["accuracy"] for v in res["primary"].values()])) if cfg.primary else None
+    if ref is not None:
+        res["other_attributes"] = other_attribute_utility(multi, ref, data, sp, cfg)
     res["seconds"] = round(time.time() - t0, 1)
     return res
+
+
+def other_attribute_utility(multi: dict[str, Any], ref: dict[str, Any], data: FaceData, sp: Splits,
+                            cfg: AuditConfig) -> dict[str, Any]:
+    """What the release keeps of the attributes it was not trained for: per attribute (not
+    private, not primary) the share of the raw-image classifier's gain over the majority rate
+    that the strongest multi-label head keeps, and the means over all of them, over those
+    correlated with the private attribute (|phi| >= 0.3 on train) and over the others."""
+    from training.experiments import CORRELATED_PHI, phi, relative_gain
+
+    pi = data.attr_index(cfg.private)
+    u = data.labels[sp.tr, pi]
+    per: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(data.attr_names):
+        if name == cfg.private or name in cfg.primary:
+            continue
+        gain = relative_gain(multi["accuracy"][j], ref["accuracy"][j], multi["majority_rate"][j])
+        if gain is not None:
+            per[name] = {"relative": gain, "phi_private": abs(phi(data.labels[sp.tr, j], u))}
+    mean = lambda keep: float(np.mean([v["relative"] for v in per.values() if keep(v)])) \
+        if any(keep(v) for v in per.values()) else None  # noqa: E731
+    return {"per_attribute": per, "mean": mean(lambda v: True),
+            "mean_uncorrelated": mean(lambda v: v["phi_private"] < CORRELATED_PHI),
+            "mean_correlated": mean(lambda v: v["phi_private"] >= CORRELATED_PHI),
+            "n": len(per), "n_correlated": sum(v["phi_private"] >= CORRELATED_PHI for v in per.values())}
 
 
 def _from_multi(multi: dict[str, Any], j: int, kinds: Sequence[str]) -> dict[str, Any]:
@@ -517,7 +544,8 @@ def headline(rel: dict[str, Any], cfg: AuditConfig, kind: str) -> dict[str, Any]
     """The point of this release on the privacy–utility plane (also read by --compare)."""
     return {"label": rel["label"], "kind": kind, "private": cfg.private,
             "private_acc": rel["private"]["accuracy"], "primary_acc": rel.get("primary_accuracy"),
-            "primary": list(cfg.primary), "majority_rate": rel["private"]["majority_rate"]}
+            "primary": list(cfg.primary), "majority_rate": rel["private"]["majority_rate"],
+            "other_utility": (rel.get("other_attributes") or {}).get("mean")}
 
 
 def _compare_points(paths: Sequence[str]) -> list[dict[str, Any]]:

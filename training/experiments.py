@@ -115,14 +115,19 @@ def load_raw_baseline(path: str | Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in d.items()}
 
 
+MIN_RAW_GAIN = 0.01  # attributes where the raw classifier beats the majority rate by less are left out
+
+
+def relative_gain(acc: float, raw: float, majority: float) -> float | None:
+    """(acc - majority) / (raw - majority): the share of the raw-image classifier's gain over
+    the majority rate that a representation keeps; None when raw gains < MIN_RAW_GAIN."""
+    return (acc - majority) / (raw - majority) if raw - majority >= MIN_RAW_GAIN else None
+
+
 def relative_utility(acc: dict[str, float], raw: dict[str, float], test: FaceData) -> float:
-    """Mean over attributes of (acc - majority) / (raw - majority), attributes where the raw
-    classifier beats the majority rate by at least 1 point."""
-    ratios = []
-    for name, a in acc.items():
-        maj = majority_rate(test.attr(name))
-        if name in raw and raw[name] - maj >= 0.01:
-            ratios.append((a - maj) / (raw[name] - maj))
+    """Mean of relative_gain over the attributes of `acc` (nan when none counts)."""
+    ratios = [r for name, a in acc.items() if name in raw
+              and (r := relative_gain(a, raw[name], majority_rate(test.attr(name)))) is not None]
     return float(np.mean(ratios)) if ratios else float("nan")
 
 

@@ -142,9 +142,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         L += _release_md(rel, s, ref, names)
     if report.get("points"):
         L += ["## Privacy–utility plane", "", f"![plane]({PLANE_PNG})", ""]
-        L += _md_table(["release", "kind", f"{s['private']} leakage", "primary accuracy", "training"],
+        L += _md_table(["release", "kind", f"{s['private']} leakage", "primary accuracy",
+                        "other attributes (share of raw gain)", "training"],
                        [[p["label"], p.get("kind"), p.get("private_acc"), p.get("primary_acc"),
-                         _training_md(p.get("training"))] for p in report["points"]])
+                         p.get("other_utility"), _training_md(p.get("training"))] for p in report["points"]])
     if report.get("dominance", {}).get("baselines"):
         L += _dominance_md(report["dominance"])
     return "\n".join(L)
@@ -212,6 +213,13 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
                      multi["accuracy"][j], multi["strongest"][j], raw_of(n), multi["majority_rate"][j],
                      multi["accuracy"][j] - multi["majority_rate"][j]])
     L += _md_table(["attribute", "attacker", "kind", "raw-image CNN", "majority", "gain"], rows)
+    o = rel.get("other_attributes")
+    if o and o.get("mean") is not None:
+        L += [f"Utility over the {o['n']} attributes neither private nor primary (where the raw-image CNN beats "
+              f"the majority rate by ≥ 1 point): the release keeps **{_f(o['mean'])}** of the raw-image "
+              f"classifier's gain over the majority rate on average; {_f(o['mean_uncorrelated'])} over the "
+              f"{o['n'] - o['n_correlated']} not correlated with {s['private']} and {_f(o['mean_correlated'])} over "
+              f"the {o['n_correlated']} correlated with it (|phi| ≥ 0.3 on train).", ""]
     if rel.get("verdicts"):
         L += ["### Verdicts", ""]
         L += _md_table(["check", "value", "threshold", "result"],

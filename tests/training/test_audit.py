@@ -109,6 +109,15 @@ def test_audit_writes_report_plots_and_card(tiny_model_dir: Path, sample_faces: 
     assert len(rel["attributes"]["accuracy"]) == len(report["setup"]["attr_names"]) == 40
     assert rel["reconstruction"]["psnr"] > 0 and -1 <= rel["reconstruction"]["ssim"] <= 1
     assert "rank1" in rel["reid"] and "rank1" in report["raw_reference"]["reid"]
+    other = rel["other_attributes"]
+    names, raw = report["setup"]["attr_names"], report["raw_reference"]["accuracy"]
+    assert "Male" not in other["per_attribute"] and "Smiling" not in other["per_attribute"]
+    for name, v in other["per_attribute"].items():
+        j = names.index(name)
+        maj = rel["attributes"]["majority_rate"][j]
+        assert v["relative"] == pytest.approx((rel["attributes"]["accuracy"][j] - maj) / (raw[j] - maj))
+    if other["per_attribute"]:
+        assert other["mean"] == pytest.approx(np.mean([v["relative"] for v in other["per_attribute"].values()]))
     assert {p["kind"] for p in report["points"]} == {"raw", "model", "baseline", "compare"}
     assert all(v["check"] and isinstance(v["pass"], bool) for v in rel["verdicts"])
     for name in ("report.md", "plane.png", "reconstructions-tiny-1.png", "reconstructions-scramble-8.png"):
