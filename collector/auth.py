@@ -1,6 +1,8 @@
 """Tokens, roles, pseudonyms and the per-token rate limit.
 
-A token is `secrets.token_urlsafe(32)`, shown once; only its sha256 is stored. Roles:
+A token is "pric_" + `secrets.token_urlsafe(32)` (the prefix keeps a token from starting
+with "-", which a command line would read as an option, and lets secret scanners spot
+one), shown once; only its sha256 is stored. Roles:
 `participant` (own items only), `operator` (stats, training, export), `auditor`
 (read-only export).
 """
@@ -36,8 +38,11 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+TOKEN_PREFIX = "pric_"
+
+
 def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def create_staff_token(db: Database, role: str) -> str:

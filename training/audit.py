@@ -549,7 +549,11 @@ def headline(rel: dict[str, Any], cfg: AuditConfig, kind: str) -> dict[str, Any]
 
 
 def _compare_points(paths: Sequence[str]) -> list[dict[str, Any]]:
-    points = []
+    """Points of other pric-audit reports: their audited models (kind 'compare', their own
+    kind kept as 'source_kind') and their baselines (kind 'baseline'), so that a plane of
+    several runs still shows, and checks dominance against, every baseline once."""
+    points: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
     for p in paths:
         try:
             other = json.loads(Path(p).read_text())
@@ -558,7 +562,17 @@ def _compare_points(paths: Sequence[str]) -> list[dict[str, Any]]:
         h = other.get("headline")
         if not isinstance(h, dict) or "private_acc" not in h:
             raise InvalidInputError(f"--compare {p}: not a pric-audit report (no 'headline')")
-        points.append({**h, "kind": "compare", "source_kind": h.get("kind"), "source": str(p)})
+        theirs = [q for q in other.get("points", []) if isinstance(q, dict) and q.get("kind") != "raw"
+                  and "private_acc" in q] or [h]
+        for q in theirs:
+            if q.get("source"):  # a point that report itself imported: take it from its own report
+                continue
+            kind = "baseline" if q.get("kind") == "baseline" else "compare"
+            key = (kind, str(q.get("label")))
+            if key in seen:
+                continue
+            seen.add(key)
+            points.append({**q, "kind": kind, "source_kind": q.get("source_kind", q.get("kind")), "source": str(p)})
     return points
 
 
@@ -660,7 +674,8 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         report["points"].append(headline(rel, cfg, "baseline"))
         if "headline" not in report:
             report["headline"] = headline(rel, cfg, "baseline")
-    report["points"] += compare
+    local = {p["label"] for p in report["points"] if p.get("kind") == "baseline"}
+    report["points"] += [c for c in compare if not (c["kind"] == "baseline" and c["label"] in local)]
     report["dominance"] = dominance(report["points"], len(sp.te), cfg.dominance_tolerance)
     report["seconds"] = round(time.time() - t0, 1)
     _finish(report, cfg, out_dir)
@@ -730,7 +745,7 @@ def rerender(cfg: AuditConfig) -> dict[str, Any]:
         report = json.loads((out_dir / REPORT_JSON).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InvalidInputError(f"--rerender: {out_dir / REPORT_JSON} is not a readable report ({exc})") from None
-    report["points"] = [p for p in report.get("points", []) if p.get("kind") != "compare"]
+    report["points"] = [p for p in report.get("points", []) if p.get("kind") != "compare" and not p.get("source")]
     report["points"] += _compare_points(cfg.compare)
     report["dominance"] = dominance(report["points"], int(report.get("setup", {}).get("n_test") or 0),
                                     cfg.dominance_tolerance)

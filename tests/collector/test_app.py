@@ -525,3 +525,12 @@ def test_unknown_route_is_json_404(kit):
 def test_collector_app_imports_no_torch():
     code = "import sys, collector.app, collector.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_tokens_are_random_prefixed_and_never_read_as_a_command_line_option() -> None:
+    from collector.auth import TOKEN_PREFIX, new_token
+
+    tokens = [new_token() for _ in range(500)]  # unprefixed, ~8 of 500 would start with '-'
+
+    assert len(set(tokens)) == len(tokens)
+    assert all(t.startswith(TOKEN_PREFIX) and len(t) >= len(TOKEN_PREFIX) + 43 for t in tokens)

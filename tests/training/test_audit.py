@@ -259,6 +259,25 @@ def test_several_models_are_audited_alike_and_checked_for_dominance(tiny_model_d
     assert "dominate every baseline" in (out / "report.md").read_text()
 
 
+def test_compare_brings_the_other_reports_baselines_into_the_dominance_check(tiny_model_dir: Path,
+                                                                            sample_faces: Path, tmp_path: Path) -> None:
+    common = ["--data", str(sample_faces), "--private", "Male", "--primary", "Smiling", "--attacks", "linear",
+              "--cache-dir", str(tmp_path / "cache"), *FAST]
+    assert main(["--baselines", "blur:5", "--out", str(tmp_path / "a"), *common]) == 0
+
+    rc = main(["--model", str(tiny_model_dir / "tiny"), "--compare", str(tmp_path / "a" / "report.json"),
+               "--out", str(tmp_path / "b"), *common])
+
+    assert rc == 0
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    imported = [p for p in report["points"] if p.get("source")]
+    assert [(p["kind"], p["label"]) for p in imported] == [("baseline", "blur:5")]
+    assert [r["baseline"] for r in report["dominance"]["baselines"]] == ["blur:5"]
+    rerendered = main(["--rerender", "--out", str(tmp_path / "b"), "--private", "Male"])  # drops the imports
+    assert rerendered == 0
+    assert not [p for p in json.loads((tmp_path / "b" / "report.json").read_text())["points"] if p.get("source")]
+
+
 def test_models_that_read_photos_differently_are_refused(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
