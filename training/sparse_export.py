@@ -94,6 +94,20 @@ def _epochs_completed(run_dir: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
+LOSS_NAMES = {"bce": "BCE on sigmoid outputs", "mse": "MSE of sigmoid outputs"}
+
+
+def _loss_note(config: dict) -> str:
+    """'Loss: ...' for the card, naming the warm-start run when there was one."""
+    train = config.get("train", {})
+    note = f"Loss: {LOSS_NAMES.get(train.get('loss', 'bce'), train.get('loss'))}"
+    if train.get("init"):
+        init_cfg = Path(train["init"]) / "config.json"
+        first = json.loads(init_cfg.read_text()).get("train", {}).get("loss", "bce") if init_cfg.is_file() else "?"
+        note += f", warm-started from run {Path(train['init']).name} (loss {first})"
+    return note + "."
+
+
 def with_k_fake(sparse: SparseSpec, k_fake: int | None, where: Path) -> SparseSpec:
     """`sparse` with its ambiguation set to `k_fake` fakes per map (None: unchanged);
     0 <= k_fake and k + k_fake <= m, else InvalidInputError naming `where`."""
@@ -152,7 +166,7 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
             "parity": parity,
         },
         description="Sparse-code encoder (top-k per code map) for ambiguated release; decoder.onnx is for "
-                    "key holders. Loss: BCE on sigmoid outputs.",
+                    f"key holders. {_loss_note(config)}",
     ).validate()
     card.save(tmp)
     (tmp / "export_config.json").write_text(json.dumps({"run_dir": str(run_dir), "name": card.name,
