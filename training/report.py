@@ -172,7 +172,7 @@ def _dominance_md(d: dict[str, Any]) -> list[str]:
     L += _md_table(["baseline", "leakage", "primary accuracy", "dominated by (strictly)",
                     "dominated by (within tolerance)"], rows)
     verdict = ("yes, strictly" if d["all_dominated"] else
-               "yes within sampling error (not strictly)" if d["all_dominated_within_tolerance"] else "**no**")
+               "yes within sampling error (not strictly)" if d["all_dominated_within_tolerance"] else "no")
     L += [f"**Every baseline dominated by an audited model: {verdict}** ({d['n_models']} model point(s)).", ""]
     return L
 
