@@ -656,6 +656,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
         rel["model_dir"], rel["model_id"] = str(model_dir), mcard.model_id
         report["releases"].append(rel)
+        _checkpoint(report, out_dir)
         point = headline(rel, cfg, kind)
         point["model_id"], point["training"] = mcard.model_id, _training_summary(mcard)
         report.setdefault("headline", point)
@@ -671,6 +672,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
         rel["baseline"] = {"name": b.name, "k": b.k}
         report["releases"].append(rel)
+        _checkpoint(report, out_dir)
         report["points"].append(headline(rel, cfg, "baseline"))
         if "headline" not in report:
             report["headline"] = headline(rel, cfg, "baseline")
@@ -770,8 +772,21 @@ def _save_config(cfg: AuditConfig) -> Path:
 def _finish(report: dict[str, Any], cfg: AuditConfig, out_dir: Path) -> None:
     from training.report import write_report
 
+    report["complete"] = True
     write_report(report, out_dir)
-    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    _write_json(report, out_dir / REPORT_JSON)
+
+
+def _checkpoint(report: dict[str, Any], out_dir: Path) -> None:
+    """report.json with the releases audited so far ("complete": false): a long audit that
+    fails or is stopped late keeps what it measured."""
+    _write_json({**report, "complete": False}, out_dir / REPORT_JSON)
+
+
+def _write_json(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)  # readers never see half a file
 
 
 def _json_default(o: Any) -> Any:

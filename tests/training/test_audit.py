@@ -313,3 +313,28 @@ def test_dominance_counts_ties_within_the_tolerance_only_when_asked() -> None:
     assert rows["scramble"]["dominated_within_tolerance_by"] == ["pric"]  # 0.002 < one standard error (0.007)
     assert not d["all_dominated"] and d["all_dominated_within_tolerance"]
     assert dominance(points, n_test=2000, tolerance=0.0)["all_dominated_within_tolerance"] is False
+
+
+def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model_dir: Path, sample_faces: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.audit as audit
+
+    real, calls = audit.audit_release, []
+
+    def failing_second(label, *args, **kwargs):
+        calls.append(label)
+        if len(calls) == 2:
+            raise audit.InvalidInputError(f"{label}: stopped on purpose")
+        return real(label, *args, **kwargs)
+
+    monkeypatch.setattr(audit, "audit_release", failing_second)
+    out = tmp_path / "o"
+
+    rc = main(["--model", str(tiny_model_dir / "tiny"), "--baselines", "blur:5", "--data", str(sample_faces),
+               "--private", "Male", "--attacks", "linear", "--out", str(out), "--cache-dir", str(tmp_path / "c"), *FAST])
+
+    assert rc == 2
+    partial = json.loads((out / "report.json").read_text())
+    assert partial["complete"] is False
+    assert [r["label"] for r in partial["releases"]] == ["tiny@1"]
