@@ -60,17 +60,22 @@ def plot_plane(points: Sequence[dict[str, Any]], path: Path, private: str, prima
     fig, ax = plt.subplots(figsize=(8.0, 4.8))
     shown = [p for p in points if p.get("primary_acc") is not None and p.get("private_acc") is not None]
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(shown), 2)))
-    # one colour and legend entry per release: clustered points stay readable
+    ours = [p for p in shown if p.get("kind") in ("model", "compare") and p.get("source_kind", p.get("kind")) == "model"]
+    warm = dict(zip(map(id, ours), plt.get_cmap("autumn")(np.linspace(0, 0.85, max(len(ours), 2)))))
+    # one colour and legend entry per release: clustered points stay readable; the audited
+    # models in warm colours, stars for this run's, diamonds for those of --compare reports
     for p, color in zip(shown, colors):
         marker, size = markers.get(p.get("kind", "compare"), markers["compare"])
-        if p.get("kind") in ("raw", "model", "sparse"):
-            color = {"raw": "black", "model": "tab:red", "sparse": "tab:purple"}[p["kind"]]
+        if id(p) in warm:
+            color = warm[id(p)]
+        elif p.get("kind") in ("raw", "sparse"):
+            color = {"raw": "black", "sparse": "tab:purple"}[p["kind"]]
         ax.scatter(p["private_acc"], p["primary_acc"], marker=marker, color=color, s=size, zorder=3,
                    edgecolors="black", linewidths=0.4, label=f"{p['label']} ({p['private_acc']:.3f}, {p['primary_acc']:.3f})")
-    ours = sorted((p for p in shown if p.get("kind") == "model"), key=lambda p: p["private_acc"])
-    if len(ours) > 1:  # the audited models (e.g. one method at several λ) as a curve
-        ax.plot([p["private_acc"] for p in ours], [p["primary_acc"] for p in ours], ls=":", c="tab:red", lw=1,
-                zorder=2)
+    front = pareto_front(ours)
+    if len(front) > 1:  # the best trade-offs the audited models reach (e.g. one method at several λ)
+        ax.plot([p["private_acc"] for p in front], [p["primary_acc"] for p in front], ls=":", c="tab:red", lw=1,
+                zorder=2, label="frontier of the audited models")
     if majority is not None:
         ax.axvline(majority, ls="--", c="grey", lw=1, label=f"majority rate of {private}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="release (leakage, utility)",
@@ -82,6 +87,15 @@ def plot_plane(points: Sequence[dict[str, Any]], path: Path, private: str, prima
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pareto_front(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points no other point beats on both axes (lower leakage, higher utility), by leakage."""
+    front: list[dict[str, Any]] = []
+    for p in sorted(points, key=lambda p: (p["private_acc"], -p["primary_acc"])):
+        if not front or p["primary_acc"] > front[-1]["primary_acc"]:
+            front.append(p)
+    return front
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -338,3 +338,13 @@ def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model
     partial = json.loads((out / "report.json").read_text())
     assert partial["complete"] is False
     assert [r["label"] for r in partial["releases"]] == ["tiny@1"]
+
+
+def test_pareto_front_keeps_only_the_undominated_points() -> None:
+    from training.report import pareto_front
+
+    pts = [{"label": n, "private_acc": a, "primary_acc": b}
+           for n, a, b in [("a", 0.70, 0.87), ("b", 0.72, 0.86), ("c", 0.74, 0.89), ("d", 0.90, 0.90),
+                           ("e", 0.71, 0.87)]]
+
+    assert [p["label"] for p in pareto_front(pts)] == ["a", "c", "d"]
