@@ -84,6 +84,7 @@ class AuditConfig:
     dominance_tolerance: float | None = None  # None: one binomial standard error per axis
     no_reference: bool = False
     rerender: bool = False
+    resume: bool = False
     progress: bool = True
     threads: int = 0
     baseline_epochs: int | None = None
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dominance-tolerance", type=float, default=None,
                    help="accuracy difference treated as a tie when checking that the models dominate the "
                         "baselines (default: one binomial standard error of the test split, per axis)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the releases an unfinished run with the same settings left in --out/report.json")
     p.add_argument("--rerender", action="store_true",
                    help="only re-write report.md and plots of an existing --out (e.g. with new --compare points)")
     p.add_argument("--no-reference", action="store_true", help="skip the raw-image reference classifier")
@@ -158,7 +161,7 @@ def config_from_args(a: argparse.Namespace) -> AuditConfig:
         recon_epochs=a.recon_epochs if a.recon_epochs is not None else (2 if a.quick else 8),
         limit=a.limit, split_file=a.split_file, cache_dir=a.cache_dir, min_class_samples=a.min_class_samples,
         max_private_acc=a.max_private_acc, max_primary_drop=a.max_primary_drop, max_psnr=a.max_psnr,
-        max_reid_rank1=a.max_reid_rank1, no_reference=a.no_reference, rerender=a.rerender, progress=not a.no_progress, threads=a.threads,
+        max_reid_rank1=a.max_reid_rank1, no_reference=a.no_reference, rerender=a.rerender, resume=a.resume, progress=not a.no_progress, threads=a.threads,
         baseline_epochs=a.baseline_epochs, baseline_recon_epochs=a.baseline_recon_epochs,
         collector=a.collector, token=a.token, model_id=a.model_id, probe=a.probe, timeout=a.timeout,
     )
@@ -609,6 +612,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         raise InvalidInputError(f"--baselines: {exc}") from None
     compare = _compare_points(cfg.compare)
     models = _load_models(cfg)
+    previous = _resumable(cfg)
     out_dir = _save_config(cfg)
     t0 = time.time()
     card = models[0][1] if models else None
@@ -638,20 +642,27 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
             "primary_acc": float(np.mean([ref["accuracy"][data.attr_index(n)] for n in cfg.primary]))
             if cfg.primary else None})
     for model_dir, mcard in models:
-        if mcard.kind == "sparse_code":
-            from training import sparse_audit
-
-            _say(cfg, f"sparse-code figures of {mcard.model_id} (authorised, JPEG, key attacks)")
-            report["sparse"] = sparse_audit.audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
-            _say(cfg, f"ambiguating the codes of {len(data)} photos with {mcard.model_id}")
-            x = sparse_audit.ambiguated_codes(model_dir, mcard, data.pixels, cfg.seed)
-            label, kind = f"{mcard.model_id} ambiguated code", "sparse"
+        sparse_model = mcard.kind == "sparse_code"
+        label, kind = (f"{mcard.model_id} ambiguated code", "sparse") if sparse_model else (mcard.model_id, "model")
+        rel = previous.get(label)
+        if rel is not None and rel.get("sha256") == mcard.sha256:
+            _say(cfg, f"[{label}] reusing the figures of the unfinished run (--resume)")
+            if sparse_model and "sparse" in previous:
+                report["sparse"] = previous["sparse"]
         else:
-            _say(cfg, f"transforming {len(data)} photos with {mcard.model_id}")
-            x = OnnxRelease(model_dir, mcard)(data.pixels)
-            label, kind = mcard.model_id, "model"
-        rel = audit_release(label, x, data, sp, cfg, ref, spec, True, out_dir)
-        del x
+            if sparse_model:
+                from training import sparse_audit
+
+                _say(cfg, f"sparse-code figures of {mcard.model_id} (authorised, JPEG, key attacks)")
+                report["sparse"] = sparse_audit.audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
+                _say(cfg, f"ambiguating the codes of {len(data)} photos with {mcard.model_id}")
+                x = sparse_audit.ambiguated_codes(model_dir, mcard, data.pixels, cfg.seed)
+            else:
+                _say(cfg, f"transforming {len(data)} photos with {mcard.model_id}")
+                x = OnnxRelease(model_dir, mcard)(data.pixels)
+            rel = audit_release(label, x, data, sp, cfg, ref, spec, True, out_dir)
+            del x
+            rel["sha256"] = mcard.sha256
         rel["epochs"], rel["recon_epochs"] = cfg.epochs, cfg.recon_epochs
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
         rel["model_dir"], rel["model_id"] = str(model_dir), mcard.model_id
@@ -665,9 +676,14 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         cfg, epochs=cfg.baseline_epochs or max(3, cfg.epochs // 2),
         recon_epochs=cfg.baseline_recon_epochs or max(1, cfg.recon_epochs // 2))
     for b in baselines:
-        _say(cfg, f"baseline {b.label}")
-        obf = b.apply(unit_images(data.pixels)).astype(np.float16)
-        rel = audit_release(b.label, obf, data, sp, bcfg, ref, spec, False, out_dir)
+        rel = previous.get(b.label)
+        if rel is not None and "baseline" in rel:
+            _say(cfg, f"[{b.label}] reusing the figures of the unfinished run (--resume)")
+        else:
+            _say(cfg, f"baseline {b.label}")
+            obf = b.apply(unit_images(data.pixels)).astype(np.float16)
+            rel = audit_release(b.label, obf, data, sp, bcfg, ref, spec, False, out_dir)
+            del obf
         rel["epochs"], rel["recon_epochs"] = bcfg.epochs, bcfg.recon_epochs
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
         rel["baseline"] = {"name": b.name, "k": b.k}
@@ -700,6 +716,26 @@ def _load_models(cfg: AuditConfig) -> list[tuple[Path, ModelCard]]:
                 f"--model {model_dir}: its card's input ({c.input.width}x{c.input.height}, crop {c.input.crop_box}) "
                 f"differs from {first_dir}'s; audit it separately and add its report with --compare")
     return models
+
+
+def _resumable(cfg: AuditConfig) -> dict[str, Any]:
+    """With --resume: the releases (by label) of an unfinished report.json in --out that was
+    made with the same settings, and its sparse figures under "sparse"; else {}."""
+    path = Path(cfg.out) / REPORT_JSON
+    if not cfg.resume or not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    same = lambda c: {k: v for k, v in json.loads(json.dumps(c)).items() if k != "resume"}  # noqa: E731
+    if old.get("complete", True) or same(old.get("config", {})) != same(_redacted(cfg)):
+        raise InvalidInputError(f"--resume: {path} is not an unfinished run with the same settings; "
+                                "drop --resume or choose another --out")
+    reuse: dict[str, Any] = {r["label"]: r for r in old.get("releases", []) if isinstance(r, dict) and "label" in r}
+    if "sparse" in old:
+        reuse["sparse"] = old["sparse"]
+    return reuse
 
 
 def _training_summary(card: ModelCard) -> dict[str, Any]:

@@ -339,6 +339,18 @@ def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model
     assert partial["complete"] is False
     assert [r["label"] for r in partial["releases"]] == ["tiny@1"]
 
+    # --resume measures only what is missing; other settings are refused
+    calls.clear()
+    monkeypatch.setattr(audit, "audit_release", lambda label, *a, **k: (calls.append(label), real(label, *a, **k))[1])
+    argv = ["--model", str(tiny_model_dir / "tiny"), "--baselines", "blur:5", "--data", str(sample_faces),
+            "--private", "Male", "--attacks", "linear", "--out", str(out), "--cache-dir", str(tmp_path / "c"), *FAST]
+    assert main([*argv, "--seed", "1", "--resume"]) == 2
+    assert main([*argv, "--resume"]) == 0
+    assert calls == ["blur:5"]
+    final = json.loads((out / "report.json").read_text())
+    assert final["complete"] is True and [r["label"] for r in final["releases"]] == ["tiny@1", "blur:5"]
+    assert final["releases"][0]["private"] == partial["releases"][0]["private"]
+
 
 def test_pareto_front_keeps_only_the_undominated_points() -> None:
     from training.report import pareto_front
