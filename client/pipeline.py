@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,6 +35,11 @@ from protocol.sparse_code import AmbiguatedCode, ambiguate, os_rng
 ITEM_ID_HEX = 40
 # photos per onnxruntime call (the stream's batch size is how many are yielded at a time)
 RUN_CHUNK = 16
+# photos per decode task handed to the thread pool: handing over photo by photo cost more
+# CPU than it saved on small photos (GIL hand-offs, one future each)
+DECODE_CHUNK = 8
+DECODE_CHUNK_BYTES = 4 * 1024 * 1024  # ... or fewer, so that large phone photos go one by one
+T = TypeVar("T")
 _heif_registered = False
 
 
@@ -126,18 +132,25 @@ class Extractor:
         returning True means the photo is handled elsewhere (already uploaded, code kept)
         and is not decoded. Unreadable photos go to `on_skip(path, reason)` and the stream
         carries on. With `workers` > 1, photos are decoded in a thread pool (Pillow
-        releases the GIL) while the model runs; at most 2·workers+2 photos' bytes are held."""
+        releases the GIL) while the model runs, up to DECODE_CHUNK photos (or
+        DECODE_CHUNK_BYTES) per task; at most 2·workers+3 chunks' bytes are held."""
         pool = ThreadPoolExecutor(workers, thread_name_prefix="pric-decode") if workers > 1 else None
-        window = 2 * workers + 2
-        inflight: deque[tuple[Path, str, Future[np.ndarray]]] = deque()
+        chunk_size = DECODE_CHUNK if pool else 1
+        window = 2 * workers + 2  # chunks in flight
+        inflight: deque[Future[list[tuple[Path, str, np.ndarray | ImageError]]]] = deque()
+        chunk: list[tuple[Path, str, bytes]] = []
         ready: list[tuple[Path, str, np.ndarray]] = []
 
         def settle_one() -> None:
-            path, item_id, fut = inflight.popleft()
-            try:
-                ready.append((path, item_id, fut.result()))
-            except ImageError as exc:
-                on_skip(str(path), _reason(exc.message, path))
+            for path, item_id, out in inflight.popleft().result():
+                if isinstance(out, ImageError):
+                    on_skip(str(path), _reason(out.message, path))
+                else:
+                    ready.append((path, item_id, out))
+
+        def submit_chunk() -> None:
+            inflight.append(_submit(pool, self._decode_chunk, list(chunk)))
+            chunk.clear()
 
         try:
             for path in files:
@@ -145,7 +158,9 @@ class Extractor:
                     data, sha = read_photo(path)
                     item_id = item_id_for(sha, self.card.sha256)
                     if not skip_known(path, item_id):
-                        inflight.append((path, item_id, _submit(pool, self.decode, data, path)))
+                        chunk.append((path, item_id, data))
+                        if len(chunk) >= chunk_size or sum(len(c[2]) for c in chunk) >= DECODE_CHUNK_BYTES:
+                            submit_chunk()
                 except ImageError as exc:
                     on_skip(str(path), _reason(exc.message, path))
                 finally:
@@ -155,6 +170,8 @@ class Extractor:
                 if len(ready) >= batch_size:
                     yield self._finish(ready[:batch_size])
                     del ready[:batch_size]
+            if chunk:
+                submit_chunk()
             while inflight:
                 settle_one()
             while ready:
@@ -164,16 +181,27 @@ class Extractor:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
+    def _decode_chunk(self, chunk: list[tuple[Path, str, bytes]]) -> list[tuple[Path, str, np.ndarray | ImageError]]:
+        """Decode several photos in one pool task (one hand-over per chunk, not per photo);
+        a bad photo's ImageError is returned in its place, the others go on."""
+        out: list[tuple[Path, str, np.ndarray | ImageError]] = []
+        for path, item_id, data in chunk:
+            try:
+                out.append((path, item_id, self.decode(data, path)))
+            except ImageError as exc:
+                out.append((path, item_id, exc))
+        return out
+
     def _finish(self, pending: list[tuple[Path, str, np.ndarray]]) -> list[Row]:
         y = self.transform(np.stack([x for _, _, x in pending]))
         return [Row(path=p, item_id=i, output=y[n]) for n, (p, i, _) in enumerate(pending)]
 
 
-def _submit(pool: ThreadPoolExecutor | None, fn: Callable[..., np.ndarray], *args: object) -> "Future[np.ndarray]":
+def _submit(pool: ThreadPoolExecutor | None, fn: Callable[..., T], *args: object) -> "Future[T]":
     """fn(*args) in the pool, or now (as a finished future) without one."""
     if pool is not None:
         return pool.submit(fn, *args)
-    fut: Future[np.ndarray] = Future()
+    fut: Future[T] = Future()
     try:
         fut.set_result(fn(*args))
     except ImageError as exc:

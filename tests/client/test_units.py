@@ -386,3 +386,31 @@ def test_mpo_phone_photo_is_decoded_at_reduced_scale_like_a_jpeg() -> None:
     got = load_image(mpo.getvalue(), spec)
     assert got.width < photo.width // 4  # decoded at reduced scale
     np.testing.assert_array_equal(prepare(got, spec), prepare(load_image(jpeg.getvalue(), spec), spec))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_stream_keeps_input_order_and_skips_bad_photos_with_any_number_of_workers(
+        features_model_dir, sample_images: list[Path], tmp_path: Path, workers: int) -> None:
+    """Photos go to the decode pool DECODE_CHUNK at a time: rows still come out in input
+    order, each bad photo is reported once, and the outputs equal a one-by-one transform."""
+    from client.models import open_model_dir
+    from client.pipeline import DECODE_CHUNK, Extractor
+
+    card = open_model_dir(features_model_dir)
+    ex = Extractor(card, features_model_dir, threads=1)
+    bad = tmp_path / "truncated.jpg"
+    bad.write_bytes(sample_images[0].read_bytes()[:300])
+    files = [*sample_images[:7], bad, *sample_images[7:20], tmp_path / "missing.jpg"]
+    assert len(files) > 2 * DECODE_CHUNK
+    skipped: list[str] = []
+
+    batches = list(ex.stream(files, 5, lambda p, r: skipped.append(p), workers=workers))
+
+    rows = [row for b in batches for row in b]
+    good = [f for f in files if f not in (bad, tmp_path / "missing.jpg")]
+    assert [r.path for r in rows] == good
+    # unreadable files are reported when read, undecodable ones when their chunk is decoded
+    assert sorted(skipped) == sorted([str(bad), str(tmp_path / "missing.jpg")])
+    assert all(len(b) == 5 for b in batches[:-1])
+    one = np.stack([ex.transform(ex.decode(p.read_bytes(), p)[None])[0] for p in good])
+    np.testing.assert_allclose(np.stack([r.output for r in rows]), one, rtol=0, atol=1e-6)
