@@ -202,10 +202,7 @@ def _submit(pool: ThreadPoolExecutor | None, fn: Callable[..., T], *args: object
     if pool is not None:
         return pool.submit(fn, *args)
     fut: Future[T] = Future()
-    try:
-        fut.set_result(fn(*args))
-    except ImageError as exc:
-        fut.set_exception(exc)
+    fut.set_result(fn(*args))  # _decode_chunk returns a bad photo's error in its place
     return fut
 
 

@@ -292,6 +292,25 @@ def majority_rate(y: np.ndarray) -> float:
     return float(np.bincount(y).max() / len(y)) if len(y) else float("nan")
 
 
+CORRELATED_PHI = 0.3  # |phi| with a private attribute on train at or above which an attribute counts as correlated
+
+
+def phi(a: np.ndarray, b: np.ndarray) -> float:
+    """Phi coefficient (Pearson correlation) of two 0/1 label vectors (N,); 0 when one is constant."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sa, sb = a.std(), b.std()
+    return float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb)) if sa > 0 and sb > 0 else 0.0
+
+
+MIN_RAW_GAIN = 0.01  # attributes where the raw classifier beats the majority rate by less are left out
+
+
+def relative_gain(acc: float, raw: float, majority: float) -> float | None:
+    """(acc - majority) / (raw - majority): the share of the raw-image classifier's gain over
+    the majority rate that a representation keeps; None when raw gains < MIN_RAW_GAIN."""
+    return (acc - majority) / (raw - majority) if raw - majority >= MIN_RAW_GAIN else None
+
+
 def strongest_attack(
     x_tr: np.ndarray,
     y_tr: np.ndarray,

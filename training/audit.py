@@ -41,11 +41,14 @@ from protocol.model_card import InputSpec, ModelCard, load_card
 from protocol.preprocess import normalize
 from training.attacks import (
     ATTACKS,
+    CORRELATED_PHI,
     applicable_kinds,
     check_trainable,
     create_attack,
     majority_rate,
     multi_attribute_attack,
+    phi,
+    relative_gain,
     strongest_attack,
     train_attack,
 )
@@ -489,8 +492,6 @@ def other_attribute_utility(multi: dict[str, Any], ref: dict[str, Any], data: Fa
     private, not primary) the share of the raw-image classifier's gain over the majority rate
     that the strongest multi-label head keeps, and the means over all of them, over those
     correlated with the private attribute (|phi| >= 0.3 on train) and over the others."""
-    from training.experiments import CORRELATED_PHI, phi, relative_gain
-
     pi = data.attr_index(cfg.private)
     u = data.labels[sp.tr, pi]
     per: dict[str, dict[str, float]] = {}
@@ -603,6 +604,9 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         raise InvalidInputError("--data is required (unless auditing a live collector with --collector)")
     if not cfg.model and not cfg.baselines:
         raise InvalidInputError("nothing to audit: give --model, --baselines, or --collector")
+    if cfg.dominance_tolerance is not None and not 0.0 <= cfg.dominance_tolerance < 1.0:
+        raise InvalidInputError(f"--dominance-tolerance {cfg.dominance_tolerance}: must be an accuracy "
+                                "difference in [0, 1)")
     for kind in cfg.attacks:
         if kind not in ATTACKS:
             raise InvalidInputError(f"--attacks: unknown attack {kind!r}; valid attacks: {', '.join(ATTACKS)}")

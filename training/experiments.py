@@ -28,7 +28,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from protocol.errors import PricError
-from training.attacks import majority_rate, multi_attribute_attack, strongest_attack
+from training.attacks import (
+    CORRELATED_PHI,
+    majority_rate,
+    multi_attribute_attack,
+    phi,
+    relative_gain,
+    strongest_attack,
+)
 from training.data import FaceData, load_faces
 from training.train import attrs, extract_features, load_extractor
 from training.train import main as train_main
@@ -96,16 +103,6 @@ def evaluate_run(run_dir: Path, cfg: ExperimentConfig, data: FaceData | None = N
     return row
 
 
-CORRELATED_PHI = 0.3  # |phi| with a private attribute on train at or above which an attribute counts as correlated
-
-
-def phi(a: np.ndarray, b: np.ndarray) -> float:
-    """Phi coefficient (Pearson correlation) of two 0/1 label vectors (N,); 0 when one is constant."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    sa, sb = a.std(), b.std()
-    return float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb)) if sa > 0 and sb > 0 else 0.0
-
-
 def load_raw_baseline(path: str | Path) -> dict[str, float]:
     """{attribute: raw-image classifier test accuracy} from a JSON dict or a pric-audit
     report.json (its `raw_reference` attributes/accuracy lists)."""
@@ -113,15 +110,6 @@ def load_raw_baseline(path: str | Path) -> dict[str, float]:
     if "raw_reference" in d:
         d = dict(zip(d["raw_reference"]["attributes"], d["raw_reference"]["accuracy"]))
     return {str(k): float(v) for k, v in d.items()}
-
-
-MIN_RAW_GAIN = 0.01  # attributes where the raw classifier beats the majority rate by less are left out
-
-
-def relative_gain(acc: float, raw: float, majority: float) -> float | None:
-    """(acc - majority) / (raw - majority): the share of the raw-image classifier's gain over
-    the majority rate that a representation keeps; None when raw gains < MIN_RAW_GAIN."""
-    return (acc - majority) / (raw - majority) if raw - majority >= MIN_RAW_GAIN else None
 
 
 def relative_utility(acc: dict[str, float], raw: dict[str, float], test: FaceData) -> float:

@@ -315,6 +315,15 @@ def test_dominance_counts_ties_within_the_tolerance_only_when_asked() -> None:
     assert dominance(points, n_test=2000, tolerance=0.0)["all_dominated_within_tolerance"] is False
 
 
+def test_a_negative_dominance_tolerance_is_refused(sample_faces: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--baselines", "blur:5", "--data", str(sample_faces), "--private", "Male", "--out", str(tmp_path / "o"),
+               "--dominance-tolerance", "-0.1", *FAST])
+
+    assert rc == 2
+    assert "--dominance-tolerance -0.1" in capsys.readouterr().err
+
+
 def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model_dir: Path, sample_faces: Path,
                                                                       tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
