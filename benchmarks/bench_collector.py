@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import make_bodies, percentiles_ms, run_clients, synthetic_model  # noqa: E402
+from load_test import WIRE_FORMATS, make_bodies, percentiles_ms, run_clients, synthetic_model  # noqa: E402
 
 from collector.launch import start_collector, start_process, stop  # noqa: E402
 from protocol import routes  # noqa: E402
@@ -55,7 +55,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_collector(root: Path, card, bodies, threads: int, run: int, max_seconds: float) -> dict:
+def measure_collector(root: Path, card, bodies, threads: int, run: int, max_seconds: float, content_type: str) -> dict:
     data = root / f"data-{run}"
     proc, url = start_collector(data, root / "models", "--rate-limit", "0", threads=threads)
     try:
@@ -63,18 +63,19 @@ def measure_collector(root: Path, card, bodies, threads: int, run: int, max_seco
                   for _ in bodies]
         cpu0 = cpu_seconds(proc.pid)
         logs, wall = run_clients(url, routes.ITEMS, tokens, bodies, time.monotonic() + max_seconds,
-                                 lambda log, ans: setattr(log, "stored", log.stored + ans["stored"]))
+                                 lambda log, ans: setattr(log, "stored", log.stored + ans["stored"]), content_type)
         cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop(proc)
     return _summary(logs, wall, stored=sum(log.stored for log in logs), server_cpu_s=cpu)
 
 
-def measure_bare(bodies, threads: int, max_seconds: float) -> dict:
+def measure_bare(bodies, threads: int, max_seconds: float, content_type: str) -> dict:
     proc, url = start_process([sys.executable, __file__, "--serve-bare", "--threads", str(threads)])
     try:
         cpu0 = cpu_seconds(proc.pid)
-        logs, wall = run_clients(url, BARE_PATH, [None] * len(bodies), bodies, time.monotonic() + max_seconds)
+        logs, wall = run_clients(url, BARE_PATH, [None] * len(bodies), bodies, time.monotonic() + max_seconds,
+                                 content_type=content_type)
         cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop(proc)
@@ -97,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=16, help="waitress worker threads (both servers)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=300.0)
+    p.add_argument("--wire", choices=sorted(WIRE_FORMATS), default="binary",
+                   help="upload body format, the same for both servers (the client sends binary)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -106,17 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pric-bench-") as tmp:
         root = Path(tmp)
         card = synthetic_model(root / "models", (16, 8, 8))
-        bodies = make_bodies(card, args.items, args.clients, args.batch)
+        bodies = make_bodies(card, args.items, args.clients, args.batch, wire=args.wire)
+        content_type = WIRE_FORMATS[args.wire][1]
         body_bytes = sum(len(b) for client in bodies for _, b in client)
         runs: dict[str, list[dict]] = {"collector": [], "bare": []}
         for r in range(args.repeats):
-            runs["bare"].append(measure_bare(bodies, args.threads, args.max_seconds))
-            runs["collector"].append(measure_collector(root, card, bodies, args.threads, r, args.max_seconds))
+            runs["bare"].append(measure_bare(bodies, args.threads, args.max_seconds, content_type))
+            runs["collector"].append(measure_collector(root, card, bodies, args.threads, r, args.max_seconds,
+                                                       content_type))
 
     best = {k: max(v, key=lambda s: s["items_per_s"]) for k, v in runs.items()}
     ratio = best["collector"]["items_per_s"] / best["bare"]["items_per_s"]
     print(f"collector ingestion: {args.clients} clients, {args.items} items in batches of {args.batch} "
-          f"({body_bytes / len(bodies[0]) / args.clients / 1024:.0f} KiB per request), waitress {args.threads} "
+          f"({args.wire}, {body_bytes / len(bodies[0]) / args.clients / 1024:.0f} KiB per request), waitress {args.threads} "
           f"threads, best of {args.repeats}")
     for name in ("bare", "collector"):
         s = best[name]

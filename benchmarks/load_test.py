@@ -31,7 +31,9 @@ from collector.db import Database, default_database_url, items
 from collector.launch import start_collector, stop
 from protocol import routes
 from protocol.model_card import ModelCard, OutputSpec, sha256_file
-from protocol.wire import UploadBatch, UploadItem, encode_batch
+from protocol.wire import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, UploadBatch, UploadItem, encode_batch, encode_batch_binary
+
+WIRE_FORMATS = {"binary": (encode_batch_binary, BINARY_CONTENT_TYPE), "json": (encode_batch, JSON_CONTENT_TYPE)}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class LoadConfig:
     threads: int = 16
     max_seconds: float = 600.0
     feature_shape: tuple[int, ...] = (16, 8, 8)
+    wire: str = "binary"
 
 
 @dataclass
@@ -65,8 +68,10 @@ def synthetic_model(root: Path, shape: tuple[int, ...]) -> ModelCard:
     return card
 
 
-def make_bodies(card: ModelCard, n_items: int, n_clients: int, batch: int, seed: int = 0) -> list[list[tuple[int, bytes]]]:
-    """Per client, a list of (n items, encoded body); item ids unique per client."""
+def make_bodies(card: ModelCard, n_items: int, n_clients: int, batch: int, seed: int = 0,
+                wire: str = "binary") -> list[list[tuple[int, bytes]]]:
+    """Per client, a list of (n items, encoded body in `wire` format); item ids unique per client."""
+    encode = WIRE_FORMATS[wire][0]
     rng = np.random.default_rng(seed)
     per_client = np.array_split(np.arange(n_items), n_clients)
     out = []
@@ -76,20 +81,21 @@ def make_bodies(card: ModelCard, n_items: int, n_clients: int, batch: int, seed:
             chunk = idx[start:start + batch]
             its = [UploadItem(f"c{c}-{i}", {card.output.name: rng.standard_normal(card.output.shape).astype(np.float32)},
                               {"Smiling": int(i % 2)}) for i in chunk]
-            bodies.append((len(chunk), encode_batch(UploadBatch(card.model_id, card.sha256, its))))
+            bodies.append((len(chunk), encode(UploadBatch(card.model_id, card.sha256, its))))
         out.append(bodies)
     return out
 
 
 def run_clients(url: str, path: str, tokens: Sequence[str | None], bodies: list[list[tuple[int, bytes]]],
-                deadline: float, on_ok: Callable[[ClientLog, dict], None] | None = None) -> tuple[list[ClientLog], float]:
+                deadline: float, on_ok: Callable[[ClientLog, dict], None] | None = None,
+                content_type: str = BINARY_CONTENT_TYPE) -> tuple[list[ClientLog], float]:
     """One thread per client posting its bodies in order; returns logs and wall seconds."""
     logs = [ClientLog() for _ in bodies]
     barrier = threading.Barrier(len(bodies) + 1)
 
     def client(k: int) -> None:
         log = logs[k]
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": content_type}
         if tokens[k]:
             headers["Authorization"] = "Bearer " + tokens[k]
         with requests.Session() as s:
@@ -154,15 +160,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=LoadConfig.batch)
     p.add_argument("--threads", type=int, default=LoadConfig.threads, help="waitress worker threads")
     p.add_argument("--max-seconds", type=float, default=LoadConfig.max_seconds)
+    p.add_argument("--wire", choices=sorted(WIRE_FORMATS), default=LoadConfig.wire,
+                   help="upload body format (the client sends binary)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     cfg = LoadConfig(items=args.items, clients=args.clients, batch=args.batch, threads=args.threads,
-                     max_seconds=args.max_seconds)
+                     max_seconds=args.max_seconds, wire=args.wire)
 
     with tempfile.TemporaryDirectory(prefix="pric-load-") as tmp:
         root = Path(tmp)
         card = synthetic_model(root / "models", cfg.feature_shape)
-        bodies = make_bodies(card, cfg.items, cfg.clients, cfg.batch)
+        bodies = make_bodies(card, cfg.items, cfg.clients, cfg.batch, wire=cfg.wire)
         proc, url = start_collector(root / "data", root / "models", threads=cfg.threads)
         try:
             tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]
@@ -172,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.stored += answer["stored"]
                 log.duplicates += answer["duplicates"]
 
-            logs, wall = run_clients(url, routes.ITEMS, tokens, bodies, time.monotonic() + cfg.max_seconds, on_ok)
+            logs, wall = run_clients(url, routes.ITEMS, tokens, bodies, time.monotonic() + cfg.max_seconds, on_ok,
+                                     WIRE_FORMATS[cfg.wire][1])
         finally:
             stop(proc)
         rows, distinct = count_items(root / "data")
@@ -195,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duplicated": rows - distinct,
     }
     print(f"load test: {cfg.clients} clients, {cfg.items} items in batches of {cfg.batch}, "
-          f"waitress {cfg.threads} threads, SQLite WAL synchronous=FULL")
+          f"{cfg.wire} bodies, waitress {cfg.threads} threads, SQLite WAL synchronous=FULL")
     print(f"  {result['items_per_s']} items/s over {result['wall_s']} s; {result['requests']} requests, "
           f"latency p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
     print(f"  errors {result['errors']}, retries {result['retries']}; stored {rows} of {cfg.items}: "

@@ -28,6 +28,7 @@ from protocol.errors import (
     error_from_json,
 )
 from protocol.model_card import ModelCard, sha256_bytes
+from protocol.wire import BINARY_CONTENT_TYPE
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 ENV_RETRIES = "PRIC_CLIENT_RETRIES"
@@ -189,11 +190,11 @@ class CollectorAPI:
         return data
 
     def upload(self, body: bytes, model_id: str) -> dict[str, int]:
-        """POST ITEMS with an encoded batch → {"stored": n_new, "duplicates": n_dup}."""
+        """POST ITEMS with a binary batch (`encode_batch_binary`) → {"stored": n_new, "duplicates": n_dup}."""
         try:
             resp = self._request(
                 "POST", routes.ITEMS, what="upload", data=body,
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": BINARY_CONTENT_TYPE},
             )
         except (UnknownModelError, ConflictError) as exc:
             raise UnknownModelError(

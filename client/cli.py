@@ -72,7 +72,7 @@ from protocol.errors import InvalidInputError, KeyMismatchError, ModelIntegrityE
 from protocol.model_card import ModelCard
 from protocol.routes import MAX_BATCH_ITEMS, MAX_BODY_BYTES
 from protocol.sparse_code import AmbiguatedCode, SparseCodeError, disambiguate
-from protocol.wire import UploadBatch, UploadItem, encode_batch
+from protocol.wire import UploadBatch, UploadItem, encode_batch_binary
 
 EXIT_OK = 0
 EXIT_NOTHING = 10
@@ -277,7 +277,7 @@ class Uploader:
             model_id=self.card.model_id, model_sha256=self.card.sha256,
             items=[UploadItem(item_id=i, arrays=a, labels=self.labels.get(p.name, {})) for p, i, a in items],
         )
-        body = encode_batch(batch)
+        body = encode_batch_binary(batch)
         if len(body) > MAX_BODY_BYTES:
             if len(items) == 1:
                 raise InvalidInputError(f"{items[0][0]}: one item is {len(body)} bytes, above the body limit")

@@ -5,7 +5,7 @@ Routes come from `protocol.routes`; errors are `protocol.errors` exceptions answ
 REGISTER while registration is open) checks a bearer token and its role.
 
 Upload checks, in order, each before any stored change: token → Content-Length present
-and within the limit (before the body is read) → JSON content type → per-token rate
+and within the limit (before the body is read) → JSON or binary batch content type → per-token rate
 limit → wire format (schema, ids, labels, arrays, batch size) → model known, active and
 sha256 equal → every array against the model card → one transaction, idempotent per
 (participant, item id).
@@ -51,7 +51,7 @@ from protocol.errors import (
     PricError,
     WireFormatError,
 )
-from protocol.wire import LABEL_NAME_RE, decode_batch
+from protocol.wire import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, LABEL_NAME_RE, decode_upload
 
 access_log = logging.getLogger("collector.access")
 log = logging.getLogger("collector")
@@ -283,11 +283,11 @@ def upload() -> Response:
         raise LengthRequiredError("Content-Length header is required")
     if length > limit:
         raise PayloadTooLargeError(f"body of {length} bytes exceeds the limit of {limit} bytes")
-    if request.mimetype != "application/json":
-        raise UnsupportedMediaTypeError("upload body must be application/json")
+    if request.mimetype not in (JSON_CONTENT_TYPE, BINARY_CONTENT_TYPE):
+        raise UnsupportedMediaTypeError(f"upload body must be {JSON_CONTENT_TYPE} or {BINARY_CONTENT_TYPE}")
     if state().upload_limiter is not None:
         state().upload_limiter.take(g.token_key)
-    batch = decode_batch(request.get_data(cache=False))
+    batch = decode_upload(request.get_data(cache=False), request.mimetype)
     reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)
     store.validate_batch(batch, reg.card)
     stored, duplicates = state().items_store.store(who.participant_id, batch)

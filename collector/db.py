@@ -235,9 +235,14 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
     names = sorted(arrays)
     parts = []
     for n in names:
-        arr = np.ascontiguousarray(arrays[n])
-        parts += [_npy_header(arr.dtype.str, arr.shape), arr.tobytes()]
-    return b"".join(parts), json.dumps(names)
+        arr = arrays[n]
+        parts += [_npy_header(arr.dtype.str, arr.shape), arr.tobytes()]  # tobytes() is C order
+    return b"".join(parts), _names_json(tuple(names))
+
+
+@functools.lru_cache(maxsize=64)
+def _names_json(names: tuple[str, ...]) -> str:
+    return json.dumps(list(names))
 
 
 @functools.lru_cache(maxsize=64)

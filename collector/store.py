@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -43,8 +44,10 @@ class _StoreJob:
     participant_id: str
     rows: list[dict[str, Any]]
     done: bool = False
+    lead: bool = False  # this job's thread is to write the queue
     result: tuple[int, int] = (0, 0)
     error: BaseException | None = None
+    wake: threading.Event = field(default_factory=threading.Event)
 
 
 class GroupCommitStore:
@@ -55,12 +58,14 @@ class GroupCommitStore:
     every queued batch in one transaction and commits once; the others wait for that
     commit. A batch is acknowledged only after the commit that holds it, so durability
     is unchanged; if the shared transaction fails, each batch is retried on its own so
-    that one failure cannot affect another's answer.
+    that one failure cannot affect another's answer. When the leader is done it wakes the
+    threads whose batches it wrote and hands the lead to the first one still queued, so a
+    commit wakes only the threads it concerns (a shared condition woke all 16 every time).
     """
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_StoreJob] = []
         self._flushing = False
         self.flushes = 0  # commits made; jobs_flushed / flushes = mean group size
@@ -76,26 +81,37 @@ class GroupCommitStore:
         for item in batch.items:
             blob, names = pack_arrays(item.arrays)
             rows.append({"participant_id": participant_id, "item_id": item.item_id, "model_id": batch.model_id,
-                         "arrays": blob, "array_names": names, "labels": json.dumps(item.labels, sort_keys=True),
+                         "arrays": blob, "array_names": names, "labels": _labels_json(item.labels),
                          "created_at": now})
         job = _StoreJob(participant_id, rows)
-        with self._cond:
+        with self._lock:
             self._queue.append(job)
-            while not job.done:
-                if self._flushing:
-                    self._cond.wait()
-                    continue
-                self._flushing, jobs, self._queue = True, self._queue, []
-                self._cond.release()
-                try:
-                    self._flush(jobs)
-                finally:
-                    self._cond.acquire()
-                    self._flushing = False
-                    self._cond.notify_all()
+            if not self._flushing:
+                self._flushing = job.lead = True
+        if not job.lead:
+            job.wake.wait()  # set when our batch is committed, or when the lead passes to us
+        if not job.done:
+            self._lead()
         if job.error is not None:
             raise job.error
         return job.result
+
+    def _lead(self) -> None:
+        with self._lock:
+            jobs, self._queue = self._queue, []
+        try:
+            self._flush(jobs)
+        finally:
+            for other in jobs:
+                if not other.done:  # _flush did not finish: never acknowledge an unwritten batch
+                    other.error, other.done = RuntimeError("the store was interrupted"), True
+                other.wake.set()
+            with self._lock:
+                if self._queue:
+                    self._queue[0].lead = True
+                    self._queue[0].wake.set()
+                else:
+                    self._flushing = False
 
     def _flush(self, jobs: list[_StoreJob]) -> None:
         self.flushes += 1
@@ -119,6 +135,16 @@ class GroupCommitStore:
 
 
 _ITEM_COLUMNS = ("participant_id", "item_id", "model_id", "arrays", "array_names", "labels", "created_at")
+
+
+def _labels_json(labels: dict[str, int]) -> str:
+    return _labels_json_cached(tuple(sorted(labels.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _labels_json_cached(pairs: tuple[tuple[str, int], ...]) -> str:
+    # Most items carry one of a few label sets: encode each once.
+    return json.dumps(dict(pairs), sort_keys=True)
 
 
 def _insert_new(conn, job: _StoreJob) -> tuple[int, int]:

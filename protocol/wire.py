@@ -12,6 +12,20 @@ Arrays travel as `.npy` bytes (read with allow_pickle=False). A `features` model
 one array `feature`; a `sparse_code` model sends `indices` (uint16, (L, k')) and
 `values` (float16, (L, k')). `item_id` makes uploads idempotent: the collector stores
 each (participant, item_id) at most once.
+
+The same batch also travels in a binary form (Content-Type
+`application/vnd.pric.batch`, what the client sends), which spares the collector the
+base64 and the per-item `.npy` parsing (about a third of its CPU time per upload):
+
+    b"PRIC" | format byte 1 | uint32 LE header length H | H bytes of UTF-8 JSON header |
+    one block per array of the header's "arrays" list, in that order: the arrays of all
+    items stacked, C order, little-endian, N * prod(shape) * itemsize bytes
+
+with the header `{"schema_version": 1, "model_id": ..., "model_sha256": ...,
+"items": [{"item_id": ..., "labels": {...}}, ...],
+"arrays": [{"name": "feature", "dtype": "float32", "shape": [16, 8, 8]}]}`. Every item
+of a batch has the same arrays (they come from one model); the body must end exactly
+after the last block.
 """
 
 from __future__ import annotations
@@ -36,6 +50,12 @@ ITEM_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,%d}$" % MAX_ITEM_ID_LEN)
 LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ALLOWED_DTYPES = ("float32", "float16", "uint16", "uint8", "int32")
 MAX_ARRAY_ELEMENTS = 1 << 20
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/vnd.pric.batch"
+BINARY_MAGIC = b"PRIC\x01"
+_BINARY_PREFIX = len(BINARY_MAGIC) + 4
+MAX_BINARY_HEADER_BYTES = 1 << 20
+MAX_ARRAY_DIMS = 8
 
 
 @dataclass(frozen=True)
@@ -140,6 +160,16 @@ def decode_batch(body: bytes | str) -> UploadBatch:
         raise WireFormatError(f"upload body is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise WireFormatError("upload body must be a JSON object")
+    model_id, model_sha, raw_items = _decode_head(obj)
+    items: list[UploadItem] = []
+    seen: set[str] = set()
+    for n, raw in enumerate(raw_items):
+        items.append(_decode_item(raw, n, seen))
+    return UploadBatch(model_id=model_id, model_sha256=model_sha, items=items)
+
+
+def _decode_head(obj: dict) -> tuple[str, str, list]:
+    """Schema version, model id and sha256, and the raw item list of an upload object."""
     version = obj.get("schema_version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise SchemaVersionError(f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
@@ -154,22 +184,11 @@ def decode_batch(body: bytes | str) -> UploadBatch:
         raise WireFormatError("items must be a non-empty list")
     if len(raw_items) > MAX_BATCH_ITEMS:
         raise WireFormatError(f"batch has {len(raw_items)} items, the limit is {MAX_BATCH_ITEMS}")
-    items: list[UploadItem] = []
-    seen: set[str] = set()
-    for n, raw in enumerate(raw_items):
-        items.append(_decode_item(raw, n, seen))
-    return UploadBatch(model_id=model_id, model_sha256=model_sha, items=items, schema_version=version)
+    return model_id, model_sha, raw_items
 
 
 def _decode_item(raw: Any, n: int, seen: set[str]) -> UploadItem:
-    if not isinstance(raw, dict):
-        raise WireFormatError(f"items[{n}] must be an object")
-    item_id = raw.get("item_id")
-    if not isinstance(item_id, str) or not ITEM_ID_RE.match(item_id):
-        raise WireFormatError(f"items[{n}].item_id must match {ITEM_ID_RE.pattern}")
-    if item_id in seen:
-        raise WireFormatError(f"items[{n}].item_id {item_id!r} appears twice in the batch")
-    seen.add(item_id)
+    item_id, labels = _decode_id_and_labels(raw, n, seen)
     arrays_raw = raw.get("arrays")
     if not isinstance(arrays_raw, dict) or not arrays_raw or len(arrays_raw) > 8:
         raise WireFormatError(f"items[{n}].arrays must be an object with 1 to 8 arrays")
@@ -182,6 +201,18 @@ def _decode_item(raw: Any, n: int, seen: set[str]) -> UploadItem:
         except (binascii.Error, ValueError):
             raise WireFormatError(f"items[{n}].arrays.{key} is not valid base64") from None
         arrays[key] = npy_to_array(data, f"items[{n}].arrays.{key}")
+    return UploadItem(item_id=item_id, arrays=arrays, labels=labels)
+
+
+def _decode_id_and_labels(raw: Any, n: int, seen: set[str]) -> tuple[str, dict[str, int]]:
+    if not isinstance(raw, dict):
+        raise WireFormatError(f"items[{n}] must be an object")
+    item_id = raw.get("item_id")
+    if not isinstance(item_id, str) or not ITEM_ID_RE.match(item_id):
+        raise WireFormatError(f"items[{n}].item_id must match {ITEM_ID_RE.pattern}")
+    if item_id in seen:
+        raise WireFormatError(f"items[{n}].item_id {item_id!r} appears twice in the batch")
+    seen.add(item_id)
     labels_raw = raw.get("labels", {})
     if labels_raw is None:
         labels_raw = {}
@@ -194,7 +225,99 @@ def _decode_item(raw: Any, n: int, seen: set[str]) -> UploadItem:
         if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
             raise ValidationError(f"items[{n}].labels.{key} must be 0 or 1")
         labels[key] = value
-    return UploadItem(item_id=item_id, arrays=arrays, labels=labels)
+    return item_id, labels
+
+
+def encode_batch_binary(batch: UploadBatch) -> bytes:
+    """UploadBatch → binary body bytes (see the module docstring). Every item must carry
+    arrays of the same names, shapes and dtypes."""
+    first = batch.items[0].arrays
+    specs = [(name, np.dtype(first[name].dtype).newbyteorder("<"), tuple(first[name].shape)) for name in first]
+    header = {
+        "schema_version": batch.schema_version, "model_id": batch.model_id, "model_sha256": batch.model_sha256,
+        "items": [{"item_id": item.item_id, "labels": {k: int(v) for k, v in item.labels.items()}}
+                  for item in batch.items],
+        "arrays": [{"name": name, "dtype": dtype.name, "shape": list(shape)} for name, dtype, shape in specs],
+    }
+    blocks = []
+    for name, dtype, shape in specs:
+        try:
+            stacked = np.stack([np.asarray(item.arrays[name]) for item in batch.items])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"items of one binary batch need the same arrays ({exc})") from None
+        if set(first) != set().union(*(item.arrays for item in batch.items)) or stacked.shape[1:] != shape:
+            raise ValueError("items of one binary batch need the same arrays")
+        blocks.append(np.ascontiguousarray(stacked, dtype=dtype).tobytes())
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return b"".join([BINARY_MAGIC, len(head).to_bytes(4, "little"), head, *blocks])
+
+
+def decode_batch_binary(body: bytes) -> UploadBatch:
+    """Binary body → UploadBatch, with the same checks as `decode_batch`. Item arrays are
+    read-only views into `body`."""
+    body = bytes(body)
+    if len(body) < _BINARY_PREFIX or not body.startswith(BINARY_MAGIC):
+        raise WireFormatError(f"upload body is not a PRIC binary batch (it must start with {BINARY_MAGIC!r})")
+    head_len = int.from_bytes(body[len(BINARY_MAGIC):_BINARY_PREFIX], "little")
+    if head_len > MAX_BINARY_HEADER_BYTES or _BINARY_PREFIX + head_len > len(body):
+        raise WireFormatError(f"binary batch header length {head_len} exceeds the body or {MAX_BINARY_HEADER_BYTES} bytes")
+    try:
+        obj = json.loads(body[_BINARY_PREFIX:_BINARY_PREFIX + head_len])
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise WireFormatError(f"binary batch header is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise WireFormatError("binary batch header must be a JSON object")
+    model_id, model_sha, raw_items = _decode_head(obj)
+    seen: set[str] = set()
+    heads = [_decode_id_and_labels(raw, n, seen) for n, raw in enumerate(raw_items)]
+    offset = _BINARY_PREFIX + head_len
+    blocks: dict[str, np.ndarray] = {}
+    for name, dtype, shape in _binary_array_specs(obj.get("arrays")):
+        count = len(heads) * math.prod(shape)
+        if offset + count * dtype.itemsize > len(body):
+            raise WireFormatError(f"binary batch is truncated: array {name} needs {count * dtype.itemsize} bytes "
+                                  f"at offset {offset}, the body has {len(body)}")
+        block = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape((len(heads), *shape))
+        offset += count * dtype.itemsize
+        if dtype.kind == "f":
+            finite = np.isfinite(block.reshape(len(heads), -1)).all(axis=1)
+            if not finite.all():
+                raise ValidationError(f"items[{int(np.argmin(finite))}].arrays.{name}: contains NaN or infinite values")
+        blocks[name] = block
+    if offset != len(body):
+        raise WireFormatError(f"binary batch has {len(body) - offset} bytes after its last array")
+    items = [UploadItem(item_id=item_id, arrays={name: block[n] for name, block in blocks.items()}, labels=labels)
+             for n, (item_id, labels) in enumerate(heads)]
+    return UploadBatch(model_id=model_id, model_sha256=model_sha, items=items)
+
+
+def _binary_array_specs(raw: Any) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 8:
+        raise WireFormatError("binary batch header: arrays must be a list of 1 to 8 array specs")
+    specs: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    for n, spec in enumerate(raw):
+        where = f"binary batch header: arrays[{n}]"
+        if not isinstance(spec, dict) or set(spec) != {"name", "dtype", "shape"}:
+            raise WireFormatError(f"{where} must be an object with exactly name, dtype and shape")
+        name, dtype, shape = spec["name"], spec["dtype"], spec["shape"]
+        if not isinstance(name, str) or not LABEL_NAME_RE.match(name) or any(name == s[0] for s in specs):
+            raise WireFormatError(f"{where}.name must be a distinct name matching {LABEL_NAME_RE.pattern}")
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+            raise ValidationError(f"{where}.dtype {str(dtype)[:20]!r} not allowed (one of {', '.join(ALLOWED_DTYPES)})")
+        if (not isinstance(shape, list) or len(shape) > MAX_ARRAY_DIMS
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ARRAY_ELEMENTS for d in shape)):
+            raise WireFormatError(f"{where}.shape must be a list of at most {MAX_ARRAY_DIMS} non-negative integers")
+        if math.prod(shape) > MAX_ARRAY_ELEMENTS:
+            raise ValidationError(f"{where}: shape {tuple(shape)} exceeds {MAX_ARRAY_ELEMENTS} elements")
+        specs.append((name, np.dtype(dtype).newbyteorder("<"), tuple(shape)))
+    return specs
+
+
+def decode_upload(body: bytes, content_type: str | None) -> UploadBatch:
+    """Decode an upload body by its media type (JSON or binary)."""
+    if content_type == BINARY_CONTENT_TYPE:
+        return decode_batch_binary(body)
+    return decode_batch(body)
 
 
 def check_item_against(item: UploadItem, expected: dict[str, tuple[tuple[int, ...], str]], n: int = 0) -> None:

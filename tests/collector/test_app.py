@@ -26,7 +26,7 @@ from collector.registry import RETIRED, set_status
 from protocol import routes
 from protocol.model_card import ModelCard, OutputSpec, SparseSpec, load_card, sha256_file
 from protocol.sparse_code import ambiguate
-from protocol.wire import UploadItem, array_to_npy, npy_to_array
+from protocol.wire import BINARY_CONTENT_TYPE, UploadBatch, UploadItem, array_to_npy, encode_batch_binary, npy_to_array
 
 
 def assert_error(resp, status: int, code: str | None = None) -> None:
@@ -119,6 +119,33 @@ def test_same_item_ids_from_two_participants_are_both_stored(kit):
     resp = kit.upload(b, kit.body(kit.items(4)))
     assert resp.json["stored"] == 4
     assert kit.count() == 8
+
+
+def test_binary_and_json_uploads_store_the_same_items(kit):
+    _, h = kit.register()
+    items = kit.items(6, prefix="bin")
+    binary = encode_batch_binary(UploadBatch(kit.card.model_id, kit.card.sha256, items))
+    first = kit.upload(h, binary, content_type=BINARY_CONTENT_TYPE)
+    again_as_json = kit.upload(h, kit.body(items))  # same ids, other format: nothing stored twice
+    assert first.status_code == 200 and first.json == {"stored": 6, "duplicates": 0}
+    assert again_as_json.json == {"stored": 0, "duplicates": 6}
+    exported = kit.client.get(routes.EXPORT, headers=kit.staff("auditor")).json["items"]
+    got = {e["item_id"]: (npy_to_array(base64.b64decode(e["arrays"][kit.card.output.name])), e["labels"])
+           for e in exported}
+    for item in items:
+        arr, labels = got[item.item_id]
+        assert np.array_equal(arr, item.arrays[kit.card.output.name]) and labels == item.labels
+
+
+def test_bad_binary_upload_is_4xx_and_stores_nothing(seeded):
+    kit, h = seeded
+    body = encode_batch_binary(UploadBatch(kit.card.model_id, kit.card.sha256, kit.items(3, prefix="b")))
+    before = kit.count()
+    truncated = kit.upload(h, body[:-5], content_type=BINARY_CONTENT_TYPE)
+    as_json = kit.upload(h, body)  # binary bytes sent as JSON
+    assert truncated.status_code == 400 and "truncated" in truncated.json["message"]
+    assert as_json.status_code == 400
+    assert kit.count() == before
 
 
 # --- upload: bad input, each leaving storage untouched ---------------------------------------

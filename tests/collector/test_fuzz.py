@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from collector.store import validate_batch
 from protocol.errors import PricError
-from protocol.wire import array_to_npy, decode_batch
+from protocol.wire import BINARY_CONTENT_TYPE, UploadBatch, array_to_npy, decode_batch, decode_batch_binary, encode_batch_binary
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -129,5 +129,48 @@ def test_corrupted_npy_is_rejected(kit, data):
 def test_decoder_raises_only_pric_errors(body):
     try:
         decode_batch(body)
+    except PricError as exc:
+        assert 400 <= exc.http_status < 500
+
+
+def _valid_binary(kit) -> bytes:
+    return encode_batch_binary(UploadBatch(kit.card.model_id, kit.card.sha256, kit.items(2, prefix="fb")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_corrupted_binary_batch_is_rejected(kit, data):
+    """Flipped, dropped or appended bytes anywhere in a binary batch: 4xx or still a valid batch."""
+    if not hasattr(kit, "_h"):
+        kit._h = kit.register()[1]
+    body = bytearray(_valid_binary(kit))
+    how = data.draw(st.sampled_from(["flip", "truncate", "append", "prefix"]))
+    if how == "flip":
+        pos = data.draw(st.integers(0, len(body) - 1))
+        body[pos] = data.draw(st.integers(0, 255).filter(lambda b: b != body[pos]))
+    elif how == "truncate":
+        body = body[: data.draw(st.integers(0, len(body) - 1))]
+    elif how == "append":
+        body += data.draw(st.binary(min_size=1, max_size=64))
+    else:
+        body = data.draw(st.binary(max_size=16)) + body[data.draw(st.integers(1, 12)):]
+    try:
+        batch = decode_batch_binary(bytes(body))
+        validate_batch(batch, kit.card)
+        if (batch.model_id, batch.model_sha256) == (kit.card.model_id, kit.card.sha256):
+            return  # e.g. a flipped bit in a feature value: still a valid batch
+    except PricError:
+        pass
+    before = kit.count()
+    resp = kit.upload(kit._h, bytes(body), content_type=BINARY_CONTENT_TYPE)
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.get_data(as_text=True)[:200])
+    assert kit.count() == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=500))
+def test_binary_decoder_raises_only_pric_errors(body):
+    try:
+        decode_batch_binary(b"PRIC\x01" + body)
     except PricError as exc:
         assert 400 <= exc.http_status < 500

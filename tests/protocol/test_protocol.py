@@ -31,7 +31,19 @@ from protocol.sparse_code import (
     unpack_key,
     validate_code,
 )
-from protocol.wire import UploadBatch, UploadItem, array_to_npy, decode_batch, encode_batch, npy_to_array
+from protocol.wire import (
+    BINARY_CONTENT_TYPE,
+    JSON_CONTENT_TYPE,
+    UploadBatch,
+    UploadItem,
+    array_to_npy,
+    decode_batch,
+    decode_batch_binary,
+    decode_upload,
+    encode_batch,
+    encode_batch_binary,
+    npy_to_array,
+)
 
 SHA = "a" * 64
 
@@ -197,6 +209,67 @@ def test_wire_rejects_malformed(mutate, err):
     mutate(obj)
     with pytest.raises(err):
         decode_batch(json.dumps(obj))
+
+
+def test_binary_wire_round_trip_matches_json():
+    batch = UploadBatch(model_id="m@1", model_sha256=SHA, items=[
+        UploadItem(f"id-{i}", {"indices": np.arange(6, dtype=np.uint16).reshape(2, 3) + i,
+                               "values": np.full((2, 3), i + 0.5, np.float16)}, {"Smiling": i % 2, "Male": 1})
+        for i in range(4)])
+    body = encode_batch_binary(batch)
+    assert len(body) < len(encode_batch(batch))
+    for again in (decode_batch_binary(body), decode_upload(body, BINARY_CONTENT_TYPE),
+                  decode_upload(encode_batch(batch), JSON_CONTENT_TYPE)):
+        assert (again.model_id, again.model_sha256) == (batch.model_id, batch.model_sha256)
+        for a, b in zip(again.items, batch.items, strict=True):
+            assert a.item_id == b.item_id and a.labels == b.labels and set(a.arrays) == set(b.arrays)
+            for name in b.arrays:
+                assert a.arrays[name].dtype == b.arrays[name].dtype
+                assert np.array_equal(a.arrays[name], b.arrays[name])
+
+
+def test_binary_wire_refuses_items_with_different_arrays():
+    batch = _batch(2)
+    odd = UploadItem("odd", {"feature": np.zeros((4, 3), np.float32)})
+    with pytest.raises(ValueError, match="same arrays"):
+        encode_batch_binary(UploadBatch(batch.model_id, batch.model_sha256, [*batch.items, odd]))
+
+
+def _binary_with_header(edit) -> bytes:
+    body = encode_batch_binary(_batch(3))
+    n = int.from_bytes(body[5:9], "little")
+    head = json.loads(body[9:9 + n])
+    edit(head)
+    new = json.dumps(head).encode()
+    return body[:5] + len(new).to_bytes(4, "little") + new + body[9 + n:]
+
+
+@pytest.mark.parametrize(
+    "make, err, match",
+    [
+        (lambda b: b"JUNK" + b[4:], WireFormatError, "not a PRIC binary batch"),
+        (lambda b: b[:-1], WireFormatError, "truncated"),
+        (lambda b: b + b"\0", WireFormatError, "after its last array"),
+        (lambda b: b[:5] + (10**7).to_bytes(4, "little") + b[9:], WireFormatError, "header length"),
+        (lambda b: b[:9] + b"[" + b[10:], WireFormatError, "not valid JSON"),
+        (lambda b: _binary_with_header(lambda h: h.update(schema_version=2)), SchemaVersionError, "schema_version"),
+        (lambda b: _binary_with_header(lambda h: h["arrays"][0].update(dtype="float64")), ValidationError, "float64"),
+        (lambda b: _binary_with_header(lambda h: h["arrays"][0].update(shape=[4, -2])), WireFormatError, "shape"),
+        (lambda b: _binary_with_header(lambda h: h["arrays"].append(dict(h["arrays"][0]))), WireFormatError, "distinct"),
+        (lambda b: _binary_with_header(lambda h: h["items"][1].update(item_id="id-0")), WireFormatError, "twice"),
+        (lambda b: _binary_with_header(lambda h: h["items"].pop()), WireFormatError, "after its last array"),
+    ],
+)
+def test_binary_wire_rejects_malformed(make, err, match):
+    with pytest.raises(err, match=match):
+        decode_batch_binary(make(encode_batch_binary(_batch(3))))
+
+
+def test_binary_wire_names_the_item_with_a_nan():
+    batch = _batch(3)
+    batch.items[2].arrays["feature"][1, 1] = np.inf
+    with pytest.raises(ValidationError, match=r"items\[2\]\.arrays\.feature"):
+        decode_batch_binary(encode_batch_binary(batch))
 
 
 def test_error_from_json_maps_codes():
