@@ -51,12 +51,19 @@ class OutputSpec:
 @dataclass(frozen=True)
 class SparseSpec:
     """Parameters of a `sparse_code` model: L code maps of length m, k kept values,
-    k_fake fake non-zeros added by ambiguation (k' = k + k_fake)."""
+    k_fake fake non-zeros added by ambiguation (k' = k + k_fake).
+
+    `value_bits` (optional): the client quantises the true values to a sign and a
+    (value_bits - 1)-bit companded magnitude against a per-photo scale before ambiguation,
+    and the fakes are drawn on the same grid (`protocol.sparse_code.quantise_code`); the
+    compact true code (`pack_compact`) then spends value_bits bits per non-zero. None (the
+    default, and every card written before the field existed): float16 values."""
 
     L: int
     m: int
     k: int
     k_fake: int
+    value_bits: int | None = None
 
     @property
     def k_prime(self) -> int:
@@ -98,6 +105,9 @@ class ModelCard:
             problems.append(f"kind {self.kind!r} not in {KINDS}")
         if self.kind == "sparse_code" and self.sparse is None:
             problems.append("kind 'sparse_code' needs a 'sparse' section")
+        vb = self.sparse.value_bits if self.sparse is not None else None
+        if vb is not None and (isinstance(vb, bool) or not isinstance(vb, int) or not 2 <= vb <= 16):
+            problems.append(f"sparse.value_bits {vb!r} must be an integer in [2, 16] or absent")
         i = self.input
         if i.height <= 0 or i.width <= 0:
             problems.append("input size must be positive")
@@ -127,6 +137,8 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["model_id"] = self.model_id
+        if d.get("sparse") and d["sparse"].get("value_bits") is None:
+            del d["sparse"]["value_bits"]  # cards without quantised values read as before
         return d
 
     def to_json(self) -> str:

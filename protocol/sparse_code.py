@@ -16,10 +16,25 @@ Key format (version 1), bytes:
     b"PK" | version u8 | L u16 | k' u16 | k u16 | fingerprint 8 bytes | packbits(mask (L, k'))
 The fingerprint is sha256(indices ‖ values)[:8] of the ambiguated code, so a key applied
 to another photo's code is refused instead of decoding garbage.
+
+Compact true code (version 1): what a key holder keeps of one photo, and the code's rate.
+    version u8 | [scale float16, big-endian: only with value_bits]
+    | bit-packed, most significant bit first, zero-padded to whole bytes:
+        the L supports as ONE integer R = Σ_l rank_l · C(m, k)^l (rank_l: the map's sorted
+        k positions in the combinatorial number system), in ceil(L·log2 C(m, k)) bits;
+        then per map, per non-zero in increasing position: value_bits bits, either a sign
+        bit and a (value_bits - 1)-bit magnitude level q (magnitude
+        scale · ((q + 1) / 2^(value_bits-1))^1.5: finer steps near zero, where most kept
+        magnitudes lie; scale = the photo's largest magnitude), or, without value_bits,
+        the 16 bits of a float16 value.
+See `pack_compact` / `unpack_compact`; `quantise_code` puts a code on the same grid, and
+`ambiguate` does so before drawing fakes when the card sets `sparse.value_bits`, so that
+fakes and true values share one grid.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import secrets
@@ -36,6 +51,9 @@ KEY_VERSION = 1
 _HEADER = struct.Struct(">2sBHHH8s")
 INDEX_DTYPE = np.uint16
 VALUE_DTYPE = np.float16
+COMPACT_VERSION = 1
+COMPAND_POWER = 1.5  # magnitude = scale · level^1.5 (measured: better than uniform levels at 4-6 bits)
+VALUE_BITS_RANGE = (2, 10)  # finer grids than 10 bits would not survive the float16 wire values
 
 
 class SparseCodeError(WireFormatError):
@@ -128,11 +146,19 @@ def sample_fake_values(true_values: np.ndarray, n: int, rng: np.random.Generator
 def ambiguate(
     code: np.ndarray, spec: SparseSpec, rng: np.random.Generator | None = None
 ) -> tuple[AmbiguatedCode, bytes]:
-    """Dense code (L, m) → (public ambiguated code, secret key bytes)."""
+    """Dense code (L, m) → (public ambiguated code, secret key bytes).
+
+    With `spec.value_bits` the true values are first quantised (`quantise_code`) and every
+    fake is drawn from those quantised values and put on the same grid, so the released
+    values of true and fake non-zeros come from one set of levels."""
     rng = rng or os_rng()
     code = np.asarray(code, dtype=np.float32)
     if code.shape != (spec.L, spec.m):
         raise SparseCodeError(f"code has shape {code.shape}, expected {(spec.L, spec.m)}")
+    scale = None
+    if spec.value_bits is not None:
+        code = quantise_code(code, spec.k, spec.value_bits)
+        scale = _scale(code[code != 0])
     kp = spec.k_prime
     indices = np.empty((spec.L, kp), dtype=np.int64)
     values = np.empty((spec.L, kp), dtype=np.float32)
@@ -144,6 +170,8 @@ def ambiguate(
         f = rng.choice(free, size=spec.k_fake, replace=False)
         tv = code[l, t]
         fv = sample_fake_values(tv, spec.k_fake, rng)
+        if scale is not None:
+            fv = snap_to_grid(fv, scale, spec.value_bits)
         pos = np.concatenate([t, f])
         val = np.concatenate([tv, fv])
         is_true = np.concatenate([np.ones(spec.k, bool), np.zeros(spec.k_fake, bool)])
@@ -212,3 +240,175 @@ def validate_code(indices: np.ndarray, values: np.ndarray, spec: SparseSpec) -> 
     if not np.all(np.isfinite(values.astype(np.float32))):
         raise SparseCodeError("values contain NaN or infinite entries")
     return AmbiguatedCode(indices=indices, values=values)
+
+
+# --- compact true code ----------------------------------------------------------------------
+
+
+def _check_value_bits(value_bits: int | None) -> None:
+    lo, hi = VALUE_BITS_RANGE
+    if value_bits is not None and not lo <= int(value_bits) <= hi:
+        raise SparseCodeError(f"value_bits {value_bits} must be in [{lo}, {hi}] (or None for float16 values)")
+
+
+def _scale(values: np.ndarray) -> np.float16:
+    """The per-photo scale of the value grid: the largest magnitude, as float16."""
+    scale = np.float16(float(np.max(np.abs(values))) if values.size else 0.0)
+    if not np.isfinite(scale):
+        raise SparseCodeError("code has a magnitude beyond the float16 range; it cannot be quantised")
+    return scale
+
+
+def quantise_levels(magnitudes: np.ndarray, scale: float, value_bits: int) -> np.ndarray:
+    """Magnitudes (any shape, >= 0) → levels q in [0, 2^(value_bits-1)), int64: the nearest
+    level in the companded domain (magnitude / scale)^(1/1.5), clipped to the grid."""
+    n = 1 << (value_bits - 1)
+    if float(scale) <= 0:
+        return np.zeros(np.shape(magnitudes), dtype=np.int64)
+    u = np.clip(np.asarray(magnitudes, dtype=np.float64) / float(scale), 0.0, None)
+    return np.clip(np.rint(u ** (1.0 / COMPAND_POWER) * n) - 1, 0, n - 1).astype(np.int64)
+
+
+def level_values(levels: np.ndarray, scale: float, value_bits: int) -> np.ndarray:
+    """Levels q → magnitudes scale · ((q + 1) / 2^(value_bits-1))^1.5, float32 (same shape)."""
+    n = 1 << (value_bits - 1)
+    return (float(scale) * ((np.asarray(levels, dtype=np.float64) + 1) / n) ** COMPAND_POWER).astype(np.float32)
+
+
+def snap_to_grid(values: np.ndarray, scale: float, value_bits: int) -> np.ndarray:
+    """Signed values → the nearest grid value of the same sign, float32 (same shape)."""
+    v = np.asarray(values, dtype=np.float32)
+    return np.where(v < 0, -1.0, 1.0).astype(np.float32) * level_values(
+        quantise_levels(np.abs(v), scale, value_bits), scale, value_bits)
+
+
+def quantise_code(code: np.ndarray, k: int, value_bits: int) -> np.ndarray:
+    """Dense code (L, m) → its top-k per map with the values on the photo's grid (scale = the
+    largest kept magnitude as float16), float32 (L, m): what `unpack_compact` returns."""
+    _check_value_bits(value_bits)
+    kept = top_k(np.asarray(code, dtype=np.float32), k)
+    nz = kept != 0
+    scale = _scale(kept[nz])
+    out = np.zeros_like(kept)
+    out[nz] = snap_to_grid(kept[nz], scale, value_bits)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _binomials(m: int, k: int) -> tuple[tuple[int, ...], ...]:
+    """table[i][c] = C(c, i) for 0 <= i <= k, 0 <= c < m (python ints)."""
+    return tuple(tuple(math.comb(c, i) for c in range(m)) for i in range(k + 1))
+
+
+def support_rank(positions: np.ndarray, m: int, k: int) -> int:
+    """k distinct positions in [0, m) → their rank in the combinatorial number system,
+    Σ_i C(c_i, i) over the sorted positions c_1 < ... < c_k: an integer in [0, C(m, k))."""
+    table = _binomials(m, k)
+    return sum(table[i][int(c)] for i, c in enumerate(sorted(int(p) for p in positions), start=1))
+
+
+def support_unrank(rank: int, m: int, k: int) -> np.ndarray:
+    """Inverse of `support_rank`: rank in [0, C(m, k)) → sorted positions int64 (k,)."""
+    table = _binomials(m, k)
+    out = np.empty(k, dtype=np.int64)
+    c = m - 1
+    for i in range(k, 0, -1):
+        while table[i][c] > rank:
+            c -= 1
+        out[i - 1] = c
+        rank -= table[i][c]
+        c -= 1
+    return out
+
+
+def _layout(L: int, m: int, k: int, value_bits: int | None) -> tuple[int, int, int, int]:
+    """(header bytes, support bits, bits per value, total bytes) of a compact code."""
+    header = 1 + (2 if value_bits is not None else 0)
+    support_bits = (math.comb(m, k) ** L - 1).bit_length()
+    per_value = value_bits if value_bits is not None else 16
+    return header, support_bits, per_value, header + math.ceil((support_bits + L * k * per_value) / 8)
+
+
+def compact_size(spec: SparseSpec) -> int:
+    """Bytes of one compact true code for `spec` (the format has a fixed length)."""
+    _check_value_bits(spec.value_bits)
+    return _layout(spec.L, spec.m, spec.k, spec.value_bits)[3]
+
+
+def pack_compact(code: np.ndarray, k: int, value_bits: int | None = None) -> bytes:
+    """The true code (L, m), top-k per map (values quantised on the photo's grid when
+    `value_bits` is set, else float16) → compact bytes; see the module docstring."""
+    _check_value_bits(value_bits)
+    code = np.asarray(code, dtype=np.float32)
+    if code.ndim != 2 or not 1 <= k <= code.shape[1]:
+        raise SparseCodeError(f"code of shape {code.shape} cannot keep k={k} values per map")
+    L, m = code.shape
+    pos = np.sort(_true_support(code, k), axis=1)
+    vals = np.take_along_axis(code, pos, axis=1)
+    header_len, support_bits, per_value, total = _layout(L, m, k, value_bits)
+    if value_bits is None:
+        v16 = vals.astype(VALUE_DTYPE)
+        if not np.all(np.isfinite(v16)):
+            raise SparseCodeError("code has a value beyond the float16 range")
+        words, header = v16.view(np.uint16).astype(np.int64), bytes([COMPACT_VERSION])
+    else:
+        scale = _scale(vals)
+        levels = quantise_levels(np.abs(vals), scale, value_bits)
+        words = ((vals < 0).astype(np.int64) << (value_bits - 1)) | levels
+        header = bytes([COMPACT_VERSION]) + struct.pack(">e", scale)
+    c = math.comb(m, k)
+    acc = 0
+    for l in range(L - 1, -1, -1):  # map 0 is the least significant digit
+        acc = acc * c + support_rank(pos[l], m, k)
+    for w in words.ravel().tolist():
+        acc = (acc << per_value) | w
+    n_body = total - header_len
+    acc <<= n_body * 8 - support_bits - L * k * per_value
+    return header + acc.to_bytes(n_body, "big")
+
+
+def unpack_compact(data: bytes, spec: SparseSpec) -> np.ndarray:
+    """Compact bytes of a true code → dense code float32 (spec.L, spec.m) with k non-zeros
+    per map. Raises SparseCodeError (one line) on a wrong length, version, scale, padding
+    or support number."""
+    _check_value_bits(spec.value_bits)
+    L, m, k, vb = spec.L, spec.m, spec.k, spec.value_bits
+    header_len, support_bits, per_value, total = _layout(L, m, k, vb)
+    data = bytes(data)
+    if len(data) != total:
+        raise SparseCodeError(f"compact code is {len(data)} bytes, expected {total} for L={L}, m={m}, k={k}, "
+                              f"value_bits={vb}")
+    if data[0] != COMPACT_VERSION:
+        raise SparseCodeError(f"compact code version {data[0]} is not supported (expected {COMPACT_VERSION})")
+    scale = 0.0
+    if vb is not None:
+        scale = float(np.frombuffer(data[1:3], dtype=">f2")[0])
+        if not (np.isfinite(scale) and scale >= 0):
+            raise SparseCodeError(f"compact code has scale {scale}, expected a finite value >= 0")
+    acc = int.from_bytes(data[header_len:], "big")
+    pad = (total - header_len) * 8 - support_bits - L * k * per_value
+    if acc & ((1 << pad) - 1):
+        raise SparseCodeError("compact code has non-zero padding bits")
+    acc >>= pad
+    mask = (1 << per_value) - 1
+    words = np.empty(L * k, dtype=np.int64)
+    for i in range(L * k - 1, -1, -1):
+        words[i] = acc & mask
+        acc >>= per_value
+    c = math.comb(m, k)
+    if acc >= c ** L:
+        raise SparseCodeError("compact code's support number is out of range (corrupted code)")
+    dense = np.zeros((L, m), dtype=np.float32)
+    words = words.reshape(L, k)
+    for l in range(L):
+        acc, rank = divmod(acc, c)
+        pos = support_unrank(rank, m, k)
+        if vb is None:
+            vals = words[l].astype(np.uint16).view(VALUE_DTYPE).astype(np.float32)
+            if not np.all(np.isfinite(vals)):
+                raise SparseCodeError("compact code has a NaN or infinite value")
+        else:
+            sign = np.where(words[l] >> (vb - 1), -1.0, 1.0).astype(np.float32)
+            vals = sign * level_values(words[l] & ((1 << (vb - 1)) - 1), scale, vb)
+        dense[l, pos] = vals
+    return dense

@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", help="images for the parity check (default: the run's dataset)")
     p.add_argument("--k-fake", type=int, default=None,
                    help="sparse runs only: fake non-zeros per code map in the card (default: the run's)")
+    p.add_argument("--value-bits", type=int, default=None,
+                   help="sparse runs only: bits per released value (card sparse.value_bits; default: float16)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     run_dir = Path(args.run_dir)
     try:
@@ -155,10 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training import sparse_export
 
             extra = {} if args.k_fake is None else {"k_fake": args.k_fake}
+            if args.value_bits is not None:
+                extra["value_bits"] = args.value_bits
             sparse_export.export_run(run_dir, Path(args.out), args.name, args.version, **extra)
             return 0
-        if args.k_fake is not None:
-            raise InvalidInputError(f"{run_dir}: --k-fake applies to sparse runs only (this run's mode is not 'sparse')")
+        for flag, value in (("--k-fake", args.k_fake), ("--value-bits", args.value_bits)):
+            if value is not None:
+                raise InvalidInputError(f"{run_dir}: {flag} applies to sparse runs only (this run's mode is not 'sparse')")
         export_run(ExportConfig(run_dir=args.run_dir, out=args.out, name=args.name, version=args.version, data=args.data))
     except PricError as exc:
         print(f"pric-export: {exc.message}", file=sys.stderr)

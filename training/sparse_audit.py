@@ -5,14 +5,17 @@ Everything runs through the released artefacts: the ONNX encoder and decoder und
 onnxruntime and `protocol.sparse_code` (the client's own ambiguation and key code), on the
 whole test split. Measured (PSNR and SSIM with data_range=1, mean over images):
 
-  (a) authorised reconstruction at the exported k and at k/2 (top-k re-applied to the code)
+  (a) authorised reconstruction at the exported k and at k/2 (top-k re-applied to the code),
+      decoded from the compact true code (`protocol.sparse_code.pack_compact` of the
+      disambiguated upload, then `unpack_compact`): the PSNR belongs to those bytes
   (b) the ambiguated code decoded as is (all k' non-zeros)
   (c) a random guess of the support (k of the k' chosen uniformly per map)
   (d) magnitude-ranking attackers (keep the k largest / the k smallest magnitudes), with
       their support-recovery rate next to chance k/k'
   (e) JPEG (Pillow, optimised Huffman tables) at the bytes of the TRUE code in compact form
-      (what a key holder needs: per non-zero ceil(ceil(log2 m)/8) bytes of index + 2 bytes
-      of float16 value, L·k non-zeros; the goal is judged here), also the best of JPEG at
+      (what a key holder needs: len(pack_compact(...)), measured per photo, mean; the card's
+      sparse.value_bits bits per value, float16 values without it; the goal is judged
+      here), also the best of JPEG at
       full, 3/4 and 1/2 resolution (down-sampled, JPEG at the budget, up-sampled bilinearly),
       and plain JPEG at the bytes of the ambiguated wire code (uint16 index + float16 value,
       L·k' non-zeros). Files that exceed a budget even at quality 1 are counted over budget.
@@ -42,7 +45,8 @@ from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import ModelCard, load_card
 from protocol.preprocess import normalize
 from protocol.sparse_code import (
-    AmbiguatedCode, ambiguate, disambiguate, key_entropy_bits, key_size_bytes, top_k, unpack_key,
+    AmbiguatedCode, ambiguate, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, top_k, unpack_compact,
+    unpack_key,
 )
 from training.data import FaceData, load_faces
 
@@ -165,14 +169,14 @@ def jpeg_multires_at_budget(pixels: np.ndarray, budget: int,
 
 
 def index_bytes(m: int) -> int:
-    """Bytes of one index into a code map of length m in the compact true-code form:
-    ceil(log2 m) bits rounded up to whole bytes (1 byte for m <= 256)."""
+    """Bytes of one index into a code map of length m in sparse-celeba@3's true-code
+    formula: ceil(log2 m) bits rounded up to whole bytes (1 byte for m <= 256)."""
     return max(1, math.ceil(math.ceil(math.log2(max(m, 2))) / 8))
 
 
 def true_code_bytes(spec: Any) -> int:
-    """Bytes of the true code (what a key holder needs) in compact form:
-    L·k·(index_bytes(m) + 2), a float16 value per non-zero."""
+    """sparse-celeba@3's formula for the true code's bytes (before `pack_compact` existed;
+    still reported for comparison): L·k·(index_bytes(m) + 2), a float16 value per non-zero."""
     return spec.L * spec.k * (index_bytes(spec.m) + 2)
 
 
@@ -295,9 +299,12 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     codes = models.encode(test.pixels)
     ambs, keys = _ambiguate_all(codes, card, rng)
     true = np.stack([disambiguate(a, key, sp.m) for a, key in zip(ambs, keys)])  # float16-rounded values, as uploaded
+    compact = [pack_compact(c, sp.k, sp.value_bits) for c in true]  # what a key holder keeps
+    authorised = np.stack([unpack_compact(b, sp) for b in compact])
+    compact_len = np.array([len(b) for b in compact])
     variants: dict[str, np.ndarray] = {
-        "authorised_k": true,
-        "authorised_half_k": np.stack([top_k(c, max(1, sp.k // 2)) for c in true]),
+        "authorised_k": authorised,
+        "authorised_half_k": np.stack([top_k(c, max(1, sp.k // 2)) for c in authorised]),
         "ambiguated_as_is": np.stack([a.to_dense(sp.m) for a in ambs]),
     }
     recovery: dict[str, float] = {}
@@ -311,7 +318,7 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     results = {name: quality(ref, rec) for name, rec in recon.items()}
 
     wire_bytes = int(ambs[0].indices.nbytes + ambs[0].values.nbytes)  # uint16 indices + float16 values
-    true_bytes = true_code_bytes(sp)
+    true_bytes = int(round(float(compact_len.mean())))  # the format has a fixed length: min = max
     results["jpeg_true_code_bytes"], jpeg_imgs = _jpeg_row(ref, test.pixels, true_bytes, multires=False)
     results["jpeg_true_code_bytes_multires"], _ = _jpeg_row(ref, test.pixels, true_bytes, multires=True)
     results["jpeg_same_bytes"], _ = _jpeg_row(ref, test.pixels, wire_bytes, multires=False)  # the wire code's bytes
@@ -331,7 +338,13 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     true_support_bits = sp.L * (math.lgamma(sp.m + 1) - math.lgamma(sp.k + 1) - math.lgamma(sp.m - sp.k + 1)) / math.log(2)
     rate = {
         "true_code_bytes_per_image": true_bytes,
-        "true_code_bytes_formula": f"L*k*(ceil(ceil(log2 m)/8) + 2) = {sp.L}*{sp.k}*({index_bytes(sp.m)} + 2)",
+        "true_code_bytes_source": "len(protocol.sparse_code.pack_compact(true code, k, value_bits)), mean over photos",
+        "true_code_bytes_min_max": [int(compact_len.min()), int(compact_len.max())],
+        "true_code_value_bits": sp.value_bits,
+        "true_code_bytes_formula": (
+            f"1 version + {2 if sp.value_bits else 0} scale + ceil((ceil(L*log2 C(m,k)) + L*k*{sp.value_bits or 16})/8)"
+            f" with L={sp.L}, m={sp.m}, k={sp.k}"),
+        "index_plus_float16_bytes": true_code_bytes(sp),  # sparse-celeba@3's formula, for comparison
         "true_code_bits_per_pixel": true_bytes * 8 / (h * w),
         "true_code_entropy_coded_bits_per_pixel_estimate":
             (true_support_bits + true_value_entropy * sp.L * sp.k) / (h * w),

@@ -8,7 +8,8 @@ users' decoder to ONNX, with a `sparse_code` model card.
 
 The card's ambiguation (`sparse.k_fake`, fakes added per map by the client) defaults to the
 run's; `k_fake=` / `--k-fake N` sets it at export time (the ONNX files do not depend on it)
-and the card's `training.k_fake_trained` keeps the run's value.
+and the card's `training.k_fake_trained` keeps the run's value. `--value-bits B` sets
+`sparse.value_bits`: the client then quantises the true values to B bits before ambiguation.
 
 Both graphs pass onnx.checker and are compared with torch (max abs difference ≤ 1e-4 on
 real images); a mismatch fails the export.
@@ -28,6 +29,7 @@ from torch import nn
 
 from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import InputSpec, ModelCard, OutputSpec, SparseSpec, sha256_file
+from protocol.sparse_code import VALUE_BITS_RANGE
 from training.sparse_train import load_run
 
 OPSET = 17
@@ -119,15 +121,27 @@ def with_k_fake(sparse: SparseSpec, k_fake: int | None, where: Path) -> SparseSp
     return replace(sparse, k_fake=int(k_fake))
 
 
+def with_value_bits(sparse: SparseSpec, value_bits: int | None, where: Path) -> SparseSpec:
+    """`sparse` whose client quantises the true values to `value_bits` bits before ambiguation
+    (None: unchanged, float16 values); outside `VALUE_BITS_RANGE` → InvalidInputError."""
+    if value_bits is None:
+        return sparse
+    lo, hi = VALUE_BITS_RANGE
+    if not lo <= value_bits <= hi:
+        raise InvalidInputError(f"{where}: --value-bits {value_bits} must be in [{lo}, {hi}]")
+    return replace(sparse, value_bits=int(value_bits))
+
+
 def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: str | None = None,
-               k_fake: int | None = None) -> Path:
+               k_fake: int | None = None, value_bits: int | None = None) -> Path:
     """Export RUN_DIR to OUT_DIR (model.onnx, decoder.onnx, model_card.json); returns OUT_DIR.
-    `k_fake` overrides the run's fakes per map in the card (None: the run's)."""
+    `k_fake` overrides the run's fakes per map in the card (None: the run's); `value_bits`
+    sets the card's `sparse.value_bits` (None: float16 values, as before)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config = load_run(run_dir)
     spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["input"].items()})
     trained = SparseSpec(**config["sparse"])
-    sparse = with_k_fake(trained, k_fake, run_dir)
+    sparse = with_value_bits(with_k_fake(trained, k_fake, run_dir), value_bits, run_dir)
     encoder, decoder = model.on_device_encoder().eval(), model.image_decoder().eval()
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -189,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     p.add_argument("--version")
     p.add_argument("--k-fake", type=int, default=None, help="fake non-zeros per map in the card (default: the run's)")
+    p.add_argument("--value-bits", type=int, default=None,
+                   help="quantise released values to this many bits (card sparse.value_bits; default: float16)")
     args = p.parse_args(argv)
     try:
-        out = export_run(Path(args.run_dir), Path(args.out), args.name, args.version, k_fake=args.k_fake)
+        out = export_run(Path(args.run_dir), Path(args.out), args.name, args.version, k_fake=args.k_fake,
+                         value_bits=args.value_bits)
     except PricError as exc:
         print(f"pric-export: {exc.message}", file=sys.stderr)
         return exc.exit_code

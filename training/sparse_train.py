@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -146,10 +146,11 @@ def reconstruction_losses(out: dict[str, torch.Tensor], target: torch.Tensor) ->
 
 
 def warm_start(model: SparseAutoencoder, run_dir: Path) -> None:
-    """Load the checkpoint of sparse run `run_dir` into `model` (same model settings, else
-    InvalidInputError naming the run)."""
+    """Load the checkpoint of sparse run `run_dir` into `model` (same model settings up to
+    k and k_train, else InvalidInputError naming the run)."""
     init_model, _ = load_run(run_dir)
-    if init_model.cfg != model.cfg:
+    # k and k_train only set the top-k, not the weights: a run may be fine-tuned at another k
+    if replace(init_model.cfg, k=model.cfg.k, k_train=model.cfg.k_train) != model.cfg:
         raise InvalidInputError(f"--init {run_dir}: its model settings {asdict(init_model.cfg)} differ from this run's")
     model.load_state_dict(init_model.state_dict())
 
@@ -251,7 +252,7 @@ def run_summary(cfg: SparseTrainConfig, best: dict[str, Any], n_train: int, n_va
         "train": asdict(cfg),
         "input": asdict(cfg.input_spec()),
         "model": asdict(cfg.model_config()),
-        "sparse": asdict(cfg.sparse_spec()),
+        "sparse": {k: v for k, v in asdict(cfg.sparse_spec()).items() if v is not None},  # as before value_bits
         "best_epoch": best["epoch"],
         "best_val_psnr": best["val_psnr"] if math.isfinite(best["val_psnr"]) else None,
         "n_train": int(n_train),

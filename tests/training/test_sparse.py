@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.model_card import load_card
-from protocol.sparse_code import ambiguate, key_size_bytes
-from training import sparse_audit, sparse_export, sparse_sweep, sparse_train
+from protocol.model_card import SparseSpec, load_card
+from protocol.sparse_code import ambiguate, compact_size, key_size_bytes, snap_to_grid
+from training import sparse_audit, sparse_export, sparse_rate, sparse_sweep, sparse_train
 from training.models.sparse import GroupedLinear, SparseAEConfig, SparseAutoencoder, top_k_per_map
 
 TINY = ["--L", "2", "--m", "32", "--k", "4", "--k-train", "6", "--k-fake", "4", "--channels", "8,8,8",
@@ -159,6 +159,33 @@ def test_warm_start_refuses_a_run_with_other_settings(tiny_run: Path, sample_fac
     assert "--init" in capsys.readouterr().err
 
 
+def test_warm_start_at_another_k_loads_the_weights(tiny_run: Path, sample_faces: Path, tmp_path: Path) -> None:
+    start, _ = sparse_train.load_run(tiny_run)
+    other_k = [a if a != "4" else "5" for a in TINY]  # k = 5 (and k_fake = 5) instead of 4: same weights
+
+    rc = sparse_train.main(["--mode", "sparse", "--data", str(sample_faces), "--epochs", "1", "--out",
+                            str(tmp_path / "ft"), "--device", "cpu", "--lr", "1e-12", "--init", str(tiny_run), *other_k])
+
+    assert rc == 0
+    tuned, config = sparse_train.load_run(tmp_path / "ft")
+    assert config["sparse"]["k"] == 5 and tuned.cfg.k == 5
+    assert torch.allclose(start.state_dict()["encoder.linear.weight"], tuned.state_dict()["encoder.linear.weight"],
+                          atol=1e-6)
+
+
+def test_quick_audit_decodes_the_quantised_compact_code(tiny_run: Path, sample_faces: Path, tmp_path: Path) -> None:
+    model_dir = sparse_export.export_run(tiny_run, tmp_path / "q", None, "q", value_bits=4)
+    card = load_card(model_dir)
+
+    report = sparse_audit.audit_sparse(model_dir, sample_faces, tmp_path / "audit", SimpleNamespace(seed=1, quick=True))
+
+    assert card.sparse.value_bits == 4
+    assert report["rate"]["true_code_bytes_per_image"] == compact_size(card.sparse)
+    assert report["rate"]["true_code_bytes_per_image"] < report["rate"]["index_plus_float16_bytes"]
+    assert report["reconstruction"]["jpeg_true_code_bytes"]["budget_bytes"] == compact_size(card.sparse)
+    assert np.isfinite(report["reconstruction"]["authorised_k"]["psnr"])
+
+
 def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path, tmp_path: Path) -> None:
     report = sparse_audit.audit_sparse(tiny_export, sample_faces, tmp_path / "audit", SimpleNamespace(seed=3, quick=True, private="Male", primary=("Smiling",)))
 
@@ -170,8 +197,9 @@ def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path,
     assert report["n_test"] == 8
     assert report["key"]["bytes"] == key_size_bytes(card.sparse)
     assert report["rate"]["wire_bytes_per_image"] == card.sparse.L * card.sparse.k_prime * 4
-    # m = 32 <= 256: one index byte + a float16 value per true non-zero
-    assert report["rate"]["true_code_bytes_per_image"] == card.sparse.L * card.sparse.k * 3
+    # measured: the compact true code (float16 values: this card sets no value_bits)
+    assert report["rate"]["true_code_bytes_per_image"] == compact_size(card.sparse)
+    assert report["rate"]["true_code_bytes_min_max"] == [compact_size(card.sparse)] * 2
     assert rec["jpeg_true_code_bytes"]["budget_bytes"] == report["rate"]["true_code_bytes_per_image"]
     assert rec["jpeg_same_bytes"]["budget_bytes"] == report["rate"]["wire_bytes_per_image"]
     assert sum(rec["jpeg_true_code_bytes_multires"]["scale_fraction"].values()) == pytest.approx(1.0)
@@ -320,3 +348,46 @@ def test_sweep_refuses_an_unknown_sampler(tiny_export: Path, sample_faces: Path,
 
     assert rc == 2
     assert "uniform" in capsys.readouterr().err
+
+
+def test_export_value_bits_sets_the_cards_grid(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from training.export import main as export_main
+
+    rc = export_main([str(tiny_run), "--out", str(tmp_path / "o"), "--version", "vb", "--value-bits", "5"])
+    rc_bad = export_main([str(tiny_run), "--out", str(tmp_path / "bad"), "--value-bits", "1"])
+    err_bad = capsys.readouterr().err
+
+    assert rc == 0 and rc_bad == 2 and "--value-bits" in err_bad and not (tmp_path / "bad").exists()
+    sp = load_card(tmp_path / "o").sparse
+    assert sp.value_bits == 5
+    code = np.zeros((sp.L, sp.m), np.float32)
+    code[:, :sp.k] = np.linspace(0.3, 2.0, sp.k)
+    amb, _ = ambiguate(code, sp, np.random.default_rng(0))  # the client's call: values on the grid
+    values = amb.values.astype(np.float32)
+    scale = float(np.float16(2.0))
+    assert np.array_equal(values, snap_to_grid(values, scale, 5).astype(np.float16).astype(np.float32))
+
+
+def test_rate_table_measures_each_k_and_value_bits(tiny_run: Path, sample_faces: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    rc = sparse_rate.main(["--run", str(tiny_run), "--data", str(sample_faces), "--out", str(tmp_path), "--n", "6",
+                           "--k", "3,4", "--value-bits", "4,none", "--no-multires"])
+
+    assert rc == 0
+    report = json.loads((tmp_path / sparse_rate.REPORT).read_text())
+    cells = {(r["k"], r["value_bits"]): r for r in report["rows"]}
+    assert set(cells) == {(3, 4), (3, None), (4, 4), (4, None)}
+    sp = json.loads((tiny_run / "config.json").read_text())["sparse"]
+    for (k, vb), row in cells.items():
+        assert row["bytes"] == compact_size(SparseSpec(L=sp["L"], m=sp["m"], k=k, k_fake=0, value_bits=vb))
+        assert row["plain"]["budget_bytes"] == row["bytes"]
+    assert cells[(4, 4)]["bytes"] < cells[(4, None)]["bytes"]
+    assert "| 4 | 4 |" in capsys.readouterr().out
+
+
+def test_rate_table_refuses_a_bad_k(tiny_run: Path, sample_faces: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    rc = sparse_rate.main(["--run", str(tiny_run), "--data", str(sample_faces), "--out", str(tmp_path), "--k", "x"])
+
+    assert rc == 2
+    assert "--k" in capsys.readouterr().err
