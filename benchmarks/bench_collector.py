@@ -32,10 +32,12 @@ from protocol import routes  # noqa: E402
 BARE_PATH = "/bare"
 
 
-def serve_bare(threads: int) -> int:
-    """A Flask app with one endpoint that reads the whole body and answers its length."""
-    import waitress
+def serve_bare(threads: int, workers: int) -> int:
+    """A Flask app with one endpoint that reads the whole body and answers its length,
+    served exactly as the collector is (waitress, same threads and worker processes)."""
     from flask import Flask, jsonify, request
+
+    from collector.prefork import listen, run_workers, serve_socket
 
     app = Flask("bare")
 
@@ -43,21 +45,37 @@ def serve_bare(threads: int) -> int:
     def bare():
         return jsonify({"bytes": len(request.get_data(cache=False))})
 
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
-    print(f"bare flask: serving on http://127.0.0.1:{server.effective_port}", flush=True)
-    server.run()
-    return 0
+    sock = listen("127.0.0.1", 0)
+    print(f"bare flask: serving on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    if workers == 1:
+        serve_socket(app, sock, threads)
+        return 0
+    return run_workers(lambda: serve_socket(app, sock, threads), workers)
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), robust to a busy machine."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its worker processes (Linux /proc)."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def measure_collector(root: Path, card, bodies, threads: int, run: int, max_seconds: float, content_type: str) -> dict:
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def measure_collector(root: Path, card, bodies, threads: int, workers: int, run: int, max_seconds: float,
+                      content_type: str) -> dict:
     data = root / f"data-{run}"
-    proc, url = start_collector(data, root / "models", "--rate-limit", "0", threads=threads)
+    proc, url = start_collector(data, root / "models", "--rate-limit", "0", "--workers", str(workers), threads=threads)
     try:
         tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]
                   for _ in bodies]
@@ -70,8 +88,9 @@ def measure_collector(root: Path, card, bodies, threads: int, run: int, max_seco
     return _summary(logs, wall, stored=sum(log.stored for log in logs), server_cpu_s=cpu)
 
 
-def measure_bare(bodies, threads: int, max_seconds: float, content_type: str) -> dict:
-    proc, url = start_process([sys.executable, __file__, "--serve-bare", "--threads", str(threads)])
+def measure_bare(bodies, threads: int, workers: int, max_seconds: float, content_type: str) -> dict:
+    proc, url = start_process([sys.executable, __file__, "--serve-bare", "--threads", str(threads),
+                               "--workers", str(workers)])
     try:
         cpu0 = cpu_seconds(proc.pid)
         logs, wall = run_clients(url, BARE_PATH, [None] * len(bodies), bodies, time.monotonic() + max_seconds,
@@ -95,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=8000)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--batch", type=int, default=25)
-    p.add_argument("--threads", type=int, default=16, help="waitress worker threads (both servers)")
+    p.add_argument("--threads", type=int, default=16, help="waitress threads per worker process (both servers)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (both servers)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=300.0)
     p.add_argument("--wire", choices=sorted(WIRE_FORMATS), default="binary",
@@ -104,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_bare:
-        return serve_bare(args.threads)
+        return serve_bare(args.threads, args.workers)
 
     with tempfile.TemporaryDirectory(prefix="pric-bench-") as tmp:
         root = Path(tmp)
@@ -114,15 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         body_bytes = sum(len(b) for client in bodies for _, b in client)
         runs: dict[str, list[dict]] = {"collector": [], "bare": []}
         for r in range(args.repeats):
-            runs["bare"].append(measure_bare(bodies, args.threads, args.max_seconds, content_type))
-            runs["collector"].append(measure_collector(root, card, bodies, args.threads, r, args.max_seconds,
-                                                       content_type))
+            runs["bare"].append(measure_bare(bodies, args.threads, args.workers, args.max_seconds, content_type))
+            runs["collector"].append(measure_collector(root, card, bodies, args.threads, args.workers, r,
+                                                       args.max_seconds, content_type))
 
     best = {k: max(v, key=lambda s: s["items_per_s"]) for k, v in runs.items()}
     ratio = best["collector"]["items_per_s"] / best["bare"]["items_per_s"]
     print(f"collector ingestion: {args.clients} clients, {args.items} items in batches of {args.batch} "
-          f"({args.wire}, {body_bytes / len(bodies[0]) / args.clients / 1024:.0f} KiB per request), waitress {args.threads} "
-          f"threads, best of {args.repeats}")
+          f"({args.wire}, {body_bytes / len(bodies[0]) / args.clients / 1024:.0f} KiB per request), waitress "
+          f"{args.workers} x {args.threads} threads, best of {args.repeats}")
     for name in ("bare", "collector"):
         s = best[name]
         print(f"  {name:<9} {s['items_per_s']:8.0f} items/s   p50 {s['p50_ms']:6.1f} ms   p99 {s['p99_ms']:6.1f} ms"

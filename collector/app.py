@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "REGISTER_LIMIT_PER_MIN": 120,  # per client address; 0 disables
     "OPEN_REGISTRATION": True,
     "CURRENT_MODEL": None,  # default: newest active version found
+    "UPLOAD_LIMITER": None,  # a TokenBucket shared by forked workers (default: one per app)
+    "REGISTER_LIMITER": None,
 }
 DEFAULT_EXPORT_LIMIT = 100
 
@@ -117,8 +119,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["pric"] = CollectorState(
         db=db,
         registry=ModelRegistry(db, app.config["MODELS_DIR"], app.config["CURRENT_MODEL"]),
-        upload_limiter=TokenBucket(rate) if rate > 0 else None,
-        register_limiter=TokenBucket(reg_rate, burst=max(1.0, reg_rate / 4)) if reg_rate > 0 else None,
+        upload_limiter=app.config["UPLOAD_LIMITER"] or upload_limiter(rate),
+        register_limiter=app.config["REGISTER_LIMITER"] or register_limiter(reg_rate),
         pseudonym_secret=db.secret("pseudonym_secret"),
         train_lock=threading.Lock(),
         classifiers_dir=data_dir / "classifiers",
@@ -130,6 +132,14 @@ def create_app(config: dict | None = None) -> Flask:
     app.before_request(_start_timer)
     app.after_request(_log_request)
     return app
+
+
+def upload_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
+    return bucket(rate_per_min) if rate_per_min > 0 else None
+
+
+def register_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
+    return bucket(rate_per_min, burst=max(1.0, rate_per_min / 4)) if rate_per_min > 0 else None
 
 
 def issue_token(app: Flask, role: str) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from protocol.errors import NotFoundError, PricError
+from protocol.errors import InvalidInputError, NotFoundError, PricError
 
 EXIT_DB = 9
 
@@ -36,6 +36,7 @@ class ServeConfig:
     host: str
     port: int
     threads: int
+    workers: int
     database_url: str | None
     rate_limit_per_min: float
     open_registration: bool
@@ -56,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     storage(s, models=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--threads", type=int, default=8, help="waitress worker threads")
+    s.add_argument("--threads", type=int, default=8, help="waitress threads (per worker process)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port (Python runs one core per process; "
+                        "rate limits are shared by all workers)")
     s.add_argument("--rate-limit", type=float, default=600, help="uploads per minute per token (0: off)")
     s.add_argument("--closed-registration", action="store_true", help="only an operator token may register participants")
     s.add_argument("--current-model", default=None, help="model id served as current (default: newest active)")
@@ -154,40 +158,45 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import waitress
+    from collector.app import DEFAULTS, create_app, register_limiter, upload_limiter
+    from collector.auth import SharedTokenBucket
+    from collector.prefork import listen, run_workers, serve_socket
 
-    from collector.app import create_app
-
+    if not 1 <= args.workers <= 64:
+        raise InvalidInputError(f"--workers {args.workers}: must be between 1 and 64")
     cfg = ServeConfig(
         data_dir=args.data_dir, models_dir=args.models_dir, host=args.host, port=args.port, threads=args.threads,
-        database_url=args.database_url, rate_limit_per_min=args.rate_limit,
+        workers=args.workers, database_url=args.database_url, rate_limit_per_min=args.rate_limit,
         open_registration=not args.closed_registration, current_model=args.current_model,
     )
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
-    app = create_app({
+    config = {
         "DATA_DIR": cfg.data_dir, "MODELS_DIR": cfg.models_dir, "DATABASE_URL": cfg.database_url,
         "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "OPEN_REGISTRATION": cfg.open_registration,
         "CURRENT_MODEL": cfg.current_model,
-    })
+    }
+    if cfg.workers > 1:  # one limit for all workers, in memory they share
+        config["UPLOAD_LIMITER"] = upload_limiter(cfg.rate_limit_per_min, SharedTokenBucket)
+        config["REGISTER_LIMITER"] = register_limiter(float(DEFAULTS["REGISTER_LIMIT_PER_MIN"]), SharedTokenBucket)
+    app = create_app(config)  # creates the tables once, before any worker starts
     saved = asdict(cfg)
     if saved["database_url"]:
         saved["database_url"] = _redact(args)
     (Path(cfg.data_dir) / "serve_config.json").write_text(json.dumps(saved, indent=2) + "\n")
     # waitress buffers a whole body before the app runs: cap it so that the app's own
     # Content-Length check (a JSON 413) is what clients normally see, yet nothing huge is spooled.
-    server = waitress.create_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads,
-                                    max_request_body_size=2 * int(app.config["MAX_BODY_BYTES"]))
-    print(f"pric-collector: serving on http://{cfg.host}:{server.effective_port} "
-          f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'})",
-          flush=True)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    return 0
+    body_cap = 2 * int(app.config["MAX_BODY_BYTES"])
+    sock = listen(cfg.host, cfg.port)
+    print(f"pric-collector: serving on http://{cfg.host}:{sock.getsockname()[1]} "
+          f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'}"
+          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''})", flush=True)
+    if cfg.workers == 1:
+        serve_socket(app, sock, cfg.threads, max_request_body_size=body_cap)
+        return 0
+    app.extensions["pric"].db.dispose()  # no connection crosses the fork
+    return run_workers(lambda: serve_socket(create_app(config), sock, cfg.threads, max_request_body_size=body_cap),
+                       cfg.workers)
 
 
 def _print_stats(s: dict, as_json: bool) -> None:

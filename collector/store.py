@@ -42,7 +42,7 @@ def validate_batch(batch: UploadBatch, card: ModelCard) -> None:
 @dataclass
 class _StoreJob:
     participant_id: str
-    rows: list[dict[str, Any]]
+    rows: list[tuple]  # values in the order of _ITEM_COLUMNS
     done: bool = False
     lead: bool = False  # this job's thread is to write the queue
     result: tuple[int, int] = (0, 0)
@@ -76,13 +76,9 @@ class GroupCommitStore:
 
         Returns (stored, duplicates). A retried batch stores nothing twice.
         """
-        now = time.time()
-        rows = []
-        for item in batch.items:
-            blob, names = pack_arrays(item.arrays)
-            rows.append({"participant_id": participant_id, "item_id": item.item_id, "model_id": batch.model_id,
-                         "arrays": blob, "array_names": names, "labels": _labels_json(item.labels),
-                         "created_at": now})
+        now, model_id = time.time(), batch.model_id
+        rows = [(participant_id, item.item_id, model_id, *pack_arrays(item.arrays), _labels_json(item.labels), now)
+                for item in batch.items]  # in the order of _ITEM_COLUMNS
         job = _StoreJob(participant_id, rows)
         with self._lock:
             self._queue.append(job)
@@ -148,7 +144,7 @@ def _labels_json_cached(pairs: tuple[tuple[str, int], ...]) -> str:
 
 
 def _insert_new(conn, job: _StoreJob) -> tuple[int, int]:
-    ids = [row["item_id"] for row in job.rows]
+    ids = [row[1] for row in job.rows]
     style = conn.dialect.paramstyle
     if style in ("qmark", "format", "pyformat"):
         # The hottest statements of the collector, sent through the driver directly:
@@ -157,7 +153,7 @@ def _insert_new(conn, job: _StoreJob) -> tuple[int, int]:
         existing = {r[0] for r in conn.exec_driver_sql(
             f"SELECT item_id FROM items WHERE participant_id = {mark} AND item_id IN ({', '.join([mark] * len(ids))})",
             (job.participant_id, *ids))}
-        rows = [tuple(row[c] for c in _ITEM_COLUMNS) for row in job.rows if row["item_id"] not in existing]
+        rows = [row for row in job.rows if row[1] not in existing] if existing else job.rows
         if rows:
             conn.exec_driver_sql(
                 f"INSERT INTO items ({', '.join(_ITEM_COLUMNS)}) VALUES ({', '.join([mark] * len(_ITEM_COLUMNS))})", rows)
@@ -165,7 +161,7 @@ def _insert_new(conn, job: _StoreJob) -> tuple[int, int]:
     existing = set(conn.execute(
         select(items.c.item_id).where(items.c.participant_id == job.participant_id, items.c.item_id.in_(ids))
     ).scalars())
-    new_rows = [row for row in job.rows if row["item_id"] not in existing]
+    new_rows = [dict(zip(_ITEM_COLUMNS, row)) for row in job.rows if row[1] not in existing]
     if new_rows:
         conn.execute(items.insert(), new_rows)
     return len(new_rows), len(existing)

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 
 from collector.app import create_app
@@ -21,26 +22,37 @@ from collector.launch import start_collector
 from collector.registry import list_models
 from protocol import routes
 from protocol.model_card import load_card
-from protocol.wire import UploadBatch, UploadItem, encode_batch, npy_to_array
+from protocol.wire import (
+    BINARY_CONTENT_TYPE,
+    JSON_CONTENT_TYPE,
+    UploadBatch,
+    UploadItem,
+    encode_batch,
+    encode_batch_binary,
+    npy_to_array,
+)
 
 BATCH = 8
 
 
-def start_server(data_dir: Path, models_dir: Path, *db: str) -> tuple[subprocess.Popen, str]:
-    return start_collector(data_dir, models_dir, "--rate-limit", "0", *db)
+def start_server(data_dir: Path, models_dir: Path, *db: str, workers: int = 1) -> tuple[subprocess.Popen, str]:
+    return start_collector(data_dir, models_dir, "--rate-limit", "0", "--workers", str(workers), *db)
 
 
-def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir, capsys, db_args):
+@pytest.mark.parametrize("workers, wire", [(1, "json"), (2, "binary")])
+def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir, capsys, db_args, workers, wire):
+    """workers=2: the parent is killed; its forked workers die with it, mid-request."""
+    encode, content_type = (encode_batch, JSON_CONTENT_TYPE) if wire == "json" else (encode_batch_binary, BINARY_CONTENT_TYPE)
     data_dir = tmp_path / "data"
     db = db_args(data_dir)
     card = load_card(tiny_model_dir / "tiny")
     assert cli_main(["token", "create", "--role", "auditor", "--data-dir", str(data_dir), *db]) == 0
     auditor = {"Authorization": "Bearer " + capsys.readouterr().out.strip()}
-    proc, url = start_server(data_dir, tiny_model_dir, *db)
+    proc, url = start_server(data_dir, tiny_model_dir, *db, workers=workers)
     acked: list[int] = []
     try:
         token = requests.post(url + routes.REGISTER, timeout=10).json()["token"]
-        auth = {"Authorization": "Bearer " + token, "Content-Type": "application/json"}
+        auth = {"Authorization": "Bearer " + token, "Content-Type": content_type}
         rng = np.random.default_rng(0)
         stop = threading.Event()
 
@@ -51,7 +63,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir,
                         return
                     items = [UploadItem(f"b{b}-{i}", {"feature": rng.standard_normal((16, 8, 8)).astype(np.float32)},
                                         {"Smiling": i % 2}) for i in range(BATCH)]
-                    body = encode_batch(UploadBatch(card.model_id, card.sha256, items))
+                    body = encode(UploadBatch(card.model_id, card.sha256, items))
                     try:
                         resp = s.post(url + routes.ITEMS, data=body, headers=auth, timeout=10)
                     except requests.RequestException:
@@ -64,11 +76,14 @@ def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir,
         deadline = time.monotonic() + 20
         while len(acked) < 15 and time.monotonic() < deadline:
             time.sleep(0.02)
+        workers_before = _children(proc.pid)
         proc.kill()  # SIGKILL, while the stream is still sending
         proc.wait(timeout=10)
         stop.set()
         thread.join(timeout=15)
         assert len(acked) >= 15, "the stream did not get going before the deadline"
+        assert len(workers_before) == (workers if workers > 1 else 0)
+        _wait_gone(workers_before)
 
         proc, url = start_server(data_dir, tiny_model_dir, *db)
         stored: list[dict] = []
@@ -79,7 +94,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir,
             stored += page["items"]
             offset = page["next_offset"]
         me = requests.get(url + routes.ME, headers=auth, timeout=10).json()
-        retry = requests.post(url + routes.ITEMS, headers=auth, timeout=10, data=encode_batch(UploadBatch(
+        retry = requests.post(url + routes.ITEMS, headers=auth, timeout=10, data=encode(UploadBatch(
             card.model_id, card.sha256,
             [UploadItem(f"b{acked[0]}-{i}", {"feature": np.zeros((16, 8, 8), np.float32)}, {}) for i in range(BATCH)])))
     finally:
@@ -95,6 +110,40 @@ def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir,
         arr = npy_to_array(base64.b64decode(item["arrays"]["feature"]))
         assert arr.shape == (16, 8, 8) and arr.dtype == np.float32 and np.isfinite(arr).all()
     assert retry.json() == {"stored": 0, "duplicates": BATCH}
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"worker processes {alive} outlived their killed parent")
+
+
+def test_workers_share_one_rate_limit(tmp_path, tiny_model_dir):
+    """Two worker processes, a fresh connection per request (the kernel hands each to
+    either worker): the token's burst of 10 holds across them."""
+    card = load_card(tiny_model_dir / "tiny")
+    proc, url = start_collector(tmp_path / "data", tiny_model_dir, "--rate-limit", "60", "--workers", "2")
+    try:
+        token = requests.post(url + routes.REGISTER, timeout=10).json()["token"]
+        auth = {"Authorization": "Bearer " + token, "Content-Type": BINARY_CONTENT_TYPE}
+        body = encode_batch_binary(UploadBatch(card.model_id, card.sha256, [
+            UploadItem("one", {"feature": np.zeros((16, 8, 8), np.float32)}, {})]))
+        codes = [requests.post(url + routes.ITEMS, data=body, headers=auth, timeout=10).status_code for _ in range(16)]
+        workers = _children(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert len(workers) == 2
+    assert codes == [200] * 10 + [429] * 6  # 60/min: a burst of 10, then 1 a second
+    _wait_gone(workers)
 
 
 def test_collectors_starting_together_on_a_new_database_all_start(tmp_path, tiny_model_dir):
