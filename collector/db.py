@@ -146,6 +146,8 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # 8 KiB pages hold a 4 KiB feature row without an overflow page (takes effect on a new database only).
+        cur.execute("PRAGMA page_size=8192")
         _set_wal(cur)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
