@@ -51,6 +51,8 @@ METHOD_PARTS: dict[str, str] = {
     "relnoise": "the learned noise of `noise` kept at inference too: a stochastic release (not exportable with a parity check)",
     "narrow": "narrow bottleneck: 4 feature channels instead of 16",
     "leace": "closed-form LEACE erasure of the private attributes, fitted on the train split after training, baked into the graph",
+    "decision": "decision release: the exported model outputs only the primary heads' 0/1 decisions, (T, 1, 1), on the "
+                "extractor body's map (before noise and eraser); training is unchanged",
 }
 _ADV_TERMS = ("paper", "entropy", "plain")
 
@@ -68,6 +70,7 @@ class Method:
     release_noise: bool = False
     narrow: bool = False
     leace: bool = False
+    decision: bool = False
 
 
 def parse_method(text: str) -> Method:
@@ -90,6 +93,7 @@ def parse_method(text: str) -> Method:
         release_noise="relnoise" in parts,
         narrow="narrow" in parts,
         leace="leace" in parts,
+        decision="decision" in parts,
     )
 
 
@@ -147,13 +151,34 @@ def build_extractor(cfg: TrainConfig, erase_rank: int = 0) -> Extractor:
     )
 
 
-def load_extractor(run_dir: str | Path) -> tuple[Extractor, TrainConfig]:
-    """The trained extractor of a run, in eval mode, from checkpoint.pt (weights_only)."""
+class DecisionRelease(nn.Module):
+    """What a `decision` run releases: the co-trained primary heads' hard decisions on the
+    extractor body's map, (B, 3, H, W) -> float 0/1 (B, T, 1, 1); nothing else leaves."""
+
+    def __init__(self, extractor: Extractor, heads: nn.Module, n_tasks: int) -> None:
+        super().__init__()
+        self.extractor, self.heads = extractor, heads
+        self.feature_shape = (n_tasks, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.heads(self.extractor.body(x))
+        return (logits > 0).to(logits.dtype).reshape(-1, *self.feature_shape)
+
+
+def load_extractor(run_dir: str | Path) -> tuple[nn.Module, TrainConfig]:
+    """The trained release model of a run, in eval mode, from checkpoint.pt (weights_only):
+    the extractor, or for a `decision` method its DecisionRelease."""
     cfg = load_config(run_dir)
-    state = torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=True)["extractor"]
+    ckpt = torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=True)
+    state = ckpt["extractor"]
     model = build_extractor(cfg, erase_rank=int(state["eraser.a"].shape[1]))
     model.load_state_dict(state)
-    return model.eval(), cfg
+    if not parse_method(cfg.method).decision:
+        return model.eval(), cfg
+    shape = model.feature_shape
+    heads = create_model("conv_head", in_channels=shape[0], n_out=len(cfg.primary), feature_hw=shape[1:])
+    heads.load_state_dict(ckpt["heads"])
+    return DecisionRelease(model, heads, len(cfg.primary)).eval(), cfg
 
 
 def _adversaries(n: int, feat_shape: tuple[int, int, int], n_out: int) -> nn.ModuleList:
@@ -430,9 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    parse_method(args.method)
+    method = parse_method(args.method)
     if args.epochs < 1 or args.batch_size < 2:
         raise InvalidInputError("--epochs must be >= 1 and --batch-size >= 2")
+    if method.decision and not _names(args.primary):
+        raise InvalidInputError("--method ...+decision releases the primary tasks' decisions: name them with --primary")
     return TrainConfig(
         data=args.data, out=args.out, private=_names(args.private), primary=_names(args.primary), lam=args.lam,
         epochs=args.epochs, method=args.method, seed=args.seed, device=args.device, batch_size=args.batch_size,

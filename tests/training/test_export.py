@@ -64,3 +64,33 @@ def test_sparse_runs_are_delegated(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"mode": "sparse"}))
     assert export_main([str(tmp_path), "--out", str(tmp_path / "o"), "--name", "s"]) == 0
     assert calls == [(tmp_path, tmp_path / "o", "s", None)]
+
+
+def test_decision_release_exports_only_the_primary_decisions(sample_faces, tmp_path):
+    """`+decision`: the model a participant runs outputs one 0/1 value per primary task,
+    the co-trained heads' decisions on the extractor body's map, in torch and in ONNX."""
+    run = tmp_path / "run"
+    assert train_main(["--data", str(sample_faces), "--out", str(run), "--epochs", "1", "--max-batches", "2",
+                       "--batch-size", "16", "--method", "plain+noise+leace+decision",
+                       "--primary", "Smiling,Heavy_Makeup", "--no-progress"]) == 0
+    out = tmp_path / "models" / "pric-decision"
+    assert export_main([str(run), "--out", str(out), "--name", "pric-decision", "--version", "1"]) == 0
+    card = load_card(out)
+    assert card.output.shape == (2, 1, 1) and card.training["method"].endswith("+decision")
+    model, cfg = load_extractor(run)
+    faces = load_faces(sample_faces, cfg.input, cache_dir=tmp_path / "cache", progress=False)
+    x = to_input(faces.pixels[:20], card.input)
+    with torch.no_grad():
+        want = model(x).numpy()
+        logits = model.heads(model.extractor.body(x)).numpy()  # before the noise and the eraser
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(["feature"], {card.input.name: x.numpy()})
+    assert set(np.unique(got)) <= {0.0, 1.0} and got.shape == (20, 2, 1, 1)
+    assert np.array_equal(want.reshape(20, 2), (logits > 0).astype(np.float32))
+    assert np.array_equal(got, want)
+
+
+def test_decision_release_needs_primary_tasks(sample_faces, tmp_path, capsys):
+    rc = train_main(["--data", str(sample_faces), "--out", str(tmp_path / "r"), "--epochs", "1",
+                     "--method", "plain+decision", "--primary", "", "--no-progress"])
+    assert rc == 2 and "--primary" in capsys.readouterr().err
