@@ -25,11 +25,10 @@ Compact true code (version 1): what a key holder keeps of one photo, and the cod
         then per map, per non-zero in increasing position: value_bits bits, either a sign
         bit and a (value_bits - 1)-bit magnitude level q (magnitude
         scale · ((q + 1) / 2^(value_bits-1))^1.5: finer steps near zero, where most kept
-        magnitudes lie; scale = the photo's largest magnitude), or, without value_bits,
-        the 16 bits of a float16 value.
-See `pack_compact` / `unpack_compact`; `quantise_code` puts a code on the same grid, and
-`ambiguate` does so before drawing fakes when the card sets `sparse.value_bits`, so that
-fakes and true values share one grid.
+        magnitudes lie; scale = the photo's largest released magnitude, see `ambiguate`),
+        or, without value_bits, the 16 bits of a float16 value.
+See `pack_compact` / `unpack_compact`; `quantise_code` puts a code on such a grid, and
+`ambiguate` puts true and fake values on one grid when the card sets `sparse.value_bits`.
 """
 
 from __future__ import annotations
@@ -148,17 +147,20 @@ def ambiguate(
 ) -> tuple[AmbiguatedCode, bytes]:
     """Dense code (L, m) → (public ambiguated code, secret key bytes).
 
-    With `spec.value_bits` the true values are first quantised (`quantise_code`) and every
-    fake is drawn from those quantised values and put on the same grid, so the released
-    values of true and fake non-zeros come from one set of levels."""
+    With `spec.value_bits` the released values are quantised: the fakes are drawn from the
+    true values, then true and fake values alike are put on ONE grid whose scale is the
+    photo's largest released magnitude, true or fake (`released_scale`). The same monotone
+    rounding of exchangeable draws keeps them exchangeable, and the grid reveals nothing
+    the released values did not already show. (A grid scaled to the largest TRUE magnitude
+    would publish a bound on the true values: the fakes above it would have to be clipped
+    onto the top level, and an attacker keeping the k largest magnitudes then decoded
+    0.4 dB closer to the photo than a random guess on sparse-celeba@4's test photos.)
+    A key holder recovers the compact true code with
+    `pack_compact(disambiguate(code, key, m), k, value_bits, scale=released_scale(code))`."""
     rng = rng or os_rng()
     code = np.asarray(code, dtype=np.float32)
     if code.shape != (spec.L, spec.m):
         raise SparseCodeError(f"code has shape {code.shape}, expected {(spec.L, spec.m)}")
-    scale = None
-    if spec.value_bits is not None:
-        code = quantise_code(code, spec.k, spec.value_bits)
-        scale = _scale(code[code != 0])
     kp = spec.k_prime
     indices = np.empty((spec.L, kp), dtype=np.int64)
     values = np.empty((spec.L, kp), dtype=np.float32)
@@ -170,13 +172,13 @@ def ambiguate(
         f = rng.choice(free, size=spec.k_fake, replace=False)
         tv = code[l, t]
         fv = sample_fake_values(tv, spec.k_fake, rng)
-        if scale is not None:
-            fv = snap_to_grid(fv, scale, spec.value_bits)
         pos = np.concatenate([t, f])
         val = np.concatenate([tv, fv])
         is_true = np.concatenate([np.ones(spec.k, bool), np.zeros(spec.k_fake, bool)])
         order = np.argsort(pos, kind="stable")
         indices[l], values[l], mask[l] = pos[order], val[order], is_true[order]
+    if spec.value_bits is not None:
+        values = snap_to_grid(values, _scale(values), spec.value_bits)
     amb = AmbiguatedCode(indices=indices.astype(INDEX_DTYPE), values=values.astype(VALUE_DTYPE))
     return amb, pack_key(mask, spec.k, amb.fingerprint())
 
@@ -282,13 +284,19 @@ def snap_to_grid(values: np.ndarray, scale: float, value_bits: int) -> np.ndarra
         quantise_levels(np.abs(v), scale, value_bits), scale, value_bits)
 
 
-def quantise_code(code: np.ndarray, k: int, value_bits: int) -> np.ndarray:
-    """Dense code (L, m) → its top-k per map with the values on the photo's grid (scale = the
-    largest kept magnitude as float16), float32 (L, m): what `unpack_compact` returns."""
+def released_scale(code: AmbiguatedCode) -> float:
+    """The grid scale of an ambiguated code quantised by `ambiguate`: its largest magnitude."""
+    return float(_scale(code.values.astype(np.float32)))
+
+
+def quantise_code(code: np.ndarray, k: int, value_bits: int, scale: float | None = None) -> np.ndarray:
+    """Dense code (L, m) → its top-k per map with the values on the grid of `scale` (float16;
+    default: the largest kept magnitude; larger magnitudes go to the top level), float32
+    (L, m): what `unpack_compact` returns for `pack_compact` with the same arguments."""
     _check_value_bits(value_bits)
     kept = top_k(np.asarray(code, dtype=np.float32), k)
     nz = kept != 0
-    scale = _scale(kept[nz])
+    scale = _scale(kept[nz]) if scale is None else _scale(np.array([scale]))
     out = np.zeros_like(kept)
     out[nz] = snap_to_grid(kept[nz], scale, value_bits)
     return out
@@ -335,9 +343,11 @@ def compact_size(spec: SparseSpec) -> int:
     return _layout(spec.L, spec.m, spec.k, spec.value_bits)[3]
 
 
-def pack_compact(code: np.ndarray, k: int, value_bits: int | None = None) -> bytes:
-    """The true code (L, m), top-k per map (values quantised on the photo's grid when
-    `value_bits` is set, else float16) → compact bytes; see the module docstring."""
+def pack_compact(code: np.ndarray, k: int, value_bits: int | None = None, scale: float | None = None) -> bytes:
+    """The true code (L, m), top-k per map (values quantised on the grid of `scale` when
+    `value_bits` is set, else float16) → compact bytes; see the module docstring. `scale`
+    (float16) defaults to the largest kept magnitude; for a code ambiguated with value_bits
+    pass `released_scale(ambiguated code)`, the grid its values already lie on."""
     _check_value_bits(value_bits)
     code = np.asarray(code, dtype=np.float32)
     if code.ndim != 2 or not 1 <= k <= code.shape[1]:
@@ -352,7 +362,7 @@ def pack_compact(code: np.ndarray, k: int, value_bits: int | None = None) -> byt
             raise SparseCodeError("code has a value beyond the float16 range")
         words, header = v16.view(np.uint16).astype(np.int64), bytes([COMPACT_VERSION])
     else:
-        scale = _scale(vals)
+        scale = _scale(vals) if scale is None else _scale(np.array([scale]))
         levels = quantise_levels(np.abs(vals), scale, value_bits)
         words = ((vals < 0).astype(np.int64) << (value_bits - 1)) | levels
         header = bytes([COMPACT_VERSION]) + struct.pack(">e", scale)

@@ -45,7 +45,8 @@ from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import ModelCard, load_card
 from protocol.preprocess import normalize
 from protocol.sparse_code import (
-    AmbiguatedCode, ambiguate, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, top_k, unpack_compact,
+    AmbiguatedCode, ambiguate, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, released_scale, top_k,
+    unpack_compact,
     unpack_key,
 )
 from training.data import FaceData, load_faces
@@ -299,7 +300,9 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     codes = models.encode(test.pixels)
     ambs, keys = _ambiguate_all(codes, card, rng)
     true = np.stack([disambiguate(a, key, sp.m) for a, key in zip(ambs, keys)])  # float16-rounded values, as uploaded
-    compact = [pack_compact(c, sp.k, sp.value_bits) for c in true]  # what a key holder keeps
+    # what a key holder keeps: the compact true code on the grid its released values lie on
+    compact = [pack_compact(c, sp.k, sp.value_bits, released_scale(a) if sp.value_bits else None)
+               for c, a in zip(true, ambs)]
     authorised = np.stack([unpack_compact(b, sp) for b in compact])
     compact_len = np.array([len(b) for b in compact])
     variants: dict[str, np.ndarray] = {

@@ -21,6 +21,7 @@ from protocol.sparse_code import (
     disambiguate,
     pack_compact,
     quantise_code,
+    released_scale,
     snap_to_grid,
     support_rank,
     support_unrank,
@@ -142,29 +143,35 @@ def test_bad_value_bits_and_shapes_are_refused() -> None:
         pack_compact(_code(), 300, 6)
 
 
-def test_a_key_holder_packs_the_same_bytes_from_the_upload() -> None:
+def test_a_key_holder_packs_the_released_true_values_without_loss() -> None:
     code = _code(7)
 
     amb, key = ambiguate(code, SPEC, np.random.default_rng(0))
     recovered = disambiguate(amb, key, SPEC.m)  # float16 values, as on the wire
+    scale = released_scale(amb)
+    data = pack_compact(recovered, SPEC.k, SPEC.value_bits, scale)
+    held = unpack_compact(data, SPEC)
 
-    assert pack_compact(recovered, SPEC.k, SPEC.value_bits) == pack_compact(code, SPEC.k, SPEC.value_bits)
-    assert np.allclose(recovered, quantise_code(code, SPEC.k, SPEC.value_bits), rtol=1e-3, atol=0)
+    assert len(data) == compact_size(SPEC)
+    assert np.array_equal(held.astype(np.float16).astype(np.float32), recovered)  # the wire values, exactly
+    assert pack_compact(held, SPEC.k, SPEC.value_bits, scale) == data
+    assert np.array_equal(held, quantise_code(code, SPEC.k, SPEC.value_bits, scale))
+    assert scale >= float(np.float16(np.abs(code).max()))  # the grid covers every true value: none clipped
 
 
-def test_true_and_fake_values_share_the_photos_grid() -> None:
+def test_true_and_fake_values_share_one_grid() -> None:
     code = _code(8)
-    scale = float(np.float16(np.abs(code).max()))
     n_levels = 1 << (SPEC.value_bits - 1)
 
     amb, key = ambiguate(code, SPEC, np.random.default_rng(1))
     mask, _, _ = unpack_key(key)
     values = amb.values.astype(np.float32)
+    scale = released_scale(amb)
 
     on_grid = snap_to_grid(values, scale, SPEC.value_bits).astype(np.float16).astype(np.float32)
-    assert np.array_equal(values, on_grid)  # fakes too: every released value is a grid value
-    assert len(np.unique(np.abs(values[~mask]))) <= n_levels
-    assert np.abs(values).max() == pytest.approx(scale, rel=1e-3)
+    assert np.array_equal(values, on_grid)  # true and fake: every released value is a grid value
+    assert len(np.unique(np.abs(values[mask]))) <= n_levels and len(np.unique(np.abs(values[~mask]))) <= n_levels
+    assert len(np.unique(np.abs(values))) <= n_levels
 
 
 def _ks(a: np.ndarray, b: np.ndarray) -> float:

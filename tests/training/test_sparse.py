@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from protocol.model_card import SparseSpec, load_card
-from protocol.sparse_code import ambiguate, compact_size, key_size_bytes, snap_to_grid
+from protocol.sparse_code import ambiguate, compact_size, key_size_bytes, released_scale, snap_to_grid
 from training import sparse_audit, sparse_export, sparse_rate, sparse_sweep, sparse_train
 from training.models.sparse import GroupedLinear, SparseAEConfig, SparseAutoencoder, top_k_per_map
 
@@ -364,8 +364,8 @@ def test_export_value_bits_sets_the_cards_grid(tiny_run: Path, tmp_path: Path, c
     code[:, :sp.k] = np.linspace(0.3, 2.0, sp.k)
     amb, _ = ambiguate(code, sp, np.random.default_rng(0))  # the client's call: values on the grid
     values = amb.values.astype(np.float32)
-    scale = float(np.float16(2.0))
-    assert np.array_equal(values, snap_to_grid(values, scale, 5).astype(np.float16).astype(np.float32))
+    scale = released_scale(amb)
+    assert scale >= 2.0 and np.array_equal(values, snap_to_grid(values, scale, 5).astype(np.float16).astype(np.float32))
 
 
 def test_rate_table_measures_each_k_and_value_bits(tiny_run: Path, sample_faces: Path, tmp_path: Path,
