@@ -42,6 +42,7 @@ class LoadConfig:
     clients: int = 16
     batch: int = 25
     threads: int = 16
+    workers: int = 1
     max_seconds: float = 600.0
     feature_shape: tuple[int, ...] = (16, 8, 8)
     wire: str = "binary"
@@ -158,20 +159,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=LoadConfig.items)
     p.add_argument("--clients", type=int, default=LoadConfig.clients)
     p.add_argument("--batch", type=int, default=LoadConfig.batch)
-    p.add_argument("--threads", type=int, default=LoadConfig.threads, help="waitress worker threads")
+    p.add_argument("--threads", type=int, default=LoadConfig.threads, help="waitress threads per worker process")
+    p.add_argument("--workers", type=int, default=LoadConfig.workers, help="collector worker processes")
     p.add_argument("--max-seconds", type=float, default=LoadConfig.max_seconds)
     p.add_argument("--wire", choices=sorted(WIRE_FORMATS), default=LoadConfig.wire,
                    help="upload body format (the client sends binary)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     cfg = LoadConfig(items=args.items, clients=args.clients, batch=args.batch, threads=args.threads,
-                     max_seconds=args.max_seconds, wire=args.wire)
+                     max_seconds=args.max_seconds, wire=args.wire, workers=args.workers)
 
     with tempfile.TemporaryDirectory(prefix="pric-load-") as tmp:
         root = Path(tmp)
         card = synthetic_model(root / "models", cfg.feature_shape)
         bodies = make_bodies(card, cfg.items, cfg.clients, cfg.batch, wire=cfg.wire)
-        proc, url = start_collector(root / "data", root / "models", threads=cfg.threads)
+        proc, url = start_collector(root / "data", root / "models", "--workers", str(cfg.workers), threads=cfg.threads)
         try:
             tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]
                       for _ in range(cfg.clients)]
@@ -204,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duplicated": rows - distinct,
     }
     print(f"load test: {cfg.clients} clients, {cfg.items} items in batches of {cfg.batch}, "
-          f"{cfg.wire} bodies, waitress {cfg.threads} threads, SQLite WAL synchronous=FULL")
+          f"{cfg.wire} bodies, waitress {cfg.workers} x {cfg.threads} threads, SQLite WAL synchronous=FULL")
     print(f"  {result['items_per_s']} items/s over {result['wall_s']} s; {result['requests']} requests, "
           f"latency p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
     print(f"  errors {result['errors']}, retries {result['retries']}; stored {rows} of {cfg.items}: "
