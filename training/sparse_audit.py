@@ -45,7 +45,8 @@ from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import ModelCard, load_card
 from protocol.preprocess import normalize
 from protocol.sparse_code import (
-    AmbiguatedCode, ambiguate, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, released_scale, top_k,
+    AmbiguatedCode, ambiguate, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, quantise_levels, released_scale,
+    top_k,
     unpack_compact,
     unpack_key,
 )
@@ -251,6 +252,22 @@ def logistic_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te
 # --- the audit ----------------------------------------------------------------------------
 
 
+def _symbol_entropy(values: list[np.ndarray], ambs: list[AmbiguatedCode], value_bits: int | None) -> float:
+    """Empirical entropy (bits) of one value symbol, pooled over photos: the float16 pattern,
+    or with value_bits the (sign, level) on each photo's grid (what pack_compact spends
+    value_bits bits on)."""
+    if value_bits is None:
+        symbols = np.concatenate([np.asarray(v, dtype=np.float16).ravel() for v in values]).view(np.uint16)
+    else:
+        symbols = np.concatenate([
+            np.sign(v.astype(np.float32)).ravel() * (1 + quantise_levels(np.abs(v.astype(np.float32)).ravel(),
+                                                                         released_scale(a), value_bits))
+            for v, a in zip(values, ambs)])
+    _, counts = np.unique(symbols, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
 def _grid(rows: list[np.ndarray], path: Path, n: int = 8) -> None:
     """Rows of (N, H, W, 3) float images → one PNG, n columns."""
     from PIL import Image
@@ -329,15 +346,9 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     magnitude_best = max(("largest", "smallest"), key=lambda h: results[f"guess_{h}"]["psnr"])
     chance = sp.k / sp.k_prime
     h, w = card.input.height, card.input.width
-    values = np.concatenate([a.values.ravel() for a in ambs]).view(np.uint16)
-    _, counts = np.unique(values, return_counts=True)
-    p = counts / counts.sum()
-    value_entropy = float(-(p * np.log2(p)).sum())
+    value_entropy = _symbol_entropy([a.values for a in ambs], ambs, sp.value_bits)
     support_bits = sp.L * (math.lgamma(sp.m + 1) - math.lgamma(sp.k_prime + 1) - math.lgamma(sp.m - sp.k_prime + 1)) / math.log(2)
-    true_values = true[true != 0].astype(np.float16).view(np.uint16)
-    _, tcounts = np.unique(true_values, return_counts=True)
-    tp = tcounts / tcounts.sum()
-    true_value_entropy = float(-(tp * np.log2(tp)).sum())
+    true_value_entropy = _symbol_entropy([c[c != 0] for c in true], ambs, sp.value_bits)
     true_support_bits = sp.L * (math.lgamma(sp.m + 1) - math.lgamma(sp.k + 1) - math.lgamma(sp.m - sp.k + 1)) / math.log(2)
     rate = {
         "true_code_bytes_per_image": true_bytes,
@@ -355,6 +366,7 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
         "wire_bits_per_pixel": wire_bytes * 8 / (h * w),
         "entropy_coded_bits_per_pixel_estimate": (support_bits + value_entropy * sp.L * sp.k_prime) / (h * w),
         "value_entropy_bits": value_entropy,
+        "value_entropy_symbol": "float16 pattern" if sp.value_bits is None else "sign and grid level",
         "raw_bytes_per_image": h * w * 3,
     }
     key = {
