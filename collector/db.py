@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -21,6 +22,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: SQLite's busy handler alone serialises processes there
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 from sqlalchemy import (
@@ -187,6 +193,10 @@ class Database:
         # SQLite has one writer at a time; queueing writers of this process on a lock is
         # fair and fast, where SQLite's busy handler polls with sleeps of up to 100 ms.
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        database = self.engine.url.database if self.is_sqlite else None
+        self._lock_file = f"{database}-writelock" if database and database != ":memory:" else None
+        self._lock_fd: int | None = None
+        self._lock_pid = 0
 
     def create_all(self) -> None:
         """Create missing tables; in one write transaction, so that concurrent starts take turns."""
@@ -207,10 +217,27 @@ class Database:
                     conn.execute(select(func.pg_advisory_xact_lock(PG_WRITE_LOCK_KEY)))
                 yield conn
             return
-        with self._write_lock, self.engine.connect() as conn:
+        with self._write_lock, self._process_lock(), self.engine.connect() as conn:
             conn.info["begin_immediate"] = True
             with conn.begin():
                 yield conn
+
+    @contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        """An exclusive flock on `<database>-writelock` around each write transaction, so that
+        writers in other processes (forked collector workers, CLI commands) queue on the
+        kernel lock and wake the moment it is free, where SQLite's busy handler would poll
+        with sleeps of up to 100 ms (seen as a 0.5 s upload p99 with two workers)."""
+        if self._lock_file is None or fcntl is None:
+            yield
+            return
+        if self._lock_fd is None or self._lock_pid != os.getpid():  # a fork gets its own open file
+            self._lock_fd, self._lock_pid = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def secret(self, key: str) -> str:
         """A per-installation random secret stored in `meta` (created on first use)."""
@@ -228,6 +255,9 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._lock_fd is not None and self._lock_pid == os.getpid():
+            os.close(self._lock_fd)
+        self._lock_fd = None
 
 
 def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
