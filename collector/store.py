@@ -131,6 +131,8 @@ class GroupCommitStore:
 
 
 _ITEM_COLUMNS = ("participant_id", "item_id", "model_id", "arrays", "array_names", "labels", "created_at")
+_SQLITE_INSERT = (f"INSERT INTO items ({', '.join(_ITEM_COLUMNS)}) VALUES ({', '.join('?' * len(_ITEM_COLUMNS))}) "
+                  "ON CONFLICT (participant_id, item_id) DO NOTHING")
 
 
 def _labels_json(labels: dict[str, int]) -> str:
@@ -146,6 +148,11 @@ def _labels_json_cached(pairs: tuple[tuple[str, int], ...]) -> str:
 def _insert_new(conn, job: _StoreJob) -> tuple[int, int]:
     ids = [row[1] for row in job.rows]
     style = conn.dialect.paramstyle
+    if conn.dialect.name == "sqlite":
+        # One statement: the unique (participant, item) index skips what is already stored,
+        # and SQLite's change count says how many rows went in.
+        inserted = conn.exec_driver_sql(_SQLITE_INSERT, job.rows).rowcount
+        return inserted, len(job.rows) - inserted
     if style in ("qmark", "format", "pyformat"):
         # The hottest statements of the collector, sent through the driver directly:
         # SQLAlchemy's per-row parameter processing cost more than SQLite's own work.
