@@ -391,3 +391,21 @@ def test_rate_table_refuses_a_bad_k(tiny_run: Path, sample_faces: Path, tmp_path
 
     assert rc == 2
     assert "--k" in capsys.readouterr().err
+
+
+def test_128x128_inputs_train_and_export(sample_faces: Path, tmp_path: Path) -> None:
+    """`--size 128` (the paper's resolution): trains, and the encoder and decoder export and
+    run at 128x128 under onnxruntime."""
+    import onnxruntime as ort
+
+    run = tmp_path / "run128"
+    assert sparse_train.main(["--mode", "sparse", "--data", str(sample_faces), "--epochs", "1", "--out", str(run),
+                              "--device", "cpu", "--size", "128", "--limit", "32", *TINY]) == 0
+    out = sparse_export.export_run(run, tmp_path / "exported" / "sparse-128", None, "1")
+    card = load_card(out)
+    assert (card.input.height, card.input.width) == (128, 128)
+    x = np.zeros((2, 3, 128, 128), np.float32)
+    code = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    image = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(None, {"code": code})[0]
+    assert code.shape == (2, card.sparse.L, card.sparse.m) and np.all((code != 0).sum(-1) <= card.sparse.k)
+    assert image.shape == (2, 3, 128, 128)
