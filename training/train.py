@@ -51,6 +51,9 @@ METHOD_PARTS: dict[str, str] = {
     "relnoise": "the learned noise of `noise` kept at inference too: a stochastic release (not exportable with a parity check)",
     "narrow": "narrow bottleneck: 4 feature channels instead of 16",
     "leace": "closed-form LEACE erasure of the private attributes, fitted on the train split after training, baked into the graph",
+    "odds": "an adversary on the primary heads' logits and the true primary labels: heads and extractor are trained so that "
+            "the decisions say nothing about u beyond the labels (equalised odds; adversarial term as `entropy`, weight "
+            "--adv-weight)",
     "decision": "decision release: the exported model outputs only the primary heads' 0/1 decisions, (T, 1, 1), on the "
                 "extractor body's map (before noise and eraser); training is unchanged",
 }
@@ -70,6 +73,7 @@ class Method:
     release_noise: bool = False
     narrow: bool = False
     leace: bool = False
+    odds: bool = False
     decision: bool = False
 
 
@@ -93,6 +97,7 @@ def parse_method(text: str) -> Method:
         release_noise="relnoise" in parts,
         narrow="narrow" in parts,
         leace="leace" in parts,
+        odds="odds" in parts,
         decision="decision" in parts,
     )
 
@@ -255,7 +260,11 @@ class Trainer:
         self.mi = create_model("mi", feat_channels=shape[0], n_private=k).to(device)
         self.prior_table = torch.as_tensor(prior_table, device=device)
         self.opt_e = self._adam(self.extractor.parameters())
-        self.opt_adv = self._adam(self.adversaries.parameters())
+        # `odds`: a small MLP reading (head logits, true primary labels) -> private logits
+        self.odds = nn.Sequential(nn.Linear(2 * p, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                  nn.Linear(64, k)).to(device) if self.method.odds else None
+        adv_params = list(self.adversaries.parameters()) + (list(self.odds.parameters()) if self.odds else [])
+        self.opt_adv = self._adam(adv_params)
         self.opt_aux = self._adam(list(self.mi.parameters()) + list(self.heads.parameters()))
         self.amp = device.type == "cuda"
         self.steps = 0
@@ -266,7 +275,8 @@ class Trainer:
         return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"extractor": self.extractor, "adversaries": self.adversaries, "heads": self.heads, "mi": self.mi}
+        mods = {"extractor": self.extractor, "adversaries": self.adversaries, "heads": self.heads, "mi": self.mi}
+        return {**mods, "odds": self.odds} if self.odds is not None else mods
 
     def train_mode(self) -> None:
         for m in self.modules().values():
@@ -277,7 +287,8 @@ class Trainer:
         m, cfg = self.method, self.cfg
         if m.reinit_every and self.steps and self.steps % m.reinit_every == 0:
             _reset(self.adversaries)
-            self.opt_adv = self._adam(self.adversaries.parameters())
+            self.opt_adv = self._adam(list(self.adversaries.parameters())
+                                      + (list(self.odds.parameters()) if self.odds else []))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             z = self.extractor(x)
             terms: dict[str, torch.Tensor] = {}
@@ -299,8 +310,21 @@ class Trainer:
             z_mi = scale_grad(z, cfg.lam)  # T maximises with weight 1, E with λ
             perm = torch.randperm(len(x), device=x.device)
             jsd = losses.jsd_mi(self.mi(x_code, z_mi, u), self.mi(x_code[perm], z_mi, u))
-            primary = losses.bce(self.heads(scale_grad(z, self.primary_weight)), y)
+            head_logits = self.heads(scale_grad(z, self.primary_weight))
+            primary = losses.bce(head_logits, y)
             total = total + adv_ce - jsd + primary
+            if self.odds is not None:
+                # heads (and E, scaled by the primary weight) are pushed so that the odds
+                # adversary, which also sees the true labels, is left at p(u | y) ...
+                yf = y.to(head_logits.dtype)
+                prior = self.prior_table[torch.as_tensor(_keys_t(y), device=y.device)]
+                odds_term = losses.kl_to_prior(self.odds(torch.cat([head_logits, yf], 1)), prior)
+                (g_h,) = torch.autograd.grad(cfg.adv_weight * odds_term, head_logits, retain_graph=True)
+                total = total + (head_logits.float() * g_h.float()).sum()
+                # ... while the adversary itself learns on detached logits
+                odds_ce = losses.bce(self.odds(torch.cat([head_logits.detach(), yf], 1)), u)
+                total = total + odds_ce
+                terms.update(odds_term=odds_term.detach(), odds_ce=odds_ce.detach())
             terms.update(adv_ce=adv_ce.detach(), jsd=jsd.detach(), primary_bce=primary.detach())
             if m.penalty and cfg.penalty_weight:
                 pen = z.new_zeros((), dtype=torch.float32)

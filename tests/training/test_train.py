@@ -99,3 +99,15 @@ def test_phi_separates_correlated_attributes_and_raw_baseline_reads_audit_report
     (tmp_path / "plain.json").write_text(json.dumps({"Smiling": 0.9}))
     assert load_raw_baseline(tmp_path / "report.json") == {"Smiling": 0.9, "Young": 0.8}
     assert load_raw_baseline(tmp_path / "plain.json") == {"Smiling": 0.9}
+
+
+def test_odds_adversary_trains_on_head_logits_and_labels(sample_faces, tmp_path):
+    out = tmp_path / "run"
+    rc = _run(sample_faces, out, "--private", "Male", "--primary", "Smiling,Heavy_Makeup",
+              "--method", "plain+odds+decision")
+    assert rc == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train_odds_ce"] > 0 and row["train_odds_term"] >= 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(state) == {"extractor", "adversaries", "heads", "mi", "odds"}
+    assert state["odds"]["0.weight"].shape == (64, 4)  # (head logits, labels) of 2 primaries
