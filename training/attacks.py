@@ -286,6 +286,17 @@ def train_attack(
     return TrainedAttack(kind, model, mean, std, multilabel, best_acc, best_epoch, epoch + 1, selected)
 
 
+def label_floor(y_tr: np.ndarray, u_tr: np.ndarray, y_te: np.ndarray, u_te: np.ndarray) -> float:
+    """Test accuracy of predicting u (N,) from the primary labels y (N, P) alone: the
+    majority u of each primary-label combination on train (overall majority if unseen)."""
+    keys_tr = (y_tr * (2 ** np.arange(y_tr.shape[1]))).sum(1) if y_tr.size else np.zeros(len(u_tr), np.int64)
+    keys_te = (y_te * (2 ** np.arange(y_te.shape[1]))).sum(1) if y_te.size else np.zeros(len(u_te), np.int64)
+    overall = int(np.bincount(u_tr, minlength=2).argmax())
+    table = {int(k): int(np.bincount(u_tr[keys_tr == k], minlength=2).argmax()) for k in np.unique(keys_tr)}
+    pred = np.array([table.get(int(k), overall) for k in keys_te])
+    return float((pred == u_te).mean())
+
+
 def majority_rate(y: np.ndarray) -> float:
     """Share of the most frequent class in y (N,)."""
     y = np.asarray(y).astype(np.int64)

@@ -200,8 +200,9 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
     kinds = [k for k in (*p.get("kinds", []), "multi_label", "reconstruct") if k in p]
     L += [f"### Private attribute: {s['private']}", ""]
     L += _md_table(["attacker", "test accuracy"], [[k, p[k]] for k in kinds]
-                   + [["**strongest**", p["accuracy"]], ["majority rate", p["majority_rate"]],
-                      ["raw-image CNN", raw_of(s["private"])]])
+                   + [["**strongest**", p["accuracy"]], ["majority rate", p["majority_rate"]]]
+                   + ([["label floor (from the true primary labels alone)", p["label_floor"]]] if "label_floor" in p else [])
+                   + [["raw-image CNN", raw_of(s["private"])]])
     if rel["primary"]:
         L += ["### Primary task(s) (utility: best fresh classifier)", ""]
         L += _md_table(["attribute", "accuracy", "best classifier", "raw-image CNN", "majority rate"],

@@ -369,3 +369,19 @@ def test_pareto_front_keeps_only_the_undominated_points() -> None:
                            ("e", 0.71, 0.87)]]
 
     assert [p["label"] for p in pareto_front(pts)] == ["a", "c", "d"]
+
+
+def test_private_verdict_is_judged_against_the_label_floor_when_it_is_higher():
+    """Smiling + Heavy_Makeup already say Male at 0.80 from the true labels: a release keeping
+    both cannot leak less, so the default threshold is floor + 0.05, not majority + 0.05."""
+    from training.audit import AuditConfig, verdicts
+
+    cfg = AuditConfig(out="x", private="Male", primary=("Smiling", "Heavy_Makeup"))
+    rel = {"private": {"accuracy": 0.82, "majority_rate": 0.60, "label_floor": 0.80}, "primary": {},
+           "reconstruction": {"psnr": 11.0}, "reid": {"rank1": 0.001}}
+    with_floor = verdicts(rel, cfg, None, [])[0]
+    assert with_floor["pass"] and abs(with_floor["threshold"] - 0.85) < 1e-9 and "label floor" in with_floor["check"]
+    rel["private"]["label_floor"] = 0.60  # Smiling alone says nothing about Male
+    assert not verdicts(rel, cfg, None, [])[0]["pass"]
+    strict = AuditConfig(out="x", private="Male", primary=("Smiling",), max_private_acc=0.7)
+    assert verdicts(rel, strict, None, [])[0]["threshold"] == 0.7

@@ -76,7 +76,7 @@ def test_cuda_mixed_precision_run(sample_faces, tmp_path):
 
 
 def test_label_floor_uses_only_the_primary_labels():
-    from training.experiments import label_floor
+    from training.attacks import label_floor
 
     y_tr = np.array([[0], [0], [0], [1], [1], [1]])
     u_tr = np.array([0, 0, 1, 1, 1, 0])
