@@ -153,8 +153,8 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # 8 KiB pages hold a 4 KiB feature row without an overflow page (takes effect on a new database only).
-        cur.execute("PRAGMA page_size=8192")
-        _set_wal(cur)
+        _retry_locked(cur, "PRAGMA page_size=8192")
+        _retry_locked(cur, "PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -165,15 +165,16 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _set_wal(cur) -> None:  # noqa: ANN001 - a DBAPI cursor
-    """PRAGMA journal_mode=WAL, retried: while several processes open a new database at once,
-    switching its journal mode can answer "database is locked" at once, without waiting on the
-    busy timeout (seen about once in 40 starts of six collectors together)."""
+def _retry_locked(cur, sql: str) -> None:  # noqa: ANN001 - a DBAPI cursor
+    """A connection-setup PRAGMA, retried: while several processes open a new database at
+    once, switching its journal mode (and so perhaps its page size) can answer "database is
+    locked" at once, without waiting on the busy timeout (seen about once in 40 starts of six
+    collectors together)."""
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
     delay = 0.005
     while True:
         try:
-            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(sql)
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
