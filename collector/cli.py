@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -187,7 +188,11 @@ def _serve(args: argparse.Namespace) -> int:
     # waitress buffers a whole body before the app runs: cap it so that the app's own
     # Content-Length check (a JSON 413) is what clients normally see, yet nothing huge is spooled.
     body_cap = 2 * int(app.config["MAX_BODY_BYTES"])
-    sock = listen(cfg.host, cfg.port)
+    try:
+        sock = listen(cfg.host, cfg.port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise InvalidInputError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({reason})") from None
     print(f"pric-collector: serving on http://{cfg.host}:{sock.getsockname()[1]} "
           f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'}"
           f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''})", flush=True)

@@ -98,3 +98,17 @@ def test_model_list_and_retire(filled, tiny_model_dir, capsys, db_args):
     resp = filled.upload(h, filled.body(filled.items(2, prefix="late")))  # the running app sees it
     assert resp.status_code == 409 and "retired" in resp.json["message"]
     assert main(["model", "retire", "nope@1", *dirs]) == 7
+
+
+def test_serve_on_a_port_in_use_fails_with_one_line(tmp_path, tiny_model_dir, capsys):
+    import socket
+
+    from collector.cli import main as cli_main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        rc = cli_main(["serve", "--data-dir", str(tmp_path / "d"), "--models-dir", str(tiny_model_dir),
+                       "--port", str(port), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert f"--port {port}: cannot listen there (address already in use)" in err
