@@ -154,8 +154,10 @@ def _insert_new(conn, job: _StoreJob) -> tuple[int, int]:
         inserted = conn.exec_driver_sql(_SQLITE_INSERT, job.rows).rowcount
         return inserted, len(job.rows) - inserted
     if style in ("qmark", "format", "pyformat"):
-        # The hottest statements of the collector, sent through the driver directly:
-        # SQLAlchemy's per-row parameter processing cost more than SQLite's own work.
+        # Other drivers (psycopg): the known ids first, then the new rows, sent through the
+        # driver directly (SQLAlchemy's per-row parameter processing cost more than the
+        # database's own work). Not ON CONFLICT: executemany's rowcount is not a count of
+        # inserted rows on every driver.
         mark = "?" if style == "qmark" else "%s"
         existing = {r[0] for r in conn.exec_driver_sql(
             f"SELECT item_id FROM items WHERE participant_id = {mark} AND item_id IN ({', '.join([mark] * len(ids))})",

@@ -239,15 +239,15 @@ def encode_batch_binary(batch: UploadBatch) -> bytes:
                   for item in batch.items],
         "arrays": [{"name": name, "dtype": dtype.name, "shape": list(shape)} for name, dtype, shape in specs],
     }
-    blocks = []
-    for name, dtype, shape in specs:
-        try:
-            stacked = np.stack([np.asarray(item.arrays[name]) for item in batch.items])
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"items of one binary batch need the same arrays ({exc})") from None
-        if set(first) != set().union(*(item.arrays for item in batch.items)) or stacked.shape[1:] != shape:
-            raise ValueError("items of one binary batch need the same arrays")
-        blocks.append(np.ascontiguousarray(stacked, dtype=dtype).tobytes())
+    def same(arrays: dict[str, np.ndarray]) -> bool:
+        return set(arrays) == set(first) and all(
+            np.shape(arrays[name]) == shape and np.asarray(arrays[name]).dtype == first[name].dtype
+            for name, _, shape in specs)
+
+    if not all(same(item.arrays) for item in batch.items):
+        raise ValueError("items of one binary batch need the same arrays (names, shapes and dtypes)")
+    blocks = [np.ascontiguousarray(np.stack([item.arrays[name] for item in batch.items]), dtype=dtype).tobytes()
+              for name, dtype, _ in specs]
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return b"".join([BINARY_MAGIC, len(head).to_bytes(4, "little"), head, *blocks])
 

@@ -180,8 +180,7 @@ def load_extractor(run_dir: str | Path) -> tuple[nn.Module, TrainConfig]:
     model.load_state_dict(state)
     if not parse_method(cfg.method).decision:
         return model.eval(), cfg
-    shape = model.feature_shape
-    heads = create_model("conv_head", in_channels=shape[0], n_out=len(cfg.primary), feature_hw=shape[1:])
+    heads = _primary_heads(model.feature_shape, len(cfg.primary))
     heads.load_state_dict(ckpt["heads"])
     return DecisionRelease(model, heads, len(cfg.primary)).eval(), cfg
 
@@ -192,6 +191,11 @@ def _adversaries(n: int, feat_shape: tuple[int, int, int], n_out: int) -> nn.Mod
              ("mlp_head", dict(in_dim=c * h * w, n_out=n_out)),
              ("linear_head", dict(in_dim=c * h * w, n_out=n_out))]
     return nn.ModuleList(create_model(name, **kw) for name, kw in kinds[:n])
+
+
+def _primary_heads(feat_shape: tuple[int, int, int], n_primary: int) -> nn.Module:
+    """The co-trained primary-task heads: (B, C, h, w) feature map -> (B, P) logits."""
+    return create_model("conv_head", in_channels=feat_shape[0], n_out=n_primary, feature_hw=feat_shape[1:])
 
 
 def _reset(module: nn.Module) -> None:
@@ -256,7 +260,7 @@ class Trainer:
         self.extractor = build_extractor(cfg).to(device)
         shape = self.extractor.feature_shape
         self.adversaries = _adversaries(self.method.n_adversaries, shape, k).to(device)
-        self.heads = create_model("conv_head", in_channels=shape[0], n_out=p, feature_hw=shape[1:]).to(device)
+        self.heads = _primary_heads(shape, p).to(device)
         self.mi = create_model("mi", feat_channels=shape[0], n_private=k).to(device)
         self.prior_table = torch.as_tensor(prior_table, device=device)
         self.opt_e = self._adam(self.extractor.parameters())

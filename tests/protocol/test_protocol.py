@@ -230,9 +230,11 @@ def test_binary_wire_round_trip_matches_json():
 
 def test_binary_wire_refuses_items_with_different_arrays():
     batch = _batch(2)
-    odd = UploadItem("odd", {"feature": np.zeros((4, 3), np.float32)})
-    with pytest.raises(ValueError, match="same arrays"):
-        encode_batch_binary(UploadBatch(batch.model_id, batch.model_sha256, [*batch.items, odd]))
+    for odd in (UploadItem("odd", {"feature": np.zeros((4, 3), np.float32)}),  # shape
+                UploadItem("odd", {"feature": np.zeros((4, 2), np.float64)}),  # dtype: never cast silently
+                UploadItem("odd", {"feature": np.zeros((4, 2), np.float32), "extra": np.zeros(1, np.uint8)})):
+        with pytest.raises(ValueError, match="same arrays"):
+            encode_batch_binary(UploadBatch(batch.model_id, batch.model_sha256, [*batch.items, odd]))
 
 
 def _binary_with_header(edit) -> bytes:
