@@ -15,7 +15,10 @@ import numpy as np
 from client.api import CollectorAPI
 from client.home import Home
 from protocol.errors import InvalidInputError, ModelIntegrityError
-from protocol.model_card import CARD_FILE, ModelCard, load_card, verify_model_files
+from protocol.model_card import CARD_FILE, InputSpec, ModelCard, load_card, verify_model_files
+
+# name of the uint8 input of a graph with the normalisation inside (pixel_input_graph)
+PIXELS = "pric_pixels"
 
 
 def fetch_model(api: CollectorAPI, home: Home) -> tuple[ModelCard, Path]:
@@ -72,7 +75,9 @@ class OnnxModel:
     """An ONNX graph run with onnxruntime on the CPU, one named input and output."""
 
     def __init__(self, path: str | Path, input_name: str | None = None, output_name: str | None = None,
-                 threads: int = 0) -> None:
+                 threads: int = 0, graph: bytes | None = None) -> None:
+        """`graph`: serialized ONNX to run instead of the file's (built from it, e.g. by
+        pixel_input_graph); `path` still names the model in errors."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -82,7 +87,8 @@ class OnnxModel:
         # that decode the next photos (measured: pipeline 2x slower with spinning)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(graph if graph is not None else str(path), sess_options=opts,
+                                                providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelIntegrityError(f"{path}: onnxruntime cannot load the model ({type(exc).__name__})") from None
         inputs = [i.name for i in self.session.get_inputs()]
@@ -98,7 +104,38 @@ class OnnxModel:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
 
-def card_model(card: ModelCard, model_dir: Path, threads: int = 0) -> OnnxModel:
-    """The on-device model of a card: input card.input.name → output card.output.name;
-    `threads` onnxruntime intra-op threads (0: one per core)."""
-    return OnnxModel(model_dir / card.file, card.input.name, card.output.name, threads=threads)
+def pixel_input_graph(model_bytes: bytes, spec: InputSpec) -> bytes | None:
+    """The model file's ONNX graph with protocol.preprocess.normalize moved inside it:
+    input PIXELS uint8 (B, H, W, 3) → Transpose → Cast → ·1/(255·std) + (−mean/std) → the
+    card's input. Saves the client a float pass over every photo in numpy (the graph does
+    it on each 16-photo chunk while its activations are in cache). Values equal normalize's
+    to float32 rounding (a·x + b instead of (x/255 − mean)/std). None without the optional
+    `onnx` package or for a graph whose input is not float (B, 3, H, W)."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    model = onnx.load_from_string(model_bytes)
+    graph = model.graph
+    inputs = [i for i in graph.input if i.name == spec.name]
+    if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type != TensorProto.FLOAT:
+        return None
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]  # 0: symbolic
+    if len(dims) != 4 or any(d not in (want, 0) for d, want in zip(dims[1:], (3, spec.height, spec.width))):
+        return None
+    std = np.asarray(spec.std, np.float32)
+    scale = (np.float32(1.0) / (np.float32(255.0) * std)).reshape(1, 3, 1, 1)
+    shift = (-np.asarray(spec.mean, np.float32) / std).reshape(1, 3, 1, 1)
+    graph.input.remove(inputs[0])
+    graph.input.insert(0, helper.make_tensor_value_info(PIXELS, TensorProto.UINT8, ["B", spec.height, spec.width, 3]))
+    graph.initializer.extend([numpy_helper.from_array(scale, "pric_scale"), numpy_helper.from_array(shift, "pric_shift")])
+    nodes = [
+        helper.make_node("Transpose", [PIXELS], ["pric_chw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["pric_chw"], ["pric_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["pric_float", "pric_scale"], ["pric_scaled"]),
+        helper.make_node("Add", ["pric_scaled", "pric_shift"], [spec.name]),
+    ]
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    return model.SerializeToString()

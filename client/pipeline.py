@@ -3,8 +3,9 @@
     file ─► read bytes (size guard) ─► sha256 ─► item id = H(photo sha256, model sha256)
          ─► protocol.preprocess load_image + prepare (decode with draft, EXIF, RGB, crop,
             resize)                                     → uint8 (H, W, 3)
-         ─► stack B photos ─► normalise the batch       → float32 (B, 3, H, W)
-         ─► ONNX model                                  → (B, *card.output.shape)
+         ─► stack B photos                              → uint8 (B, H, W, 3)
+         ─► ONNX: normalise inside the graph, then the card's model
+                                                        → (B, *card.output.shape)
          ─► features: {"feature": (…)}  |  sparse_code: ambiguate each (L, m) code
                                                         → {"indices": (L, k'), "values": (L, k')}
 
@@ -26,7 +27,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from client.models import card_model
+from client.models import PIXELS, OnnxModel, pixel_input_graph
 from protocol.errors import ImageError, ImageTooLargeError, ModelIntegrityError
 from protocol.model_card import ModelCard
 from protocol.preprocess import MAX_FILE_BYTES, load_image, normalize, prepare
@@ -39,6 +40,10 @@ RUN_CHUNK = 16
 # CPU than it saved on small photos (GIL hand-offs, one future each)
 DECODE_CHUNK = 8
 DECODE_CHUNK_BYTES = 4 * 1024 * 1024  # ... or fewer, so that large phone photos go one by one
+# onnxruntime intra-op threads of the on-device model. One: the model is small (a few M
+# multiply-adds per photo), so waking a second thread for each of its ops costs more CPU
+# than it saves, and the other cores decode the next photos meanwhile.
+ORT_THREADS = 1
 T = TypeVar("T")
 _heif_registered = False
 
@@ -89,12 +94,31 @@ class Row:
 class Extractor:
     """The card's model on this device: preprocessing from the card, onnxruntime."""
 
-    def __init__(self, card: ModelCard, model_dir: Path, threads: int = 0) -> None:
-        """`threads`: onnxruntime intra-op threads (0: one per core)."""
+    def __init__(self, card: ModelCard, model_dir: Path, threads: int | None = None) -> None:
+        """`threads`: onnxruntime intra-op threads (0: one per core; None: ORT_THREADS)."""
+        threads = ORT_THREADS if threads is None else threads
         register_heif()
         self.card = card
-        self.model = card_model(card, model_dir, threads)
         self.out_shape = tuple(int(d) for d in card.output.shape)
+        # onnxruntime gets the very bytes whose sha256 is checked here (the file could
+        # have changed since open_model_dir checked it)
+        path = model_dir / card.file
+        self._graph = path.read_bytes()
+        if hashlib.sha256(self._graph).hexdigest() != card.sha256:
+            raise ModelIntegrityError(f"{path}: sha256 differs from the card's; refusing to use model {card.model_id}")
+        self._path, self._threads = path, threads
+        self._float_model: OnnxModel | None = None
+        pixel_graph = pixel_input_graph(self._graph, card.input)
+        self.pixel_model = None if pixel_graph is None else OnnxModel(
+            path, PIXELS, card.output.name, threads=threads, graph=pixel_graph)
+
+    @property
+    def model(self) -> OnnxModel:
+        """The card's graph as it is (float32 normalised input), loaded on first use."""
+        if self._float_model is None:
+            self._float_model = OnnxModel(self._path, self.card.input.name, self.card.output.name,
+                                          threads=self._threads, graph=self._graph)
+        return self._float_model
 
     def decode(self, data: bytes, path: Path) -> np.ndarray:
         """Photo bytes → uint8 (H, W, 3), cropped and resized per the card's input spec
@@ -103,15 +127,20 @@ class Extractor:
         return prepare(load_image(data, spec, name=str(path)), spec)
 
     def transform(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, 3) → model output (B, *card.output.shape): normalise, run."""
-        return self.run(normalize(pixels, self.card.input))
+        """uint8 (B, H, W, 3) → model output (B, *card.output.shape): normalise, run
+        (both inside onnxruntime when the graph could be extended, see pixel_input_graph)."""
+        if self.pixel_model is None:
+            return self.run(normalize(pixels, self.card.input))
+        return self._chunked(self.pixel_model, np.ascontiguousarray(pixels, dtype=np.uint8))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """float32 (B, 3, H, W) → (B, *card.output.shape) in the card's dtype. The model
-        runs on RUN_CHUNK photos at a time: their activations stay in the CPU caches
+        """float32 (B, 3, H, W), normalised → (B, *card.output.shape) in the card's dtype."""
+        return self._chunked(self.model, np.ascontiguousarray(x, dtype=np.float32))
+
+    def _chunked(self, model: OnnxModel, x: np.ndarray) -> np.ndarray:
+        """The model on RUN_CHUNK photos at a time: their activations stay in the CPU caches
         (measured ~10% less CPU per photo than batches of 64; outputs identical)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        parts = [self.model(x[i:i + RUN_CHUNK]) for i in range(0, len(x), RUN_CHUNK)] or [self.model(x)]
+        parts = [model(x[i:i + RUN_CHUNK]) for i in range(0, len(x), RUN_CHUNK)] or [model(x)]
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if tuple(y.shape[1:]) != self.out_shape:
             raise ModelIntegrityError(

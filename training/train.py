@@ -31,7 +31,7 @@ from protocol.model_card import InputSpec
 from training import losses
 from training.data import FaceData, default_data_dir, load_faces
 from training.models import create_model
-from training.models.extractor import Extractor
+from training.models.extractor import ARCHS, Extractor
 from training.models.layers import scale_grad
 
 CHECKPOINT = "checkpoint.pt"
@@ -121,6 +121,7 @@ class TrainConfig:
     penalty_weight: float = 1.0
     width: int = 32
     feat_channels: int = 16
+    arch: str = "base"
     max_batches: int = 0
     limit: int = 0
     mode: str = "pric"
@@ -152,7 +153,7 @@ def build_extractor(cfg: TrainConfig, erase_rank: int = 0) -> Extractor:
     return create_model(
         "extractor", width=cfg.width, feat_channels=4 if m.narrow else cfg.feat_channels,
         input_size=(cfg.input.height, cfg.input.width), stochastic=m.stochastic, erase_rank=erase_rank,
-        release_noise=m.release_noise,
+        release_noise=m.release_noise, arch=cfg.arch,
     )
 
 
@@ -476,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--penalty-weight", type=float, default=d.penalty_weight, help="weight of mmd/dcor penalties")
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--feat-channels", type=int, default=d.feat_channels)
+    p.add_argument("--arch", choices=ARCHS, default=d.arch,
+                   help="extractor body: base (3 convs before the feature conv) or lite (2: cheaper on device)")
     p.add_argument("--max-batches", type=int, default=0, help="cap batches per epoch (smoke tests)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke tests)")
     p.add_argument("--no-progress", action="store_true")
@@ -492,7 +495,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data, out=args.out, private=_names(args.private), primary=_names(args.primary), lam=args.lam,
         epochs=args.epochs, method=args.method, seed=args.seed, device=args.device, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, adv_weight=args.adv_weight, primary_weight=args.primary_weight,
-        penalty_weight=args.penalty_weight, width=args.width, feat_channels=args.feat_channels,
+        penalty_weight=args.penalty_weight, width=args.width, feat_channels=args.feat_channels, arch=args.arch,
         max_batches=args.max_batches, limit=args.limit,
     )
 

@@ -20,12 +20,14 @@ from client.home import Home, ParticipantConfig
 from client.journal import Journal
 from client.keystore import KeyStore, read_key_file
 from client.labels import read_labels
+from client.models import open_model_dir
 from client.pipeline import item_id_for, read_photo
 from client.walk import iter_files
 from protocol.errors import (
     ImageError,
     InvalidInputError,
     KeyMismatchError,
+    ModelIntegrityError,
     RateLimitedError,
     ServerUnavailableError,
 )
@@ -414,3 +416,35 @@ def test_stream_keeps_input_order_and_skips_bad_photos_with_any_number_of_worker
     assert all(len(b) == 5 for b in batches[:-1])
     one = np.stack([ex.transform(ex.decode(p.read_bytes(), p)[None])[0] for p in good])
     np.testing.assert_allclose(np.stack([r.output for r in rows]), one, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_pixel_input_graph_equals_normalize_then_the_card_model(features_model_dir, n: int) -> None:
+    """The client runs normalisation inside onnxruntime (uint8 pixels in); its outputs must
+    equal protocol.preprocess.normalize followed by the card's graph as it is."""
+    from client.pipeline import Extractor
+    from protocol.preprocess import normalize
+
+    card = open_model_dir(features_model_dir)
+    ex = Extractor(card, features_model_dir, threads=1)
+    assert ex.pixel_model is not None
+    pixels = np.random.default_rng(n).integers(0, 256, (n, card.input.height, card.input.width, 3), dtype=np.uint8)
+    fused = ex.transform(pixels)
+    plain = ex.run(normalize(pixels, card.input))
+    assert fused.shape == (n, *card.output.shape)
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
+
+
+def test_extractor_refuses_a_model_file_changed_after_its_card(features_model_dir, tmp_path: Path) -> None:
+    """The bytes onnxruntime gets are the ones checked against the card's sha256."""
+    import shutil
+
+    from client.pipeline import Extractor
+
+    folder = tmp_path / "m"
+    shutil.copytree(features_model_dir, folder)
+    card = open_model_dir(folder)
+    model_file = folder / card.file
+    model_file.write_bytes(model_file.read_bytes() + b"\0")
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        Extractor(card, folder, threads=1)

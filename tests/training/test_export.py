@@ -94,3 +94,46 @@ def test_decision_release_needs_primary_tasks(sample_faces, tmp_path, capsys):
     rc = train_main(["--data", str(sample_faces), "--out", str(tmp_path / "r"), "--epochs", "1",
                      "--method", "plain+decision", "--primary", "", "--no-progress"])
     assert rc == 2 and "--primary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["lite", "fast"])
+def test_cheaper_extractor_archs_train_export_and_match_torch(arch, sample_faces, tmp_path):
+    """--arch is saved in the run's config, rebuilt by export, and the ONNX graph matches
+    torch; the cheaper bodies need under 0.7x the base body's multiply-adds at the same width."""
+    from training.models import create_model
+
+    run = tmp_path / "run"
+    assert train_main(["--data", str(sample_faces), "--out", str(run), "--epochs", "1", "--max-batches", "2",
+                       "--batch-size", "16", "--method", "entropy+narrow", "--width", "8", "--arch", arch,
+                       "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["arch"] == arch
+    out = tmp_path / "model"
+    assert export_main([str(run), "--out", str(out), "--name", "pric-arch", "--version", "1"]) == 0
+    card = load_card(out)
+    model, cfg = load_extractor(run)
+    faces = load_faces(sample_faces, cfg.input, cache_dir=tmp_path / "cache", progress=False)
+    x = to_input(faces.pixels[:5], card.input).numpy()
+    (got,) = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["feature"], {card.input.name: x})
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert got.shape == (5, 4, 8, 8) and np.abs(got - want).max() <= 1e-4
+    assert conv_macs(model.body) < 0.7 * conv_macs(create_model("extractor", width=8, feat_channels=4).eval().body)
+    with pytest.raises(ValueError, match="unknown extractor arch"):
+        create_model("extractor", arch="huge")
+
+
+def conv_macs(body: torch.nn.Module) -> int:
+    """Multiply-adds of a body's convolutions on one 64x64 photo (forward hooks)."""
+    total = 0
+
+    def hook(mod, _inp, out):
+        nonlocal total
+        total += out[0].numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+
+    handles = [m.register_forward_hook(hook) for m in body.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        body(torch.zeros(1, 3, 64, 64))
+    for h in handles:
+        h.remove()
+    return total

@@ -3,7 +3,10 @@
     image (B, 3, 64, 64)
       └─ ConvBNReLU s2 ─► (B, w, 32, 32)
       └─ ConvBNReLU s2 ─► (B, 2w, 16, 16)
-      └─ ConvBNReLU    ─► (B, 2w, 16, 16)
+      └─ ConvBNReLU    ─► (B, 2w, 16, 16)     arch "base"; "lite" skips it (0.42x the
+                                              multiply-adds at width 16); "fast" runs it
+                                              with stride 2, (B, 2w, 8, 8), and the next
+                                              conv with stride 1 (0.36x)
       └─ Conv s2 + BatchNorm(affine=False) ─► (B, C, 8, 8)    fixed scale, so learned
                                                               noise means something
       └─ [training only, or always with release_noise] + σ·ε, σ = exp(log_sigma) per channel
@@ -22,6 +25,9 @@ from torch import nn
 from training.models.layers import ConvBNReLU, LinearEraser
 
 
+ARCHS = ("base", "lite", "fast")
+
+
 class Extractor(nn.Module):
     """E_φ: (B, 3, H, W) normalised image -> (B, feat_channels, H/8, W/8) feature map."""
 
@@ -33,15 +39,20 @@ class Extractor(nn.Module):
         stochastic: bool = False,
         erase_rank: int = 0,
         release_noise: bool = False,
+        arch: str = "base",
     ) -> None:
         super().__init__()
         self.feat_channels = feat_channels
         self.feature_shape = (feat_channels, input_size[0] // 8, input_size[1] // 8)
+        if arch not in ARCHS:
+            raise ValueError(f"unknown extractor arch {arch!r}; valid: {', '.join(ARCHS)}")
+        middle = {"base": [ConvBNReLU(2 * width, 2 * width)], "lite": [],
+                  "fast": [ConvBNReLU(2 * width, 2 * width, stride=2)]}[arch]
         self.body = nn.Sequential(
             ConvBNReLU(3, width, stride=2),
             ConvBNReLU(width, 2 * width, stride=2),
-            ConvBNReLU(2 * width, 2 * width),
-            nn.Conv2d(2 * width, feat_channels, 3, stride=2, padding=1, bias=False),
+            *middle,
+            nn.Conv2d(2 * width, feat_channels, 3, stride=1 if arch == "fast" else 2, padding=1, bias=False),
             nn.BatchNorm2d(feat_channels, affine=False),
         )
         self.stochastic = stochastic or release_noise
