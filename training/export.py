@@ -117,6 +117,8 @@ def export_run(cfg: ExportConfig) -> Path:
             "penalty_weight": tcfg.penalty_weight,
             "epochs": tcfg.epochs,
             "seed": tcfg.seed,
+            "arch": tcfg.arch,
+            "width": tcfg.width,
             "train_wall_s": saved.get("train_wall_s"),
             "device": saved.get("device_used"),
             "erase_rank": saved.get("erase_rank", 0),

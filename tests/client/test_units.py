@@ -390,7 +390,7 @@ def test_mpo_phone_photo_is_decoded_at_reduced_scale_like_a_jpeg() -> None:
     np.testing.assert_array_equal(prepare(got, spec), prepare(load_image(jpeg.getvalue(), spec), spec))
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", [1, 2, 3])
 def test_stream_keeps_input_order_and_skips_bad_photos_with_any_number_of_workers(
         features_model_dir, sample_images: list[Path], tmp_path: Path, workers: int) -> None:
     """Photos go to the decode pool DECODE_CHUNK at a time: rows still come out in input
@@ -416,6 +416,37 @@ def test_stream_keeps_input_order_and_skips_bad_photos_with_any_number_of_worker
     assert all(len(b) == 5 for b in batches[:-1])
     one = np.stack([ex.transform(ex.decode(p.read_bytes(), p)[None])[0] for p in good])
     np.testing.assert_allclose(np.stack([r.output for r in rows]), one, rtol=0, atol=1e-6)
+
+
+def test_stream_decodes_in_this_thread_too_when_the_decoders_hold_enough_bytes(
+        features_model_dir, sample_images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caller runs: with DECODE_CHUNK_BYTES already queued for the decoding thread (here:
+    any photo), the streaming thread decodes the next chunk itself; order is kept."""
+    import threading
+    import time
+
+    import client.pipeline as pipeline
+    from client.pipeline import Extractor
+
+    monkeypatch.setattr(pipeline, "DECODE_CHUNK_BYTES", 1)  # every photo is its own chunk, and "big"
+    card = open_model_dir(features_model_dir)
+    ex = Extractor(card, features_model_dir, threads=1)
+    decoded_by: list[str] = []
+    plain_decode = ex.decode
+
+    def slow_decode(data: bytes, path: Path) -> np.ndarray:
+        decoded_by.append(threading.current_thread().name)
+        time.sleep(0.01)  # a phone photo: the decoding thread is still busy when the next one is read
+        return plain_decode(data, path)
+
+    monkeypatch.setattr(ex, "decode", slow_decode)
+    files = sample_images[:12]
+
+    rows = [row for b in ex.stream(files, 4, lambda p, r: pytest.fail(f"{p}: {r}"), workers=2) for row in b]
+
+    assert [r.path for r in rows] == files
+    here = threading.current_thread().name
+    assert decoded_by.count(here) >= 3 and sum(n.startswith("pric-decode") for n in decoded_by) >= 3
 
 
 @pytest.mark.parametrize("n", [1, 5, 40])
