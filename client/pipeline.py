@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -68,10 +69,16 @@ def item_id_for(photo_sha256: str, model_sha256: str) -> str:
 
 
 def read_photo(path: Path) -> tuple[bytes, str]:
-    """File → (bytes, sha256 hex). Raises ImageError naming the file."""
+    """File → (bytes, sha256 hex). Raises ImageError naming the file. Opened without
+    blocking and checked to be a regular file after opening, so a path swapped for a FIFO
+    or a device after the folder walk cannot hang or feed the client."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"{path}: not a regular file")
+            size = st.st_size
             if size > MAX_FILE_BYTES:
                 raise ImageTooLargeError(f"{path}: file is larger than {MAX_FILE_BYTES // 2**20} MiB")
             if size == 0:

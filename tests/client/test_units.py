@@ -116,6 +116,15 @@ def test_item_id_is_deterministic_valid_and_model_specific(sample_images: list[P
     assert all(ITEM_ID_RE.match(i) for i in ids)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_read_photo_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    """A path that became a FIFO after the folder walk: one clear error, no hang."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="photo.jpg: not a regular file"):
+        read_photo(fifo)
+
+
 def test_read_photo_refuses_empty_files(tmp_path: Path) -> None:
     empty = tmp_path / "e.jpg"
     empty.write_bytes(b"")
