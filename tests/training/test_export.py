@@ -96,7 +96,7 @@ def test_decision_release_needs_primary_tasks(sample_faces, tmp_path, capsys):
     assert rc == 2 and "--primary" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch", ["lite", "fast"])
+@pytest.mark.parametrize("arch", ["lite", "fast", "patch"])
 def test_cheaper_extractor_archs_train_export_and_match_torch(arch, sample_faces, tmp_path):
     """--arch is saved in the run's config, rebuilt by export, and the ONNX graph matches
     torch; the cheaper bodies need under 0.7x the base body's multiply-adds at the same width."""

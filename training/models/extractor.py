@@ -6,7 +6,8 @@
       └─ ConvBNReLU    ─► (B, 2w, 16, 16)     arch "base"; "lite" skips it (0.42x the
                                               multiply-adds at width 16); "fast" runs it
                                               with stride 2, (B, 2w, 8, 8), and the next
-                                              conv with stride 1 (0.36x)
+                                              conv with stride 1 (0.36x); "patch" replaces
+                                              the first two convs by a 4x4 stride-4 one
       └─ Conv s2 + BatchNorm(affine=False) ─► (B, C, 8, 8)    fixed scale, so learned
                                                               noise means something
       └─ [training only, or always with release_noise] + σ·ε, σ = exp(log_sigma) per channel
@@ -25,7 +26,7 @@ from torch import nn
 from training.models.layers import ConvBNReLU, LinearEraser
 
 
-ARCHS = ("base", "lite", "fast")
+ARCHS = ("base", "lite", "fast", "patch")
 
 
 class Extractor(nn.Module):
@@ -46,13 +47,16 @@ class Extractor(nn.Module):
         self.feature_shape = (feat_channels, input_size[0] // 8, input_size[1] // 8)
         if arch not in ARCHS:
             raise ValueError(f"unknown extractor arch {arch!r}; valid: {', '.join(ARCHS)}")
-        middle = {"base": [ConvBNReLU(2 * width, 2 * width)], "lite": [],
-                  "fast": [ConvBNReLU(2 * width, 2 * width, stride=2)]}[arch]
+        if arch == "patch":  # 4x4 patches straight to 2w channels, then two 3x3 convs
+            stem = [nn.Conv2d(3, 2 * width, 4, stride=4, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+                    ConvBNReLU(2 * width, 2 * width, stride=2), ConvBNReLU(2 * width, 2 * width)]
+        else:
+            middle = {"base": [ConvBNReLU(2 * width, 2 * width)], "lite": [],
+                      "fast": [ConvBNReLU(2 * width, 2 * width, stride=2)]}[arch]
+            stem = [ConvBNReLU(3, width, stride=2), ConvBNReLU(width, 2 * width, stride=2), *middle]
         self.body = nn.Sequential(
-            ConvBNReLU(3, width, stride=2),
-            ConvBNReLU(width, 2 * width, stride=2),
-            *middle,
-            nn.Conv2d(2 * width, feat_channels, 3, stride=1 if arch == "fast" else 2, padding=1, bias=False),
+            *stem,
+            nn.Conv2d(2 * width, feat_channels, 3, stride=2 if arch in ("base", "lite") else 1, padding=1, bias=False),
             nn.BatchNorm2d(feat_channels, affine=False),
         )
         self.stochastic = stochastic or release_noise
