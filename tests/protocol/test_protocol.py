@@ -102,6 +102,22 @@ def test_preprocess_shape_range_and_determinism(sample_images):
     assert np.array_equal(x, preprocess(sample_images[0].read_bytes(), spec))
 
 
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_prepare_equals_numpy_of_the_cropped_resized_image(order: str):
+    """prepare takes the RGB bytes straight from Pillow: the same array as np.asarray."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (109, 89, 3), dtype=np.uint8))
+    spec = InputSpec(channel_order=order)
+    got = prepare(img, spec)
+    w, h = img.size
+    l, t, r, b = spec.crop_box
+    want = np.asarray(img.resize((spec.width, spec.height), Image.Resampling.BILINEAR,
+                                 box=(0, round(t * h), w, round(b * h))), dtype=np.uint8)
+    want = want[..., ::-1] if order == "BGR" else want
+    assert got.shape == (spec.height, spec.width, 3) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
 def test_normalize_values():
     spec = InputSpec(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     px = np.full((2, 2, 3), 255, np.uint8)
