@@ -108,7 +108,9 @@ def pixel_input_graph(model_bytes: bytes, spec: InputSpec) -> bytes | None:
     """The model file's ONNX graph with protocol.preprocess.normalize moved inside it:
     input PIXELS uint8 (B, H, W, 3) → Transpose → Cast → ·1/(255·std) + (−mean/std) → the
     card's input. Saves the client a float pass over every photo in numpy (the graph does
-    it on each 16-photo chunk while its activations are in cache). Values equal normalize's
+    it on each 16-photo chunk while its activations are in cache); when the first layer is
+    an unpadded Conv (pric-male@5's 4x4 stride-4 stem), the Mul and Add are folded into its
+    weights instead. Values equal normalize's
     to float32 rounding (a·x + b instead of (x/255 − mean)/std). None without the optional
     `onnx` package or for a graph whose input is not float (B, 3, H, W)."""
     try:
@@ -129,13 +131,50 @@ def pixel_input_graph(model_bytes: bytes, spec: InputSpec) -> bytes | None:
     shift = (-np.asarray(spec.mean, np.float32) / std).reshape(1, 3, 1, 1)
     graph.input.remove(inputs[0])
     graph.input.insert(0, helper.make_tensor_value_info(PIXELS, TensorProto.UINT8, ["B", spec.height, spec.width, 3]))
-    graph.initializer.extend([numpy_helper.from_array(scale, "pric_scale"), numpy_helper.from_array(shift, "pric_shift")])
     nodes = [
         helper.make_node("Transpose", [PIXELS], ["pric_chw"], perm=[0, 3, 1, 2]),
         helper.make_node("Cast", ["pric_chw"], ["pric_float"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["pric_float", "pric_scale"], ["pric_scaled"]),
-        helper.make_node("Add", ["pric_scaled", "pric_shift"], [spec.name]),
     ]
+    if not _fold_into_first_conv(graph, spec.name, "pric_float", scale, shift):
+        graph.initializer.extend([numpy_helper.from_array(scale, "pric_scale"),
+                                  numpy_helper.from_array(shift, "pric_shift")])
+        nodes += [helper.make_node("Mul", ["pric_float", "pric_scale"], ["pric_scaled"]),
+                  helper.make_node("Add", ["pric_scaled", "pric_shift"], [spec.name])]
     for node in reversed(nodes):
         graph.node.insert(0, node)
     return model.SerializeToString()
+
+
+def _fold_into_first_conv(graph, name: str, new_input: str, scale: np.ndarray, shift: np.ndarray) -> bool:  # noqa: ANN001
+    """When `name` feeds exactly one unpadded Conv whose weights (and bias) are initializers
+    used nowhere else, fold x·scale + shift into them (exact up to float rounding: without
+    padding every output sees the shift through all of its weights) and let the Conv read
+    `new_input`. Saves the client two passes over the pixels. False: nothing changed."""
+    from onnx import helper, numpy_helper
+
+    users = [n for n in graph.node if name in n.input]
+    if len(users) != 1 or users[0].op_type != "Conv" or list(users[0].input[:1]) != [name]:
+        return False
+    conv = users[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    if any(attrs.get("pads", [0])) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID") \
+            or attrs.get("group", 1) != 1:
+        return False
+    inits = {i.name: i for i in graph.initializer}
+    params = list(conv.input[1:])
+    if not params or any(p not in inits for p in params) or \
+            any(p in n.input for n in graph.node if n is not conv for p in params):
+        return False
+    w = numpy_helper.to_array(inits[params[0]]).astype(np.float32)
+    if w.ndim != 4 or w.shape[1] != 3:
+        return False
+    b = numpy_helper.to_array(inits[params[1]]).astype(np.float32) if len(params) > 1 else np.zeros(w.shape[0], np.float32)
+    folded_w = (w * scale.reshape(1, 3, 1, 1)).astype(np.float32)
+    folded_b = (b + (w * shift.reshape(1, 3, 1, 1)).sum(axis=(1, 2, 3))).astype(np.float32)
+    for p in params:
+        graph.initializer.remove(inits[p])
+    graph.initializer.extend([numpy_helper.from_array(folded_w, "pric_conv_w"),
+                              numpy_helper.from_array(folded_b, "pric_conv_b")])
+    del conv.input[:]
+    conv.input.extend([new_input, "pric_conv_w", "pric_conv_b"])
+    return True

@@ -475,6 +475,41 @@ def test_pixel_input_graph_equals_normalize_then_the_card_model(features_model_d
     np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
 
 
+@pytest.mark.parametrize("pad", [0, 1])
+def test_pixel_input_graph_folds_into_an_unpadded_first_conv_only(tmp_path: Path, pad: int) -> None:
+    """Unpadded first Conv: normalisation folded into its weights (no Mul/Add left);
+    padded: Mul and Add stay (folding would be wrong at the borders). Same outputs both ways."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from client.models import PIXELS, pixel_input_graph
+    from protocol.model_card import InputSpec
+    from protocol.preprocess import normalize
+
+    rng = np.random.default_rng(pad)
+    spec = InputSpec(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 4, 4)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    conv = helper.make_node("Conv", ["image", "w", "b"], ["feature"], kernel_shape=[4, 4], strides=[4, 4],
+                            pads=[pad] * 4)
+    out_hw = (64 + 2 * pad - 4) // 4 + 1
+    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                              [helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["N", 4, out_hw, out_hw])],
+                              initializer=[w, b])
+    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    plain.ir_version = 8
+    fused = pixel_input_graph(plain.SerializeToString(), spec)
+    assert fused is not None
+    ops = [n.op_type for n in onnx.load_from_string(fused).graph.node]
+    assert ("Mul" in ops) == bool(pad) and ("Add" in ops) == bool(pad)
+    pixels = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"image": normalize(pixels, spec)})[0]
+    got = ort.InferenceSession(fused, providers=["CPUExecutionProvider"]).run(None, {PIXELS: pixels})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_extractor_refuses_a_model_file_changed_after_its_card(features_model_dir, tmp_path: Path) -> None:
     """The bytes onnxruntime gets are the ones checked against the card's sha256."""
     import shutil
