@@ -98,7 +98,7 @@ def decode_resize(files: Sequence[Path], spec: InputSpec, draft: bool) -> int:
 
 
 def decode_resize_parallel(files: Sequence[Path], spec: InputSpec, workers: int) -> int:
-    """The limit with the client's number of decode threads (Pillow releases the GIL)."""
+    """The limit with as many decoding threads as the client has threads (Pillow releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = [files[i::workers] for i in range(workers)]

@@ -112,13 +112,17 @@ def pixel_input_graph(model_bytes: bytes, spec: InputSpec) -> bytes | None:
     an unpadded Conv (pric-male@5's 4x4 stride-4 stem), the Mul and Add are folded into its
     weights instead. Values equal normalize's
     to float32 rounding (a·x + b instead of (x/255 − mean)/std). None without the optional
-    `onnx` package or for a graph whose input is not float (B, 3, H, W)."""
+    `onnx` package, for bytes that are not an ONNX model, or for a graph whose input is
+    not float (B, 3, H, W)."""
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
-    model = onnx.load_from_string(model_bytes)
+    try:
+        model = onnx.load_from_string(model_bytes)
+    except Exception:  # protobuf's DecodeError and kin: onnxruntime then refuses the file in one line
+        return None
     graph = model.graph
     inputs = [i for i in graph.input if i.name == spec.name]
     if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type != TensorProto.FLOAT:
@@ -162,7 +166,8 @@ def _fold_into_first_conv(graph, name: str, new_input: str, scale: np.ndarray, s
         return False
     inits = {i.name: i for i in graph.initializer}
     params = list(conv.input[1:])
-    if not params or any(p not in inits for p in params) or \
+    graph_inputs = {i.name for i in graph.input}  # old IRs list initializers as inputs too
+    if not params or any(p not in inits or p in graph_inputs for p in params) or \
             any(p in n.input for n in graph.node if n is not conv for p in params):
         return False
     w = numpy_helper.to_array(inits[params[0]]).astype(np.float32)

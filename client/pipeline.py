@@ -125,9 +125,15 @@ class Extractor:
             raise ModelIntegrityError(f"{path}: sha256 differs from the card's; refusing to use model {card.model_id}")
         self._path, self._threads = path, threads
         self._float_model: OnnxModel | None = None
+        self.pixel_model: OnnxModel | None = None
         pixel_graph = pixel_input_graph(self._graph, card.input)
-        self.pixel_model = None if pixel_graph is None else OnnxModel(
-            path, PIXELS, card.output.name, threads=threads, graph=pixel_graph)
+        if pixel_graph is not None:
+            try:
+                self.pixel_model = OnnxModel(path, PIXELS, card.output.name, threads=threads, graph=pixel_graph)
+            except ModelIntegrityError:  # the card's graph as it is decides (next line)
+                self.pixel_model = None
+        if self.pixel_model is None:
+            self.model  # noqa: B018 -- load it now: a model onnxruntime cannot load is refused here, in one line
 
     @property
     def model(self) -> OnnxModel:

@@ -23,7 +23,7 @@ import numpy as np
 
 from client.models import open_model_dir
 from client.pipeline import Extractor
-from collector.train_job import LabelledSet, TrainConfig, _fit_and_score
+from collector.train_job import LabelledSet, TrainConfig, fit_and_score
 from protocol.errors import InvalidInputError, PricError
 from training.data import default_data_dir, load_faces
 
@@ -39,8 +39,6 @@ def downstream(models: Sequence[Path], data_dir: str, task: str, sizes: Sequence
                kinds: Sequence[str] = ("logistic", "mlp"), seed: int = 0) -> list[dict]:
     """Rows {kind, n, model, accuracies, mean, std}: the collector's classifier fitted on
     `draws` random sets of n train-split photos, scored on the test split."""
-    import torch
-
     cards = [open_model_dir(m) for m in models]
     if len({(c.input.height, c.input.width, c.input.crop_box) for c in cards}) != 1:
         raise InvalidInputError("--model: the models' cards state different input preprocessing")
@@ -53,25 +51,20 @@ def downstream(models: Sequence[Path], data_dir: str, task: str, sizes: Sequence
     y_tr, y_te = train.attr(task).astype(np.int64), test.attr(task).astype(np.int64)
     feats = {str(m): (released(m, train.pixels), released(m, test.pixels)) for m in models}
     rng = np.random.default_rng(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     rows = []
-    try:
-        for kind in kinds:
-            for n in sizes:
-                picks = [rng.choice(len(y_tr), n, replace=False) for _ in range(draws)]
-                for name, (x_tr, x_te) in feats.items():
-                    accs = []
-                    for idx in picks:  # the same photo sets for every model
-                        x = np.concatenate([x_tr[idx], x_te])
-                        y = np.concatenate([y_tr[idx], y_te])
-                        is_test = np.r_[np.zeros(n, bool), np.ones(len(y_te), bool)]
-                        acc, _, _ = _fit_and_score(torch, LabelledSet(x, y, is_test, set()), TrainConfig(kind=kind))
-                        accs.append(acc)
-                    rows.append({"kind": kind, "n": n, "model": name, "accuracies": accs,
-                                 "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0})
-    finally:
-        torch.set_num_threads(threads)
+    for kind in kinds:
+        for n in sizes:
+            picks = [rng.choice(len(y_tr), n, replace=False) for _ in range(draws)]
+            for name, (x_tr, x_te) in feats.items():
+                accs = []
+                for idx in picks:  # the same photo sets for every model
+                    x = np.concatenate([x_tr[idx], x_te])
+                    y = np.concatenate([y_tr[idx], y_te])
+                    is_test = np.r_[np.zeros(n, bool), np.ones(len(y_te), bool)]
+                    acc, _, _ = fit_and_score(LabelledSet(x, y, is_test, set()), TrainConfig(kind=kind))
+                    accs.append(acc)
+                rows.append({"kind": kind, "n": n, "model": name, "accuracies": accs,
+                             "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0})
     return rows
 
 

@@ -510,6 +510,24 @@ def test_pixel_input_graph_folds_into_an_unpadded_first_conv_only(tmp_path: Path
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_extractor_refuses_a_card_whose_model_is_not_onnx_in_one_line(features_model_dir, tmp_path: Path) -> None:
+    """A card whose sha256 matches bytes that are not an ONNX model (a hostile or broken
+    collector): ModelIntegrityError naming the file, not a protobuf traceback."""
+    import shutil
+
+    from client.pipeline import Extractor
+    from protocol.model_card import ModelCard, sha256_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(features_model_dir, folder)
+    card = open_model_dir(folder)
+    model_file = folder / card.file
+    model_file.write_bytes(model_file.read_bytes()[:300])
+    card = ModelCard.from_json(card.to_json().replace(card.sha256, sha256_file(model_file)))
+    with pytest.raises(ModelIntegrityError, match="onnxruntime cannot load the model"):
+        Extractor(card, folder, threads=1)
+
+
 def test_extractor_refuses_a_model_file_changed_after_its_card(features_model_dir, tmp_path: Path) -> None:
     """The bytes onnxruntime gets are the ones checked against the card's sha256."""
     import shutil
