@@ -100,9 +100,16 @@ class CollectorState:
         return pseudonym(self.pseudonym_secret, participant_id)
 
 
+_ROUTING_LOCK = threading.Lock()
+
+
 def create_app(config: dict | None = None) -> Flask:
     """Build the collector. Keys: see DEFAULTS (DATA_DIR, MODELS_DIR, DATABASE_URL, ...)."""
-    app = Flask(__name__)
+    # Werkzeug builds each URL rule with ast.parse, which CPython 3.11 cannot run in two
+    # threads at once (python/cpython#106905: "AST constructor recursion depth mismatch").
+    with _ROUTING_LOCK:
+        app = Flask(__name__)
+        app.register_blueprint(api)
     app.config.update(DEFAULTS)
     app.config.update(config or {})
     data_dir = Path(app.config["DATA_DIR"])
@@ -127,7 +134,6 @@ def create_app(config: dict | None = None) -> Flask:
         items_store=store.GroupCommitStore(db),
         principals=PrincipalCache(),
     )
-    app.register_blueprint(api)
     _install_error_handlers(app)
     app.before_request(_start_timer)
     app.after_request(_log_request)
