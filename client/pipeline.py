@@ -40,10 +40,17 @@ RUN_CHUNK = 16
 # CPU than it saved on small photos (GIL hand-offs, one future each)
 DECODE_CHUNK = 8
 DECODE_CHUNK_BYTES = 4 * 1024 * 1024  # ... or fewer, so that large phone photos go one by one
+# ... and only photos of at least this many bytes on average: smaller ones decode here.
+# Measured on 2 cores (pric-male@5, photos/s of 1 vs 2 threads): 2.7–4 KiB files (celeba's
+# 89x109) gained nothing from a decoding thread and cost 1.5x the CPU (the GIL hand-offs of
+# many short Pillow calls); 7 KiB +13 %, 11 KiB +21 %, 24 KiB +35 %, 87 KiB +59 %.
+HAND_OVER_MIN_BYTES = 6 * 1024
 # onnxruntime intra-op threads of the on-device model. One: the model is small (a few M
 # multiply-adds per photo), so waking a second thread for each of its ops costs more CPU
 # than it saves, and the other cores decode the next photos meanwhile.
 ORT_THREADS = 1
+# batches handed to the model thread and not yet yielded, at most (workers > 1)
+MODEL_AHEAD = 2
 T = TypeVar("T")
 _heif_registered = False
 
@@ -73,7 +80,6 @@ def read_photo(path: Path) -> tuple[bytes, str]:
     blocking and checked to be a regular file after opening, so a path swapped for a FIFO
     or a device after the folder walk cannot hang or feed the client. Plain os calls, no
     file object: 7 instead of 12 µs per small photo."""
-    too_large = f"{path}: file is larger than {MAX_FILE_BYTES // 2**20} MiB"
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         try:
@@ -81,7 +87,7 @@ def read_photo(path: Path) -> tuple[bytes, str]:
             if not stat.S_ISREG(st.st_mode):
                 raise ImageError(f"{path}: not a regular file")
             if st.st_size > MAX_FILE_BYTES:
-                raise ImageTooLargeError(too_large)
+                raise ImageTooLargeError(_too_large(path))
             if st.st_size == 0:
                 raise ImageError(f"{path}: empty file")
             data = os.read(fd, st.st_size + 1)  # a regular file: all of it, unless it grew
@@ -91,13 +97,17 @@ def read_photo(path: Path) -> tuple[bytes, str]:
                     parts.append(more)
                     total += len(more)
                 if total > MAX_FILE_BYTES:
-                    raise ImageTooLargeError(too_large)
+                    raise ImageTooLargeError(_too_large(path))
                 data = b"".join(parts)
         finally:
             os.close(fd)
     except OSError as exc:
         raise ImageError(f"{path}: cannot read file ({exc.strerror or exc})") from None
     return data, hashlib.sha256(data).hexdigest()
+
+
+def _too_large(path: Path) -> str:
+    return f"{path}: file is larger than {MAX_FILE_BYTES // 2**20} MiB"
 
 
 class Row(NamedTuple):
@@ -183,21 +193,24 @@ class Extractor:
         """Yield batches of transformed photos, in input order. `skip_known(path, item_id)`
         returning True means the photo is handled elsewhere (already uploaded, code kept)
         and is not decoded. Unreadable photos go to `on_skip(path, reason)` and the stream
-        carries on. `workers` threads work on the photos: this one (reading, hashing,
-        the model) and, with `workers` > 1, workers − 1 decoding threads (Pillow releases
-        the GIL) that decode while the model runs, DECODE_CHUNK photos (or
+        carries on. With `workers` = 1 this thread does everything. With more, this
+        thread reads and hashes, a model thread runs each batch through onnxruntime (which
+        releases the GIL) while the next photos are decoded, and workers − 1 decoding
+        threads (Pillow releases the GIL too) decode DECODE_CHUNK photos (or
         DECODE_CHUNK_BYTES) per task. When they already hold `window` chunks or
-        DECODE_CHUNK_BYTES per thread not yet decoded, this thread decodes the next chunk
-        itself rather than wait ("caller runs"): a second decoder for phone photos, while
-        small photos (where decoding is bound by the GIL) stay with the decoding threads.
-        At most 2·window+1 chunks' bytes are held. Measured on 2 cores (bench_client):
-        one decoding thread beside this one reached 0.76 of the best decode+resize rate,
-        two 0.67 (three threads contending for the GIL on two cores)."""
+        DECODE_CHUNK_BYTES per thread not yet decoded, or when the chunk's photos are
+        smaller than HAND_OVER_MIN_BYTES on average (their decoding is bound by the GIL),
+        this thread decodes the chunk itself ("caller runs"): a second decoder for phone
+        photos, and no hand-offs for thumbnails. At most 2·window+1 chunks' bytes are held."""
         photos = self._to_decode(files, on_skip, skip_known, tick)
         if workers <= 1:
             yield from self._stream_here(photos, batch_size, on_skip)
             return
         pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="pric-decode")
+        # the model runs in a thread of its own (onnxruntime releases the GIL), one batch at
+        # a time, while this thread reads and decodes the next photos
+        model_pool = ThreadPoolExecutor(1, thread_name_prefix="pric-model")
+        finished: deque[Future[list[Row]]] = deque()  # batches handed to the model, in order
         window = 2 * workers + 2  # chunks handed to the decoding threads at most
         # (chunk, its bytes): decoded or being decoded, in input order
         inflight: deque[tuple[Future[list[tuple[Path, str, np.ndarray | ImageError]]], int]] = deque()
@@ -214,7 +227,8 @@ class Extractor:
 
         def submit_chunk() -> None:
             chunks, nbytes = _queued(inflight)
-            hand_over = chunks < window and nbytes < DECODE_CHUNK_BYTES * (workers - 1)
+            hand_over = (chunk_bytes >= HAND_OVER_MIN_BYTES * len(chunk) and chunks < window
+                         and nbytes < DECODE_CHUNK_BYTES * (workers - 1))
             inflight.append((_submit(pool if hand_over else None, self._decode_chunk, list(chunk)), chunk_bytes))
             chunk.clear()
 
@@ -228,17 +242,22 @@ class Extractor:
                 while inflight and (inflight[0][0].done() or len(inflight) > 2 * window):
                     settle_one()
                 if len(ready) >= batch_size:
-                    yield self._finish(ready[:batch_size])
+                    finished.append(model_pool.submit(self._finish, ready[:batch_size]))
                     del ready[:batch_size]
+                while finished and (finished[0].done() or len(finished) > MODEL_AHEAD):
+                    yield finished.popleft().result()
             if chunk:
                 submit_chunk()
             while inflight:
                 settle_one()
             while ready:
-                yield self._finish(ready[:batch_size])
+                finished.append(model_pool.submit(self._finish, ready[:batch_size]))
                 del ready[:batch_size]
+            while finished:
+                yield finished.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            model_pool.shutdown(wait=True, cancel_futures=True)
 
     def _to_decode(
         self,

@@ -401,12 +401,15 @@ def test_mpo_phone_photo_is_decoded_at_reduced_scale_like_a_jpeg() -> None:
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_stream_keeps_input_order_and_skips_bad_photos_with_any_number_of_workers(
-        features_model_dir, sample_images: list[Path], tmp_path: Path, workers: int) -> None:
+        features_model_dir, sample_images: list[Path], tmp_path: Path, workers: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Photos go to the decode pool DECODE_CHUNK at a time: rows still come out in input
     order, each bad photo is reported once, and the outputs equal a one-by-one transform."""
+    import client.pipeline as pipeline
     from client.models import open_model_dir
     from client.pipeline import DECODE_CHUNK, Extractor
 
+    monkeypatch.setattr(pipeline, "HAND_OVER_MIN_BYTES", 0)  # the test's thumbnails go to the pool too
     card = open_model_dir(features_model_dir)
     ex = Extractor(card, features_model_dir, threads=1)
     bad = tmp_path / "truncated.jpg"
@@ -438,6 +441,7 @@ def test_stream_decodes_in_this_thread_too_when_the_decoders_hold_enough_bytes(
     from client.pipeline import Extractor
 
     monkeypatch.setattr(pipeline, "DECODE_CHUNK_BYTES", 1)  # every photo is its own chunk, and "big"
+    monkeypatch.setattr(pipeline, "HAND_OVER_MIN_BYTES", 0)
     card = open_model_dir(features_model_dir)
     ex = Extractor(card, features_model_dir, threads=1)
     decoded_by: list[str] = []
@@ -458,6 +462,37 @@ def test_stream_decodes_in_this_thread_too_when_the_decoders_hold_enough_bytes(
     assert decoded_by.count(here) >= 3 and sum(n.startswith("pric-decode") for n in decoded_by) >= 3
 
 
+@pytest.mark.parametrize(("min_bytes", "pool_decodes"), [(10**9, False), (0, True)])
+def test_stream_decodes_photos_smaller_than_the_hand_over_size_in_this_thread(
+        features_model_dir, sample_images: list[Path], monkeypatch: pytest.MonkeyPatch,
+        min_bytes: int, pool_decodes: bool) -> None:
+    """Thumbnails (below HAND_OVER_MIN_BYTES on average per chunk) are decoded by the
+    streaming thread itself: a decoding thread only adds GIL hand-offs for them. Photos at
+    or above it go to the decoding threads."""
+    import threading
+
+    import client.pipeline as pipeline
+    from client.pipeline import Extractor
+
+    monkeypatch.setattr(pipeline, "HAND_OVER_MIN_BYTES", min_bytes)
+    ex = Extractor(open_model_dir(features_model_dir), features_model_dir, threads=1)
+    decoded_by: list[str] = []
+    plain_decode = ex.decode
+
+    def tracked(data: bytes, path: Path) -> np.ndarray:
+        decoded_by.append(threading.current_thread().name)
+        return plain_decode(data, path)
+
+    monkeypatch.setattr(ex, "decode", tracked)
+    files = sample_images[:24]
+    rows = [row for b in ex.stream(files, 8, lambda p, r: pytest.fail(f"{p}: {r}"), workers=2) for row in b]
+    assert [r.path for r in rows] == files
+    assert len(decoded_by) == len(files)
+    assert any(n.startswith("pric-decode") for n in decoded_by) == pool_decodes
+    if not pool_decodes:
+        assert set(decoded_by) == {threading.current_thread().name}
+
+
 @pytest.mark.parametrize("n", [1, 5, 40])
 def test_pixel_input_graph_equals_normalize_then_the_card_model(features_model_dir, n: int) -> None:
     """The client runs normalisation inside onnxruntime (uint8 pixels in); its outputs must
@@ -475,10 +510,18 @@ def test_pixel_input_graph_equals_normalize_then_the_card_model(features_model_d
     np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
 
 
-@pytest.mark.parametrize("pad", [0, 1])
-def test_pixel_input_graph_folds_into_an_unpadded_first_conv_only(tmp_path: Path, pad: int) -> None:
-    """Unpadded first Conv: normalisation folded into its weights (no Mul/Add left);
-    padded: Mul and Add stay (folding would be wrong at the borders). Same outputs both ways."""
+@pytest.mark.parametrize(("kernel", "strides", "pads", "dilations", "layout"), [
+    ((4, 4), (4, 4), 0, (1, 1), "rows"),  # pric-male@5's stem
+    ((3, 5), (2, 1), 0, (1, 1), "rows"),  # rectangular kernel, column stride 1
+    ((3, 3), (1, 1), 0, (2, 1), "chw"),  # dilated: folded, transposed
+    ((4, 4), (4, 4), 1, (1, 1), "plain"),  # padded: Mul and Add stay
+])
+def test_pixel_input_graph_folds_into_an_unpadded_first_conv_only(
+        tmp_path: Path, kernel: tuple, strides: tuple, pads: int, dilations: tuple, layout: str) -> None:
+    """Unpadded first Conv: normalisation folded into its weights (no Mul/Add left), and
+    without dilation it reads the pixel rows as they are (no Transpose); padded: Mul and Add
+    stay (folding would be wrong at the borders). Same outputs every way, on a photo that
+    is not square (a height/width mix-up fails)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -487,26 +530,28 @@ def test_pixel_input_graph_folds_into_an_unpadded_first_conv_only(tmp_path: Path
     from protocol.model_card import InputSpec
     from protocol.preprocess import normalize
 
-    rng = np.random.default_rng(pad)
-    spec = InputSpec(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
-    w = numpy_helper.from_array(rng.standard_normal((4, 3, 4, 4)).astype(np.float32), "w")
+    rng = np.random.default_rng(pads + 2 * strides[1])
+    spec = InputSpec(height=48, width=64, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, *kernel)).astype(np.float32), "w")
     b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
-    conv = helper.make_node("Conv", ["image", "w", "b"], ["feature"], kernel_shape=[4, 4], strides=[4, 4],
-                            pads=[pad] * 4)
-    out_hw = (64 + 2 * pad - 4) // 4 + 1
-    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 64, 64])],
-                              [helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["N", 4, out_hw, out_hw])],
+    conv = helper.make_node("Conv", ["image", "w", "b"], ["feature"], kernel_shape=list(kernel), strides=list(strides),
+                            pads=[pads] * 4, dilations=list(dilations))
+    out = [(n + 2 * pads - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip((48, 64), kernel, strides, dilations)]
+    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 48, 64])],
+                              [helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["N", 4, *out])],
                               initializer=[w, b])
     plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     plain.ir_version = 8
     fused = pixel_input_graph(plain.SerializeToString(), spec)
     assert fused is not None
     ops = [n.op_type for n in onnx.load_from_string(fused).graph.node]
-    assert ("Mul" in ops) == bool(pad) and ("Add" in ops) == bool(pad)
-    pixels = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    assert ("Mul" in ops) == (layout == "plain") and ("Add" in ops) == (layout == "plain")
+    assert ("Transpose" in ops) == (layout != "rows")
+    pixels = rng.integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
     want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"image": normalize(pixels, spec)})[0]
     got = ort.InferenceSession(fused, providers=["CPUExecutionProvider"]).run(None, {PIXELS: pixels})[0]
+    assert got.shape == want.shape == (5, 4, *out)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
