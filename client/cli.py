@@ -485,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64, help=f"photos per upload request (1..{MAX_BATCH_ITEMS})")
     s.add_argument("--dry-run", action="store_true", help="show counts, bytes and model; send nothing")
     s.add_argument("--save-codes", metavar="FILE", help="ambiguated mode: also write the uploaded codes to FILE.npz")
-    s.add_argument("--workers", type=int, help="threads working on photos: one runs the model, the others decode "
-                   "(default: CPU cores, at most 4)")
+    s.add_argument("--workers", type=int, help="threads working on photos: 1 does all; N > 1: this one reads, "
+                   "a model thread runs the model, N-1 threads decode photos over 6 KiB (default: CPU cores, at most 4)")
     s.set_defaults(func=cmd_upload)
 
     s = sub.add_parser("transform", help="offline: write features of photos to an .npz")
@@ -494,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .npz (features, file_names, item_ids, model_id)")
     s.add_argument("--model-dir", help="folder with model_card.json + model (default: the cached model)")
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--workers", type=int, help="threads working on photos: one runs the model, the others decode "
-                   "(default: CPU cores, at most 4)")
+    s.add_argument("--workers", type=int, help="threads working on photos: 1 does all; N > 1: this one reads, "
+                   "a model thread runs the model, N-1 threads decode photos over 6 KiB (default: CPU cores, at most 4)")
     s.set_defaults(func=cmd_transform)
 
     s = sub.add_parser("status", help="what the collector holds for you, and local counts")

@@ -210,7 +210,8 @@ class Extractor:
         # the model runs in a thread of its own (onnxruntime releases the GIL), one batch at
         # a time, while this thread reads and decodes the next photos
         model_pool = ThreadPoolExecutor(1, thread_name_prefix="pric-model")
-        finished: deque[Future[list[Row]]] = deque()  # batches handed to the model, in order
+        # batches handed to the model, in order: (their photos, the model's future output)
+        finished: deque[tuple[list[tuple[Path, str, np.ndarray]], Future[np.ndarray]]] = deque()
         window = 2 * workers + 2  # chunks handed to the decoding threads at most
         # (chunk, its bytes): decoded or being decoded, in input order
         inflight: deque[tuple[Future[list[tuple[Path, str, np.ndarray | ImageError]]], int]] = deque()
@@ -224,6 +225,12 @@ class Extractor:
                     on_skip(str(path), _reason(out.message, path))
                 else:
                     ready.append((path, item_id, out))
+
+        def to_model(pending: list[tuple[Path, str, np.ndarray]]) -> None:
+            # stacked here: the model thread then needs the GIL only around each
+            # onnxruntime call, not for numpy and Python work that would contend with this one
+            x = np.stack([x for _, _, x in pending])
+            finished.append((pending, model_pool.submit(self.transform, x)))
 
         def submit_chunk() -> None:
             chunks, nbytes = _queued(inflight)
@@ -242,19 +249,19 @@ class Extractor:
                 while inflight and (inflight[0][0].done() or len(inflight) > 2 * window):
                     settle_one()
                 if len(ready) >= batch_size:
-                    finished.append(model_pool.submit(self._finish, ready[:batch_size]))
+                    to_model(ready[:batch_size])
                     del ready[:batch_size]
-                while finished and (finished[0].done() or len(finished) > MODEL_AHEAD):
-                    yield finished.popleft().result()
+                while finished and (finished[0][1].done() or len(finished) > MODEL_AHEAD):
+                    yield _rows(*finished.popleft())
             if chunk:
                 submit_chunk()
             while inflight:
                 settle_one()
             while ready:
-                finished.append(model_pool.submit(self._finish, ready[:batch_size]))
+                to_model(ready[:batch_size])
                 del ready[:batch_size]
             while finished:
-                yield finished.popleft().result()
+                yield _rows(*finished.popleft())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             model_pool.shutdown(wait=True, cancel_futures=True)
@@ -311,8 +318,14 @@ class Extractor:
         return out
 
     def _finish(self, pending: list[tuple[Path, str, np.ndarray]]) -> list[Row]:
-        y = self.transform(np.stack([x for _, _, x in pending]))
-        return [Row(path=p, item_id=i, output=y[n]) for n, (p, i, _) in enumerate(pending)]
+        return _rows(pending, self.transform(np.stack([x for _, _, x in pending])))
+
+
+def _rows(pending: list[tuple[Path, str, np.ndarray]], y: "np.ndarray | Future[np.ndarray]") -> list[Row]:
+    """Rows of a batch of photos from their model outputs (or the future of them)."""
+    if isinstance(y, Future):
+        y = y.result()
+    return [Row(path=p, item_id=i, output=y[n]) for n, (p, i, _) in enumerate(pending)]
 
 
 def _submit(pool: ThreadPoolExecutor | None, fn: Callable[..., T], *args: object) -> "Future[T]":
