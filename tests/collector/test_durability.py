@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from collector.app import create_app
+from collector.auth import create_participant
 from collector.cli import main as cli_main
 from collector.launch import start_collector
 from collector.registry import list_models
@@ -173,3 +174,38 @@ def test_collectors_starting_together_on_a_new_database_all_start(tmp_path, tiny
     finally:
         for app in apps:
             app.extensions["pric"].db.dispose()
+
+
+def test_batches_arriving_while_the_leader_waits_for_the_write_lock_join_its_commit(tmp_path, tiny_model_dir):
+    """Group commit: the leader takes the queue only once it holds the write lock, so the
+    batches that arrive while it waits (another worker process committing) are written by
+    the same commit (one fsync), each answered with its own counts."""
+    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir)})
+    state = app.extensions["pric"]
+    store, card = state.items_store, load_card(tiny_model_dir / "tiny")
+    results: dict[str, tuple[int, int]] = {}
+    ids = {who: create_participant(state.db)[0] for who in "abc"}
+
+    def upload(who: str, n: int) -> None:
+        items = [UploadItem(f"{who}-{k}", {"feature": np.zeros((16, 8, 8), np.float32)}, {}) for k in range(n)]
+        results[who] = store.store(ids[who], UploadBatch(card.model_id, card.sha256, items))
+
+    try:
+        state.db._write_lock.acquire()  # another writer holds the lock
+        threads = {who: threading.Thread(target=upload, args=(who, n)) for who, n in (("a", 1), ("b", 2), ("c", 3))}
+        threads["a"].start()
+        deadline = time.monotonic() + 10
+        while not store._flushing and time.monotonic() < deadline:
+            time.sleep(0.005)
+        threads["b"].start()
+        threads["c"].start()
+        while {j.participant_id for j in store._queue} != set(ids.values()) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        flushes = store.flushes
+        state.db._write_lock.release()
+        for t in threads.values():
+            t.join(timeout=30)
+        assert results == {"a": (1, 0), "b": (2, 0), "c": (3, 0)}
+        assert store.flushes - flushes == 1 and store.jobs_flushed == 3
+    finally:
+        state.db.dispose()
