@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -85,6 +86,10 @@ def measure_collector(root: Path, card, bodies, threads: int, workers: int, run:
         cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop(proc)
+        # each run writes ~4 KiB per item to a new database: delete it now, so that the
+        # kernel's writeback of its pages does not compete with the next runs' fsyncs
+        # (seen as each collector run slower than the one before: 10.0k → 7.7k items/s)
+        shutil.rmtree(data, ignore_errors=True)
     return _summary(logs, wall, stored=sum(log.stored for log in logs), server_cpu_s=cpu)
 
 
@@ -134,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         body_bytes = sum(len(b) for client in bodies for _, b in client)
         runs: dict[str, list[dict]] = {"collector": [], "bare": []}
         for r in range(args.repeats):
+            os.sync()  # every run starts with the disk's dirty pages written
             runs["bare"].append(measure_bare(bodies, args.threads, args.workers, args.max_seconds, content_type))
+            os.sync()
             runs["collector"].append(measure_collector(root, card, bodies, args.threads, args.workers, r,
                                                        args.max_seconds, content_type))
 
