@@ -165,6 +165,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 1 <= args.workers <= 64:
         raise InvalidInputError(f"--workers {args.workers}: must be between 1 and 64")
+    if not 0 <= args.port <= 65535:
+        raise InvalidInputError(f"--port {args.port}: must be between 0 (any free port) and 65535")
+    if not 1 <= args.threads <= 256:
+        raise InvalidInputError(f"--threads {args.threads}: must be between 1 and 256")
+    if not 0 <= args.rate_limit < float("inf"):  # also refuses nan
+        raise InvalidInputError(f"--rate-limit {args.rate_limit}: must be a number of uploads per minute, 0 for none")
     cfg = ServeConfig(
         data_dir=args.data_dir, models_dir=args.models_dir, host=args.host, port=args.port, threads=args.threads,
         workers=args.workers, database_url=args.database_url, rate_limit_per_min=args.rate_limit,

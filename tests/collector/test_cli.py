@@ -112,3 +112,20 @@ def test_serve_on_a_port_in_use_fails_with_one_line(tmp_path, tiny_model_dir, ca
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert f"--port {port}: cannot listen there (address already in use)" in err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "99999"], "--port 99999: must be between 0 (any free port) and 65535"),
+    (["--port", "-1"], "--port -1: must be between 0"),
+    (["--threads", "0"], "--threads 0: must be between 1 and 256"),
+    (["--rate-limit", "-5"], "--rate-limit -5.0: must be a number of uploads per minute"),
+    (["--rate-limit", "nan"], "--rate-limit nan: must be a number of uploads per minute"),
+])
+def test_serve_refuses_bad_numbers_in_one_line_before_touching_the_data_folder(tmp_path, tiny_model_dir, capsys,
+                                                                               args, message):
+    from collector.cli import main as cli_main
+
+    rc = cli_main(["serve", "--data-dir", str(tmp_path / "d"), "--models-dir", str(tiny_model_dir), *args, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "d").exists()
