@@ -252,7 +252,8 @@ class Extractor:
                     to_model(ready[:batch_size])
                     del ready[:batch_size]
                 while finished and (finished[0][1].done() or len(finished) > MODEL_AHEAD):
-                    yield _rows(*finished.popleft())
+                    pending, out = finished.popleft()
+                    yield _rows(pending, out.result())
             if chunk:
                 submit_chunk()
             while inflight:
@@ -261,7 +262,8 @@ class Extractor:
                 to_model(ready[:batch_size])
                 del ready[:batch_size]
             while finished:
-                yield _rows(*finished.popleft())
+                pending, out = finished.popleft()
+                yield _rows(pending, out.result())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             model_pool.shutdown(wait=True, cancel_futures=True)
@@ -321,10 +323,8 @@ class Extractor:
         return _rows(pending, self.transform(np.stack([x for _, _, x in pending])))
 
 
-def _rows(pending: list[tuple[Path, str, np.ndarray]], y: "np.ndarray | Future[np.ndarray]") -> list[Row]:
-    """Rows of a batch of photos from their model outputs (or the future of them)."""
-    if isinstance(y, Future):
-        y = y.result()
+def _rows(pending: list[tuple[Path, str, np.ndarray]], y: np.ndarray) -> list[Row]:
+    """Rows of a batch of photos from their model outputs."""
     return [Row(path=p, item_id=i, output=y[n]) for n, (p, i, _) in enumerate(pending)]
 
 
