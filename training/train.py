@@ -478,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--feat-channels", type=int, default=d.feat_channels)
     p.add_argument("--arch", choices=ARCHS, default=d.arch,
-                   help="extractor body: base (3 convs before the feature conv) or lite (2: cheaper on device)")
+                   help="extractor body (training/models/extractor.py): base (3 convs before the feature conv); "
+                   "lite (2); fast (the third with stride 2); patch (a 4x4 stride-4 stem: the cheapest on device, "
+                   "pric-male@5's)")
     p.add_argument("--max-batches", type=int, default=0, help="cap batches per epoch (smoke tests)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke tests)")
     p.add_argument("--no-progress", action="store_true")
