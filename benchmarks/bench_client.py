@@ -222,7 +222,7 @@ def bench_ort_vs_torch(files: Sequence[Path], spec: InputSpec, tmp: Path, reps: 
     threads = torch.get_num_threads()
     model = create_model("extractor", input_size=(spec.height, spec.width)).eval()
     path = tmp / "extractor.onnx"
-    export_onnx(model, path, "image", (3, spec.height, spec.width))
+    export_onnx(model, torch.zeros(2, 3, spec.height, spec.width), path, "image", "feature")
     ort_model = OnnxModel(path, "image", "feature", threads=threads)
     x = np.stack([preprocess(p, spec) for p in files[:64]]).astype(np.float32)
     xt = torch.from_numpy(x)

@@ -203,3 +203,16 @@ class CollectorAPI:
             ) from None
         got = self._json(resp, "upload")
         return {"stored": int(got.get("stored", 0)), "duplicates": int(got.get("duplicates", 0))}
+
+    # --- auditor -------------------------------------------------------------------
+    def model_card_by_id(self, model_id: str) -> ModelCard:
+        """GET MODEL_CARD_BY_ID: a given model's card (any role)."""
+        what = f"model card {model_id}"
+        return ModelCard.from_dict(self._json(self._request("GET", routes.model_card_url(model_id), what=what), what))
+
+    def export_page(self, model_id: str, offset: int, limit: int) -> dict[str, Any]:
+        """GET EXPORT (auditor or operator token): one page of stored items,
+        {"items": [{"item_id", "participant", "arrays": {name: base64 .npy}, "labels"}], "next_offset"}."""
+        return self._json(self._request("GET", routes.EXPORT, what="export",
+                                        params={"model_id": model_id, "offset": offset, "limit": limit}), "export")
+

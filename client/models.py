@@ -1,4 +1,4 @@
-"""Model fetch, cache and integrity check; the onnxruntime runner.
+"""Model fetch, cache and integrity check (the onnxruntime runner is protocol.runtime).
 
 The current model card comes from the collector; its files are cached under
 `<home>/models/<model_id>/` and their sha256 is checked against the card before every
@@ -16,6 +16,9 @@ from client.api import CollectorAPI
 from client.home import Home
 from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import CARD_FILE, InputSpec, ModelCard, load_card, verify_model_files
+from protocol.runtime import OnnxModel
+
+__all__ = ["OnnxModel", "PIXELS", "fetch_model", "find_cached_model", "open_model_dir", "pixel_input_graph"]
 
 # name of the uint8 input of a graph with the normalisation inside (pixel_input_graph)
 PIXELS = "pric_pixels"
@@ -69,39 +72,6 @@ def find_cached_model(home: Home, model_id: str | None = None) -> Path:
     if not dirs:
         raise InvalidInputError(f"{home.models_dir}: no cached model; pass --model-dir DIR or run upload once")
     return dirs[-1]
-
-
-class OnnxModel:
-    """An ONNX graph run with onnxruntime on the CPU, one named input and output."""
-
-    def __init__(self, path: str | Path, input_name: str | None = None, output_name: str | None = None,
-                 threads: int = 0, graph: bytes | None = None) -> None:
-        """`graph`: serialized ONNX to run instead of the file's (built from it, e.g. by
-        pixel_input_graph); `path` still names the model in errors."""
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        # idle onnxruntime threads must not spin: on a small CPU they would steal the cores
-        # that decode the next photos (measured: pipeline 2x slower with spinning)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(graph if graph is not None else str(path), sess_options=opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelIntegrityError(f"{path}: onnxruntime cannot load the model ({type(exc).__name__})") from None
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.input_name = input_name if input_name in inputs else inputs[0]
-        self.output_name = output_name if output_name in outputs else outputs[0]
-        if input_name and input_name not in inputs:
-            raise ModelIntegrityError(f"{path}: no input named {input_name!r} (has {inputs})")
-        if output_name and output_name not in outputs:
-            raise ModelIntegrityError(f"{path}: no output named {output_name!r} (has {outputs})")
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x})[0]
 
 
 def pixel_input_graph(model_bytes: bytes, spec: InputSpec) -> bytes | None:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from collector.launch import start_collector, stop
 from protocol.model_card import CARD_FILE, load_card
-from training.data import default_data_dir
+from protocol.datasets import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,7 +37,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def _pick_photos(data_dir: Path, per_participant: int) -> tuple[list[Path], dict[str, dict[str, int]]]:
     """Photos (train split first, then the rest) with their Smiling and Male labels."""
-    from training.data import _index_celeba, _index_generic  # the loaders' own label readers
+    from protocol.datasets import _index_celeba, _index_generic  # the loaders' own label readers
 
     index = _index_celeba(data_dir) if (data_dir / "list_attr_celeba.txt").is_file() else _index_generic(data_dir)
     smiling = index.attr_names.index("Smiling")

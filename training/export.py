@@ -4,7 +4,7 @@ The on-device extractor (training/models/extractor.py, the same module the parit
 uses) is exported with input `card.input.name` (dynamic batch) and output `feature`,
 checked with onnx.checker, and compared with torch on real images of the run's dataset
 (max abs diff <= 1e-4, otherwise the export fails). Runs with "mode": "sparse" are handed
-to training.sparse_export.
+to training.sparse.export.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import torch
 
 from protocol.errors import InvalidInputError, ModelIntegrityError, PricError
 from protocol.model_card import ModelCard, OutputSpec, sha256_file
-from training.data import load_faces
-from training.train import CONFIG, METRICS, TrainConfig, load_extractor, to_input
+from protocol.runtime import OnnxModel
+from protocol.datasets import load_faces
+from training.train import CONFIG, METRICS, load_extractor, to_input
 
 MODEL_FILE = "model.onnx"
+FEATURE_OUTPUT = "feature"
 PARITY_TOL = 1e-4
 MAX_MODEL_BYTES = 5 * 2**20
 
@@ -40,35 +42,40 @@ class ExportConfig:
     n_check: int = 32
 
 
-def export_onnx(model: torch.nn.Module, path: Path, input_name: str, shape: tuple[int, int, int]) -> None:
-    """Write `model` (eval mode) to ONNX with a dynamic batch axis; onnx.checker validates it."""
+OPSET = 18
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str,
+                output_name: str) -> None:
+    """Write `model` (eval mode) to ONNX with the dynamo exporter and a dynamic batch axis;
+    onnx.checker validates the file. The only exporter of the project: a model it cannot
+    export is an error (ModelIntegrityError), never a silent switch to another exporter."""
     import onnx
 
     model = model.eval()
-    example = torch.zeros(2, *shape)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=[input_name], output_names=["feature"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                model, (example,), dynamo=True, input_names=[input_name], output_names=[output_name],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=OPSET,
+                external_data=False, verbose=False,
             )
         program.save(str(path))
-    except Exception as exc:  # the dynamo exporter is young; fall back to the TorchScript one
-        print(f"pric-export: dynamo exporter failed ({type(exc).__name__}); using dynamo=False", file=sys.stderr)
-        torch.onnx.export(
-            model, (example,), str(path), dynamo=False, input_names=[input_name], output_names=["feature"],
-            dynamic_axes={input_name: {0: "batch"}, "feature": {0: "batch"}}, opset_version=17,
-        )
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    except Exception as exc:  # the exporter raises many kinds; name it in one line
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelIntegrityError(f"{path}: ONNX export failed ({type(exc).__name__}: {msg})") from None
+
+
+def onnx_outputs(onnx_path: Path, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
+    """The exported file run as the device runs it (protocol.runtime), float32 out."""
+    return np.asarray(OnnxModel(onnx_path, input_name, output_name)(x.astype(np.float32)), np.float32)
 
 
 def parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, input_name: str) -> float:
     """Max abs difference of onnxruntime vs torch on x (B, 3, H, W) float32."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (got,) = sess.run(["feature"], {input_name: x.astype(np.float32)})
+    got = onnx_outputs(onnx_path, x, input_name, FEATURE_OUTPUT)
     with torch.no_grad():
         want = model.eval()(torch.from_numpy(x)).numpy()
     if got.shape != want.shape:
@@ -88,7 +95,7 @@ def export_run(cfg: ExportConfig) -> Path:
     spec = tcfg.input
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / MODEL_FILE
-    export_onnx(model, onnx_path, spec.name, (3, spec.height, spec.width))
+    export_onnx(model, torch.zeros(2, 3, spec.height, spec.width), onnx_path, spec.name, FEATURE_OUTPUT)
     size = onnx_path.stat().st_size
     if size > MAX_MODEL_BYTES:
         raise ModelIntegrityError(f"{onnx_path}: {size} bytes exceeds the 5 MB limit")
@@ -156,12 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cfg_path.is_file():
             raise InvalidInputError(f"{run_dir}: no {CONFIG} (not a training run folder)")
         if json.loads(cfg_path.read_text()).get("mode") == "sparse":
-            from training import sparse_export
+            from training.sparse import export as sparse_export
 
             extra = {} if args.k_fake is None else {"k_fake": args.k_fake}
             if args.value_bits is not None:
                 extra["value_bits"] = args.value_bits
-            sparse_export.export_run(run_dir, Path(args.out), args.name, args.version, **extra)
+            sparse_export.export_run(run_dir, Path(args.out), args.name, args.version, **extra,
+                                     **({"data": args.data} if args.data else {}))
             return 0
         for flag, value in (("--k-fake", args.k_fake), ("--value-bits", args.value_bits)):
             if value is not None:

@@ -1,5 +1,5 @@
 """pric-train: adversarial training of the PRIC feature extractor (paper Eq. 6) and the
-variants of issue 3; `--mode sparse` hands over to the sparse ambiguation trainer.
+variants of issue 3 (`pric-train features`; `pric-train sparse` is training.sparse.train).
 
 Players and optimizers (Adam, weight decay), all stepped once per batch:
   extractor E_φ      minimises  w_adv·A(adv(z), u) − λ·I_JSD(x; z, u) + w_p·BCE(head(z), y) + w_pen·P(z, u, y)
@@ -29,7 +29,8 @@ from torch import nn
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import InputSpec
 from training import losses
-from training.data import FaceData, default_data_dir, load_faces
+from protocol.datasets import FaceData, default_data_dir, load_faces
+from training.data import pick_device, to_input
 from training.models import create_model
 from training.models.extractor import ARCHS, Extractor
 from training.models.layers import scale_grad
@@ -207,16 +208,6 @@ def _reset(module: nn.Module) -> None:
 
 # --- data ----------------------------------------------------------------------------
 
-def to_input(pixels: np.ndarray | torch.Tensor, spec: InputSpec, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W), as protocol.preprocess.normalize."""
-    x = torch.as_tensor(pixels).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    if spec.channel_order == "BGR":
-        x = x.flip(1)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 @torch.no_grad()
 def extract_features(model: nn.Module, pixels: np.ndarray, spec: InputSpec, device: torch.device | str = "cpu",
                      batch: int = 256) -> np.ndarray:
@@ -241,16 +232,6 @@ def _keys(y: np.ndarray) -> np.ndarray:
 
 
 # --- training ------------------------------------------------------------------------
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise InvalidInputError(f"--device {name!r}: expected auto, cpu or cuda")
-    return torch.device(name)
-
 
 class Trainer:
     """Holds the players and does one PRIC step per batch (`step`)."""
@@ -457,9 +438,9 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pric-train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pric-train features", description=__doc__.split("\n")[0])
     d = TrainConfig(data="", out="")
-    p.add_argument("--mode", choices=("pric", "sparse"), default="pric")
+    p.add_argument("--mode", choices=("pric", "features"), default="pric", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(default_data_dir()), help="dataset folder (CelebA or images/+labels.csv)")
     p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, checkpoint.pt")
     p.add_argument("--private", default="Male", help="private attribute(s), comma-separated")
@@ -503,11 +484,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--mode=sparse" in argv or any(a == "--mode" and b == "sparse" for a, b in zip(argv, argv[1:])):
-        from training import sparse_train
-
-        return sparse_train.main(argv)
+    """`pric-train features ...` (training.cli dispatches here)."""
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import onnx
@@ -11,9 +9,10 @@ import pytest
 import torch
 
 from protocol.model_card import load_card
-from training.data import load_faces
+from protocol.datasets import load_faces
 from training.export import main as export_main
-from training.train import load_extractor, main as train_main, to_input
+from training.data import to_input
+from training.train import load_extractor, main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +53,11 @@ def test_not_a_run_folder_fails_cleanly(tmp_path, capsys):
 
 
 def test_sparse_runs_are_delegated(tmp_path, monkeypatch):
-    calls = []
-    fake = types.ModuleType("training.sparse_export")
-    fake.export_run = lambda run_dir, out_dir, name, version: calls.append((run_dir, out_dir, name, version)) or out_dir
-    monkeypatch.setitem(sys.modules, "training.sparse_export", fake)
-    import training
+    from training.sparse import export as sparse_export
 
-    monkeypatch.setattr(training, "sparse_export", fake, raising=False)
+    calls = []
+    monkeypatch.setattr(sparse_export, "export_run",
+                        lambda run_dir, out_dir, name, version: calls.append((run_dir, out_dir, name, version)) or out_dir)
     (tmp_path / "config.json").write_text(json.dumps({"mode": "sparse"}))
     assert export_main([str(tmp_path), "--out", str(tmp_path / "o"), "--name", "s"]) == 0
     assert calls == [(tmp_path, tmp_path / "o", "s", None)]

@@ -13,7 +13,10 @@ import torch
 
 from protocol.model_card import SparseSpec, load_card
 from protocol.sparse_code import ambiguate, compact_size, key_size_bytes, released_scale, snap_to_grid
-from training import sparse_audit, sparse_export, sparse_rate, sparse_sweep, sparse_train
+from audit import sparse as sparse_audit
+from research import sparse_rate, sparse_sweep
+from training.sparse import export as sparse_export
+from training.sparse import train as sparse_train
 from training.models.sparse import GroupedLinear, SparseAEConfig, SparseAutoencoder, top_k_per_map
 
 TINY = ["--L", "2", "--m", "32", "--k", "4", "--k-train", "6", "--k-fake", "4", "--channels", "8,8,8",
@@ -97,7 +100,7 @@ def test_export_writes_checked_card_and_matching_onnx(tiny_export: Path, tiny_ru
     import onnxruntime as ort
 
     from protocol.preprocess import normalize
-    from training.data import load_faces
+    from protocol.datasets import load_faces
 
     card = load_card(tiny_export)  # verifies the sha256 of model.onnx and decoder.onnx
     enc = ort.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -216,7 +219,7 @@ def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path,
 
 def test_pric_audit_attacks_the_ambiguated_code_like_any_release(tiny_export: Path, sample_faces: Path,
                                                                   tmp_path: Path) -> None:
-    from training.audit import main as audit_main
+    from audit.cli import main as audit_main
 
     out = tmp_path / "o"
 
@@ -245,7 +248,7 @@ def test_audit_cli_refuses_a_features_model(tiny_model_dir: Path, sample_faces: 
 
 
 def test_jpeg_at_budget_respects_the_byte_budget(sample_faces: Path) -> None:
-    from training.data import load_faces
+    from protocol.datasets import load_faces
 
     pixels = load_faces(sample_faces, progress=False).pixels[0]
 
@@ -262,7 +265,7 @@ def test_index_bytes_rounds_log2_m_up_to_whole_bytes(m: int, want: int) -> None:
 
 
 def test_multires_jpeg_fits_the_budget_and_is_never_worse_than_full_resolution(sample_faces: Path) -> None:
-    from training.data import load_faces
+    from protocol.datasets import load_faces
 
     pixels = load_faces(sample_faces, progress=False).pixels[:4]
     ref = pixels.astype(np.float32) / 255.0
@@ -276,7 +279,7 @@ def test_multires_jpeg_fits_the_budget_and_is_never_worse_than_full_resolution(s
 
 
 def test_multires_jpeg_over_budget_falls_back_to_full_resolution_quality_1(sample_faces: Path) -> None:
-    from training.data import load_faces
+    from protocol.datasets import load_faces
 
     pixels = load_faces(sample_faces, progress=False).pixels[0]
 

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -57,16 +55,28 @@ def test_unknown_method_and_attribute_fail_with_one_line(sample_faces, tmp_path,
     assert "Gendr" in err and len(err.strip().splitlines()) == 1
 
 
-def test_sparse_mode_is_delegated_with_the_whole_argv(monkeypatch):
-    seen = []
-    fake = types.ModuleType("training.sparse_train")
-    fake.main = lambda argv: seen.append(list(argv)) or 0
-    monkeypatch.setitem(sys.modules, "training.sparse_train", fake)
-    import training
+@pytest.mark.parametrize("argv, command, rest", [
+    (["sparse", "--out", "x"], "sparse", ["--out", "x"]),
+    (["features", "--out", "x"], "features", ["--out", "x"]),
+    (["--mode", "sparse", "--out", "x"], "sparse", ["--mode", "sparse", "--out", "x"]),
+    (["--mode=sparse", "--out", "x"], "sparse", ["--mode=sparse", "--out", "x"]),
+    (["--out", "x", "--private", "Male"], "features", ["--out", "x", "--private", "Male"]),
+])
+def test_pric_train_dispatches_commands_and_the_flags_of_earlier_releases(monkeypatch, argv, command, rest):
+    from training import cli
 
-    monkeypatch.setattr(training, "sparse_train", fake, raising=False)
-    argv = ["--mode", "sparse", "--out", "x", "--epochs", "1"]
-    assert main(argv) == 0 and seen == [argv]
+    seen = []
+    monkeypatch.setattr(cli, "_runner", lambda name: lambda a: seen.append((name, list(a))) or 0)
+    assert cli.main(argv) == 0
+    assert seen == [(command, rest)]
+
+
+def test_pric_train_without_arguments_prints_the_commands_and_fails(capsys):
+    from training import cli
+
+    assert cli.main([]) == 2
+    out = capsys.readouterr().out
+    assert "pric-train features" in out and "pric-train sparse" in out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -76,7 +86,7 @@ def test_cuda_mixed_precision_run(sample_faces, tmp_path):
 
 
 def test_label_floor_uses_only_the_primary_labels():
-    from training.attacks import label_floor
+    from audit.attacks import label_floor
 
     y_tr = np.array([[0], [0], [0], [1], [1], [1]])
     u_tr = np.array([0, 0, 1, 1, 1, 0])
@@ -87,7 +97,7 @@ def test_label_floor_uses_only_the_primary_labels():
 
 
 def test_phi_separates_correlated_attributes_and_raw_baseline_reads_audit_reports(tmp_path):
-    from training.experiments import CORRELATED_PHI, load_raw_baseline, phi
+    from research.experiments import CORRELATED_PHI, load_raw_baseline, phi
 
     u = np.array([0, 0, 1, 1, 0, 1, 0, 1])
     assert phi(u, u) == pytest.approx(1.0)

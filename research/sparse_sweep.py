@@ -11,7 +11,7 @@ Samplers: "bootstrap" is the shipped `protocol.sparse_code.sample_fake_values`;
 "interp" is the previous one (interpolated empirical inverse CDF, never beyond the
 smallest / largest true magnitude), kept here only to measure it.
 
-    python -m training.sparse_sweep --model exported_models/sparse-celeba \
+    python -m research.sparse_sweep --model exported_models/sparse-celeba \
         --data ../shared/data/celeba-10k --n 400 --k-fake 11,22,33,55 --out DIR
 """
 
@@ -30,8 +30,9 @@ import numpy as np
 import protocol.sparse_code as sparse_code
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import load_card
-from training.data import load_faces
-from training.sparse_audit import OnnxPair, dense_from_mask, jpeg_at_budget, quality, support_guess
+from protocol.datasets import load_faces
+from audit.quality import image_quality as quality, unit
+from audit.sparse import OnnxPair, dense_from_mask, jpeg_at_budget, support_guess
 
 REPORT = "sparse_sweep.json"
 
@@ -74,7 +75,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     models = OnnxPair(model_dir, card, 256)
     test = load_faces(Path(cfg.data), card.input, progress=False).subset("test")
     test = test.select(np.arange(min(cfg.n, len(test))))
-    ref = test.pixels.astype(np.float32) / 255.0
+    ref = unit(test.pixels)
     codes = models.encode(test.pixels)
     authorised = quality(ref, models.decode(np.stack([c.astype(np.float16).astype(np.float32) for c in codes])))
     rows = []
@@ -131,7 +132,7 @@ HEADER = ("| sampler | k_fake | wire bytes | key bytes | (a) authorised | (e) JP
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.sparse_sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m research.sparse_sweep", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="exported sparse_code model folder")
     p.add_argument("--data", required=True, help="dataset folder with a test split")
     p.add_argument("--out", required=True, help="folder for sparse_sweep.json")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from protocol.errors import InvalidInputError
-from training.attacks import (
+from audit.attacks import (
     ATTACKS,
     check_trainable,
     create_attack,

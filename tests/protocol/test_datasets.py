@@ -6,7 +6,7 @@ import pytest
 from protocol.errors import InvalidInputError
 from protocol.model_card import InputSpec
 from protocol.preprocess import preprocess, normalize
-from training.data import load_faces
+from protocol.datasets import load_faces
 
 
 def test_generic_layout_reads_labels_splits_and_matches_client_preprocessing(sample_faces, tmp_path):

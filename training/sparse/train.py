@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import InputSpec, SparseSpec
-from training.data import FaceData, load_faces
+from protocol.datasets import FaceData, load_faces
+from training.data import pick_device, to_input, unit_pixels
 from training.models.sparse import SparseAEConfig, SparseAutoencoder
 
 CHECKPOINT = "checkpoint.pt"
@@ -65,7 +66,7 @@ class SparseTrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pric-train --mode sparse", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="pric-train sparse", description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="sparse", choices=["sparse"])
     p.add_argument("--data", required=True, help="dataset folder (CelebA or generic layout)")
     p.add_argument("--out", required=True, help="run folder to write")
@@ -118,22 +119,6 @@ def config_from_args(args: argparse.Namespace) -> SparseTrainConfig:
     return cfg
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda: no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def to_input(pixels: torch.Tensor, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (B, H, W, 3) → (normalised input (B, 3, H, W), target in [0, 1] (B, 3, H, W))."""
-    target = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(spec.mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=pixels.device).view(1, 3, 1, 1)
-    return (target - mean) / std, target
-
-
 LOSSES = ("bce", "mse")
 
 
@@ -162,7 +147,8 @@ def evaluate(model: SparseAutoencoder, pixels: torch.Tensor, spec: InputSpec, k:
     model.eval()
     bce_sum, psnr_sum = 0.0, 0.0
     for i in range(0, len(pixels), batch_size):
-        x, t = to_input(pixels[i:i + batch_size].to(device), spec)
+        batch = pixels[i:i + batch_size].to(device)
+        x, t = to_input(batch, spec), unit_pixels(batch)
         losses = reconstruction_losses(model(x, k=k), t)
         bce_sum += float(losses["bce"]) * len(x)
         psnr_sum += float(losses["psnr"].sum())
@@ -221,7 +207,7 @@ def train(cfg: SparseTrainConfig) -> dict[str, Any]:
             # horizontal flips: faces are roughly symmetric, so this is free extra data
             flip = torch.rand(len(batch), generator=gen) < 0.5
             batch = torch.where(flip.to(device).view(-1, 1, 1, 1), batch.flip(2), batch)
-            x, target = to_input(batch, spec)
+            x, target = to_input(batch, spec), unit_pixels(batch)
             losses = reconstruction_losses(model(x), target)
             loss = losses[cfg.loss]
             opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ One row per call, appended to a JSONL file (docs/results-pric.md is built from i
   6. optionally (`--all-attrs`) every other attribute with multi-label fresh heads, relative
      to the raw-image classifier figures in `--raw-baseline` when given.
 
-    python -m training.experiments --results docs/results-pric.jsonl -- --method entropy+mmd --lambda 0.1 ...
+    python -m research.experiments --results docs/results-pric.jsonl -- --method entropy+mmd --lambda 0.1 ...
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from protocol.errors import PricError
-from training.attacks import (
+from audit.attacks import (
     CORRELATED_PHI,
     label_floor,
     majority_rate,
@@ -37,7 +37,7 @@ from training.attacks import (
     relative_gain,
     strongest_attack,
 )
-from training.data import FaceData, load_faces
+from protocol.datasets import FaceData, load_faces
 from training.train import attrs, extract_features, load_extractor
 from training.train import main as train_main
 
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render_table(rows))
         return 0
     own, train_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(prog="python -m training.experiments", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m research.experiments", description=__doc__.split("\n")[0])
     p.add_argument("--results", required=True, help="JSONL file a row is appended to")
     p.add_argument("--run-dir", required=True, help="run folder (trained here unless --reuse)")
     p.add_argument("--reuse", action="store_true", help="evaluate the run already in --run-dir")
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "penalty_weight": run_cfg["penalty_weight"], "primary_weight": run_cfg.get("primary_weight", 1.0),
                "epochs": run_cfg["epochs"], "seed": run_cfg["seed"],
                "train_wall_s": run_cfg.get("train_wall_s"), "note": cfg.note, **row,
-               "command": "python -m training.experiments " + " ".join(argv), "eval_wall_s": round(
+               "command": "python -m research.experiments " + " ".join(argv), "eval_wall_s": round(
                    time.perf_counter() - t0 - t_train, 1)}
         Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
         with open(cfg.results, "a") as f:

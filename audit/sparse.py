@@ -24,7 +24,7 @@ plus key size, rate of the wire code and classifier accuracy (Smiling, Male) of 
 logistic regression on true vs ambiguated codes. Writes OUT/sparse_report.json and
 OUT/sparse_grid.png.
 
-    python -m training.sparse_audit --model exported_models/NAME --data DIR --out DIR
+    python -m audit.sparse --model exported_models/NAME --data DIR --out DIR
 """
 
 from __future__ import annotations
@@ -44,13 +44,16 @@ import numpy as np
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import ModelCard, load_card
 from protocol.preprocess import normalize
+from protocol.runtime import OnnxModel
+from audit.attacks import train_attack
+from audit.quality import channels_last, image_quality, unit
 from protocol.sparse_code import (
     AmbiguatedCode, ambiguate, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, quantise_levels, released_scale,
     top_k,
     unpack_compact,
     unpack_key,
 )
-from training.data import FaceData, load_faces
+from protocol.datasets import load_faces
 
 REPORT = "sparse_report.json"
 GRID = "sparse_grid.png"
@@ -72,43 +75,24 @@ class SparseAuditConfig:
 
 
 class OnnxPair:
-    """The card's encoder (model.onnx) and decoder (decoder.onnx) under onnxruntime."""
+    """The card's encoder (model.onnx) and decoder (decoder.onnx), run as a device runs them."""
 
     def __init__(self, model_dir: Path, card: ModelCard, batch_size: int) -> None:
-        import onnxruntime as ort
-
         if "decoder.onnx" not in card.extra_files:
             raise InvalidInputError(f"{model_dir}: the card ships no decoder.onnx; cannot audit reconstructions")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        self.enc = ort.InferenceSession(str(model_dir / card.file), opts, providers=["CPUExecutionProvider"])
-        self.dec = ort.InferenceSession(str(model_dir / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.enc = OnnxModel(model_dir / card.file, card.input.name, card.output.name)
+        self.dec = OnnxModel(model_dir / "decoder.onnx", "code", "image")
         self.card, self.batch_size = card, batch_size
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) → dense codes float32 (N, L, m)."""
-        out = [self.enc.run(None, {"image": normalize(pixels[i:i + self.batch_size], self.card.input)})[0]
+        out = [self.enc(normalize(pixels[i:i + self.batch_size], self.card.input))
                for i in range(0, len(pixels), self.batch_size)]
         return np.concatenate(out).astype(np.float32)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes (N, L, m) → images float32 (N, H, W, 3) in [0, 1]."""
-        out = [self.dec.run(None, {"code": codes[i:i + self.batch_size].astype(np.float32)})[0]
-               for i in range(0, len(codes), self.batch_size)]
-        return np.moveaxis(np.concatenate(out), 1, -1).clip(0.0, 1.0)
-
-
-# --- quality measures -------------------------------------------------------------------
-
-
-def quality(ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
-    """Mean PSNR / SSIM (data_range=1) between (N, H, W, 3) float images in [0, 1]."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    psnr = [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(ref, rec)]
-    ssim = [structural_similarity(a, b, data_range=1.0, channel_axis=-1) for a, b in zip(ref, rec)]
-    return {"psnr": float(np.mean(psnr)), "psnr_std": float(np.std(psnr)),
-            "ssim": float(np.mean(ssim)), "ssim_std": float(np.std(ssim))}
+        return channels_last(self.dec.run_batched(codes.astype(np.float32), self.batch_size)).clip(0.0, 1.0)
 
 
 def jpeg_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, int]:
@@ -134,7 +118,7 @@ def jpeg_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, in
             best, best_q, lo = data, mid, mid + 1
         else:
             hi = mid - 1
-    dec = np.asarray(Image.open(io.BytesIO(best)).convert("RGB"), dtype=np.float32) / 255.0
+    dec = unit(np.asarray(Image.open(io.BytesIO(best)).convert("RGB")))
     return dec, len(best), best_q
 
 
@@ -153,7 +137,7 @@ def jpeg_multires_at_budget(pixels: np.ndarray, budget: int,
     from PIL import Image
 
     h, w = pixels.shape[:2]
-    ref = pixels.astype(np.float32) / 255.0
+    ref = unit(pixels)
     tries = []
     for s in scales:
         if s == 1.0:
@@ -163,7 +147,7 @@ def jpeg_multires_at_budget(pixels: np.ndarray, budget: int,
                                                               Image.BILINEAR))
             dec_small, size, q = jpeg_at_budget(small, budget)
             up = Image.fromarray((dec_small * 255).round().astype(np.uint8)).resize((w, h), Image.BILINEAR)
-            dec = np.asarray(up, dtype=np.float32) / 255.0
+            dec = unit(np.asarray(up))
         tries.append((float(np.mean((dec - ref) ** 2)), dec, size, q, s))
     fitting = [t for t in tries if t[2] <= budget]
     best = min(fitting, key=lambda t: t[0]) if fitting else next((t for t in tries if t[4] == 1.0), tries[0])
@@ -187,7 +171,7 @@ def _jpeg_row(ref: np.ndarray, pixels: np.ndarray, budget: int, multires: bool) 
     share (and the chosen scales when `multires`); returns (row, decoded images)."""
     runs = [jpeg_multires_at_budget(p, budget) if multires else (*jpeg_at_budget(p, budget), 1.0) for p in pixels]
     imgs = np.stack([r[0] for r in runs])
-    row: dict[str, Any] = quality(ref, imgs)
+    row: dict[str, Any] = image_quality(ref, imgs)
     row.update({
         "budget_bytes": int(budget),
         "mean_bytes": float(np.mean([r[1] for r in runs])),
@@ -228,25 +212,12 @@ def dense_from_mask(amb: AmbiguatedCode, mask: np.ndarray, m: int) -> np.ndarray
 # --- classifiers -------------------------------------------------------------------------
 
 
-def logistic_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
-                      seed: int, steps: int = 300) -> float:
-    """Fresh L2-regularised logistic regression (full-batch Adam) on standardised features."""
-    import torch
-
-    torch.manual_seed(seed)
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-    xtr = torch.from_numpy((x_tr - mu) / sd).float()
-    xte = torch.from_numpy((x_te - mu) / sd).float()
-    ytr = torch.from_numpy(y_tr).float()
-    lin = torch.nn.Linear(xtr.shape[1], 1)
-    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(lin(xtr).squeeze(1), ytr).backward()
-        opt.step()
-    with torch.no_grad():
-        pred = (lin(xte).squeeze(1) > 0).numpy().astype(np.int64)
-    return float((pred == y_te).mean())
+def logistic_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
+                      x_te: np.ndarray, y_te: np.ndarray, seed: int, epochs: int) -> float:
+    """Test accuracy of a fresh linear attacker (audit.attacks, selected on validation)."""
+    fitted = train_attack("linear", x_tr, y_tr, x_va, y_va, seed=seed, epochs=epochs, progress=False,
+                          eval_sets={"test": x_te}, desc="linear attacker")
+    return float((fitted.selected["test"][:, 0] == y_te).mean())
 
 
 # --- the audit ----------------------------------------------------------------------------
@@ -312,7 +283,7 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     if quick:
         test, train = test.select(np.arange(min(QUICK_TEST, len(test)))), train.select(np.arange(min(QUICK_TRAIN, len(train))))
     rng = np.random.default_rng(seed)  # audit only: the client seeds from the OS
-    ref = test.pixels.astype(np.float32) / 255.0
+    ref = unit(test.pixels)
 
     codes = models.encode(test.pixels)
     ambs, keys = _ambiguate_all(codes, card, rng)
@@ -335,7 +306,7 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
         variants[f"guess_{how}"] = np.stack([dense_from_mask(a, g, sp.m) for a, g in zip(ambs, masks)])
 
     recon = {name: models.decode(c) for name, c in variants.items()}
-    results = {name: quality(ref, rec) for name, rec in recon.items()}
+    results = {name: image_quality(ref, rec) for name, rec in recon.items()}
 
     wire_bytes = int(ambs[0].indices.nbytes + ambs[0].values.nbytes)  # uint16 indices + float16 values
     true_bytes = int(round(float(compact_len.mean())))  # the format has a fixed length: min = max
@@ -390,11 +361,15 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
             "ambiguated_code": (np.stack([a.to_dense(sp.m) for a in tr_ambs]).reshape(len(tr_ambs), -1),
                                 variants["ambiguated_as_is"].reshape(len(ambs), -1)),
         }
+        # the linear attacker selects its epoch on a tenth of the train split, never on test
+        order = np.random.default_rng(seed).permutation(len(train))
+        fit, sel = order[len(order) // 10:], order[:len(order) // 10]
         for attr in names:
             y_tr, y_te = train.attr(attr), test.attr(attr)
             row: dict[str, float] = {"majority": float(max(y_te.mean(), 1 - y_te.mean()))}
             for fname, (x_tr, x_te) in feats.items():
-                row[fname] = logistic_accuracy(x_tr, y_tr, x_te, y_te, seed, steps=60 if quick else 300)
+                row[fname] = logistic_accuracy(x_tr[fit], y_tr[fit], x_tr[sel], y_tr[sel], x_te, y_te, seed,
+                                               epochs=3 if quick else 15)
             classifiers[attr] = row
 
     rg = results["guess_random"]["psnr"]
@@ -475,7 +450,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.sparse_audit", description="audit a sparse_code model")
+    p = argparse.ArgumentParser(prog="python -m audit.sparse", description="audit a sparse_code model")
     p.add_argument("--model", required=True, help="exported model folder (sparse_code card)")
     p.add_argument("--data", required=True, help="dataset folder with a test split")
     p.add_argument("--out", required=True, help="report folder")

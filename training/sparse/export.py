@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,37 +29,13 @@ from torch import nn
 from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import InputSpec, ModelCard, OutputSpec, SparseSpec, sha256_file
 from protocol.sparse_code import VALUE_BITS_RANGE
-from training.sparse_train import load_run
+from protocol.datasets import load_faces
+from training.data import to_input
+from training.export import OPSET, export_onnx, onnx_outputs
+from training.sparse.train import load_run
 
-OPSET = 17
 TOLERANCE = 1e-4
 DECODER_FILE = "decoder.onnx"
-
-
-def _export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:
-    """torch → ONNX with a dynamic batch dimension; the dynamo exporter, else the TorchScript one."""
-    import onnx
-
-    module = module.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(module, (example,), str(path), input_names=[in_name], output_names=[out_name],
-                              opset_version=OPSET, dynamo=True, dynamic_shapes=({0: batch},),
-                              external_data=False, verbose=False)
-        onnx.checker.check_model(onnx.load(str(path)))
-    except Exception:  # noqa: BLE001 - any dynamo failure falls back to the classic exporter
-        torch.onnx.export(module, (example,), str(path), input_names=[in_name], output_names=[out_name],
-                          opset_version=OPSET, dynamo=False, dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}})
-    onnx.checker.check_model(onnx.load(str(path)))
-
-
-def _ort_run(path: Path, name: str, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {name: x})[0]
 
 
 def check_parity(encoder: nn.Module, decoder: nn.Module, enc_path: Path, dec_path: Path,
@@ -71,8 +46,8 @@ def check_parity(encoder: nn.Module, decoder: nn.Module, enc_path: Path, dec_pat
     with torch.no_grad():
         code_t = encoder(images)
         img_t = decoder(code_t)
-    code_o = _ort_run(enc_path, "image", images.numpy())
-    img_o = _ort_run(dec_path, "code", code_t.numpy())
+    code_o = onnx_outputs(enc_path, images.numpy(), "image", "code")
+    img_o = onnx_outputs(dec_path, code_t.numpy(), "code", "image")
     same_support = (code_o != 0) == (code_t.numpy() != 0)
     support_agreement = float(same_support.all(axis=-1).mean())
     code_diff = float(np.abs(code_o - code_t.numpy())[same_support].max())
@@ -81,14 +56,10 @@ def check_parity(encoder: nn.Module, decoder: nn.Module, enc_path: Path, dec_pat
             "support_agreement": support_agreement}
 
 
-def _parity_images(spec: InputSpec, n: int = 16) -> torch.Tensor:
-    """Real photos (the bundled sample faces) normalised per `spec`: (n, 3, H, W)."""
-    from protocol.preprocess import normalize
-    from training.data import load_faces
-
-    assets = Path(__file__).resolve().parents[1] / "tests" / "assets" / "sample_faces"
-    data = load_faces(assets, spec, progress=False)
-    return torch.from_numpy(normalize(data.pixels[:n], spec))
+def _parity_images(data_dir: str | Path, spec: InputSpec, n: int = 16) -> torch.Tensor:
+    """Real photos of the run's data set (or --data) as the encoder reads them: (n, 3, H, W)."""
+    data = load_faces(data_dir, spec, limit=n, progress=False)
+    return to_input(data.pixels[:n], spec)
 
 
 def _epochs_completed(run_dir: Path) -> int:
@@ -133,10 +104,11 @@ def with_value_bits(sparse: SparseSpec, value_bits: int | None, where: Path) -> 
 
 
 def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: str | None = None,
-               k_fake: int | None = None, value_bits: int | None = None) -> Path:
+               k_fake: int | None = None, value_bits: int | None = None, data: str | None = None) -> Path:
     """Export RUN_DIR to OUT_DIR (model.onnx, decoder.onnx, model_card.json); returns OUT_DIR.
     `k_fake` overrides the run's fakes per map in the card (None: the run's); `value_bits`
-    sets the card's `sparse.value_bits` (None: float16 values, as before)."""
+    sets the card's `sparse.value_bits` (None: float16 values, as before). The parity check
+    runs on photos of `data` (None: the data set the run was trained on)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config = load_run(run_dir)
     spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["input"].items()})
@@ -147,11 +119,11 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    images = _parity_images(spec)
+    images = _parity_images(data or config["train"]["data"], spec)
     with torch.no_grad():
         example_code = encoder(images[:2])
-    _export(encoder, images[:2], tmp / "model.onnx", "image", "code")
-    _export(decoder, example_code, tmp / DECODER_FILE, "code", "image")
+    export_onnx(encoder, images[:2], tmp / "model.onnx", "image", "code")
+    export_onnx(decoder, example_code, tmp / DECODER_FILE, "code", "image")
     parity = check_parity(encoder, decoder, tmp / "model.onnx", tmp / DECODER_FILE, images)
     if parity["encoder_max_abs_diff"] > TOLERANCE or parity["decoder_max_abs_diff"] > TOLERANCE \
             or parity["support_agreement"] < 0.99:
@@ -189,32 +161,3 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from protocol.errors import PricError
-
-    p = argparse.ArgumentParser(prog="python -m training.sparse_export", description="export a sparse run to ONNX")
-    p.add_argument("run_dir")
-    p.add_argument("--out", required=True)
-    p.add_argument("--name")
-    p.add_argument("--version")
-    p.add_argument("--k-fake", type=int, default=None, help="fake non-zeros per map in the card (default: the run's)")
-    p.add_argument("--value-bits", type=int, default=None,
-                   help="quantise released values to this many bits (card sparse.value_bits; default: float16)")
-    args = p.parse_args(argv)
-    try:
-        out = export_run(Path(args.run_dir), Path(args.out), args.name, args.version, k_fake=args.k_fake,
-                         value_bits=args.value_bits)
-    except PricError as exc:
-        print(f"pric-export: {exc.message}", file=sys.stderr)
-        return exc.exit_code
-    print(f"exported {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,10 +4,10 @@ For a sparse training run (torch checkpoint, so the test-time k is free) and the
 test photos: the code at each test-time k, packed with `protocol.sparse_code.pack_compact`
 at each value_bits (and float16 values), unpacked and decoded; PSNR / SSIM of that
 reconstruction, the measured bytes, and plain and best-of-resolutions JPEG at those bytes
-(`training.sparse_audit._jpeg_row`). No training, no ambiguation: it answers "which k and
+(`audit.sparse._jpeg_row`). No training, no ambiguation: it answers "which k and
 value_bits put the most quality into the bytes a key holder keeps".
 
-    python -m training.sparse_rate --run /work/runs/sparse-celeba-v3ft --data DIR \
+    python -m research.sparse_rate --run /work/runs/sparse-celeba-v3ft --data DIR \
         --k 15,20,24,28 --value-bits 5,6,7,8 --n 400 --out DIR
 
 Writes OUT/sparse_rate.json and prints a markdown table.
@@ -28,8 +28,9 @@ import numpy as np
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import InputSpec, SparseSpec
 from protocol.sparse_code import pack_compact, unpack_compact
-from training.data import load_faces
-from training.sparse_audit import _jpeg_row, quality
+from protocol.datasets import load_faces
+from audit.quality import image_quality as quality, unit
+from audit.sparse import _jpeg_row
 
 REPORT = "sparse_rate.json"
 
@@ -67,7 +68,8 @@ def measure(cfg: RateConfig) -> dict[str, Any]:
     import torch
 
     from training.models.sparse import top_k_per_map
-    from training.sparse_train import load_run, to_input
+    from training.data import to_input
+    from training.sparse.train import load_run
 
     t0 = time.time()
     if cfg.threads > 0:
@@ -82,8 +84,8 @@ def measure(cfg: RateConfig) -> dict[str, Any]:
     if len(test) == 0:
         raise InvalidInputError(f"{cfg.data}: the dataset has no test split (split 2)")
     pixels = test.pixels[:cfg.n]
-    ref = pixels.astype(np.float32) / 255.0
-    x, _ = to_input(torch.from_numpy(pixels), spec)
+    ref = unit(pixels)
+    x = to_input(pixels, spec)
     with torch.no_grad():
         z = torch.cat([model.encoder(x[i:i + 256]) for i in range(0, len(x), 256)])
 
@@ -134,7 +136,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.sparse_rate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m research.sparse_rate", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="sparse training run folder (config.json + checkpoint.pt)")
     p.add_argument("--data", required=True, help="dataset folder with a test split")
     p.add_argument("--out", required=True, help="folder for sparse_rate.json")

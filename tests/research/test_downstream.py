@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from training.downstream import main as downstream_main
+from research.downstream import main as downstream_main
 
 
 def test_downstream_fits_the_collectors_classifier_on_the_same_photo_sets(sample_faces, tiny_model_dir, tmp_path):

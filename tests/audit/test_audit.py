@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from protocol.model_card import load_card
-from training.audit import main
-from training.baselines import ALL_SPECS, blur_sigma, create_baseline, gaussian_kernel1d, parse_baselines
+from audit.cli import main
+from audit.baselines import ALL_SPECS, blur_sigma, create_baseline, gaussian_kernel1d, parse_baselines
 
 FAST = ["--quick", "--epochs", "2", "--recon-epochs", "1", "--min-class-samples", "2", "--no-progress"]
 
@@ -185,8 +185,8 @@ def test_live_collector_audit(live_collector, sample_faces: Path, tmp_path: Path
 
     from protocol import routes
     from protocol.wire import UploadBatch, UploadItem, encode_batch
-    from training.audit import OnnxRelease
-    from training.data import load_faces
+    from audit.cli import OnnxRelease
+    from protocol.datasets import load_faces
 
     card = load_card(live_collector.models_dir / "tiny")
     data = load_faces(sample_faces, card.input, cache_dir=tmp_path / "cache", progress=False)
@@ -202,8 +202,10 @@ def test_live_collector_audit(live_collector, sample_faces: Path, tmp_path: Path
                           headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
         assert r.status_code == 200, r.text
     out = tmp_path / "live"
+    token_file = tmp_path / "auditor.token"
+    token_file.write_text(live_collector.auditor_token + "\n")
 
-    rc = main(["--collector", live_collector.url, "--token", live_collector.auditor_token, "--model-id",
+    rc = main(["--collector", live_collector.url, "--token-file", str(token_file), "--model-id",
                card.model_id, "--probe", str(sample_faces), "--private", "Male", "--out", str(out),
                "--attacks", "linear,mlp", "--cache-dir", str(tmp_path / "cache"), *FAST])
 
@@ -221,12 +223,26 @@ def test_live_collector_audit(live_collector, sample_faces: Path, tmp_path: Path
 
 
 def test_live_audit_with_a_wrong_token_fails_cleanly(live_collector, sample_faces: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["--collector", live_collector.url, "--token", "not-a-token", "--model-id", "tiny@1", "--probe",
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRIC_AUDITOR_TOKEN", "not-a-token")
+
+    rc = main(["--collector", live_collector.url, "--model-id", "tiny@1", "--probe",
                str(sample_faces), "--private", "Male", "--out", str(tmp_path / "o"), *FAST])
 
     assert rc == 6
     assert "not-a-token" not in capsys.readouterr().err
+
+
+def test_a_token_on_the_command_line_is_refused_before_anything_runs(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--collector", "http://127.0.0.1:9", "--token", "secret-token-value", "--model-id", "tiny@1",
+               "--probe", str(tmp_path), "--private", "Male", "--out", str(tmp_path / "o")])
+
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--token-file" in err and "secret-token-value" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_several_models_are_audited_alike_and_checked_for_dominance(tiny_model_dir: Path, sample_faces: Path,
@@ -297,7 +313,7 @@ def test_models_that_read_photos_differently_are_refused(tiny_model_dir: Path, s
 
 
 def test_dominance_counts_ties_within_the_tolerance_only_when_asked() -> None:
-    from training.audit import dominance
+    from audit.cli import dominance
 
     points = [{"label": "raw", "kind": "raw", "private_acc": 0.93, "primary_acc": 0.89},
               {"label": "pric", "kind": "model", "private_acc": 0.70, "primary_acc": 0.879},
@@ -327,7 +343,7 @@ def test_a_negative_dominance_tolerance_is_refused(sample_faces: Path, tmp_path:
 def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model_dir: Path, sample_faces: Path,
                                                                       tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.audit as audit
+    import audit.cli as audit
 
     real, calls = audit.audit_release, []
 
@@ -362,7 +378,7 @@ def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model
 
 
 def test_pareto_front_keeps_only_the_undominated_points() -> None:
-    from training.report import pareto_front
+    from audit.report import pareto_front
 
     pts = [{"label": n, "private_acc": a, "primary_acc": b}
            for n, a, b in [("a", 0.70, 0.87), ("b", 0.72, 0.86), ("c", 0.74, 0.89), ("d", 0.90, 0.90),
@@ -374,7 +390,7 @@ def test_pareto_front_keeps_only_the_undominated_points() -> None:
 def test_private_verdict_is_judged_against_the_label_floor_when_it_is_higher():
     """Smiling + Heavy_Makeup already say Male at 0.80 from the true labels: a release keeping
     both cannot leak less, so the default threshold is floor + 0.05, not majority + 0.05."""
-    from training.audit import AuditConfig, verdicts
+    from audit.cli import AuditConfig, verdicts
 
     cfg = AuditConfig(out="x", private="Male", primary=("Smiling", "Heavy_Makeup"))
     rel = {"private": {"accuracy": 0.82, "majority_rate": 0.60, "label_floor": 0.80}, "primary": {},

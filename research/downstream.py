@@ -1,6 +1,6 @@
 """The collector's own classifier on a release, as a function of how many photos were uploaded.
 
-    python -m training.downstream --model exported_models/pric-male OTHER_MODEL_DIR \
+    python -m research.downstream --model exported_models/pric-male OTHER_MODEL_DIR \
         --data ../shared/data/celeba-10k --task Smiling [--n 300,1200,5000] [--draws 5]
 
 For each model folder: the client's `Extractor` turns every photo into the released array
@@ -25,7 +25,7 @@ from client.models import open_model_dir
 from client.pipeline import Extractor
 from collector.train_job import LabelledSet, TrainConfig, fit_and_score
 from protocol.errors import InvalidInputError, PricError
-from training.data import default_data_dir, load_faces
+from protocol.datasets import default_data_dir, load_faces
 
 
 def released(model_dir: Path, pixels: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -69,7 +69,7 @@ def downstream(models: Sequence[Path], data_dir: str, task: str, sizes: Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.downstream", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m research.downstream", description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", required=True, help="exported model folder(s)")
     p.add_argument("--data", default=str(default_data_dir()))
     p.add_argument("--task", default="Smiling")

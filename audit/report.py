@@ -1,16 +1,19 @@
 """The audit report: report.md (readable on its own) and PNG plots (matplotlib, Agg).
 
-    report dict (training.audit) ─► report.md  (setup, tables, verdicts)
+    report dict (audit.cli) ─► report.md  (setup, tables, verdicts)
                                 ─► plane.png  (primary accuracy vs private leakage)
     originals, reconstructions  ─► reconstructions-<release>.png (save_grid)
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from audit.config import AuditConfig
 
 PLANE_PNG = "plane.png"
 
@@ -258,10 +261,10 @@ def _live_md(report: dict[str, Any]) -> list[str]:
 
 
 def _sparse_md(sparse: dict[str, Any]) -> list[str]:
-    """The sparse-code audit (training.sparse_audit) as its own table plus the raw figures."""
-    L = ["## Sparse-code audit (training.sparse_audit)", ""]
+    """The sparse-code audit (audit.sparse) as its own table plus the raw figures."""
+    L = ["## Sparse-code audit (audit.sparse)", ""]
     try:
-        from training.sparse_audit import format_table
+        from audit.sparse import format_table
 
         L += [format_table(sparse), ""]
     except (ImportError, KeyError, TypeError):
@@ -291,3 +294,41 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         maj = next((p.get("majority_rate") for p in pts if p.get("majority_rate") is not None), None)
         plot_plane(pts, out_dir / PLANE_PNG, s.get("private", ""), s.get("primary", []), maj)
     (out_dir / "report.md").write_text(render_markdown(report) + "\n")
+
+
+# --- files ---------------------------------------------------------------------------------
+REPORT_JSON = "report.json"
+CONFIG_JSON = "audit_config.json"
+
+
+def save_config(cfg: AuditConfig) -> Path:
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_JSON).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def finish(report: dict[str, Any], cfg: AuditConfig, out_dir: Path) -> None:
+    report["complete"] = True
+    write_report(report, out_dir)
+    write_json(report, out_dir / REPORT_JSON)
+
+
+def checkpoint(report: dict[str, Any], out_dir: Path) -> None:
+    """report.json with the releases audited so far ("complete": false): a long audit that
+    fails or is stopped late keeps what it measured."""
+    write_json({**report, "complete": False}, out_dir / REPORT_JSON)
+
+
+def write_json(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)  # readers never see half a file
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,1 @@
+"""The auditor: fresh attackers, baselines, reconstruction, re-identification, reports (pric-audit)."""

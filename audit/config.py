@@ -1,0 +1,152 @@
+"""pric-audit's configuration, declared once: each field of `AuditConfig` carries its flag,
+help and parsing, and the argument parser and the config are both made from it.
+
+The config is saved beside every report (audit_config.json), tokens redacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from audit.attacks import ATTACKS
+
+ENV_TOKEN = "PRIC_AUDITOR_TOKEN"
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _baselines(text: str) -> tuple[str, ...]:
+    return ("all",) if text.strip() == "all" else _csv(text)
+
+
+def option(default: Any = MISSING, help: str = "", *, flags: Sequence[str] = (), parse: Callable[[Any], Any] | None = None,
+           **argparse_kw: Any) -> Any:
+    """A config field with its command-line option. `parse` turns the parsed value into the
+    field's (e.g. comma lists into tuples); argparse_kw go to add_argument."""
+    meta = {"help": help, "flags": tuple(flags), "parse": parse, "kw": argparse_kw}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda d=tuple(default): d, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    out: str = option(help="output folder for the report", required=True)
+    private: str = option(help="private attribute, e.g. Male", required=True)
+    primary: tuple[str, ...] = option((), "primary task attribute(s), comma-separated", parse=_csv, default_arg="")
+    models: tuple[str, ...] = option(
+        (), "exported model folder(s) (model.onnx + model_card.json). The first is the audited model (headline, "
+            "--write-card); more (the same method at other λ, a sparse_code model) are audited with the same attacks "
+            "and put on the privacy–utility plane", flags=("--model",), nargs="+", metavar="DIR", parse=tuple)
+    data: str | None = option(None, "dataset folder (CelebA layout or images/ + labels.csv)")
+    baselines: tuple[str, ...] = option((), "baseline obfuscations to audit: 'all' or e.g. blur:7,scramble:8",
+                                        flags=("--baseline", "--baselines"), parse=_baselines, default_arg="")
+    attacks: tuple[str, ...] = option(ATTACKS, "attacker kinds (linear,mlp,cnn)", parse=_csv,
+                                      default_arg=",".join(ATTACKS))
+    compare: tuple[str, ...] = option((), "other report.json files to put on the plane", nargs="*", parse=tuple)
+    write_card: bool = option(False, "write headline figures into the model card")
+    seed: int = option(0, "random seed of attackers and decoders", type=int)
+    quick: bool = option(False, "few epochs (tests, smoke runs)")
+    epochs: int | None = option(None, "attacker epochs (default 15, quick 3)", type=int)
+    recon_epochs: int | None = option(None, "decoder epochs (default 8, quick 2)", type=int)
+    baseline_epochs: int | None = option(None, "attacker epochs for baselines (default: half of --epochs, at least 3)",
+                                         type=int)
+    baseline_recon_epochs: int | None = option(
+        None, "decoder epochs for baselines (default: half of --recon-epochs, at least 1)", type=int)
+    limit: int | None = option(None, "use only the first N photos", type=int)
+    split_file: str | None = option(None, "file of 'filename split' lines (0 train, 1 validation, 2 test)")
+    cache_dir: str | None = option(None, "cache of prepared photos and raw-image references")
+    min_class_samples: int = option(5, "fewest train samples of a class an attacker is trained on", type=int)
+    max_private_acc: float | None = option(
+        None, "verdict threshold on private leakage (default: 0.05 above the majority rate, or above the label floor, "
+              "the accuracy of predicting it from the true primary labels, if higher)", type=float)
+    max_primary_drop: float = option(0.05, "allowed utility drop vs raw images", type=float)
+    max_psnr: float = option(20.0, "reconstruction PSNR (dB) above this fails", type=float)
+    max_reid_rank1: float = option(0.05, "re-identification rank-1 above this fails", type=float)
+    dominance_tolerance: float | None = option(
+        None, "accuracy difference treated as a tie when checking that the models dominate the baselines "
+              "(default: one binomial standard error of the test split, per axis)", type=float)
+    resume: bool = option(False, "reuse the releases an unfinished run with the same settings left in --out/report.json")
+    rerender: bool = option(False, "only re-write report.md and plots of an existing --out (e.g. with new --compare "
+                                   "points)")
+    no_reference: bool = option(False, "skip the raw-image reference classifier")
+    progress: bool = option(True, "hide the progress bars (stage lines stay)", flags=("--no-progress",),
+                            action="store_false")
+    threads: int = option(0, "torch CPU threads (0: all cores, or 1 when the machine is already busy)", type=int)
+    # live collector
+    collector: str | None = option(None, "collector URL (live audit)")
+    token_file: str | None = option(None, f"file holding the auditor token (live audit; or set ${ENV_TOKEN}). "
+                                          "Never on the command line, where other users see it")
+    model_id: str | None = option(None, "model id name@version (live audit)")
+    probe: str | None = option(None, "the auditor's own labelled probe set (live audit)")
+    timeout: float = option(30.0, "HTTP timeout in seconds", type=float)
+    page_size: int = option(200, "items per export page (live audit)", type=int)
+
+    @property
+    def model(self) -> str | None:
+        """The audited model: the first of `models`."""
+        return self.models[0] if self.models else None
+
+    def resolved(self) -> "AuditConfig":
+        """Epoch defaults that depend on --quick filled in."""
+        return replace(self, epochs=self.epochs if self.epochs is not None else (3 if self.quick else 15),
+                       recon_epochs=self.recon_epochs if self.recon_epochs is not None else (2 if self.quick else 8))
+
+    def to_dict(self) -> dict[str, Any]:
+        """What is saved beside the report (audit_config.json, report.json's "config")."""
+        return {**asdict(self), "model": self.model}
+
+
+def _flags(f: Field) -> tuple[str, ...]:
+    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from audit import cli
+
+    p = argparse.ArgumentParser(prog="pric-audit", description=cli.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(AuditConfig):
+        kw = dict(f.metadata["kw"])
+        default_arg = kw.pop("default_arg", None)
+        if f.type == "bool" and "action" not in kw:
+            kw["action"] = "store_true"
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None  # a required option
+        p.add_argument(*_flags(f), dest=f.name, help=f.metadata["help"],
+                       default=default_arg if default_arg is not None else default, **kw)
+    p.add_argument("--token", dest="token_on_command_line", help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> AuditConfig:
+    if getattr(ns, "token_on_command_line", None):
+        from protocol.errors import InvalidInputError
+
+        raise InvalidInputError(f"--token: pass the auditor token with --token-file FILE or ${ENV_TOKEN}, not on the "
+                                "command line (other users of this machine can read it there)")
+    values = {}
+    for f in fields(AuditConfig):
+        v = getattr(ns, f.name)
+        parse = f.metadata["parse"]
+        values[f.name] = parse(v) if parse is not None and v is not None else v
+    return AuditConfig(**values).resolved()
+
+
+_T0 = time.time()
+
+
+def say(msg: str) -> None:
+    """A stage line on stderr (kept with --no-progress, which only hides the bars)."""
+    print(f"[{time.time() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""The sparse autoencoder of the ambiguation mode: training and export."""
