@@ -52,7 +52,7 @@ from protocol.preprocess import _FILTERS, _needed_size  # noqa: E402
 def celeba_images(n: int) -> list[Path]:
     env = os.environ.get("PRIC_CELEBA")
     root = Path(env) if env else REPO.parent / "shared" / "data" / "celeba-10k"
-    folder = root / "images" if (root / "images").is_dir() else REPO / "tests" / "assets" / "sample_faces" / "images"
+    folder = root / "images" if (root / "images").is_dir() else REPO / "scripts" / "sample_faces" / "images"
     files = sorted(folder.glob("*.jpg"))
     return (files * (n // len(files) + 1))[:n]
 

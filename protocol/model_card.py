@@ -39,6 +39,12 @@ class InputSpec:
     name: str = "image"
 
 
+# Bits per released sparse value (sign + companded level): the card accepts and the codec
+# (protocol.sparse_code) packs exactly this range; finer grids than 10 bits would not
+# survive the float16 values on the wire.
+VALUE_BITS_RANGE = (2, 10)
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     """The released array of one photo (batch dimension excluded)."""
@@ -106,8 +112,9 @@ class ModelCard:
         if self.kind == "sparse_code" and self.sparse is None:
             problems.append("kind 'sparse_code' needs a 'sparse' section")
         vb = self.sparse.value_bits if self.sparse is not None else None
-        if vb is not None and (isinstance(vb, bool) or not isinstance(vb, int) or not 2 <= vb <= 16):
-            problems.append(f"sparse.value_bits {vb!r} must be an integer in [2, 16] or absent")
+        lo, hi = VALUE_BITS_RANGE
+        if vb is not None and (isinstance(vb, bool) or not isinstance(vb, int) or not lo <= vb <= hi):
+            problems.append(f"sparse.value_bits {vb!r} must be an integer in [{lo}, {hi}] or absent")
         i = self.input
         if i.height <= 0 or i.width <= 0:
             problems.append("input size must be positive")

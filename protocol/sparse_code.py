@@ -38,12 +38,13 @@ import hashlib
 import math
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from protocol.errors import KeyMismatchError, WireFormatError
-from protocol.model_card import SparseSpec
+from protocol.model_card import VALUE_BITS_RANGE, SparseSpec
 
 KEY_MAGIC = b"PK"
 KEY_VERSION = 1
@@ -52,7 +53,6 @@ INDEX_DTYPE = np.uint16
 VALUE_DTYPE = np.float16
 COMPACT_VERSION = 1
 COMPAND_POWER = 1.5  # magnitude = scale · level^1.5 (measured: better than uniform levels at 4-6 bits)
-VALUE_BITS_RANGE = (2, 10)  # finer grids than 10 bits would not survive the float16 wire values
 
 
 class SparseCodeError(WireFormatError):
@@ -142,8 +142,12 @@ def sample_fake_values(true_values: np.ndarray, n: int, rng: np.random.Generator
     return (fake_mag * signs).astype(np.float32)
 
 
+FakeSampler = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
+
+
 def ambiguate(
-    code: np.ndarray, spec: SparseSpec, rng: np.random.Generator | None = None
+    code: np.ndarray, spec: SparseSpec, rng: np.random.Generator | None = None,
+    fake_values: FakeSampler | None = None,
 ) -> tuple[AmbiguatedCode, bytes]:
     """Dense code (L, m) → (public ambiguated code, secret key bytes).
 
@@ -156,8 +160,11 @@ def ambiguate(
     onto the top level, and an attacker keeping the k largest magnitudes then decoded
     0.4 dB closer to the photo than a random guess on sparse-celeba@4's test photos.)
     A key holder recovers the compact true code with
-    `pack_compact(disambiguate(code, key, m), k, value_bits, scale=released_scale(code))`."""
+    `pack_compact(disambiguate(code, key, m), k, value_bits, scale=released_scale(code))`.
+    `fake_values(true_values, n, rng)` draws a map's fake values (default and on every
+    device: `sample_fake_values`; research runners compare other samplers through it)."""
     rng = rng or os_rng()
+    fake_values = fake_values or sample_fake_values
     code = np.asarray(code, dtype=np.float32)
     if code.shape != (spec.L, spec.m):
         raise SparseCodeError(f"code has shape {code.shape}, expected {(spec.L, spec.m)}")
@@ -171,7 +178,7 @@ def ambiguate(
         free = np.setdiff1d(np.arange(spec.m), t, assume_unique=True)
         f = rng.choice(free, size=spec.k_fake, replace=False)
         tv = code[l, t]
-        fv = sample_fake_values(tv, spec.k_fake, rng)
+        fv = fake_values(tv, spec.k_fake, rng)
         pos = np.concatenate([t, f])
         val = np.concatenate([tv, fv])
         is_true = np.concatenate([np.ones(spec.k, bool), np.zeros(spec.k_fake, bool)])

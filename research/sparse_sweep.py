@@ -23,7 +23,6 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from unittest import mock
 
 import numpy as np
 
@@ -83,8 +82,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         for k_fake in cfg.k_fakes:
             spec = replace(card.sparse, k_fake=k_fake)
             rng = np.random.default_rng(cfg.seed)
-            with mock.patch.object(sparse_code, "sample_fake_values", SAMPLERS[sampler]):
-                pairs = [sparse_code.ambiguate(c, spec, rng) for c in codes]
+            pairs = [sparse_code.ambiguate(c, spec, rng, fake_values=SAMPLERS[sampler]) for c in codes]
             truth = [sparse_code.unpack_key(key)[0] for _, key in pairs]
             # what a key holder decodes: the true values as released (on the card's value grid if it has one)
             held = np.stack([sparse_code.disambiguate(a, key, spec.m) for a, key in pairs])

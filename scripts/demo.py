@@ -27,7 +27,7 @@ from protocol.datasets import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SAMPLE_FACES = REPO / "tests" / "assets" / "sample_faces"
+SAMPLE_FACES = Path(__file__).resolve().parent / "sample_faces"  # the demo's bundled photos
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = Path(__file__).resolve().parent / "assets"
-SAMPLE_FACES = ASSETS / "sample_faces"
+# 48 celeba-10k thumbnails with labels, bundled with the demo (scripts/) and used by the tests
+SAMPLE_FACES = REPO / "scripts" / "sample_faces"
 
 
 def celeba_path() -> Path:
@@ -94,7 +94,7 @@ def live_collector(tmp_path: Path, tiny_model_dir: Path):
     data_dir = tmp_path / "collector-data"
     app = create_app({"DATA_DIR": str(data_dir), "MODELS_DIR": str(tiny_model_dir), "TESTING": True})
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield SimpleNamespace(
@@ -108,3 +108,32 @@ def live_collector(tmp_path: Path, tiny_model_dir: Path):
     finally:
         server.shutdown()
         thread.join(timeout=5)
+
+
+# --- a tiny sparse autoencoder run and its export (training, audit and research tests) ----
+SPARSE_TINY = ["--L", "2", "--m", "32", "--k", "4", "--k-train", "6", "--k-fake", "4", "--channels", "8,8,8",
+               "--batch-size", "16", "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, sample_faces: Path) -> Path:
+    run = tmp_path_factory.mktemp("sparse") / "run"
+    from training.sparse import train as sparse_train
+
+    rc = sparse_train.main(["--mode", "sparse", "--data", str(sample_faces), "--epochs", "2", "--out", str(run),
+                            "--device", "cpu", "--seed", "1", *SPARSE_TINY])
+    assert rc == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run: Path) -> Path:
+    from training.sparse import export as sparse_export
+
+    return sparse_export.export_run(tiny_run, tiny_run.parent / "exported" / "sparse-tiny", None, "t1")
+
+
+@pytest.fixture(scope="session")
+def sparse_tiny_flags() -> list[str]:
+    """The tiny sparse settings of `tiny_run`, for tests that train beside it."""
+    return list(SPARSE_TINY)

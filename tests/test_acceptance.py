@@ -38,6 +38,7 @@ def test_a_model_is_shipped():
     assert "features" in kinds
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_forty_photos_and_a_corrupt_file_end_to_end(celeba_dir: Path, tmp_path: Path):
     album = tmp_path / "album"

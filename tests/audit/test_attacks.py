@@ -41,6 +41,7 @@ def _signal_maps(n: int, seed: int, strength: float) -> tuple[np.ndarray, np.nda
     return x, y
 
 
+@pytest.mark.slow
 def test_attacks_learn_a_separable_signal() -> None:
     x, y = _signal_maps(600, seed=1, strength=3.0)
 
@@ -70,6 +71,7 @@ def test_cnn_is_skipped_for_flat_inputs() -> None:
     assert res["kinds"] == ["linear", "mlp"]
 
 
+@pytest.mark.slow
 def test_multi_attribute_reports_each_attribute() -> None:
     rng = np.random.default_rng(4)
     n = 500

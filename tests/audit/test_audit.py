@@ -88,6 +88,7 @@ def test_baseline_factory_rejects_unknown_names_and_bad_sizes() -> None:
 
 
 # --- pric-audit on the bundled thumbnails ---------------------------------------------------
+@pytest.mark.slow
 def test_audit_writes_report_plots_and_card(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path) -> None:
     model = tiny_model_dir / "tiny"
     out = tmp_path / "out"
@@ -245,6 +246,7 @@ def test_a_token_on_the_command_line_is_refused_before_anything_runs(tmp_path: P
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_several_models_are_audited_alike_and_checked_for_dominance(tiny_model_dir: Path, sample_faces: Path,
                                                                     tmp_path: Path) -> None:
     import shutil
@@ -275,6 +277,7 @@ def test_several_models_are_audited_alike_and_checked_for_dominance(tiny_model_d
     assert "dominate every baseline" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_compare_brings_the_other_reports_baselines_into_the_dominance_check(tiny_model_dir: Path,
                                                                             sample_faces: Path, tmp_path: Path) -> None:
     common = ["--data", str(sample_faces), "--private", "Male", "--primary", "Smiling", "--attacks", "linear",

@@ -40,6 +40,7 @@ def test_corrupt_photo_is_skipped(sample_faces, tmp_path):
     assert data.filenames == ["a.jpg", "b.jpg"] and data.attr("Smiling").tolist() == [1, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_celeba_layout_split_sizes(celeba_dir, tmp_path):
     data = load_faces(celeba_dir, spec=InputSpec(height=16, width=16), cache_dir=tmp_path, progress=False)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 from research.downstream import main as downstream_main
 
 
+@pytest.mark.slow
 def test_downstream_fits_the_collectors_classifier_on_the_same_photo_sets(sample_faces, tiny_model_dir, tmp_path):
     """Two folders with the same model get the same accuracies (every model is scored on
     the same draws of photos); one row per kind, size and model; accuracies are fractions."""

@@ -24,6 +24,7 @@ def run_dir(sample_faces, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_export_writes_checked_onnx_and_a_card_matching_torch(run_dir, sample_faces, tmp_path):
     out = tmp_path / "models" / "pric-test"
     assert export_main([str(run_dir), "--out", str(out), "--name", "pric-test", "--version", "7"]) == 0
@@ -63,6 +64,7 @@ def test_sparse_runs_are_delegated(tmp_path, monkeypatch):
     assert calls == [(tmp_path, tmp_path / "o", "s", None)]
 
 
+@pytest.mark.slow
 def test_decision_release_exports_only_the_primary_decisions(sample_faces, tmp_path):
     """`+decision`: the model a participant runs outputs one 0/1 value per primary task,
     the co-trained heads' decisions on the extractor body's map, in torch and in ONNX."""
@@ -93,6 +95,7 @@ def test_decision_release_needs_primary_tasks(sample_faces, tmp_path, capsys):
     assert rc == 2 and "--primary" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["lite", "fast", "patch"])
 def test_cheaper_extractor_archs_train_export_and_match_torch(arch, sample_faces, tmp_path):
     """--arch is saved in the run's config, rebuilt by export, and the ONNX graph matches

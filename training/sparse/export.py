@@ -28,7 +28,7 @@ from torch import nn
 
 from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import InputSpec, ModelCard, OutputSpec, SparseSpec, sha256_file
-from protocol.sparse_code import VALUE_BITS_RANGE
+from protocol.model_card import VALUE_BITS_RANGE
 from protocol.datasets import load_faces
 from training.data import to_input
 from training.export import OPSET, export_onnx, onnx_outputs
