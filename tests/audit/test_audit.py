@@ -106,7 +106,8 @@ def test_audit_writes_report_plots_and_card(tiny_model_dir: Path, sample_faces: 
     rel = report["releases"][0]
     assert set(rel["private"]) >= {"linear", "cnn", "reconstruct", "accuracy", "strongest", "majority_rate"}
     assert rel["private"]["accuracy"] == max(rel["private"][k] for k in ("linear", "cnn", "multi_label", "reconstruct"))
-    assert 0.0 <= rel["primary"]["Smiling"]["accuracy"] <= 1.0
+    smiling = rel["primary"]["Smiling"]
+    assert smiling["accuracy"] == max(smiling[k] for k in smiling["kinds"]) and smiling["strongest"] in smiling["kinds"]
     assert len(rel["attributes"]["accuracy"]) == len(report["setup"]["attr_names"]) == 40
     assert rel["reconstruction"]["psnr"] > 0 and -1 <= rel["reconstruction"]["ssim"] <= 1
     assert "rank1" in rel["reid"] and "rank1" in report["raw_reference"]["reid"]
@@ -216,7 +217,9 @@ def test_live_collector_audit(live_collector, sample_faces: Path, tmp_path: Path
     assert live["n_pulled"] == len(data)
     assert live["n_participants"] == 2
     assert live["n_labelled"] == sum(1 for i in range(len(data)) if i % 4 < 2)
-    assert 0.0 <= live["pulled_accuracy"] <= 1.0
+    assert live["pulled_accuracy"] == live["per_attack"][live["strongest"]]["pulled_accuracy"]
+    n = live["n_labelled"]
+    assert live["pulled_accuracy"] * n == pytest.approx(round(live["pulled_accuracy"] * n), abs=1e-6)
     assert set(live["per_attack"]) == {"linear", "mlp"}
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".md"):

@@ -53,7 +53,11 @@ def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path,
     gap = rec["authorised_k"]["psnr"] - rec["jpeg_true_code_bytes"]["psnr"]
     assert report["goals"]["authorised_beats_jpeg_by_3db"] == (gap >= 3.0)
     assert "true code's" in sparse_audit.format_table(report)
-    assert 0.0 <= report["support_recovery"]["k_largest"] <= 1.0
+    # a mean over test photos of (true entries picked) / (L·k): a multiple of 1 / (n_test·L·k)
+    units = report["n_test"] * card.sparse.L * card.sparse.k
+    for how in ("k_largest", "k_smallest", "random"):
+        got = report["support_recovery"][how] * units
+        assert got == pytest.approx(round(got), abs=1e-6)
     assert report["support_recovery"]["chance"] == card.sparse.k / card.sparse.k_prime
     assert set(report["classifiers"]) == {"Smiling", "Male"}
     assert report["headline"]["private_acc"] == report["classifiers"]["Male"]["ambiguated_code"]

@@ -27,7 +27,8 @@ def test_sweep_measures_each_sampler_and_k_fake(tiny_export: Path, sample_faces:
     for row in report["rows"]:
         assert row["wire_bytes"] == card.sparse.L * (card.sparse.k + row["k_fake"]) * 4
         assert row["chance"] == card.sparse.k / (card.sparse.k + row["k_fake"])
-        assert 0.0 <= row["largest"]["recovery"] <= 1.0 and np.isfinite(row["as_is"]["psnr"])
+        got = row["largest"]["recovery"] * 8 * card.sparse.L * card.sparse.k  # a mean over 8 photos of hits / (L·k)
+        assert got == pytest.approx(round(got), abs=1e-6) and np.isfinite(row["as_is"]["psnr"])
     interp = [r for r in report["rows"] if r["sampler"] == "interp"]
     # the flaw the bootstrap sampler removes: the largest magnitude is a true value (up to float16 ties)
     assert all(r["largest_value_is_true"] >= 0.85 for r in interp)
