@@ -20,7 +20,8 @@ dominance), baselines, sparse (the ambiguated sparse code), live (a running coll
 report (files).
 
 Exit codes: 0 ok (verdicts are in the report), 2 bad input, 4 model integrity/unknown
-model, 6 auth, 9 collector unreachable, 1 other PRIC errors.
+model, 6 auth, 7 not found, 8 rate-limited after retries, 9 collector unreachable, 1 other
+PRIC errors.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Issue-3 experiments: train a PRIC method, freeze it, and judge it with fresh attackers.
+"""PRIC method experiments: train a method, freeze it, and judge it with fresh attackers.
 
 One row per call, appended to a JSONL file (docs/results-pric.md is built from it):
 
   1. train with pric-train's options (or reuse `--run-dir` that already holds a run);
   2. freeze the extractor, extract features of the train/val/test splits (eval mode);
-  3. private attributes: the strongest fresh attacker (training/attacks.py: linear, MLP,
+  3. private attributes: the strongest fresh attacker (audit/attacks.py: linear, MLP,
      CNN on the feature map) trained on train, selected on val, reported on test;
   4. primary tasks: the strongest fresh classifier, the same way;
   5. label floor: predicting each private attribute from the *true* primary labels alone

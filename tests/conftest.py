@@ -13,8 +13,9 @@ SAMPLE_FACES = REPO / "scripts" / "sample_faces"
 
 
 def celeba_path() -> Path:
-    """celeba-10k: $PRIC_CELEBA, else ../shared/data/celeba-10k beside the checkout."""
-    env = os.environ.get("PRIC_CELEBA")
+    """celeba-10k: $PRIC_CELEBA, else $PRIC_DATA (what the commands read), else
+    ../shared/data/celeba-10k beside the checkout."""
+    env = os.environ.get("PRIC_CELEBA") or os.environ.get("PRIC_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data" / "celeba-10k"
 
 

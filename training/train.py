@@ -438,7 +438,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pric-train features", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pric-train features", description=" ".join(__doc__.split("\n\n")[0].split()))
     d = TrainConfig(data="", out="")
     p.add_argument("--mode", choices=("pric", "features"), default="pric", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(default_data_dir()), help="dataset folder (CelebA or images/+labels.csv)")

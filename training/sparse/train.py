@@ -1,4 +1,4 @@
-"""Train the sparse ambiguation autoencoder (`pric-train --mode sparse ...`).
+"""Train the sparse ambiguation autoencoder (`pric-train sparse ...`).
 
 BCE between sigmoid outputs and the [0, 1] pixels (as the paper), Adam 2e-3, train split
 only; the checkpoint with the best validation PSNR at the test-time k is kept.
@@ -67,7 +67,7 @@ class SparseTrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pric-train sparse", description=__doc__.splitlines()[0])
-    p.add_argument("--mode", default="sparse", choices=["sparse"])
+    p.add_argument("--mode", default="sparse", choices=["sparse"], help=argparse.SUPPRESS)  # earlier releases' spelling
     p.add_argument("--data", required=True, help="dataset folder (CelebA or generic layout)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--epochs", type=int, default=SparseTrainConfig.epochs)
