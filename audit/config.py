@@ -1,5 +1,6 @@
 """pric-audit's configuration, declared once: each field of `AuditConfig` carries its flag,
-help and parsing, and the argument parser and the config are both made from it.
+help and parsing (protocol.config), and the argument parser and the config are both made
+from it.
 
 The config is saved beside every report (audit_config.json), tokens redacted.
 """
@@ -9,31 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from audit.attacks import ATTACKS
+from protocol.config import add_options, from_namespace, option
+from protocol.config import csv_names as _csv
 
 ENV_TOKEN = "PRIC_AUDITOR_TOKEN"
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
 def _baselines(text: str) -> tuple[str, ...]:
     return ("all",) if text.strip() == "all" else _csv(text)
-
-
-def option(default: Any = MISSING, help: str = "", *, flags: Sequence[str] = (), parse: Callable[[Any], Any] | None = None,
-           **argparse_kw: Any) -> Any:
-    """A config field with its command-line option. `parse` turns the parsed value into the
-    field's (e.g. comma lists into tuples); argparse_kw go to add_argument."""
-    meta = {"help": help, "flags": tuple(flags), "parse": parse, "kw": argparse_kw}
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda d=tuple(default): d, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -104,28 +92,12 @@ class AuditConfig:
         return {**asdict(self), "model": self.model}
 
 
-def _flags(f: Field) -> tuple[str, ...]:
-    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from audit import cli
 
     p = argparse.ArgumentParser(prog="pric-audit", description=cli.__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(AuditConfig):
-        kw = dict(f.metadata["kw"])
-        default_arg = kw.pop("default_arg", None)
-        if f.type == "bool" and "action" not in kw:
-            kw["action"] = "store_true"
-        if f.default is not MISSING:
-            default = f.default
-        elif f.default_factory is not MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = None  # a required option
-        p.add_argument(*_flags(f), dest=f.name, help=f.metadata["help"],
-                       default=default_arg if default_arg is not None else default, **kw)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    add_options(p, AuditConfig)
     p.add_argument("--token", dest="token_on_command_line", help=argparse.SUPPRESS)
     return p
 
@@ -136,12 +108,7 @@ def config_from_args(ns: argparse.Namespace) -> AuditConfig:
 
         raise InvalidInputError(f"--token: pass the auditor token with --token-file FILE or ${ENV_TOKEN}, not on the "
                                 "command line (other users of this machine can read it there)")
-    values = {}
-    for f in fields(AuditConfig):
-        v = getattr(ns, f.name)
-        parse = f.metadata["parse"]
-        values[f.name] = parse(v) if parse is not None and v is not None else v
-    return AuditConfig(**values).resolved()
+    return from_namespace(AuditConfig, ns).resolved()
 
 
 _T0 = time.time()

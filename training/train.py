@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from protocol.config import add_options, csv_names, from_namespace, option
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import InputSpec
 from training import losses
@@ -103,28 +104,38 @@ def parse_method(text: str) -> Method:
     )
 
 
+ARCH_HELP = ("extractor body (training/models/extractor.py): base (3 convs before the feature conv); lite (2); "
+             "fast (the third with stride 2); patch (a 4x4 stride-4 stem: the cheapest on device, pric-male@5's)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str
-    out: str
-    private: tuple[str, ...] = ("Male",)
-    primary: tuple[str, ...] = ("Smiling", "Heavy_Makeup")
-    lam: float = 0.1
-    epochs: int = 10
-    method: str = "entropy"
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    adv_weight: float = 1.0
-    primary_weight: float = 1.0
-    penalty_weight: float = 1.0
-    width: int = 32
-    feat_channels: int = 16
-    arch: str = "base"
-    max_batches: int = 0
-    limit: int = 0
+    """`pric-train features`: every option declared here once (protocol.config); saved as
+    the run's config.json."""
+
+    out: str = option(help="run folder: config.json, metrics.jsonl, checkpoint.pt")
+    data: str = option(None, "dataset folder (CelebA or images/+labels.csv; default: $PRIC_DATA, else "
+                             "../shared/data/celeba-10k)")
+    private: tuple[str, ...] = option(("Male",), "private attribute(s), comma-separated", parse=csv_names,
+                                      default_arg="Male")
+    primary: tuple[str, ...] = option(("Smiling", "Heavy_Makeup"), "primary task attribute(s), comma-separated",
+                                      parse=csv_names, default_arg="Smiling,Heavy_Makeup")
+    lam: float = option(0.1, "weight of the JSD MI term (paper λ)", flags=("--lambda",), type=float)
+    epochs: int = option(10, "training epochs", type=int)
+    method: str = option("entropy", f"'+'-joined parts of: {', '.join(METHOD_PARTS)}")
+    seed: int = option(0, "random seed", type=int)
+    device: str = option("auto", "auto (cuda when available), cpu or cuda")
+    batch_size: int = option(128, "batch size", type=int)
+    lr: float = option(1e-3, "Adam learning rate", type=float)
+    weight_decay: float = option(1e-4, "Adam weight decay", type=float)
+    adv_weight: float = option(1.0, "weight of the adversarial term", type=float)
+    primary_weight: float = option(1.0, "weight of the primary heads' loss", type=float)
+    penalty_weight: float = option(1.0, "weight of mmd/dcor penalties", type=float)
+    width: int = option(32, "channels of the extractor body", type=int)
+    feat_channels: int = option(16, "channels of the released feature map", type=int)
+    arch: str = option("base", ARCH_HELP, choices=ARCHS)
+    max_batches: int = option(0, "cap batches per epoch (smoke tests)", type=int)
+    limit: int = option(0, "use only the first N images (smoke tests)", type=int)
     mode: str = "pric"
     input: InputSpec = field(default_factory=InputSpec)
 
@@ -433,54 +444,25 @@ def fit_eraser(extractor: Extractor, pixels: np.ndarray, u: np.ndarray, spec: In
 
 # --- CLI -----------------------------------------------------------------------------
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pric-train features", description=" ".join(__doc__.split("\n\n")[0].split()))
-    d = TrainConfig(data="", out="")
+    p = argparse.ArgumentParser(prog="pric-train features", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                allow_abbrev=False)
     p.add_argument("--mode", choices=("pric", "features"), default="pric", help=argparse.SUPPRESS)
-    p.add_argument("--data", default=str(default_data_dir()), help="dataset folder (CelebA or images/+labels.csv)")
-    p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, checkpoint.pt")
-    p.add_argument("--private", default="Male", help="private attribute(s), comma-separated")
-    p.add_argument("--primary", default="Smiling,Heavy_Makeup", help="primary task attribute(s), comma-separated")
-    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the JSD MI term (paper λ)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--method", default=d.method, help=f"'+'-joined parts of: {', '.join(METHOD_PARTS)}")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--adv-weight", type=float, default=d.adv_weight, help="weight of the adversarial term")
-    p.add_argument("--primary-weight", type=float, default=d.primary_weight)
-    p.add_argument("--penalty-weight", type=float, default=d.penalty_weight, help="weight of mmd/dcor penalties")
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--feat-channels", type=int, default=d.feat_channels)
-    p.add_argument("--arch", choices=ARCHS, default=d.arch,
-                   help="extractor body (training/models/extractor.py): base (3 convs before the feature conv); "
-                   "lite (2); fast (the third with stride 2); patch (a 4x4 stride-4 stem: the cheapest on device, "
-                   "pric-male@5's)")
-    p.add_argument("--max-batches", type=int, default=0, help="cap batches per epoch (smoke tests)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke tests)")
-    p.add_argument("--no-progress", action="store_true")
+    add_options(p, TrainConfig)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    method = parse_method(args.method)
-    if args.epochs < 1 or args.batch_size < 2:
+    cfg = from_namespace(TrainConfig, args)
+    if not cfg.data:
+        cfg = replace(cfg, data=str(default_data_dir()))
+    method = parse_method(cfg.method)
+    if cfg.epochs < 1 or cfg.batch_size < 2:
         raise InvalidInputError("--epochs must be >= 1 and --batch-size >= 2")
-    if method.decision and not _names(args.primary):
+    if method.decision and not cfg.primary:
         raise InvalidInputError("--method ...+decision releases the primary tasks' decisions: name them with --primary")
-    return TrainConfig(
-        data=args.data, out=args.out, private=_names(args.private), primary=_names(args.primary), lam=args.lam,
-        epochs=args.epochs, method=args.method, seed=args.seed, device=args.device, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, adv_weight=args.adv_weight, primary_weight=args.primary_weight,
-        penalty_weight=args.penalty_weight, width=args.width, feat_channels=args.feat_channels, arch=args.arch,
-        max_batches=args.max_batches, limit=args.limit,
-    )
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from protocol.config import add_options, from_namespace, option
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import InputSpec, SparseSpec
 from protocol.datasets import FaceData, load_faces
@@ -33,26 +34,42 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
 
+LOSSES = ("bce", "mse")
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in str(text).split(","))
+    except ValueError:
+        raise InvalidInputError(f"--channels {text!r} must be comma-separated integers") from None
+
+
 @dataclass(frozen=True)
 class SparseTrainConfig:
-    data: str
-    out: str
-    epochs: int = 12
-    L: int = 4
-    m: int = 256
-    k_train: int = 10
-    k: int = 10
-    k_fake: int = 10
-    channels: tuple[int, ...] = (32, 64, 64)
-    size: int = 64
-    batch_size: int = 64
-    lr: float = 2e-3
-    device: str = "auto"
-    seed: int = 0
-    threads: int = 2
-    limit: int | None = None
-    loss: str = "bce"
-    init: str | None = None
+    """`pric-train sparse`: every option declared here once (protocol.config); saved in the
+    run's config.json under "train"."""
+
+    data: str = option(help="dataset folder (CelebA or generic layout)")
+    out: str = option(help="run folder to write")
+    epochs: int = option(12, "training epochs", type=int)
+    L: int = option(4, "number of code maps", type=int)
+    m: int = option(256, "length of each code map", type=int)
+    k_train: int | None = option(None, "non-zeros per map while training (default: --k)", type=int)
+    k: int = option(10, "non-zeros per map at test time (exported)", type=int)
+    k_fake: int | None = option(None, "fake non-zeros added by ambiguation (default: --k)", type=int)
+    channels: tuple[int, ...] = option((32, 64, 64), "channels of the down-sampling blocks, comma separated",
+                                       parse=_channels, default_arg="32,64,64")
+    size: int = option(64, "input side in pixels", type=int, choices=[64, 128])
+    batch_size: int = option(64, "batch size", type=int)
+    lr: float = option(2e-3, "Adam learning rate", type=float)
+    device: str = option("auto", "auto (cuda when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
+    seed: int = option(0, "random seed", type=int)
+    threads: int = option(2, "CPU threads for torch", type=int)
+    limit: int | None = option(None, "use only the first N photos (smoke runs)", type=int)
+    loss: str = option("bce", "bce: BCE on the sigmoid output (the paper); mse: mean squared error of the sigmoid "
+                              "output (what PSNR measures)", choices=list(LOSSES))
+    init: str | None = option(None, "warm start: a sparse run folder whose checkpoint (same model settings) "
+                                    "initialises the model")
 
     def model_config(self) -> SparseAEConfig:
         return SparseAEConfig(height=self.size, width=self.size, L=self.L, m=self.m,
@@ -66,52 +83,22 @@ class SparseTrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pric-train sparse", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="pric-train sparse", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--mode", default="sparse", choices=["sparse"], help=argparse.SUPPRESS)  # earlier releases' spelling
-    p.add_argument("--data", required=True, help="dataset folder (CelebA or generic layout)")
-    p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--epochs", type=int, default=SparseTrainConfig.epochs)
-    p.add_argument("--L", type=int, default=SparseTrainConfig.L, help="number of code maps")
-    p.add_argument("--m", type=int, default=SparseTrainConfig.m, help="length of each code map")
-    p.add_argument("--k-train", type=int, default=None, help="non-zeros per map while training (default: --k)")
-    p.add_argument("--k", type=int, default=SparseTrainConfig.k, help="non-zeros per map at test time (exported)")
-    p.add_argument("--k-fake", type=int, default=None, help="fake non-zeros added by ambiguation (default: --k)")
-    p.add_argument("--channels", type=str, default=",".join(map(str, SparseTrainConfig.channels)),
-                   help="channels of the down-sampling blocks, comma separated")
-    p.add_argument("--size", type=int, default=SparseTrainConfig.size, choices=[64, 128], help="input side in pixels")
-    p.add_argument("--batch-size", type=int, default=SparseTrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=SparseTrainConfig.lr)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=SparseTrainConfig.threads, help="CPU threads for torch")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N photos (smoke runs)")
-    p.add_argument("--loss", default=SparseTrainConfig.loss, choices=list(LOSSES),
-                   help="bce: BCE on the sigmoid output (the paper); mse: mean squared error of the sigmoid "
-                        "output (what PSNR measures)")
-    p.add_argument("--init", default=None,
-                   help="warm start: a sparse run folder whose checkpoint (same model settings) initialises the model")
-    return p
+    return add_options(p, SparseTrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> SparseTrainConfig:
-    try:
-        channels = tuple(int(c) for c in args.channels.split(","))
-    except ValueError:
-        raise InvalidInputError(f"--channels {args.channels!r} must be comma-separated integers") from None
-    cfg = SparseTrainConfig(
-        data=str(args.data), out=str(args.out), epochs=args.epochs, L=args.L, m=args.m,
-        k_train=args.k_train if args.k_train is not None else args.k, k=args.k,
-        k_fake=args.k_fake if args.k_fake is not None else args.k, channels=channels, size=args.size,
-        batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-        threads=args.threads, limit=args.limit, loss=args.loss, init=str(args.init) if args.init else None,
-    )
+    cfg = from_namespace(SparseTrainConfig, args)
+    cfg = replace(cfg, k_train=cfg.k if cfg.k_train is None else cfg.k_train,
+                  k_fake=cfg.k if cfg.k_fake is None else cfg.k_fake)
     checks = [
         (cfg.epochs >= 1, f"--epochs {cfg.epochs} must be at least 1"),
         (cfg.L >= 1 and cfg.m >= 2, f"--L {cfg.L} and --m {cfg.m} must be positive (m >= 2)"),
         (1 <= cfg.k <= cfg.m, f"--k {cfg.k} must be in [1, m={cfg.m}]"),
         (1 <= cfg.k_train <= cfg.m, f"--k-train {cfg.k_train} must be in [1, m={cfg.m}]"),
         (0 <= cfg.k_fake <= cfg.m - cfg.k, f"--k-fake {cfg.k_fake} must be in [0, m-k={cfg.m - cfg.k}]"),
-        (cfg.size % 2 ** len(channels) == 0, f"--size {cfg.size} must be divisible by 2^{len(channels)}"),
+        (cfg.size % 2 ** len(cfg.channels) == 0, f"--size {cfg.size} must be divisible by 2^{len(cfg.channels)}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -119,7 +106,6 @@ def config_from_args(args: argparse.Namespace) -> SparseTrainConfig:
     return cfg
 
 
-LOSSES = ("bce", "mse")
 
 
 def reconstruction_losses(out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
