@@ -5,13 +5,15 @@
     pric-collector stats --data-dir DIR [--json]
     pric-collector train --task Smiling --data-dir DIR [--model-id ID] [--kind logistic|mlp] [--json]
     pric-collector model list|retire MODEL_ID|activate MODEL_ID --data-dir DIR [--models-dir DIR]
+    pric-collector backup --data-dir DIR --out FILE
 
 Every command takes `--database-url` (e.g. postgresql+psycopg://user@host/pric) instead of
 the SQLite file under `--data-dir`. stats, train, token and model work on the database
 directly, with or without a running server.
 
 Exit codes: 0 ok; 1 other error; 2 bad argument or input; 3 invalid payload; 4 unknown
-or damaged model; 6 forbidden; 7 not found; 9 database unreachable.
+or damaged model; 6 forbidden; 7 not found; 9 database unreachable; 10 the database holds
+less than the collector acknowledged (lost or damaged WAL): restore a backup.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -84,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--kind", choices=["logistic", "mlp"], default="logistic")
     tr.add_argument("--json", action="store_true")
 
+    b = sub.add_parser("backup", help="a consistent copy of the SQLite database, taken while the server runs")
+    storage(b)
+    b.add_argument("--out", required=True, help="backup file to create (must not exist)")
+
     m = sub.add_parser("model", help="list, retire or reactivate models")
     msub = m.add_subparsers(dest="model_command", required=True)
     ml = msub.add_parser("list")
@@ -137,6 +144,10 @@ def _database(args: argparse.Namespace):
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
+    if args.command == "backup" and args.database_url and not args.database_url.startswith("sqlite"):
+        from collector.store import PG_BACKUP_ADVICE
+
+        raise InvalidInputError(PG_BACKUP_ADVICE)  # before connecting: the advice needs no database
     db = _database(args)
     try:
         if args.command == "token":
@@ -153,6 +164,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _train(db, args)
         if args.command == "model":
             return _model(db, args)
+        if args.command == "backup":
+            return _backup(db, args)
     finally:
         db.dispose()
     raise AssertionError(args.command)
@@ -202,12 +215,23 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"pric-collector: serving on http://{cfg.host}:{sock.getsockname()[1]} "
           f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'}"
           f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''})", flush=True)
+    db = app.extensions["pric"].db
     if cfg.workers == 1:
-        serve_socket(app, sock, cfg.threads, max_request_body_size=body_cap)
+        signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: waitress closes, then the checkpoint below
+        try:
+            serve_socket(app, sock, cfg.threads, max_request_body_size=body_cap)
+        finally:
+            db.dispose()  # checkpoints the WAL into the database file and truncates it
         return 0
-    app.extensions["pric"].db.dispose()  # no connection crosses the fork
-    return run_workers(lambda: serve_socket(create_app(config), sock, cfg.threads, max_request_body_size=body_cap),
-                       cfg.workers)
+    db.dispose()  # no connection crosses the fork
+    status = run_workers(lambda: serve_socket(create_app(config), sock, cfg.threads, max_request_body_size=body_cap),
+                         cfg.workers)
+    db.dispose()  # the workers are gone: checkpoint what they wrote
+    return status
+
+
+def _interrupt(_signum, _frame) -> None:  # noqa: ANN001 - signal handler
+    raise KeyboardInterrupt
 
 
 def _print_stats(s: dict, as_json: bool) -> None:
@@ -242,6 +266,15 @@ def _train(db, args: argparse.Namespace) -> int:
     else:
         print(f"{result['task']} on {result['model_id']}: held-out accuracy {result['accuracy']:.3f} "
               f"vs majority rate {result['majority_rate']:.3f} ({result['n_train']} train / {result['n_test']} test)")
+    return 0
+
+
+def _backup(db, args: argparse.Namespace) -> int:
+    from collector.store import backup
+
+    summary = backup(db, Path(args.out))
+    print(f"backup: {args.out} ({summary['items']} items, {summary['participants']} participants, "
+          f"{summary['bytes']} bytes; integrity check ok)")
     return 0
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import os
+import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -22,6 +25,7 @@ from collector.db import (
     participants,
     unpack_arrays,
 )
+from protocol.errors import InvalidInputError, ValidationError
 from protocol.model_card import ModelCard, wire_arrays
 from protocol.sparse_code import validate_code
 from protocol.wire import UploadBatch, array_to_npy, check_item_against
@@ -256,3 +260,46 @@ def export_items(db: Database, model_id: str, offset: int, limit: int, pseudonym
             "labels": json.loads(r.labels),
         })
     return {"model_id": model_id, "items": out, "next_offset": offset + limit if more else None}
+
+
+PG_BACKUP_ADVICE = ("backup copies SQLite databases only; for PostgreSQL run `pg_dump --format=custom "
+                    "--file=FILE DBNAME` (restore with pg_restore; see docs/collector.md)")
+
+
+def backup(db: Database, out: Path) -> dict[str, int]:
+    """A consistent copy of a SQLite collector database in one new file `out`, taken with
+    SQLite's online backup API (one step: a single read snapshot, so the server keeps
+    accepting uploads meanwhile). The copy is a self-contained rollback-journal database
+    (no -wal to forget), checked with `PRAGMA quick_check`. PostgreSQL: use pg_dump."""
+    if not db.is_sqlite or db.path is None:
+        raise InvalidInputError(PG_BACKUP_ADVICE)
+    if out.exists() or out.is_symlink():
+        raise InvalidInputError(f"--out {out}: already exists; choose a new file name")
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"--out {out}: folder {out.parent} does not exist")
+    partial = out.with_name(out.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(db.path, timeout=30)
+    dst = sqlite3.connect(partial)
+    try:
+        src.backup(dst)  # pages=-1: all at once, from one snapshot
+        dst.execute("PRAGMA journal_mode=DELETE")
+        check = dst.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise ValidationError(f"backup {out}: integrity check failed ({str(check)[:200]})")
+        summary = {
+            "items": dst.execute("SELECT count(*) FROM items").fetchone()[0],
+            "participants": dst.execute("SELECT count(*) FROM participants").fetchone()[0],
+        }
+    except BaseException:
+        dst.close()
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        src.close()
+    dst.close()
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, out)
+    summary["bytes"] = out.stat().st_size
+    return summary
