@@ -13,9 +13,12 @@ sha256 equal → every array against the model card → one transaction, idempot
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import shutil
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ from collector.registry import ModelRegistry, recorded_card
 from protocol import routes
 from protocol.errors import (
     ConflictError,
+    InsufficientStorageError,
     InvalidInputError,
     PayloadTooLargeError,
     PricError,
@@ -63,12 +67,18 @@ DEFAULTS: dict[str, Any] = {
     "TESTING": False,
     "MAX_BODY_BYTES": routes.MAX_BODY_BYTES,
     "RATE_LIMIT_PER_MIN": 600,  # per token, uploads; 0 disables
+    "READ_LIMIT_PER_MIN": 600,  # per token, GET requests; 0 disables
     "REGISTER_LIMIT_PER_MIN": 120,  # per client address; 0 disables
     "OPEN_REGISTRATION": True,
     "CURRENT_MODEL": None,  # default: newest active version found
     "UPLOAD_LIMITER": None,  # a TokenBucket shared by forked workers (default: one per app)
     "REGISTER_LIMITER": None,
+    "READ_LIMITER": None,
+    # Below this much free space in DATA_DIR, registrations and uploads are answered 507 and
+    # health reports it, rather than filling the disk's last bytes.
+    "MIN_FREE_BYTES": 32 * 1024 * 1024,
 }
+STORAGE_FULL_HOLD_S = 60.0  # health reports a disk-full error this long unless a write succeeds
 DEFAULT_EXPORT_LIMIT = 100
 
 
@@ -90,11 +100,28 @@ class CollectorState:
     registry: ModelRegistry
     upload_limiter: TokenBucket | None
     register_limiter: TokenBucket | None
+    read_limiter: TokenBucket | None
     pseudonym_secret: str
     train_lock: threading.Lock
     classifiers_dir: Path
     items_store: store.GroupCommitStore
     principals: PrincipalCache
+    data_dir: Path
+    min_free_bytes: int
+    storage_full_at: float | None = None  # monotonic time of the last disk-full error
+
+    def storage_problem(self) -> str | None:
+        """Why storing would fail now (a recent disk-full error, or too little free space), or None."""
+        if self.storage_full_at is not None and time.monotonic() - self.storage_full_at < STORAGE_FULL_HOLD_S:
+            return "the collector's storage is full (the last write failed)"
+        if self.min_free_bytes > 0:
+            try:
+                free = shutil.disk_usage(self.data_dir).free
+            except OSError:
+                return None
+            if free < self.min_free_bytes:
+                return f"the collector's data folder has {free} bytes free, less than the {self.min_free_bytes} it keeps"
+        return None
 
     def pseudonym(self, participant_id: str) -> str:
         return pseudonym(self.pseudonym_secret, participant_id)
@@ -123,16 +150,20 @@ def create_app(config: dict | None = None) -> Flask:
     db.create_all()
     rate = float(app.config["RATE_LIMIT_PER_MIN"] or 0)
     reg_rate = float(app.config["REGISTER_LIMIT_PER_MIN"] or 0)
+    read_rate = float(app.config["READ_LIMIT_PER_MIN"] or 0)
     app.extensions["pric"] = CollectorState(
         db=db,
         registry=ModelRegistry(db, app.config["MODELS_DIR"], app.config["CURRENT_MODEL"]),
         upload_limiter=app.config["UPLOAD_LIMITER"] or upload_limiter(rate),
         register_limiter=app.config["REGISTER_LIMITER"] or register_limiter(reg_rate),
+        read_limiter=app.config["READ_LIMITER"] or read_limiter(read_rate),
         pseudonym_secret=db.secret("pseudonym_secret"),
         train_lock=threading.Lock(),
         classifiers_dir=data_dir / "classifiers",
         items_store=store.GroupCommitStore(db),
         principals=PrincipalCache(),
+        data_dir=data_dir,
+        min_free_bytes=int(app.config["MIN_FREE_BYTES"] or 0),
     )
     _install_error_handlers(app)
     app.before_request(_start_timer)
@@ -146,6 +177,10 @@ def upload_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket)
 
 def register_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
     return bucket(rate_per_min, burst=max(1.0, rate_per_min / 4)) if rate_per_min > 0 else None
+
+
+def read_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
+    return bucket(rate_per_min) if rate_per_min > 0 else None
 
 
 def issue_token(app: Flask, role: str) -> str:
@@ -165,7 +200,29 @@ def authorize(*roles: str) -> Principal:
     g.principal = principal
     g.token_key = hash_token(token)  # type: ignore[arg-type]  # authenticate refused None
     require_role(principal, *roles)
+    if request.method == "GET" and state().read_limiter is not None:
+        state().read_limiter.take("read:" + g.token_key)
     return principal
+
+
+def require_storage() -> None:
+    """507 before a write when the disk is full or nearly so (nothing is stored)."""
+    problem = state().storage_problem()
+    if problem is not None:
+        raise InsufficientStorageError(f"{problem}; nothing was stored, try again later")
+
+
+def _is_storage_full(exc: BaseException) -> bool:
+    """A disk-full error from SQLite (SQLITE_FULL), PostgreSQL (SQLSTATE 53100) or the OS."""
+    for e in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if isinstance(e, sqlite3.OperationalError) and (
+                getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(e, "sqlstate", None) == "53100":
+            return True
+    return False
 
 
 def _start_timer() -> None:
@@ -214,6 +271,11 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _other(exc: Exception) -> Response:
+        if _is_storage_full(exc):
+            state().storage_full_at = time.monotonic()
+            log.error(json.dumps({"event": "storage_full", "route": request.url_rule.rule if request.url_rule
+                                  else request.path, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}))
+            return _pric(InsufficientStorageError("the collector's storage is full; nothing was stored, try again later"))
         log.exception("unhandled error on %s", request.url_rule.rule if request.url_rule else request.path)
         return _error_response(500, {"error": "internal", "message": "internal error; see the collector's log"})
 
@@ -233,7 +295,10 @@ api = Blueprint("api", __name__)
 
 
 @api.get(routes.HEALTH)
-def health() -> Response:
+def health() -> Response | tuple[Response, int]:
+    problem = state().storage_problem()
+    if problem is not None:
+        return jsonify({"status": "storage_full", "message": problem, "models": state().registry.active_ids()}), 507
     return jsonify({"status": "ok", "models": state().registry.active_ids()})
 
 
@@ -244,7 +309,9 @@ def register() -> tuple[Response, int]:
     limiter = state().register_limiter
     if limiter is not None:
         limiter.take(f"register:{request.remote_addr}")
+    require_storage()
     participant_id, token = create_participant(state().db)
+    state().storage_full_at = None
     g.principal = Principal(role=PARTICIPANT, participant_id=participant_id)
     return jsonify({"participant_id": participant_id, "token": token, "role": PARTICIPANT}), 201
 
@@ -303,10 +370,12 @@ def upload() -> Response:
         raise UnsupportedMediaTypeError(f"upload body must be {JSON_CONTENT_TYPE} or {BINARY_CONTENT_TYPE}")
     if state().upload_limiter is not None:
         state().upload_limiter.take(g.token_key)
+    require_storage()
     batch = decode_upload(request.get_data(cache=False), request.mimetype)
     reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)
     store.validate_batch(batch, reg.card)
     stored, duplicates = state().items_store.store(who.participant_id, batch)
+    state().storage_full_at = None
     g.n_items = len(batch.items)
     return jsonify({"stored": stored, "duplicates": duplicates})
 

@@ -43,6 +43,7 @@ class ServeConfig:
     workers: int
     database_url: str | None
     rate_limit_per_min: float
+    read_limit_per_min: float
     open_registration: bool
     current_model: str | None
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes sharing the port (Python runs one core per process; "
                         "rate limits are shared by all workers)")
     s.add_argument("--rate-limit", type=float, default=600, help="uploads per minute per token (0: off)")
+    s.add_argument("--read-rate-limit", type=float, default=600, help="GET requests per minute per token (0: off)")
     s.add_argument("--closed-registration", action="store_true", help="only an operator token may register participants")
     s.add_argument("--current-model", default=None, help="model id served as current (default: newest active)")
     s.add_argument("--quiet", action="store_true", help="no per-request log lines")
@@ -172,7 +174,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from collector.app import DEFAULTS, create_app, register_limiter, upload_limiter
+    from collector.app import DEFAULTS, create_app, read_limiter, register_limiter, upload_limiter
     from collector.auth import SharedTokenBucket
     from collector.prefork import listen, run_workers, serve_socket
 
@@ -184,21 +186,26 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--threads {args.threads}: must be between 1 and 256")
     if not 0 <= args.rate_limit < float("inf"):  # also refuses nan
         raise InvalidInputError(f"--rate-limit {args.rate_limit}: must be a number of uploads per minute, 0 for none")
+    if not 0 <= args.read_rate_limit < float("inf"):
+        raise InvalidInputError(f"--read-rate-limit {args.read_rate_limit}: must be a number of requests per minute, "
+                                "0 for none")
     cfg = ServeConfig(
         data_dir=args.data_dir, models_dir=args.models_dir, host=args.host, port=args.port, threads=args.threads,
         workers=args.workers, database_url=args.database_url, rate_limit_per_min=args.rate_limit,
+        read_limit_per_min=args.read_rate_limit,
         open_registration=not args.closed_registration, current_model=args.current_model,
     )
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
     config = {
         "DATA_DIR": cfg.data_dir, "MODELS_DIR": cfg.models_dir, "DATABASE_URL": cfg.database_url,
-        "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "OPEN_REGISTRATION": cfg.open_registration,
+        "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "READ_LIMIT_PER_MIN": cfg.read_limit_per_min, "OPEN_REGISTRATION": cfg.open_registration,
         "CURRENT_MODEL": cfg.current_model,
     }
     if cfg.workers > 1:  # one limit for all workers, in memory they share
         config["UPLOAD_LIMITER"] = upload_limiter(cfg.rate_limit_per_min, SharedTokenBucket)
         config["REGISTER_LIMITER"] = register_limiter(float(DEFAULTS["REGISTER_LIMIT_PER_MIN"]), SharedTokenBucket)
+        config["READ_LIMITER"] = read_limiter(cfg.read_limit_per_min, SharedTokenBucket)
     app = create_app(config)  # creates the tables once, before any worker starts
     saved = asdict(cfg)
     if saved["database_url"]:

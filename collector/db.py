@@ -323,7 +323,13 @@ class Database:
                         "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = ? RETURNING value",
                         (COMMIT_SEQ_KEY,)).scalar_one())
             if commits is not None:
-                self._write_high_water(commits)
+                try:
+                    self._write_high_water(commits)
+                except OSError as exc:  # disk full: the commit stands; the file lags, which only weakens the check
+                    import logging
+
+                    logging.getLogger("collector").error(json.dumps(
+                        {"event": "high_water_not_written", "reason": f"{type(exc).__name__}: {exc.strerror}"}))
             if self.path is not None and time.monotonic() - self._last_checkpoint > CHECKPOINT_INTERVAL_S:
                 # Periodically, so that the main file never lags far behind the WAL
                 # (PASSIVE: copies what no reader needs, never waits).

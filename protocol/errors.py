@@ -133,6 +133,13 @@ class ServerUnavailableError(PricError):
     code = "unavailable"
 
 
+class InsufficientStorageError(ServerUnavailableError):
+    """The collector's disk (or database) is full: nothing was stored; try again later."""
+
+    http_status = 507
+    code = "insufficient_storage"
+
+
 class ConflictError(PricError):
     http_status = 409
     exit_code = 4
