@@ -14,6 +14,7 @@ sha256 equal → every array against the model card → one transaction, idempot
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ from collector.db import Database, default_database_url
 from collector.registry import ModelRegistry, recorded_card
 from protocol import routes
 from protocol.errors import (
+    AuthError,
     ConflictError,
     InsufficientStorageError,
     InvalidInputError,
@@ -69,7 +71,15 @@ DEFAULTS: dict[str, Any] = {
     "RATE_LIMIT_PER_MIN": 600,  # per token, uploads; 0 disables
     "READ_LIMIT_PER_MIN": 600,  # per token, GET requests; 0 disables
     "REGISTER_LIMIT_PER_MIN": 120,  # per client address; 0 disables
-    "OPEN_REGISTRATION": True,
+    "OPEN_REGISTRATION": True,  # used when REGISTRATION is None: True = "open", False = "closed"
+    # "open": anyone may register; "invite": an invite code or the enrolment secret in the
+    # X-Pric-Enrolment header (or an operator token); "closed": an operator token only.
+    # `pric-collector serve` chooses "open" on a loopback address, else "invite".
+    "REGISTRATION": None,
+    "ENROLMENT_SECRET": None,  # set by the operator through a file or the environment, never argv
+    "QUOTA_ITEMS": routes.DEFAULT_QUOTA_ITEMS,  # per participant and model; 0: no limit
+    "QUOTA_BYTES": routes.DEFAULT_QUOTA_BYTES,
+    "LABELS": None,  # the label schema; None: each model card's tasks, else store.DEFAULT_LABELS
     "CURRENT_MODEL": None,  # default: newest active version found
     "UPLOAD_LIMITER": None,  # a TokenBucket shared by forked workers (default: one per app)
     "REGISTER_LIMITER": None,
@@ -80,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
 }
 STORAGE_FULL_HOLD_S = 60.0  # health reports a disk-full error this long unless a write succeeds
 DEFAULT_EXPORT_LIMIT = 100
+REGISTRATION_MODES = ("open", "invite", "closed")
+MIN_ENROLMENT_SECRET_CHARS = 16
 
 
 class LengthRequiredError(WireFormatError):
@@ -108,6 +120,10 @@ class CollectorState:
     principals: PrincipalCache
     data_dir: Path
     min_free_bytes: int
+    registration: str
+    enrolment_secret: str | None
+    quota: store.Quota
+    labels: tuple[str, ...] | None
     storage_full_at: float | None = None  # monotonic time of the last disk-full error
 
     def storage_problem(self) -> str | None:
@@ -146,6 +162,16 @@ def create_app(config: dict | None = None) -> Flask:
     # Werkzeug's own guard as a second line behind the Content-Length check.
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
 
+    registration = app.config["REGISTRATION"] or ("open" if app.config["OPEN_REGISTRATION"] else "closed")
+    if registration not in REGISTRATION_MODES:
+        raise InvalidInputError(f"registration mode {registration!r} must be one of {', '.join(REGISTRATION_MODES)}")
+    secret = app.config["ENROLMENT_SECRET"] or None
+    if secret is not None and len(secret) < MIN_ENROLMENT_SECRET_CHARS:
+        raise InvalidInputError(f"the enrolment secret must have at least {MIN_ENROLMENT_SECRET_CHARS} characters")
+    labels = tuple(app.config["LABELS"]) if app.config["LABELS"] else None
+    for name in labels or ():
+        if not isinstance(name, str) or not LABEL_NAME_RE.match(name):
+            raise InvalidInputError(f"label {name!r}: must match {LABEL_NAME_RE.pattern}")
     db = Database(app.config["DATABASE_URL"])
     db.create_all()
     rate = float(app.config["RATE_LIMIT_PER_MIN"] or 0)
@@ -164,6 +190,10 @@ def create_app(config: dict | None = None) -> Flask:
         principals=PrincipalCache(),
         data_dir=data_dir,
         min_free_bytes=int(app.config["MIN_FREE_BYTES"] or 0),
+        registration=registration,
+        enrolment_secret=secret,
+        quota=store.Quota(items=int(app.config["QUOTA_ITEMS"] or 0), bytes=int(app.config["QUOTA_BYTES"] or 0)),
+        labels=labels,
     )
     _install_error_handlers(app)
     app.before_request(_start_timer)
@@ -304,16 +334,37 @@ def health() -> Response | tuple[Response, int]:
 
 @api.post(routes.REGISTER)
 def register() -> tuple[Response, int]:
-    if not current_app.config["OPEN_REGISTRATION"]:
-        authorize(OPERATOR)
     limiter = state().register_limiter
-    if limiter is not None:
+    if limiter is not None:  # first: also bounds guesses of invite codes and the secret
         limiter.take(f"register:{request.remote_addr}")
+    invite = _registration_credential()
     require_storage()
-    participant_id, token = create_participant(state().db)
+    participant_id, token = create_participant(state().db, invite=invite)
     state().storage_full_at = None
     g.principal = Principal(role=PARTICIPANT, participant_id=participant_id)
     return jsonify({"participant_id": participant_id, "token": token, "role": PARTICIPANT}), 201
+
+
+def _registration_credential() -> str | None:
+    """Check who may register under the collector's policy; returns an invite code to
+    spend with the registration (None when none is needed)."""
+    mode = state().registration
+    if mode == "open":
+        return None
+    if request.headers.get(routes.AUTH_HEADER):
+        authorize(OPERATOR)  # an operator may always register participants
+        return None
+    credential = request.headers.get(routes.ENROLMENT_HEADER, "").strip()
+    if mode == "closed":
+        raise AuthError("registration is closed: an operator token is needed")
+    if not credential:
+        raise AuthError(f"registration needs an invite code or the enrolment secret ({routes.ENROLMENT_HEADER} header)")
+    if len(credential) > 256:
+        raise AuthError("invalid invite code or enrolment secret")
+    secret = state().enrolment_secret
+    if secret is not None and hmac.compare_digest(credential.encode(), secret.encode()):
+        return None
+    return credential
 
 
 @api.get(routes.ME)
@@ -324,8 +375,16 @@ def me() -> Response:
 
 @api.delete(routes.ME)
 def withdraw() -> Response:
+    """Delete the participant's items and revoke their token, unless ?keep_token=1."""
     who = authorize(PARTICIPANT)
-    return jsonify({"deleted": store.withdraw(state().db, who.participant_id)})
+    keep = request.args.get(routes.KEEP_TOKEN_PARAM, "0")
+    if keep not in ("0", "1", "true", "false"):
+        raise InvalidInputError(f"query parameter {routes.KEEP_TOKEN_PARAM} must be 1 or 0")
+    revoke = keep in ("0", "false")
+    deleted = store.withdraw(state().db, who.participant_id, revoke=revoke)
+    if revoke:
+        state().principals.drop_participant(who.participant_id)
+    return jsonify({"deleted": deleted, "token_revoked": revoke})
 
 
 @api.get(routes.MODEL_CARD)
@@ -373,8 +432,8 @@ def upload() -> Response:
     require_storage()
     batch = decode_upload(request.get_data(cache=False), request.mimetype)
     reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)
-    store.validate_batch(batch, reg.card)
-    stored, duplicates = state().items_store.store(who.participant_id, batch)
+    store.validate_batch(batch, reg.card, store.label_schema(reg.card, state().labels))
+    stored, duplicates = state().items_store.store(who.participant_id, batch, state().quota)
     state().storage_full_at = None
     g.n_items = len(batch.items)
     return jsonify({"stored": stored, "duplicates": duplicates})

@@ -39,6 +39,7 @@ except ImportError:  # not on Windows: SQLite's busy handler alone serialises pr
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -139,6 +140,24 @@ classifier_participants = Table(
     "classifier_participants", metadata,
     Column("classifier_id", Integer, ForeignKey("classifiers.id"), primary_key=True),
     Column("participant_id", String(64), primary_key=True),
+)
+
+# One-time registration codes (`pric-collector invite create`), stored as sha256 hashes.
+invites = Table(
+    "invites", metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("used_at", Float, nullable=True),
+    Column("participant_id", String(64), nullable=True),
+)
+
+# What each participant stores per model, kept with every insert for the quotas.
+usage = Table(
+    "usage", metadata,
+    Column("participant_id", String(64), primary_key=True),
+    Column("model_id", String(200), primary_key=True),
+    Column("n_items", BigInteger, nullable=False),
+    Column("n_bytes", BigInteger, nullable=False),
 )
 
 meta = Table(

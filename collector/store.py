@@ -23,30 +23,71 @@ from collector.db import (
     items,
     pack_arrays,
     participants,
+    tokens,
     unpack_arrays,
+    usage,
 )
-from protocol.errors import InvalidInputError, ValidationError
+from protocol.errors import InvalidInputError, QuotaExceededError, ValidationError
 from protocol.model_card import ModelCard, wire_arrays
 from protocol.sparse_code import validate_code
 from protocol.wire import UploadBatch, array_to_npy, check_item_against
 
 MAX_EXPORT_LIMIT = 1000
 
+# The label schema when the operator declares none and a model's card states no tasks
+# (`training.primary`): the 40 CelebA attribute names.
+DEFAULT_LABELS = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
+    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
+    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
+    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
+    "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
 
-def validate_batch(batch: UploadBatch, card: ModelCard) -> None:
-    """Every item against the model: names, shapes, dtypes (422); sparse codes (400)."""
+
+def label_schema(card: ModelCard, declared: tuple[str, ...] | None) -> frozenset[str]:
+    """The labels uploads for `card`'s model may carry: the operator's declared ones, else
+    the tasks the card states (`training.primary`), else DEFAULT_LABELS."""
+    if declared:
+        return frozenset(declared)
+    primary = card.training.get("primary") if isinstance(card.training, dict) else None
+    if isinstance(primary, str):
+        primary = [primary]
+    if isinstance(primary, list) and primary and all(isinstance(t, str) for t in primary):
+        return frozenset(primary)
+    return frozenset(DEFAULT_LABELS)
+
+
+def validate_batch(batch: UploadBatch, card: ModelCard, labels: frozenset[str] | None = None) -> None:
+    """Every item against the model: names, shapes, dtypes, labels in the schema (422);
+    sparse codes (400)."""
     expected = wire_arrays(card)
     for n, item in enumerate(batch.items):
         check_item_against(item, expected, n)
+        if labels is not None:
+            for key in item.labels:
+                if key not in labels:
+                    raise ValidationError(f"items[{n}].labels.{key}: not a label this collector accepts "
+                                          f"(one of {', '.join(sorted(labels))})")
         if card.kind == "sparse_code":
             assert card.sparse is not None
             validate_code(item.arrays["indices"], item.arrays["values"], card.sparse)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per participant and model; 0: no limit."""
+
+    items: int = 0
+    bytes: int = 0
 
 
 @dataclass
 class _StoreJob:
     participant_id: str
     rows: list[tuple]  # values in the order of _ITEM_COLUMNS
+    quota: Quota = Quota()
     done: bool = False
     lead: bool = False  # this job's thread is to write the queue
     result: tuple[int, int] = (0, 0)
@@ -75,15 +116,17 @@ class GroupCommitStore:
         self.flushes = 0  # commits made; jobs_flushed / flushes = mean group size
         self.jobs_flushed = 0
 
-    def store(self, participant_id: str, batch: UploadBatch) -> tuple[int, int]:
+    def store(self, participant_id: str, batch: UploadBatch, quota: Quota = Quota()) -> tuple[int, int]:
         """Store the batch, skipping item ids this participant already has.
 
-        Returns (stored, duplicates). A retried batch stores nothing twice.
+        Returns (stored, duplicates). A retried batch stores nothing twice. A batch that
+        would take the participant over `quota` for its model stores nothing
+        (QuotaExceededError); a retry of stored items is still answered as duplicates.
         """
         now, model_id = time.time(), batch.model_id
         rows = [(participant_id, item.item_id, model_id, *pack_arrays(item.arrays), _labels_json(item.labels), now)
                 for item in batch.items]  # in the order of _ITEM_COLUMNS
-        job = _StoreJob(participant_id, rows)
+        job = _StoreJob(participant_id, rows, quota)
         with self._lock:
             self._queue.append(job)
             if not self._flushing:
@@ -162,6 +205,38 @@ def _labels_json_cached(pairs: tuple[tuple[str, int], ...]) -> str:
 
 
 def _insert_new(conn, job: _StoreJob) -> tuple[int, int]:
+    stored, duplicates = _insert_rows(conn, job)
+    if stored:
+        _count_usage(conn, job, stored)
+    return stored, duplicates
+
+
+def _count_usage(conn, job: _StoreJob, stored: int) -> None:
+    """Add what was just inserted to the participant's usage of the model, in the same
+    transaction; over the quota, raise, which rolls the insert back. Every item of a batch
+    has the same arrays (checked against the model card), so each stored item adds the
+    blob size of the first."""
+    model_id = job.rows[0][2]
+    where = (usage.c.participant_id == job.participant_id, usage.c.model_id == model_id)
+    row = conn.execute(select(usage.c.n_items, usage.c.n_bytes).where(*where)).first()
+    if row is None:  # first upload to this model (or a database from before quotas): count what is there
+        n, size = conn.execute(select(func.count(), func.coalesce(func.sum(func.length(items.c.arrays)), 0))
+                               .where(items.c.participant_id == job.participant_id,
+                                      items.c.model_id == model_id)).one()
+        n, size = int(n), int(size)
+        conn.execute(usage.insert().values(participant_id=job.participant_id, model_id=model_id,
+                                           n_items=n, n_bytes=size))
+    else:
+        n, size = int(row.n_items) + stored, int(row.n_bytes) + stored * len(job.rows[0][3])
+        conn.execute(update(usage).where(*where).values(n_items=n, n_bytes=size))
+    q = job.quota
+    if (q.items and n > q.items) or (q.bytes and size > q.bytes):
+        raise QuotaExceededError(
+            f"quota for model {model_id}: at most {q.items or 'unlimited'} items and {q.bytes or 'unlimited'} bytes "
+            f"per participant; this batch of {stored} new items would make {n} items, {size} bytes; nothing stored")
+
+
+def _insert_rows(conn, job: _StoreJob) -> tuple[int, int]:
     ids = [row[1] for row in job.rows]
     style = conn.dialect.paramstyle
     if conn.dialect.name == "sqlite":
@@ -205,10 +280,14 @@ def participant_summary(db: Database, participant_id: str) -> dict[str, Any]:
     return {"participant_id": participant_id, "items": sum(by_model.values()), "items_by_model": by_model}
 
 
-def withdraw(db: Database, participant_id: str) -> int:
-    """Delete all of a participant's items; mark classifiers trained on them stale."""
+def withdraw(db: Database, participant_id: str, revoke: bool = True) -> int:
+    """Delete all of a participant's items; mark classifiers trained on them stale; unless
+    `revoke` is False, also delete the participant's tokens (in the same transaction)."""
     with db.write() as conn:
         n = conn.execute(delete(items).where(items.c.participant_id == participant_id)).rowcount
+        conn.execute(delete(usage).where(usage.c.participant_id == participant_id))
+        if revoke:
+            conn.execute(delete(tokens).where(tokens.c.participant_id == participant_id))
         trained_on = select(classifier_participants.c.classifier_id).where(
             classifier_participants.c.participant_id == participant_id)
         conn.execute(update(classifiers).where(classifiers.c.id.in_(trained_on)).values(stale=True))

@@ -103,6 +103,13 @@ class ForbiddenError(PricError):
     code = "forbidden"
 
 
+class QuotaExceededError(ForbiddenError):
+    """The participant has stored as many items or bytes for this model as the collector
+    allows; retrying does not help (unlike 429)."""
+
+    code = "quota_exceeded"
+
+
 class NotFoundError(PricError):
     http_status = 404
     exit_code = 7

@@ -337,12 +337,14 @@ def test_withdraw_deletes_only_own_items(kit):
     _, b = kit.register()
     kit.upload(a, kit.body(kit.items(3)))
     kit.upload(b, kit.body(kit.items(5)))
-    resp = kit.client.delete(routes.ME, headers=a)
-    assert resp.json == {"deleted": 3}
+    resp = kit.client.delete(routes.ME, headers=a, query_string={"keep_token": "1"})
+    assert resp.json == {"deleted": 3, "token_revoked": False}
     assert kit.client.get(routes.ME, headers=a).json["items"] == 0
     assert kit.client.get(routes.ME, headers=b).json["items"] == 5
     assert kit.count() == 5
-    assert kit.client.delete(routes.ME, headers=a).json == {"deleted": 0}
+    assert kit.client.delete(routes.ME, headers=a).json == {"deleted": 0, "token_revoked": True}
+    assert_error(kit.client.get(routes.ME, headers=a), 401)  # revoked by default
+    assert kit.client.get(routes.ME, headers=b).json["items"] == 5
 
 
 def test_participant_cannot_read_others_or_staff_endpoints(kit):
