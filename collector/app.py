@@ -5,7 +5,8 @@ Routes come from `protocol.routes`; errors are `protocol.errors` exceptions answ
 REGISTER while registration is open) checks a bearer token and its role.
 
 Upload checks, in order, each before any stored change: token → Content-Length present
-and within the limit (before the body is read) → JSON or binary batch content type → per-token rate
+and within the limit (before the body is read) → JSON (within its smaller limit, also
+before reading) or binary batch content type → per-token rate
 limit → wire format (schema, ids, labels, arrays, batch size) → model known, active and
 sha256 equal → every array against the model card → one transaction, idempotent per
 (participant, item id).
@@ -68,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,  # default: SQLite file under DATA_DIR
     "TESTING": False,
     "MAX_BODY_BYTES": routes.MAX_BODY_BYTES,
+    "JSON_BODY_LIMIT": routes.MAX_JSON_BODY_BYTES,  # JSON uploads up to this size; 0: JSON uploads off (415)
     "RATE_LIMIT_PER_MIN": 600,  # per token, uploads; 0 disables
     "READ_LIMIT_PER_MIN": 600,  # per token, GET requests; 0 disables
     "REGISTER_LIMIT_PER_MIN": 120,  # per client address; 0 disables
@@ -313,6 +315,9 @@ def _install_error_handlers(app: Flask) -> None:
 def _json_body() -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise UnsupportedMediaTypeError("body must be application/json")
+    if (request.content_length or 0) > routes.MAX_CONTROL_BODY_BYTES:
+        raise PayloadTooLargeError(f"body of {request.content_length} bytes exceeds the limit of "
+                                   f"{routes.MAX_CONTROL_BODY_BYTES} bytes")
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise WireFormatError("body must be a JSON object")
@@ -427,6 +432,14 @@ def upload() -> Response:
         raise PayloadTooLargeError(f"body of {length} bytes exceeds the limit of {limit} bytes")
     if request.mimetype not in (JSON_CONTENT_TYPE, BINARY_CONTENT_TYPE):
         raise UnsupportedMediaTypeError(f"upload body must be {JSON_CONTENT_TYPE} or {BINARY_CONTENT_TYPE}")
+    if request.mimetype == JSON_CONTENT_TYPE:
+        # Decoding JSON costs several times the body in memory: refuse big ones unread.
+        json_limit = int(current_app.config["JSON_BODY_LIMIT"] or 0)
+        if json_limit <= 0:
+            raise UnsupportedMediaTypeError(f"JSON uploads are off on this collector; send {BINARY_CONTENT_TYPE}")
+        if length > json_limit:
+            raise PayloadTooLargeError(f"JSON upload of {length} bytes exceeds the limit of {json_limit} bytes "
+                                       f"for JSON; send larger batches as {BINARY_CONTENT_TYPE}")
     if state().upload_limiter is not None:
         state().upload_limiter.take(g.token_key)
     require_storage()

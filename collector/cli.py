@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from protocol.errors import InvalidInputError, NotFoundError, PricError
-from protocol.routes import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_ITEMS
+from protocol.routes import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_ITEMS, MAX_BODY_BYTES, MAX_JSON_BODY_BYTES
 
 EXIT_DB = 9
 
@@ -51,6 +51,7 @@ class ServeConfig:
     enrolment_secret_set: bool
     quota_items: int
     quota_bytes: int
+    json_body_limit: int
     labels: list[str] | None
     current_model: str | None
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes sharing the port (Python runs one core per process; "
                         "rate limits are shared by all workers)")
     s.add_argument("--rate-limit", type=float, default=600, help="uploads per minute per token (0: off)")
+    s.add_argument("--json-body-limit", type=int, default=None,
+                   help="largest JSON upload body in bytes (0: JSON uploads off; default %d); the client sends "
+                        "the binary format" % MAX_JSON_BODY_BYTES)
     s.add_argument("--read-rate-limit", type=float, default=600, help="GET requests per minute per token (0: off)")
     s.add_argument("--registration", choices=["open", "invite", "closed"], default=None,
                    help="who may register: open (anyone; the default on a loopback --host without an enrolment "
@@ -246,11 +250,14 @@ def _serve(args: argparse.Namespace) -> int:
     for flag, value in (("--quota-items", quota_items), ("--quota-bytes", quota_bytes)):
         if value < 0:
             raise InvalidInputError(f"{flag} {value}: must be 0 (no limit) or more")
+    json_limit = MAX_JSON_BODY_BYTES if args.json_body_limit is None else args.json_body_limit
+    if not 0 <= json_limit <= MAX_BODY_BYTES:
+        raise InvalidInputError(f"--json-body-limit {json_limit}: must be between 0 (JSON uploads off) and {MAX_BODY_BYTES}")
     cfg = ServeConfig(
         data_dir=args.data_dir, models_dir=args.models_dir, host=args.host, port=args.port, threads=args.threads,
         workers=args.workers, database_url=args.database_url, rate_limit_per_min=args.rate_limit,
         read_limit_per_min=args.read_rate_limit, registration=registration, enrolment_secret_set=secret is not None,
-        quota_items=quota_items, quota_bytes=quota_bytes, labels=_labels(args), current_model=args.current_model,
+        quota_items=quota_items, quota_bytes=quota_bytes, json_body_limit=json_limit, labels=_labels(args), current_model=args.current_model,
     )
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
@@ -258,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
         "DATA_DIR": cfg.data_dir, "MODELS_DIR": cfg.models_dir, "DATABASE_URL": cfg.database_url,
         "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "READ_LIMIT_PER_MIN": cfg.read_limit_per_min,
         "REGISTRATION": cfg.registration, "ENROLMENT_SECRET": secret, "QUOTA_ITEMS": cfg.quota_items,
-        "QUOTA_BYTES": cfg.quota_bytes, "LABELS": cfg.labels, "CURRENT_MODEL": cfg.current_model,
+        "QUOTA_BYTES": cfg.quota_bytes, "JSON_BODY_LIMIT": cfg.json_body_limit, "LABELS": cfg.labels, "CURRENT_MODEL": cfg.current_model,
     }
     if cfg.workers > 1:  # one limit for all workers, in memory they share
         config["UPLOAD_LIMITER"] = upload_limiter(cfg.rate_limit_per_min, SharedTokenBucket)
@@ -269,9 +276,11 @@ def _serve(args: argparse.Namespace) -> int:
     if saved["database_url"]:
         saved["database_url"] = _redact(args)
     (Path(cfg.data_dir) / "serve_config.json").write_text(json.dumps(saved, indent=2) + "\n")
-    # waitress buffers a whole body before the app runs: cap it so that the app's own
-    # Content-Length check (a JSON 413) is what clients normally see, yet nothing huge is spooled.
-    body_cap = 2 * int(app.config["MAX_BODY_BYTES"])
+    # waitress reads a whole body before the app runs, but refuses (413) one whose
+    # Content-Length is over its max_request_body_size right after the headers, unread: set
+    # it to the upload limit (waitress refuses from that size on, hence the + 1). Bodies it
+    # accepts are held in memory only up to 512 KiB (inbuf_overflow), then in a temp file.
+    body_cap = int(app.config["MAX_BODY_BYTES"]) + 1
     try:
         sock = listen(cfg.host, cfg.port)
     except OSError as exc:

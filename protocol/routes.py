@@ -26,6 +26,10 @@ KEEP_TOKEN_PARAM = "keep_token"  # DELETE ME?keep_token=1: withdraw the items, k
 
 # Limits, enforced by the collector before parsing and respected by the client.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# JSON uploads (base64 .npy, a few times the binary format's memory per byte) are kept
+# small: larger batches travel in the binary format (what the client sends).
+MAX_JSON_BODY_BYTES = 256 * 1024
+MAX_CONTROL_BODY_BYTES = 64 * 1024  # JSON bodies of the other routes (POST TRAIN)
 MAX_BATCH_ITEMS = 256
 MAX_ITEM_ID_LEN = 64
 MAX_LABELS_PER_ITEM = 64

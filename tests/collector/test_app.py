@@ -444,7 +444,8 @@ def test_rotation_serves_newest_and_never_mixes_models(tmp_path, write_model, ma
     models = tmp_path / "models"
     v1 = write_model(models / "tiny-1", version="1", seed=1)
     v2 = write_model(models / "tiny-2", version="2", seed=2)
-    app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(models)})
+    app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(models),
+                      "JSON_BODY_LIMIT": routes.MAX_BODY_BYTES})
     kit = make_kit(app, v1)
     _, h = kit.register()
     assert kit.client.get(routes.MODEL_CARD, headers=h).json["model_id"] == v2.model_id

@@ -238,3 +238,50 @@ def seeded_kit(kit):
     _, h = kit.register()
     assert kit.upload(h, kit.body(kit.items(3, prefix="seed"))).status_code == 200
     return kit, h
+
+
+# --- JSON uploads: a small body only --------------------------------------------------------------
+
+def test_json_uploads_are_limited_to_a_small_body_binary_is_not(tmp_path, tiny_model_dir, make_kit):
+    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir)})  # the default limit
+    kit = make_kit(app, load_card(tiny_model_dir / "tiny"))
+    try:
+        _, h = kit.register()
+        assert kit.upload(h, kit.body(kit.items(10, prefix="small"))).json["stored"] == 10  # ~55 KB of JSON
+        items = kit.items(60)  # ~330 KB as JSON, ~250 KB binary
+        as_json = kit.body(items)
+        assert len(as_json) > routes.MAX_JSON_BODY_BYTES
+        resp = kit.upload(h, as_json)
+        assert_error(resp, 413, "payload_too_large")
+        assert BINARY_CONTENT_TYPE in resp.json["message"]
+        assert kit.count() == 10
+        binary = encode_batch_binary(UploadBatch(kit.card.model_id, kit.card.sha256, items))
+        assert kit.upload(h, binary, content_type=BINARY_CONTENT_TYPE).json == {"stored": 60, "duplicates": 0}
+    finally:
+        app.extensions["pric"].db.dispose()
+
+
+def test_json_uploads_can_be_switched_off(tmp_path, tiny_model_dir, make_kit):
+    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir), "JSON_BODY_LIMIT": 0})
+    kit = make_kit(app, load_card(tiny_model_dir / "tiny"))
+    try:
+        _, h = kit.register()
+        assert_error(kit.upload(h, kit.body(kit.items(1))), 415, "unsupported_media_type")
+        assert kit.count() == 0
+    finally:
+        app.extensions["pric"].db.dispose()
+
+
+def test_a_body_over_the_limit_is_refused_by_the_server_before_it_is_sent(tmp_path, tiny_model_dir):
+    """waitress answers 413 from the Content-Length alone: the client has sent only headers."""
+    proc, url = start_collector(tmp_path / "data", tiny_model_dir)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST " + routes.ITEMS.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      + BINARY_CONTENT_TYPE.encode() + b"\r\nContent-Length: "
+                      + str(routes.MAX_BODY_BYTES + 1).encode() + b"\r\n\r\n")
+            answer = s.recv(200)
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+    finally:
+        stop(proc)
