@@ -176,6 +176,8 @@ def create_app(config: dict | None = None) -> Flask:
             raise InvalidInputError(f"label {name!r}: must match {LABEL_NAME_RE.pattern}")
     db = Database(app.config["DATABASE_URL"])
     db.create_all()
+    with db.write() as conn:
+        store.count_usage_of_existing_items(conn)
     rate = float(app.config["RATE_LIMIT_PER_MIN"] or 0)
     reg_rate = float(app.config["REGISTER_LIMIT_PER_MIN"] or 0)
     read_rate = float(app.config["READ_LIMIT_PER_MIN"] or 0)

@@ -239,3 +239,24 @@ def test_withdrawal_revokes_the_token_at_once_unless_kept(make):
     _, b = kit.register()
     assert_error(kit.client.delete(routes.ME, headers=b, query_string={"keep_token": "maybe"}), 400)
     assert kit.client.get(routes.ME, headers=b).status_code == 200
+
+
+def test_a_database_from_before_quotas_counts_its_stored_items(tmp_path, tiny_model_dir, make_kit):
+    from sqlalchemy import delete
+
+    from collector.db import usage
+
+    app = _app(tmp_path, tiny_model_dir, QUOTA_ITEMS=0)
+    kit = make_kit(app, load_card(tiny_model_dir / "tiny"))
+    _, h = kit.register()
+    assert kit.upload(h, _batch(kit, "old", 3), content_type=BINARY_CONTENT_TYPE).status_code == 200
+    with app.extensions["pric"].db.write() as conn:
+        conn.execute(delete(usage))  # as stored before the usage table existed
+    app.extensions["pric"].db.dispose()
+    app = _app(tmp_path, tiny_model_dir, QUOTA_ITEMS=4)
+    kit = make_kit(app, load_card(tiny_model_dir / "tiny"))
+    try:
+        assert_error(kit.upload(h, _batch(kit, "new", 2), content_type=BINARY_CONTENT_TYPE), 403, "quota_exceeded")
+        assert kit.upload(h, _batch(kit, "new", 1), content_type=BINARY_CONTENT_TYPE).json["stored"] == 1
+    finally:
+        app.extensions["pric"].db.dispose()
