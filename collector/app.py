@@ -5,7 +5,8 @@ Routes come from `protocol.routes`; errors are `protocol.errors` exceptions answ
 REGISTER while registration is open) checks a bearer token and its role.
 
 Upload checks, in order, each before any stored change: token → Content-Length present
-and within the limit (before the body is read) → JSON or binary batch content type → per-token rate
+and within the limit (before the body is read) → JSON (within its smaller limit, also
+before reading) or binary batch content type → per-token rate
 limit → wire format (schema, ids, labels, arrays, batch size) → model known, active and
 sha256 equal → every array against the model card → one transaction, idempotent per
 (participant, item id).
@@ -13,9 +14,13 @@ sha256 equal → every array against the model card → one transaction, idempot
 
 from __future__ import annotations
 
+import errno
+import hmac
 import json
 import logging
 import math
+import shutil
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -45,7 +50,9 @@ from collector.db import Database, default_database_url
 from collector.registry import ModelRegistry, recorded_card
 from protocol import routes
 from protocol.errors import (
+    AuthError,
     ConflictError,
+    InsufficientStorageError,
     InvalidInputError,
     PayloadTooLargeError,
     PricError,
@@ -62,14 +69,31 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,  # default: SQLite file under DATA_DIR
     "TESTING": False,
     "MAX_BODY_BYTES": routes.MAX_BODY_BYTES,
+    "JSON_BODY_LIMIT": routes.MAX_JSON_BODY_BYTES,  # JSON uploads up to this size; 0: JSON uploads off (415)
     "RATE_LIMIT_PER_MIN": 600,  # per token, uploads; 0 disables
+    "READ_LIMIT_PER_MIN": 600,  # per token, GET requests; 0 disables
     "REGISTER_LIMIT_PER_MIN": 120,  # per client address; 0 disables
-    "OPEN_REGISTRATION": True,
+    "OPEN_REGISTRATION": True,  # used when REGISTRATION is None: True = "open", False = "closed"
+    # "open": anyone may register; "invite": an invite code or the enrolment secret in the
+    # X-Pric-Enrolment header (or an operator token); "closed": an operator token only.
+    # `pric-collector serve` chooses "open" on a loopback address, else "invite".
+    "REGISTRATION": None,
+    "ENROLMENT_SECRET": None,  # set by the operator through a file or the environment, never argv
+    "QUOTA_ITEMS": routes.DEFAULT_QUOTA_ITEMS,  # per participant and model; 0: no limit
+    "QUOTA_BYTES": routes.DEFAULT_QUOTA_BYTES,
+    "LABELS": None,  # the label schema; None: each model card's tasks, else store.DEFAULT_LABELS
     "CURRENT_MODEL": None,  # default: newest active version found
     "UPLOAD_LIMITER": None,  # a TokenBucket shared by forked workers (default: one per app)
     "REGISTER_LIMITER": None,
+    "READ_LIMITER": None,
+    # Below this much free space in DATA_DIR, registrations and uploads are answered 507 and
+    # health reports it, rather than filling the disk's last bytes.
+    "MIN_FREE_BYTES": 32 * 1024 * 1024,
 }
+STORAGE_FULL_HOLD_S = 60.0  # health reports a disk-full error this long unless a write succeeds
 DEFAULT_EXPORT_LIMIT = 100
+REGISTRATION_MODES = ("open", "invite", "closed")
+MIN_ENROLMENT_SECRET_CHARS = 16
 
 
 class LengthRequiredError(WireFormatError):
@@ -90,11 +114,32 @@ class CollectorState:
     registry: ModelRegistry
     upload_limiter: TokenBucket | None
     register_limiter: TokenBucket | None
+    read_limiter: TokenBucket | None
     pseudonym_secret: str
     train_lock: threading.Lock
     classifiers_dir: Path
     items_store: store.GroupCommitStore
     principals: PrincipalCache
+    data_dir: Path
+    min_free_bytes: int
+    registration: str
+    enrolment_secret: str | None
+    quota: store.Quota
+    labels: tuple[str, ...] | None
+    storage_full_at: float | None = None  # monotonic time of the last disk-full error
+
+    def storage_problem(self) -> str | None:
+        """Why storing would fail now (a recent disk-full error, or too little free space), or None."""
+        if self.storage_full_at is not None and time.monotonic() - self.storage_full_at < STORAGE_FULL_HOLD_S:
+            return "the collector's storage is full (the last write failed)"
+        if self.min_free_bytes > 0:
+            try:
+                free = shutil.disk_usage(self.data_dir).free
+            except OSError:
+                return None
+            if free < self.min_free_bytes:
+                return f"the collector's data folder has {free} bytes free, less than the {self.min_free_bytes} it keeps"
+        return None
 
     def pseudonym(self, participant_id: str) -> str:
         return pseudonym(self.pseudonym_secret, participant_id)
@@ -119,20 +164,40 @@ def create_app(config: dict | None = None) -> Flask:
     # Werkzeug's own guard as a second line behind the Content-Length check.
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
 
+    registration = app.config["REGISTRATION"] or ("open" if app.config["OPEN_REGISTRATION"] else "closed")
+    if registration not in REGISTRATION_MODES:
+        raise InvalidInputError(f"registration mode {registration!r} must be one of {', '.join(REGISTRATION_MODES)}")
+    secret = app.config["ENROLMENT_SECRET"] or None
+    if secret is not None and len(secret) < MIN_ENROLMENT_SECRET_CHARS:
+        raise InvalidInputError(f"the enrolment secret must have at least {MIN_ENROLMENT_SECRET_CHARS} characters")
+    labels = tuple(app.config["LABELS"]) if app.config["LABELS"] else None
+    for name in labels or ():
+        if not isinstance(name, str) or not LABEL_NAME_RE.match(name):
+            raise InvalidInputError(f"label {name!r}: must match {LABEL_NAME_RE.pattern}")
     db = Database(app.config["DATABASE_URL"])
     db.create_all()
+    with db.write() as conn:
+        store.count_usage_of_existing_items(conn)
     rate = float(app.config["RATE_LIMIT_PER_MIN"] or 0)
     reg_rate = float(app.config["REGISTER_LIMIT_PER_MIN"] or 0)
+    read_rate = float(app.config["READ_LIMIT_PER_MIN"] or 0)
     app.extensions["pric"] = CollectorState(
         db=db,
         registry=ModelRegistry(db, app.config["MODELS_DIR"], app.config["CURRENT_MODEL"]),
         upload_limiter=app.config["UPLOAD_LIMITER"] or upload_limiter(rate),
         register_limiter=app.config["REGISTER_LIMITER"] or register_limiter(reg_rate),
+        read_limiter=app.config["READ_LIMITER"] or read_limiter(read_rate),
         pseudonym_secret=db.secret("pseudonym_secret"),
         train_lock=threading.Lock(),
         classifiers_dir=data_dir / "classifiers",
         items_store=store.GroupCommitStore(db),
         principals=PrincipalCache(),
+        data_dir=data_dir,
+        min_free_bytes=int(app.config["MIN_FREE_BYTES"] or 0),
+        registration=registration,
+        enrolment_secret=secret,
+        quota=store.Quota(items=int(app.config["QUOTA_ITEMS"] or 0), bytes=int(app.config["QUOTA_BYTES"] or 0)),
+        labels=labels,
     )
     _install_error_handlers(app)
     app.before_request(_start_timer)
@@ -146,6 +211,10 @@ def upload_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket)
 
 def register_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
     return bucket(rate_per_min, burst=max(1.0, rate_per_min / 4)) if rate_per_min > 0 else None
+
+
+def read_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
+    return bucket(rate_per_min) if rate_per_min > 0 else None
 
 
 def issue_token(app: Flask, role: str) -> str:
@@ -165,7 +234,29 @@ def authorize(*roles: str) -> Principal:
     g.principal = principal
     g.token_key = hash_token(token)  # type: ignore[arg-type]  # authenticate refused None
     require_role(principal, *roles)
+    if request.method == "GET" and state().read_limiter is not None:
+        state().read_limiter.take("read:" + g.token_key)
     return principal
+
+
+def require_storage() -> None:
+    """507 before a write when the disk is full or nearly so (nothing is stored)."""
+    problem = state().storage_problem()
+    if problem is not None:
+        raise InsufficientStorageError(f"{problem}; nothing was stored, try again later")
+
+
+def _is_storage_full(exc: BaseException) -> bool:
+    """A disk-full error from SQLite (SQLITE_FULL), PostgreSQL (SQLSTATE 53100) or the OS."""
+    for e in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if isinstance(e, sqlite3.OperationalError) and (
+                getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(e, "sqlstate", None) == "53100":
+            return True
+    return False
 
 
 def _start_timer() -> None:
@@ -214,6 +305,11 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _other(exc: Exception) -> Response:
+        if _is_storage_full(exc):
+            state().storage_full_at = time.monotonic()
+            log.error(json.dumps({"event": "storage_full", "route": request.url_rule.rule if request.url_rule
+                                  else request.path, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}))
+            return _pric(InsufficientStorageError("the collector's storage is full; nothing was stored, try again later"))
         log.exception("unhandled error on %s", request.url_rule.rule if request.url_rule else request.path)
         return _error_response(500, {"error": "internal", "message": "internal error; see the collector's log"})
 
@@ -221,6 +317,9 @@ def _install_error_handlers(app: Flask) -> None:
 def _json_body() -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise UnsupportedMediaTypeError("body must be application/json")
+    if (request.content_length or 0) > routes.MAX_CONTROL_BODY_BYTES:
+        raise PayloadTooLargeError(f"body of {request.content_length} bytes exceeds the limit of "
+                                   f"{routes.MAX_CONTROL_BODY_BYTES} bytes")
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise WireFormatError("body must be a JSON object")
@@ -233,20 +332,46 @@ api = Blueprint("api", __name__)
 
 
 @api.get(routes.HEALTH)
-def health() -> Response:
+def health() -> Response | tuple[Response, int]:
+    problem = state().storage_problem()
+    if problem is not None:
+        return jsonify({"status": "storage_full", "message": problem, "models": state().registry.active_ids()}), 507
     return jsonify({"status": "ok", "models": state().registry.active_ids()})
 
 
 @api.post(routes.REGISTER)
 def register() -> tuple[Response, int]:
-    if not current_app.config["OPEN_REGISTRATION"]:
-        authorize(OPERATOR)
     limiter = state().register_limiter
-    if limiter is not None:
+    if limiter is not None:  # first: also bounds guesses of invite codes and the secret
         limiter.take(f"register:{request.remote_addr}")
-    participant_id, token = create_participant(state().db)
+    invite = _registration_credential()
+    require_storage()
+    participant_id, token = create_participant(state().db, invite=invite)
+    state().storage_full_at = None
     g.principal = Principal(role=PARTICIPANT, participant_id=participant_id)
     return jsonify({"participant_id": participant_id, "token": token, "role": PARTICIPANT}), 201
+
+
+def _registration_credential() -> str | None:
+    """Check who may register under the collector's policy; returns an invite code to
+    spend with the registration (None when none is needed)."""
+    mode = state().registration
+    if mode == "open":
+        return None
+    if request.headers.get(routes.AUTH_HEADER):
+        authorize(OPERATOR)  # an operator may always register participants
+        return None
+    credential = request.headers.get(routes.ENROLMENT_HEADER, "").strip()
+    if mode == "closed":
+        raise AuthError("registration is closed: an operator token is needed")
+    if not credential:
+        raise AuthError(f"registration needs an invite code or the enrolment secret ({routes.ENROLMENT_HEADER} header)")
+    if len(credential) > 256:
+        raise AuthError("invalid invite code or enrolment secret")
+    secret = state().enrolment_secret
+    if secret is not None and hmac.compare_digest(credential.encode(), secret.encode()):
+        return None
+    return credential
 
 
 @api.get(routes.ME)
@@ -257,8 +382,16 @@ def me() -> Response:
 
 @api.delete(routes.ME)
 def withdraw() -> Response:
+    """Delete the participant's items and revoke their token, unless ?keep_token=1."""
     who = authorize(PARTICIPANT)
-    return jsonify({"deleted": store.withdraw(state().db, who.participant_id)})
+    keep = request.args.get(routes.KEEP_TOKEN_PARAM, "0")
+    if keep not in ("0", "1", "true", "false"):
+        raise InvalidInputError(f"query parameter {routes.KEEP_TOKEN_PARAM} must be 1 or 0")
+    revoke = keep in ("0", "false")
+    deleted = store.withdraw(state().db, who.participant_id, revoke=revoke)
+    if revoke:
+        state().principals.drop_participant(who.participant_id)
+    return jsonify({"deleted": deleted, "token_revoked": revoke})
 
 
 @api.get(routes.MODEL_CARD)
@@ -301,12 +434,22 @@ def upload() -> Response:
         raise PayloadTooLargeError(f"body of {length} bytes exceeds the limit of {limit} bytes")
     if request.mimetype not in (JSON_CONTENT_TYPE, BINARY_CONTENT_TYPE):
         raise UnsupportedMediaTypeError(f"upload body must be {JSON_CONTENT_TYPE} or {BINARY_CONTENT_TYPE}")
+    if request.mimetype == JSON_CONTENT_TYPE:
+        # Decoding JSON costs several times the body in memory: refuse big ones unread.
+        json_limit = int(current_app.config["JSON_BODY_LIMIT"] or 0)
+        if json_limit <= 0:
+            raise UnsupportedMediaTypeError(f"JSON uploads are off on this collector; send {BINARY_CONTENT_TYPE}")
+        if length > json_limit:
+            raise PayloadTooLargeError(f"JSON upload of {length} bytes exceeds the limit of {json_limit} bytes "
+                                       f"for JSON; send larger batches as {BINARY_CONTENT_TYPE}")
     if state().upload_limiter is not None:
         state().upload_limiter.take(g.token_key)
+    require_storage()
     batch = decode_upload(request.get_data(cache=False), request.mimetype)
     reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)
-    store.validate_batch(batch, reg.card)
-    stored, duplicates = state().items_store.store(who.participant_id, batch)
+    store.validate_batch(batch, reg.card, store.label_schema(reg.card, state().labels))
+    stored, duplicates = state().items_store.store(who.participant_id, batch, state().quota)
+    state().storage_full_at = None
     g.n_items = len(batch.items)
     return jsonify({"stored": stored, "duplicates": duplicates})
 

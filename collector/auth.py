@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 
-from collector.db import Database, participants, tokens
+from collector.db import Database, invites, participants, tokens
 from protocol.errors import AuthError, ForbiddenError, InvalidInputError, RateLimitedError
 
 PARTICIPANT = "participant"
@@ -58,12 +58,31 @@ def create_staff_token(db: Database, role: str) -> str:
     return token
 
 
-def create_participant(db: Database) -> tuple[str, str]:
-    """A new participant and their token: (participant_id, token)."""
+INVITE_PREFIX = "pric_inv_"
+
+
+def create_invites(db: Database, count: int = 1) -> list[str]:
+    """`count` one-time registration codes; only their sha256 is stored."""
+    codes = [INVITE_PREFIX + secrets.token_urlsafe(24) for _ in range(count)]
+    now = time.time()
+    with db.write() as conn:
+        conn.execute(invites.insert(), [{"code_hash": hash_token(c), "created_at": now} for c in codes])
+    return codes
+
+
+def create_participant(db: Database, invite: str | None = None) -> tuple[str, str]:
+    """A new participant and their token: (participant_id, token). With `invite`, the
+    invite code is spent in the same transaction (AuthError if unknown or already used)."""
     participant_id = "p-" + secrets.token_hex(12)
     token = new_token()
     now = time.time()
     with db.write() as conn:
+        if invite is not None:
+            spent = conn.execute(update(invites).where(invites.c.code_hash == hash_token(invite),
+                                                       invites.c.used_at.is_(None))
+                                 .values(used_at=now, participant_id=participant_id)).rowcount
+            if spent != 1:
+                raise AuthError("invalid or already used invite code")
         conn.execute(participants.insert().values(participant_id=participant_id, created_at=now))
         conn.execute(tokens.insert().values(token_hash=hash_token(token), role=PARTICIPANT,
                                             participant_id=participant_id, created_at=now))
@@ -77,12 +96,36 @@ def bearer_token(header: str | None) -> str | None:
     return token or None
 
 
+def revoke_tokens(db: Database, *, token_hash: str | None = None, participant_id: str | None = None) -> int:
+    """Delete a token (by its hash) or every token of a participant; returns how many."""
+    if (token_hash is None) == (participant_id is None):
+        raise ValueError("give exactly one of token_hash and participant_id")
+    where = tokens.c.token_hash == token_hash if token_hash is not None else tokens.c.participant_id == participant_id
+    with db.write() as conn:
+        return int(conn.execute(delete(tokens).where(where)).rowcount)
+
+
+def find_participant(db: Database, who: str, secret: str) -> str:
+    """A participant id from itself or from its pseudonym (what logs and exports show)."""
+    with db.read() as conn:
+        ids = list(conn.execute(select(participants.c.participant_id)).scalars())
+    if who in ids:
+        return who
+    for participant_id in ids:
+        if hmac.compare_digest(pseudonym(secret, participant_id), who):
+            return participant_id
+    from protocol.errors import NotFoundError
+
+    raise NotFoundError(f"no participant with id or pseudonym {who!r}")
+
+
 class PrincipalCache:
     """Token hash → principal for `ttl_s` seconds: saves a query per request. Tokens are
-    never reissued under the same hash, so a hit can only be stale by revocation, which
-    takes effect within `ttl_s`."""
+    never reissued under the same hash, so a hit can only be stale by revocation: a
+    revocation by this process drops the entry at once, one by another process (the CLI,
+    another worker) takes effect within `ttl_s`."""
 
-    def __init__(self, ttl_s: float = 30.0, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl_s: float = 5.0, max_entries: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: dict[str, tuple[Principal, float]] = {}
@@ -94,6 +137,10 @@ class PrincipalCache:
         if hit is None or time.monotonic() - hit[1] > self.ttl_s:
             return None
         return hit[0]
+
+    def drop_participant(self, participant_id: str) -> None:
+        with self._lock:
+            self._entries = {k: v for k, v in self._entries.items() if v[0].participant_id != participant_id}
 
     def put(self, key: str, principal: Principal) -> None:
         with self._lock:

@@ -5,13 +5,17 @@
     pric-collector stats --data-dir DIR [--json]
     pric-collector train --task Smiling --data-dir DIR [--model-id ID] [--kind logistic|mlp] [--json]
     pric-collector model list|retire MODEL_ID|activate MODEL_ID --data-dir DIR [--models-dir DIR]
+    pric-collector backup --data-dir DIR --out FILE
+    pric-collector invite create --data-dir DIR [--count N]
+    pric-collector token revoke --data-dir DIR (--participant ID_OR_PSEUDONYM | --token-file FILE|-)
 
 Every command takes `--database-url` (e.g. postgresql+psycopg://user@host/pric) instead of
 the SQLite file under `--data-dir`. stats, train, token and model work on the database
 directly, with or without a running server.
 
 Exit codes: 0 ok; 1 other error; 2 bad argument or input; 3 invalid payload; 4 unknown
-or damaged model; 6 forbidden; 7 not found; 9 database unreachable.
+or damaged model; 6 forbidden; 7 not found; 9 database unreachable; 10 the database holds
+less than the collector acknowledged (lost or damaged WAL): restore a backup.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from protocol.errors import InvalidInputError, NotFoundError, PricError
+from protocol.routes import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_ITEMS, MAX_BODY_BYTES, MAX_JSON_BODY_BYTES
 
 EXIT_DB = 9
 
@@ -40,12 +46,30 @@ class ServeConfig:
     workers: int
     database_url: str | None
     rate_limit_per_min: float
-    open_registration: bool
+    read_limit_per_min: float
+    registration: str
+    enrolment_secret_set: bool
+    quota_items: int
+    quota_bytes: int
+    json_body_limit: int
+    labels: list[str] | None
     current_model: str | None
 
 
+ENROLMENT_SECRET_ENV = "PRIC_ENROLMENT_SECRET"
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options (also in subcommands, which take this class): a mistyped
+    `--enrolment-secret VALUE` must not be read as `--enrolment-secret-file VALUE`."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - argparse's own
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pric-collector", description="PRIC collector server and administration.")
+    p = _Parser(prog="pric-collector", description="PRIC collector server and administration.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def storage(sp: argparse.ArgumentParser, models: bool = False) -> None:
@@ -63,15 +87,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes sharing the port (Python runs one core per process; "
                         "rate limits are shared by all workers)")
     s.add_argument("--rate-limit", type=float, default=600, help="uploads per minute per token (0: off)")
-    s.add_argument("--closed-registration", action="store_true", help="only an operator token may register participants")
+    s.add_argument("--json-body-limit", type=int, default=None,
+                   help="largest JSON upload body in bytes (0: JSON uploads off; default %d); the client sends "
+                        "the binary format" % MAX_JSON_BODY_BYTES)
+    s.add_argument("--read-rate-limit", type=float, default=600, help="GET requests per minute per token (0: off)")
+    s.add_argument("--registration", choices=["open", "invite", "closed"], default=None,
+                   help="who may register: open (anyone; the default on a loopback --host without an enrolment "
+                        "secret), invite (an invite code or the enrolment secret; the default otherwise), "
+                        "closed (an operator token only)")
+    s.add_argument("--closed-registration", action="store_true", help="same as --registration closed")
+    s.add_argument("--enrolment-secret-file", default=None,
+                   help=f"file whose first line is the enrolment secret (or set ${ENROLMENT_SECRET_ENV}); "
+                        "never on the command line")
+    s.add_argument("--quota-items", type=int, default=None,
+                   help="items each participant may store per model (0: no limit; default %d)" % DEFAULT_QUOTA_ITEMS)
+    s.add_argument("--quota-bytes", type=int, default=None,
+                   help="bytes of arrays each participant may store per model (0: no limit; default %d)"
+                        % DEFAULT_QUOTA_BYTES)
+    s.add_argument("--labels", default=None,
+                   help="comma-separated label names uploads may carry (default: each model card's tasks, "
+                        "else the 40 CelebA attributes)")
+    s.add_argument("--labels-file", default=None, help="label names, one per line or comma-separated")
     s.add_argument("--current-model", default=None, help="model id served as current (default: newest active)")
     s.add_argument("--quiet", action="store_true", help="no per-request log lines")
 
-    t = sub.add_parser("token", help="staff tokens")
+    t = sub.add_parser("token", help="staff tokens; revoke any token")
     tsub = t.add_subparsers(dest="token_command", required=True)
     tc = tsub.add_parser("create", help="create an operator or auditor token (printed once)")
     tc.add_argument("--role", required=True, choices=["operator", "auditor"])
     storage(tc)
+    tr_ = tsub.add_parser("revoke", help="revoke a token, or every token of a participant")
+    who = tr_.add_mutually_exclusive_group(required=True)
+    who.add_argument("--participant", help="participant id or pseudonym (as in logs and exports)")
+    who.add_argument("--token-file", help="file holding the token to revoke ('-': standard input)")
+    storage(tr_)
+
+    inv = sub.add_parser("invite", help="one-time registration codes")
+    isub = inv.add_subparsers(dest="invite_command", required=True)
+    ic = isub.add_parser("create", help="create invite codes (printed once, one a line; stored hashed)")
+    ic.add_argument("--count", type=int, default=1)
+    storage(ic)
 
     st = sub.add_parser("stats", help="participants, items, labels and classifiers")
     storage(st)
@@ -83,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model-id", default=None, help="default: newest active model")
     tr.add_argument("--kind", choices=["logistic", "mlp"], default="logistic")
     tr.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("backup", help="a consistent copy of the SQLite database, taken while the server runs")
+    storage(b)
+    b.add_argument("--out", required=True, help="backup file to create (must not exist)")
 
     m = sub.add_parser("model", help="list, retire or reactivate models")
     msub = m.add_subparsers(dest="model_command", required=True)
@@ -137,12 +196,20 @@ def _database(args: argparse.Namespace):
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
+    if args.command == "backup" and args.database_url and not args.database_url.startswith("sqlite"):
+        from collector.store import PG_BACKUP_ADVICE
+
+        raise InvalidInputError(PG_BACKUP_ADVICE)  # before connecting: the advice needs no database
     db = _database(args)
     try:
         if args.command == "token":
-            from collector.auth import create_staff_token
+            return _token(db, args)
+        if args.command == "invite":
+            from collector.auth import create_invites
 
-            print(create_staff_token(db, args.role))
+            if not 1 <= args.count <= 10_000:
+                raise InvalidInputError(f"--count {args.count}: must be between 1 and 10000")
+            print("\n".join(create_invites(db, args.count)))
             return 0
         if args.command == "stats":
             from collector.store import stats
@@ -153,13 +220,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _train(db, args)
         if args.command == "model":
             return _model(db, args)
+        if args.command == "backup":
+            return _backup(db, args)
     finally:
         db.dispose()
     raise AssertionError(args.command)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from collector.app import DEFAULTS, create_app, register_limiter, upload_limiter
+    from collector.app import DEFAULTS, create_app, read_limiter, register_limiter, upload_limiter
     from collector.auth import SharedTokenBucket
     from collector.prefork import listen, run_workers, serve_socket
 
@@ -171,29 +240,47 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--threads {args.threads}: must be between 1 and 256")
     if not 0 <= args.rate_limit < float("inf"):  # also refuses nan
         raise InvalidInputError(f"--rate-limit {args.rate_limit}: must be a number of uploads per minute, 0 for none")
+    if not 0 <= args.read_rate_limit < float("inf"):
+        raise InvalidInputError(f"--read-rate-limit {args.read_rate_limit}: must be a number of requests per minute, "
+                                "0 for none")
+    secret = _enrolment_secret(args)
+    registration = registration_mode(args, secret)
+    quota_items = DEFAULT_QUOTA_ITEMS if args.quota_items is None else args.quota_items
+    quota_bytes = DEFAULT_QUOTA_BYTES if args.quota_bytes is None else args.quota_bytes
+    for flag, value in (("--quota-items", quota_items), ("--quota-bytes", quota_bytes)):
+        if value < 0:
+            raise InvalidInputError(f"{flag} {value}: must be 0 (no limit) or more")
+    json_limit = MAX_JSON_BODY_BYTES if args.json_body_limit is None else args.json_body_limit
+    if not 0 <= json_limit <= MAX_BODY_BYTES:
+        raise InvalidInputError(f"--json-body-limit {json_limit}: must be between 0 (JSON uploads off) and {MAX_BODY_BYTES}")
     cfg = ServeConfig(
         data_dir=args.data_dir, models_dir=args.models_dir, host=args.host, port=args.port, threads=args.threads,
         workers=args.workers, database_url=args.database_url, rate_limit_per_min=args.rate_limit,
-        open_registration=not args.closed_registration, current_model=args.current_model,
+        read_limit_per_min=args.read_rate_limit, registration=registration, enrolment_secret_set=secret is not None,
+        quota_items=quota_items, quota_bytes=quota_bytes, json_body_limit=json_limit, labels=_labels(args), current_model=args.current_model,
     )
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
     config = {
         "DATA_DIR": cfg.data_dir, "MODELS_DIR": cfg.models_dir, "DATABASE_URL": cfg.database_url,
-        "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "OPEN_REGISTRATION": cfg.open_registration,
-        "CURRENT_MODEL": cfg.current_model,
+        "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "READ_LIMIT_PER_MIN": cfg.read_limit_per_min,
+        "REGISTRATION": cfg.registration, "ENROLMENT_SECRET": secret, "QUOTA_ITEMS": cfg.quota_items,
+        "QUOTA_BYTES": cfg.quota_bytes, "JSON_BODY_LIMIT": cfg.json_body_limit, "LABELS": cfg.labels, "CURRENT_MODEL": cfg.current_model,
     }
     if cfg.workers > 1:  # one limit for all workers, in memory they share
         config["UPLOAD_LIMITER"] = upload_limiter(cfg.rate_limit_per_min, SharedTokenBucket)
         config["REGISTER_LIMITER"] = register_limiter(float(DEFAULTS["REGISTER_LIMIT_PER_MIN"]), SharedTokenBucket)
+        config["READ_LIMITER"] = read_limiter(cfg.read_limit_per_min, SharedTokenBucket)
     app = create_app(config)  # creates the tables once, before any worker starts
     saved = asdict(cfg)
     if saved["database_url"]:
         saved["database_url"] = _redact(args)
     (Path(cfg.data_dir) / "serve_config.json").write_text(json.dumps(saved, indent=2) + "\n")
-    # waitress buffers a whole body before the app runs: cap it so that the app's own
-    # Content-Length check (a JSON 413) is what clients normally see, yet nothing huge is spooled.
-    body_cap = 2 * int(app.config["MAX_BODY_BYTES"])
+    # waitress reads a whole body before the app runs, but refuses (413) one whose
+    # Content-Length is over its max_request_body_size right after the headers, unread: set
+    # it to the upload limit (waitress refuses from that size on, hence the + 1). Bodies it
+    # accepts are held in memory only up to 512 KiB (inbuf_overflow), then in a temp file.
+    body_cap = int(app.config["MAX_BODY_BYTES"]) + 1
     try:
         sock = listen(cfg.host, cfg.port)
     except OSError as exc:
@@ -201,13 +288,117 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({reason})") from None
     print(f"pric-collector: serving on http://{cfg.host}:{sock.getsockname()[1]} "
           f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'}"
-          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''})", flush=True)
+          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''}, registration {cfg.registration})", flush=True)
+    db = app.extensions["pric"].db
     if cfg.workers == 1:
-        serve_socket(app, sock, cfg.threads, max_request_body_size=body_cap)
+        signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: waitress closes, then the checkpoint below
+        try:
+            serve_socket(app, sock, cfg.threads, max_request_body_size=body_cap)
+        finally:
+            db.dispose()  # checkpoints the WAL into the database file and truncates it
         return 0
-    app.extensions["pric"].db.dispose()  # no connection crosses the fork
-    return run_workers(lambda: serve_socket(create_app(config), sock, cfg.threads, max_request_body_size=body_cap),
-                       cfg.workers)
+    db.dispose()  # no connection crosses the fork
+    status = run_workers(lambda: serve_socket(create_app(config), sock, cfg.threads, max_request_body_size=body_cap),
+                         cfg.workers)
+    db.dispose()  # the workers are gone: checkpoint what they wrote
+    return status
+
+
+def registration_mode(args: argparse.Namespace, secret: str | None) -> str:
+    """open on a loopback --host without an enrolment secret, invite otherwise, unless chosen."""
+    mode = "closed" if args.closed_registration else args.registration
+    if mode is None:
+        mode = "open" if _is_loopback(args.host) and secret is None else "invite"
+    if mode == "open" and not _is_loopback(args.host):
+        print(f"pric-collector: warning: --registration open on {args.host}: anyone who reaches it may register",
+              file=sys.stderr)
+    return mode
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _enrolment_secret(args: argparse.Namespace) -> str | None:
+    """From --enrolment-secret-file (first line) or $PRIC_ENROLMENT_SECRET; never from argv."""
+    if args.enrolment_secret_file:
+        try:
+            lines = Path(args.enrolment_secret_file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"--enrolment-secret-file {args.enrolment_secret_file}: not UTF-8 text") from None
+        secret = lines[0].strip() if lines else ""
+        where = f"--enrolment-secret-file {args.enrolment_secret_file}"
+    else:
+        secret = os.environ.get(ENROLMENT_SECRET_ENV, "").strip()
+        where = f"${ENROLMENT_SECRET_ENV}"
+        if not secret:
+            return None
+    from collector.app import MIN_ENROLMENT_SECRET_CHARS
+
+    if len(secret) < MIN_ENROLMENT_SECRET_CHARS:
+        raise InvalidInputError(f"{where}: the enrolment secret must have at least {MIN_ENROLMENT_SECRET_CHARS} "
+                                "characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    return secret
+
+
+def _labels(args: argparse.Namespace) -> list[str] | None:
+    from protocol.wire import LABEL_NAME_RE
+
+    if args.labels and args.labels_file:
+        raise InvalidInputError("give --labels or --labels-file, not both")
+    if args.labels_file:
+        try:
+            text = Path(args.labels_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"--labels-file {args.labels_file}: not UTF-8 text") from None
+        where = f"--labels-file {args.labels_file}"
+    elif args.labels is not None:
+        text, where = args.labels, "--labels"
+    else:
+        return None
+    names = [n.strip() for line in text.splitlines() for n in line.split(",") if n.strip()]
+    if not names:
+        raise InvalidInputError(f"{where}: names no label")
+    for name in names:
+        if not LABEL_NAME_RE.match(name):
+            raise InvalidInputError(f"{where}: {name!r} is not a label name (letters, digits, _ . -; at most 64)")
+    return sorted(set(names))
+
+
+def _token(db, args: argparse.Namespace) -> int:
+    from collector.auth import TOKEN_PREFIX, create_staff_token, find_participant, hash_token, revoke_tokens
+
+    if args.token_command == "create":
+        print(create_staff_token(db, args.role))
+        return 0
+    if args.participant is not None:
+        participant_id = find_participant(db, args.participant, db.secret("pseudonym_secret"))
+        n = revoke_tokens(db, participant_id=participant_id)
+        print(f"revoked {n} token{'s' if n != 1 else ''} of participant {args.participant}")
+        return 0
+    source = sys.stdin if args.token_file == "-" else None
+    try:
+        text = source.read() if source is not None else Path(args.token_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"--token-file {args.token_file}: not UTF-8 text") from None
+    token = text.strip()
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 256 or any(c.isspace() for c in token):
+        raise InvalidInputError(f"--token-file {args.token_file}: does not hold one PRIC token")
+    if revoke_tokens(db, token_hash=hash_token(token)) == 0:
+        raise NotFoundError(f"--token-file {args.token_file}: no such token (already revoked?)")
+    print("revoked 1 token")
+    return 0
+
+
+def _interrupt(_signum, _frame) -> None:  # noqa: ANN001 - signal handler
+    raise KeyboardInterrupt
 
 
 def _print_stats(s: dict, as_json: bool) -> None:
@@ -242,6 +433,15 @@ def _train(db, args: argparse.Namespace) -> int:
     else:
         print(f"{result['task']} on {result['model_id']}: held-out accuracy {result['accuracy']:.3f} "
               f"vs majority rate {result['majority_rate']:.3f} ({result['n_train']} train / {result['n_test']} test)")
+    return 0
+
+
+def _backup(db, args: argparse.Namespace) -> int:
+    from collector.store import backup
+
+    summary = backup(db, Path(args.out))
+    print(f"backup: {args.out} ({summary['items']} items, {summary['participants']} participants, "
+          f"{summary['bytes']} bytes; integrity check ok)")
     return 0
 
 

@@ -3,7 +3,16 @@
 SQLite runs in WAL mode with `synchronous=FULL`, so a commit acknowledged to a client
 survives a killed process (and a power cut). Write transactions start with
 `BEGIN IMMEDIATE` so concurrent writers queue on the busy timeout instead of failing
-with a lock-upgrade error half way through. On PostgreSQL a write transaction first takes
+with a lock-upgrade error half way through.
+
+SQLite also keeps what it acknowledged safe from a lost or damaged `-wal` file: the WAL is
+checkpointed into the main file periodically (every CHECKPOINT_INTERVAL_S, after a
+commit) and truncated on a clean shutdown, and every write transaction bumps a commit
+counter inside the database whose last value is also written, after the commit, to a
+small file outside it (`<database>.high-water`). A database that holds fewer commits
+than that file records (its WAL was deleted or truncated, or an old copy was put in its
+place) is refused at start in one line naming both files, instead of being served as a
+healthy, emptier collector. On PostgreSQL a write transaction first takes
 a transaction-scoped advisory lock, so there too writers (of every process) take turns
 and each sees what the previous one committed: the check-then-insert writes (schema,
 models, secrets) then cannot race into a unique-key error when collectors start together.
@@ -30,6 +39,7 @@ except ImportError:  # not on Windows: SQLite's busy handler alone serialises pr
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -50,12 +60,25 @@ from sqlalchemy import (
     select,
 )
 
-from protocol.errors import ValidationError
+from protocol.errors import PricError, ValidationError
 from protocol.wire import array_to_npy
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_WRITE_LOCK_KEY = 0x70726963  # "pric": the advisory lock every PostgreSQL write transaction holds
 DB_FILE = "collector.sqlite3"
+HIGH_WATER_SUFFIX = ".high-water"  # next to the database file: the commits it acknowledged
+COMMIT_SEQ_KEY = "commit_seq"  # meta row: write transactions committed so far
+CHECKPOINT_INTERVAL_S = 30.0
+EXIT_DATABASE_BEHIND = 10
+
+
+class DatabaseBehindError(PricError):
+    """The database holds less than the collector acknowledged (lost or damaged WAL, or
+    an older copy of the file): refused rather than served as if nothing was lost."""
+
+    http_status = 500
+    exit_code = EXIT_DATABASE_BEHIND
+    code = "database_behind"
 
 metadata = MetaData()
 
@@ -117,6 +140,24 @@ classifier_participants = Table(
     "classifier_participants", metadata,
     Column("classifier_id", Integer, ForeignKey("classifiers.id"), primary_key=True),
     Column("participant_id", String(64), primary_key=True),
+)
+
+# One-time registration codes (`pric-collector invite create`), stored as sha256 hashes.
+invites = Table(
+    "invites", metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("used_at", Float, nullable=True),
+    Column("participant_id", String(64), nullable=True),
+)
+
+# What each participant stores per model, kept with every insert for the quotas.
+usage = Table(
+    "usage", metadata,
+    Column("participant_id", String(64), primary_key=True),
+    Column("model_id", String(200), primary_key=True),
+    Column("n_items", BigInteger, nullable=False),
+    Column("n_bytes", BigInteger, nullable=False),
 )
 
 meta = Table(
@@ -198,11 +239,84 @@ class Database:
         self._lock_file = f"{database}-writelock" if database and database != ":memory:" else None
         self._lock_fd: int | None = None
         self._lock_pid = 0
+        # A SQLite file (not :memory:) is tracked by a high-water file next to it.
+        self.path = Path(database) if self._lock_file else None
+        self.high_water_path = Path(f"{database}{HIGH_WATER_SUFFIX}") if self.path else None
+        self._tracking = False  # set by create_all once the commit counter exists
+        self._last_checkpoint = time.monotonic()
 
     def create_all(self) -> None:
-        """Create missing tables; in one write transaction, so that concurrent starts take turns."""
+        """Create missing tables; in one write transaction, so that concurrent starts take
+        turns. On a SQLite file, first refuse a database that holds less than its
+        high-water file says was acknowledged (DatabaseBehindError)."""
+        hw = self.high_water_path
+        if hw is not None and self.path is not None and not self.path.exists() and hw.exists():
+            raise DatabaseBehindError(
+                f"{self.path} is missing but {hw} records {self._read_high_water()} acknowledged commits; "
+                f"restore the database from a backup, or delete {hw} to start an empty collector")
         with self.write() as conn:
+            if hw is not None:
+                self._check_high_water(conn)
             metadata.create_all(conn)
+            if hw is not None:
+                if conn.execute(select(meta.c.value).where(meta.c.key == COMMIT_SEQ_KEY)).first() is None:
+                    conn.execute(meta.insert().values(key=COMMIT_SEQ_KEY, value="0"))
+                self._tracking = True  # this very transaction bumps the counter and writes the file
+
+    def _check_high_water(self, conn: Connection) -> None:
+        assert self.path is not None and self.high_water_path is not None
+        acknowledged = self._read_high_water()
+        if acknowledged is None:
+            return
+        held = 0
+        if self.engine.dialect.has_table(conn, "meta"):
+            row = conn.execute(select(meta.c.value).where(meta.c.key == COMMIT_SEQ_KEY)).first()
+            held = int(row[0]) if row is not None else 0
+        if held < acknowledged:
+            raise DatabaseBehindError(
+                f"{self.path} holds {held} commits but {self.high_water_path} records {acknowledged} acknowledged: "
+                f"committed data is missing (deleted or damaged {self.path.name}-wal, or an older copy of the "
+                f"database); restore a backup, or delete {self.high_water_path} to accept the database as it is")
+
+    def _read_high_water(self) -> int | None:
+        assert self.high_water_path is not None
+        try:
+            text = self.high_water_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            value = json.loads(text)["commits"]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError
+            return value
+        except (ValueError, KeyError, TypeError):
+            raise DatabaseBehindError(
+                f"{self.high_water_path} is unreadable, so what {self.path} should hold is unknown; "
+                f"if the database is known to be complete, delete {self.high_water_path}") from None
+
+    def _write_high_water(self, commits: int) -> None:
+        """Atomically replace the high-water file (written under the write locks, so in
+        commit order). Not fsynced: after a power cut it may lag the database, which only
+        weakens the check; it can never be ahead of a commit."""
+        assert self.high_water_path is not None
+        tmp = self.high_water_path.with_name(f"{self.high_water_path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"commits": commits, "database": self.high_water_path.name[:-len(HIGH_WATER_SUFFIX)]})
+                    + "\n")
+        os.replace(tmp, self.high_water_path)
+
+    def checkpoint(self, mode: str = "PASSIVE") -> None:
+        """Copy the WAL into the main database file (TRUNCATE also empties the WAL; it waits
+        for readers on the busy timeout). A no-op on PostgreSQL and in-memory databases."""
+        if self.path is None:
+            return
+        assert mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
+        raw = self.engine.raw_connection()
+        try:
+            raw.driver_connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        finally:
+            raw.close()
+        self._last_checkpoint = time.monotonic()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -220,8 +334,26 @@ class Database:
             return
         with self._write_lock, self._process_lock(), self.engine.connect() as conn:
             conn.info["begin_immediate"] = True
+            commits = None
             with conn.begin():
                 yield conn
+                if self._tracking:
+                    commits = int(conn.exec_driver_sql(
+                        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = ? RETURNING value",
+                        (COMMIT_SEQ_KEY,)).scalar_one())
+            if commits is not None:
+                try:
+                    self._write_high_water(commits)
+                except OSError as exc:  # disk full: the commit stands; the file lags, which only weakens the check
+                    import logging
+
+                    logging.getLogger("collector").error(json.dumps(
+                        {"event": "high_water_not_written", "reason": f"{type(exc).__name__}: {exc.strerror}"}))
+            if self.path is not None and time.monotonic() - self._last_checkpoint > CHECKPOINT_INTERVAL_S:
+                # Periodically, so that the main file never lags far behind the WAL
+                # (PASSIVE: copies what no reader needs, never waits).
+                conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self._last_checkpoint = time.monotonic()
 
     @contextmanager
     def _process_lock(self) -> Iterator[None]:
@@ -254,7 +386,17 @@ class Database:
             conn.execute(meta.insert().values(key=key, value=value))
             return value
 
-    def dispose(self) -> None:
+    def dispose(self, checkpoint: bool = True) -> None:
+        """Close every connection; on SQLite first checkpoint the WAL into the main file and
+        truncate it (a clean shutdown leaves the data in the database file itself)."""
+        if checkpoint and self._tracking:
+            try:
+                self.checkpoint("TRUNCATE")
+            except (sqlite3.Error, OSError) as exc:  # e.g. another process still reading: its close does it
+                import logging
+
+                logging.getLogger("collector").warning(json.dumps(
+                    {"event": "checkpoint_failed", "reason": f"{type(exc).__name__}: {str(exc)[:200]}"}))
         self.engine.dispose()
         if self._lock_fd is not None and self._lock_pid == os.getpid():
             os.close(self._lock_fd)

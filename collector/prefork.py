@@ -29,11 +29,32 @@ def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=backlog)
 
 
+def _guarded_channel():
+    """waitress's HTTP channel whose parser answers 400 to a Content-Length over Python's
+    4,300-digit limit for int(): waitress 3.0.2 checks it is all digits, then int() raises a
+    ValueError it does not catch, and the connection was closed without an answer."""
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser, ParsingError
+
+    class Parser(HTTPRequestParser):
+        def parse_header(self, header_plus):  # noqa: ANN001, ANN201 - waitress's signature
+            try:
+                return super().parse_header(header_plus)
+            except ValueError:
+                raise ParsingError("Content-Length is invalid") from None
+
+    class Channel(HTTPChannel):
+        parser_class = Parser
+
+    return Channel
+
+
 def serve_socket(app, sock: socket.socket, threads: int, **waitress_kw) -> None:
     """Run waitress on an already listening socket until stopped."""
     import waitress
 
     server = waitress.create_server(app, sockets=[sock], threads=threads, **waitress_kw)
+    server.channel_class = _guarded_channel()
     try:
         server.run()
     except KeyboardInterrupt:

@@ -54,6 +54,8 @@ class ModelRegistry:
         self.models_dir = Path(models_dir) if models_dir else None
         self.configured_current = current
         self.models: dict[str, RegisteredModel] = {}
+        # (model id, file) -> (stat signature, bytes, sha256) of the last verified read
+        self._files: dict[tuple[str, str], tuple[tuple[int, ...], bytes, str]] = {}
         self._status_cache: tuple[float, int, dict[str, str]] | None = None
         self.scan()
 
@@ -156,17 +158,30 @@ class ModelRegistry:
             return None
 
     def read_file(self, model_id: str, name: str) -> tuple[bytes, str]:
-        """Bytes of a file the card names, re-checked against its sha256 before serving."""
+        """Bytes of a file the card names, checked against its sha256 before serving.
+
+        The verified bytes are kept and served again while the file's (size, mtime_ns,
+        ctime_ns, inode) stay the same; any change re-reads and re-verifies the file (a
+        2.2 MB model was re-hashed on every request). What is served is always bytes that
+        matched the card, even if the file changed without its stat changing."""
         reg = self.get(model_id)
         allowed = {reg.card.file: reg.card.sha256, **reg.card.extra_files}
         if name not in allowed:
             raise NotFoundError(f"model {model_id!r} has no file {name!r} (available: {', '.join(sorted(allowed))})")
-        data = (reg.directory / name).read_bytes()
+        path = reg.directory / name
+        st = path.stat()
+        signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        cached = self._files.get((model_id, name))
+        if cached is not None and cached[0] == signature:
+            return cached[1], cached[2]
+        self._files.pop((model_id, name), None)
+        data = path.read_bytes()
         digest = sha256_bytes(data)
         if digest != allowed[name]:
             log.error(json.dumps({"event": "model_refused", "model_id": model_id, "file": name,
                                   "reason": "file changed on disk since its card was written"}))
             raise ModelIntegrityError(f"model {model_id!r} file {name!r} failed its integrity check; not served")
+        self._files[(model_id, name)] = (signature, data, digest)
         return data, digest
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import os
+import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -20,29 +23,71 @@ from collector.db import (
     items,
     pack_arrays,
     participants,
+    tokens,
     unpack_arrays,
+    usage,
 )
+from protocol.errors import InvalidInputError, QuotaExceededError, ValidationError
 from protocol.model_card import ModelCard, wire_arrays
 from protocol.sparse_code import validate_code
 from protocol.wire import UploadBatch, array_to_npy, check_item_against
 
 MAX_EXPORT_LIMIT = 1000
 
+# The label schema when the operator declares none and a model's card states no tasks
+# (`training.primary`): the 40 CelebA attribute names.
+DEFAULT_LABELS = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
+    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
+    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
+    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
+    "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
 
-def validate_batch(batch: UploadBatch, card: ModelCard) -> None:
-    """Every item against the model: names, shapes, dtypes (422); sparse codes (400)."""
+
+def label_schema(card: ModelCard, declared: tuple[str, ...] | None) -> frozenset[str]:
+    """The labels uploads for `card`'s model may carry: the operator's declared ones, else
+    the tasks the card states (`training.primary`), else DEFAULT_LABELS."""
+    if declared:
+        return frozenset(declared)
+    primary = card.training.get("primary") if isinstance(card.training, dict) else None
+    if isinstance(primary, str):
+        primary = [primary]
+    if isinstance(primary, list) and primary and all(isinstance(t, str) for t in primary):
+        return frozenset(primary)
+    return frozenset(DEFAULT_LABELS)
+
+
+def validate_batch(batch: UploadBatch, card: ModelCard, labels: frozenset[str] | None = None) -> None:
+    """Every item against the model: names, shapes, dtypes, labels in the schema (422);
+    sparse codes (400)."""
     expected = wire_arrays(card)
     for n, item in enumerate(batch.items):
         check_item_against(item, expected, n)
+        if labels is not None:
+            for key in item.labels:
+                if key not in labels:
+                    raise ValidationError(f"items[{n}].labels.{key}: not a label this collector accepts "
+                                          f"(one of {', '.join(sorted(labels))})")
         if card.kind == "sparse_code":
             assert card.sparse is not None
             validate_code(item.arrays["indices"], item.arrays["values"], card.sparse)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per participant and model; 0: no limit."""
+
+    items: int = 0
+    bytes: int = 0
 
 
 @dataclass
 class _StoreJob:
     participant_id: str
     rows: list[tuple]  # values in the order of _ITEM_COLUMNS
+    quota: Quota = Quota()
     done: bool = False
     lead: bool = False  # this job's thread is to write the queue
     result: tuple[int, int] = (0, 0)
@@ -71,15 +116,17 @@ class GroupCommitStore:
         self.flushes = 0  # commits made; jobs_flushed / flushes = mean group size
         self.jobs_flushed = 0
 
-    def store(self, participant_id: str, batch: UploadBatch) -> tuple[int, int]:
+    def store(self, participant_id: str, batch: UploadBatch, quota: Quota = Quota()) -> tuple[int, int]:
         """Store the batch, skipping item ids this participant already has.
 
-        Returns (stored, duplicates). A retried batch stores nothing twice.
+        Returns (stored, duplicates). A retried batch stores nothing twice. A batch that
+        would take the participant over `quota` for its model stores nothing
+        (QuotaExceededError); a retry of stored items is still answered as duplicates.
         """
         now, model_id = time.time(), batch.model_id
         rows = [(participant_id, item.item_id, model_id, *pack_arrays(item.arrays), _labels_json(item.labels), now)
                 for item in batch.items]  # in the order of _ITEM_COLUMNS
-        job = _StoreJob(participant_id, rows)
+        job = _StoreJob(participant_id, rows, quota)
         with self._lock:
             self._queue.append(job)
             if not self._flushing:
@@ -158,6 +205,55 @@ def _labels_json_cached(pairs: tuple[tuple[str, int], ...]) -> str:
 
 
 def _insert_new(conn, job: _StoreJob) -> tuple[int, int]:
+    stored, duplicates = _insert_rows(conn, job)
+    if stored:
+        _count_usage(conn, job, stored)
+    return stored, duplicates
+
+
+def _count_usage(conn, job: _StoreJob, stored: int) -> None:
+    """Add what was just inserted to the participant's usage of the model, in the same
+    transaction; over the quota, raise, which rolls the insert back. Every item of a batch
+    has the same arrays (checked against the model card), so each stored item adds the
+    blob size of the first. One upsert through the driver: this runs under the write lock,
+    where SQLAlchemy's per-statement overhead cost a third of the upload rate."""
+    model_id = job.rows[0][2]
+    added = stored * len(job.rows[0][3])
+    style = conn.dialect.paramstyle
+    if style in ("qmark", "format", "pyformat"):
+        mark = "?" if style == "qmark" else "%s"
+        n, size = conn.exec_driver_sql(
+            f"INSERT INTO usage (participant_id, model_id, n_items, n_bytes) VALUES ({mark}, {mark}, {mark}, {mark}) "
+            "ON CONFLICT (participant_id, model_id) DO UPDATE SET n_items = usage.n_items + excluded.n_items, "
+            "n_bytes = usage.n_bytes + excluded.n_bytes RETURNING n_items, n_bytes",
+            (job.participant_id, model_id, stored, added)).one()
+    else:
+        where = (usage.c.participant_id == job.participant_id, usage.c.model_id == model_id)
+        row = conn.execute(select(usage.c.n_items, usage.c.n_bytes).where(*where)).first()
+        n, size = (stored, added) if row is None else (int(row.n_items) + stored, int(row.n_bytes) + added)
+        conn.execute(usage.insert().values(participant_id=job.participant_id, model_id=model_id, n_items=n,
+                                           n_bytes=size) if row is None
+                     else update(usage).where(*where).values(n_items=n, n_bytes=size))
+    q = job.quota
+    if (q.items and n > q.items) or (q.bytes and size > q.bytes):
+        raise QuotaExceededError(
+            f"quota for model {model_id}: at most {q.items or 'unlimited'} items and {q.bytes or 'unlimited'} bytes "
+            f"per participant; this batch of {stored} new items would make {n} items, {size} bytes; nothing stored")
+
+
+def count_usage_of_existing_items(conn) -> None:
+    """Fill the usage table of a database from before quotas (items stored, no usage rows)."""
+    if conn.execute(select(usage.c.participant_id).limit(1)).first() is not None:
+        return
+    if conn.execute(select(items.c.id).limit(1)).first() is None:
+        return
+    conn.execute(usage.insert().from_select(
+        ["participant_id", "model_id", "n_items", "n_bytes"],
+        select(items.c.participant_id, items.c.model_id, func.count(), func.sum(func.length(items.c.arrays)))
+        .group_by(items.c.participant_id, items.c.model_id)))
+
+
+def _insert_rows(conn, job: _StoreJob) -> tuple[int, int]:
     ids = [row[1] for row in job.rows]
     style = conn.dialect.paramstyle
     if conn.dialect.name == "sqlite":
@@ -201,10 +297,14 @@ def participant_summary(db: Database, participant_id: str) -> dict[str, Any]:
     return {"participant_id": participant_id, "items": sum(by_model.values()), "items_by_model": by_model}
 
 
-def withdraw(db: Database, participant_id: str) -> int:
-    """Delete all of a participant's items; mark classifiers trained on them stale."""
+def withdraw(db: Database, participant_id: str, revoke: bool = True) -> int:
+    """Delete all of a participant's items; mark classifiers trained on them stale; unless
+    `revoke` is False, also delete the participant's tokens (in the same transaction)."""
     with db.write() as conn:
         n = conn.execute(delete(items).where(items.c.participant_id == participant_id)).rowcount
+        conn.execute(delete(usage).where(usage.c.participant_id == participant_id))
+        if revoke:
+            conn.execute(delete(tokens).where(tokens.c.participant_id == participant_id))
         trained_on = select(classifier_participants.c.classifier_id).where(
             classifier_participants.c.participant_id == participant_id)
         conn.execute(update(classifiers).where(classifiers.c.id.in_(trained_on)).values(stale=True))
@@ -256,3 +356,46 @@ def export_items(db: Database, model_id: str, offset: int, limit: int, pseudonym
             "labels": json.loads(r.labels),
         })
     return {"model_id": model_id, "items": out, "next_offset": offset + limit if more else None}
+
+
+PG_BACKUP_ADVICE = ("backup copies SQLite databases only; for PostgreSQL run `pg_dump --format=custom "
+                    "--file=FILE DBNAME` (restore with pg_restore; see docs/collector.md)")
+
+
+def backup(db: Database, out: Path) -> dict[str, int]:
+    """A consistent copy of a SQLite collector database in one new file `out`, taken with
+    SQLite's online backup API (one step: a single read snapshot, so the server keeps
+    accepting uploads meanwhile). The copy is a self-contained rollback-journal database
+    (no -wal to forget), checked with `PRAGMA quick_check`. PostgreSQL: use pg_dump."""
+    if not db.is_sqlite or db.path is None:
+        raise InvalidInputError(PG_BACKUP_ADVICE)
+    if out.exists() or out.is_symlink():
+        raise InvalidInputError(f"--out {out}: already exists; choose a new file name")
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"--out {out}: folder {out.parent} does not exist")
+    partial = out.with_name(out.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(db.path, timeout=30)
+    dst = sqlite3.connect(partial)
+    try:
+        src.backup(dst)  # pages=-1: all at once, from one snapshot
+        dst.execute("PRAGMA journal_mode=DELETE")
+        check = dst.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise ValidationError(f"backup {out}: integrity check failed ({str(check)[:200]})")
+        summary = {
+            "items": dst.execute("SELECT count(*) FROM items").fetchone()[0],
+            "participants": dst.execute("SELECT count(*) FROM participants").fetchone()[0],
+        }
+    except BaseException:
+        dst.close()
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        src.close()
+    dst.close()
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, out)
+    summary["bytes"] = out.stat().st_size
+    return summary

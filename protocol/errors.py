@@ -103,6 +103,13 @@ class ForbiddenError(PricError):
     code = "forbidden"
 
 
+class QuotaExceededError(ForbiddenError):
+    """The participant has stored as many items or bytes for this model as the collector
+    allows; retrying does not help (unlike 429)."""
+
+    code = "quota_exceeded"
+
+
 class NotFoundError(PricError):
     http_status = 404
     exit_code = 7
@@ -131,6 +138,13 @@ class ServerUnavailableError(PricError):
     http_status = 503
     exit_code = 9
     code = "unavailable"
+
+
+class InsufficientStorageError(ServerUnavailableError):
+    """The collector's disk (or database) is full: nothing was stored; try again later."""
+
+    http_status = 507
+    code = "insufficient_storage"
 
 
 class ConflictError(PricError):

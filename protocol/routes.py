@@ -19,13 +19,24 @@ EXPORT = f"{API}/export"                     # GET: auditor/operator, read-only 
 
 AUTH_HEADER = "Authorization"
 BEARER = "Bearer "
+# POST REGISTER on a collector whose registration is not open: an invite code
+# (`pric-collector invite create`) or the operator's enrolment secret.
+ENROLMENT_HEADER = "X-Pric-Enrolment"
+KEEP_TOKEN_PARAM = "keep_token"  # DELETE ME?keep_token=1: withdraw the items, keep the token
 
 # Limits, enforced by the collector before parsing and respected by the client.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# JSON uploads (base64 .npy, a few times the binary format's memory per byte) are kept
+# small: larger batches travel in the binary format (what the client sends).
+MAX_JSON_BODY_BYTES = 256 * 1024
+MAX_CONTROL_BODY_BYTES = 64 * 1024  # JSON bodies of the other routes (POST TRAIN)
 MAX_BATCH_ITEMS = 256
 MAX_ITEM_ID_LEN = 64
 MAX_LABELS_PER_ITEM = 64
 DEFAULT_TIMEOUT_S = 30.0
+# Per participant and model, unless the operator sets others (403 quota_exceeded beyond).
+DEFAULT_QUOTA_ITEMS = 50_000
+DEFAULT_QUOTA_BYTES = 512 * 1024 * 1024
 
 
 def model_card_url(model_id: str) -> str:

@@ -26,6 +26,10 @@ with the header `{"schema_version": 1, "model_id": ..., "model_sha256": ...,
 "arrays": [{"name": "feature", "dtype": "float32", "shape": [16, 8, 8]}]}`. Every item
 of a batch has the same arrays (they come from one model); the body must end exactly
 after the last block.
+
+JSON (the body, the binary header) must be UTF-8; `schema_version` is the integer 1; arrays
+are little-endian and C-ordered (a `.npy` with `fortran_order` or a big-endian dtype is
+refused, so every stored array has one layout).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import io
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +51,9 @@ from protocol import SCHEMA_VERSION
 from protocol.errors import SchemaVersionError, ValidationError, WireFormatError
 from protocol.routes import MAX_BATCH_ITEMS, MAX_ITEM_ID_LEN, MAX_LABELS_PER_ITEM
 
-ITEM_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,%d}$" % MAX_ITEM_ID_LEN)
-LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# \Z, not $: "$" also matches before a trailing newline ("Smiling\n" would pass).
+ITEM_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,%d}\Z" % MAX_ITEM_ID_LEN)
+LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 ALLOWED_DTYPES = ("float32", "float16", "uint16", "uint8", "int32")
 MAX_ARRAY_ELEMENTS = 1 << 20
 JSON_CONTENT_TYPE = "application/json"
@@ -108,12 +114,32 @@ def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     return tuple(shape), bool(fortran), dtype
 
 
+def loads_json(data: bytes, what: str) -> Any:
+    """Strict UTF-8 JSON (json.loads would also guess UTF-16 and UTF-32 from bytes); every
+    failure, an integer over Python's 4,300-digit limit included, is a WireFormatError."""
+    try:
+        return json.loads(bytes(data).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise WireFormatError(f"{what} is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise WireFormatError(f"{what} is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+    except ValueError:  # int("9" * 5000): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise WireFormatError(f"{what} is not valid JSON (a number with too many digits)") from None
+    except RecursionError:
+        raise WireFormatError(f"{what} is not valid JSON (nested too deeply)") from None
+
+
 def npy_to_array(data: bytes, what: str = "array") -> np.ndarray:
     """Parse `.npy` bytes; never unpickles. Raises WireFormatError on anything odd."""
     try:
         shape, fortran, dtype, offset = _npy_header(data)
     except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
-        raise WireFormatError(f"{what}: not a valid .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        # Only the exception's type: numpy's messages quote the header, reprs and addresses included.
+        raise WireFormatError(f"{what}: not a valid .npy array (unreadable header, {type(exc).__name__})") from None
+    if fortran:
+        raise WireFormatError(f"{what}: Fortran-ordered .npy arrays are refused (send C order)")
+    if dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big"):
+        raise WireFormatError(f"{what}: big-endian .npy arrays are refused (send little-endian)")
     if dtype.hasobject:
         raise WireFormatError(f"{what}: not a valid .npy array (object arrays need pickle, which is refused)")
     if dtype_name(dtype) not in ALLOWED_DTYPES:
@@ -124,8 +150,7 @@ def npy_to_array(data: bytes, what: str = "array") -> np.ndarray:
     if len(data) - offset != count * dtype.itemsize:
         raise WireFormatError(f"{what}: not a valid .npy array (data is {len(data) - offset} bytes, "
                               f"shape {tuple(shape)} needs {count * dtype.itemsize})")
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    arr = (flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)).copy()
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValidationError(f"{what}: contains NaN or infinite values")
     return arr
@@ -154,10 +179,7 @@ def decode_batch(body: bytes | str) -> UploadBatch:
 
     Semantic checks against a model (shapes, dtypes, index ranges) are the collector's.
     """
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise WireFormatError(f"upload body is not valid JSON ({type(exc).__name__})") from None
+    obj = loads_json(body.encode("utf-8") if isinstance(body, str) else body, "upload body")
     if not isinstance(obj, dict):
         raise WireFormatError("upload body must be a JSON object")
     model_id, model_sha, raw_items = _decode_head(obj)
@@ -171,7 +193,7 @@ def decode_batch(body: bytes | str) -> UploadBatch:
 def _decode_head(obj: dict) -> tuple[str, str, list]:
     """Schema version, model id and sha256, and the raw item list of an upload object."""
     version = obj.get("schema_version")
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != SCHEMA_VERSION:  # 1.0 and True equal 1 but are not it
         raise SchemaVersionError(f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
     model_id = obj.get("model_id")
     model_sha = obj.get("model_sha256")
@@ -261,10 +283,7 @@ def decode_batch_binary(body: bytes) -> UploadBatch:
     head_len = int.from_bytes(body[len(BINARY_MAGIC):_BINARY_PREFIX], "little")
     if head_len > MAX_BINARY_HEADER_BYTES or _BINARY_PREFIX + head_len > len(body):
         raise WireFormatError(f"binary batch header length {head_len} exceeds the body or {MAX_BINARY_HEADER_BYTES} bytes")
-    try:
-        obj = json.loads(body[_BINARY_PREFIX:_BINARY_PREFIX + head_len])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise WireFormatError(f"binary batch header is not valid JSON ({type(exc).__name__})") from None
+    obj = loads_json(body[_BINARY_PREFIX:_BINARY_PREFIX + head_len], "binary batch header")
     if not isinstance(obj, dict):
         raise WireFormatError("binary batch header must be a JSON object")
     model_id, model_sha, raw_items = _decode_head(obj)

@@ -121,7 +121,10 @@ def make_kit():
 
 @pytest.fixture
 def app(tmp_path: Path, tiny_model_dir: Path):
-    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir), "TESTING": True})
+    # JSON uploads of any size up to the body limit: the kit builds JSON batches of up to
+    # 257 items (the served default is a small JSON body; see test_hardening).
+    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir), "TESTING": True,
+                      "JSON_BODY_LIMIT": routes.MAX_BODY_BYTES})
     yield app
     app.extensions["pric"].db.dispose()
 

@@ -337,12 +337,14 @@ def test_withdraw_deletes_only_own_items(kit):
     _, b = kit.register()
     kit.upload(a, kit.body(kit.items(3)))
     kit.upload(b, kit.body(kit.items(5)))
-    resp = kit.client.delete(routes.ME, headers=a)
-    assert resp.json == {"deleted": 3}
+    resp = kit.client.delete(routes.ME, headers=a, query_string={"keep_token": "1"})
+    assert resp.json == {"deleted": 3, "token_revoked": False}
     assert kit.client.get(routes.ME, headers=a).json["items"] == 0
     assert kit.client.get(routes.ME, headers=b).json["items"] == 5
     assert kit.count() == 5
-    assert kit.client.delete(routes.ME, headers=a).json == {"deleted": 0}
+    assert kit.client.delete(routes.ME, headers=a).json == {"deleted": 0, "token_revoked": True}
+    assert_error(kit.client.get(routes.ME, headers=a), 401)  # revoked by default
+    assert kit.client.get(routes.ME, headers=b).json["items"] == 5
 
 
 def test_participant_cannot_read_others_or_staff_endpoints(kit):
@@ -442,7 +444,8 @@ def test_rotation_serves_newest_and_never_mixes_models(tmp_path, write_model, ma
     models = tmp_path / "models"
     v1 = write_model(models / "tiny-1", version="1", seed=1)
     v2 = write_model(models / "tiny-2", version="2", seed=2)
-    app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(models)})
+    app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(models),
+                      "JSON_BODY_LIMIT": routes.MAX_BODY_BYTES})
     kit = make_kit(app, v1)
     _, h = kit.register()
     assert kit.client.get(routes.MODEL_CARD, headers=h).json["model_id"] == v2.model_id
