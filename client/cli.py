@@ -54,6 +54,7 @@ from typing import TextIO
 import numpy as np
 
 from client.api import CollectorAPI, HttpConfig
+from client.display import printable
 from client.home import Home, ParticipantConfig, default_home
 from client.journal import Journal
 from client.keystore import KeyStore, read_key_file
@@ -92,12 +93,17 @@ class Console:
         self.err = err or sys.stderr
 
     def say(self, msg: str) -> None:
-        print(msg, file=self.out, flush=True)
+        # every message is escaped: file names and server text may hold newlines, terminal
+        # escapes or bytes that are not UTF-8, and each message must stay one line
+        print(printable(msg), file=self.out, flush=True)
 
     def warn(self, msg: str) -> None:
         from tqdm import tqdm
 
-        tqdm.write(f"{PROG}: {msg}", file=self.err)
+        tqdm.write(f"{PROG}: {printable(msg)}", file=self.err)
+
+    def error(self, msg: str) -> None:
+        print(f"{PROG}: error: {printable(msg)}", file=self.err, flush=True)
 
     def skip(self, path: str, reason: str) -> None:
         self.warn(f"skipped {path}: {reason}")
@@ -292,7 +298,7 @@ class Uploader:
         _test_delay()
         answer = self.api.upload(body, self.card.model_id)
         _test_delay()
-        self.journal.record((i, self.card.model_id, str(p)) for p, i, _ in items)
+        self.journal.record((i, self.card.model_id, p) for p, i, _ in items)
         self.counts.stored += answer["stored"]
         self.counts.already += answer["duplicates"]
 
@@ -530,7 +536,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     try:
         return int(args.func(args, home, con))
     except PricError as exc:
-        print(f"{PROG}: error: {exc.message}", file=con.err, flush=True)
+        con.error(exc.message)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to resume", file=con.err, flush=True)
