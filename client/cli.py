@@ -28,9 +28,18 @@ Exit codes:
     6   authentication or permission refused (wrong or revoked token)
     7   not found on the collector
     8   rate limited, still after retries
-    9   collector unreachable or failing, after retries
+    9   collector unreachable or failing (any HTTP 5xx, an answer too large, not JSON,
+        a redirect, a Retry-After over 30 s), after retries
     10  nothing could be processed (no readable photo among the given paths)
+    11  the run's deadline (--deadline) passed while waiting for the collector (it hangs,
+        or answers too slowly); run the same command again later: uploads resume
     130 interrupted
+
+Limits on what the collector sends: a model card of at most 256 KiB asking for an input
+of at most 1024x1024 and at most 2^20 output values per photo, JSON answers of at most
+1 MiB, model files of at most 256 MiB (streamed to disk, sha256-checked), `Retry-After`
+honoured up to 30 s. `--deadline` bounds the whole run: default 600 s, for upload 600 s
+plus 1 s per photo found.
 
 Environment: PRIC_CLIENT_HOME (home folder), PRIC_CLIENT_RETRIES / PRIC_CLIENT_BACKOFF
 (HTTP retry policy), PRIC_CLIENT_TEST_DELAY_S (test hook: sleep before each batch is sent
@@ -53,7 +62,7 @@ from typing import TextIO
 
 import numpy as np
 
-from client.api import CollectorAPI, HttpConfig
+from client.api import DEFAULT_DEADLINE_S, UPLOAD_DEADLINE_PER_PHOTO_S, CollectorAPI, Deadline, HttpConfig
 from client.display import printable
 from client.home import Home, ParticipantConfig, default_home
 from client.journal import Journal
@@ -158,7 +167,23 @@ def _split_csv(text: str | None) -> list[str]:
 
 
 def _http(args: argparse.Namespace) -> HttpConfig:
+    if args.timeout is not None and not 0 < args.timeout <= 3600:
+        raise InvalidInputError(f"--timeout {args.timeout}: must be more than 0 and at most 3600 seconds")
     return HttpConfig.from_env(timeout_s=args.timeout)
+
+
+def _deadline(args: argparse.Namespace) -> Deadline:
+    """The run's deadline: --deadline, else DEFAULT_DEADLINE_S (upload raises it per photo)."""
+    seconds = getattr(args, "deadline", None)
+    if seconds is None:
+        return Deadline(DEFAULT_DEADLINE_S)
+    if not 0 < seconds <= 7 * 24 * 3600:  # also refuses nan
+        raise InvalidInputError(f"--deadline {seconds}: must be more than 0 and at most a week (604800 s)")
+    return Deadline(seconds)
+
+
+def _api(args: argparse.Namespace, server: str, token: str | None = None) -> CollectorAPI:
+    return CollectorAPI(server, token, _http(args), _deadline(args))
 
 
 def _test_delay() -> None:
@@ -171,7 +196,7 @@ def _test_delay() -> None:
 def cmd_register(args: argparse.Namespace, home: Home, con: Console) -> int:
     if home.has_config() and not args.force:
         raise InvalidInputError(f"{home.config_path}: already registered; pass --force to register again")
-    api = CollectorAPI(args.server, http=_http(args))
+    api = _api(args, args.server)
     got = api.register()
     path = home.save_config(ParticipantConfig(api.server, str(got["participant_id"]), str(got["token"])))
     con.say(f"registered as participant {got['participant_id']} at {api.server}; token saved in {path} (mode 0600)")
@@ -180,7 +205,7 @@ def cmd_register(args: argparse.Namespace, home: Home, con: Console) -> int:
 
 def cmd_status(args: argparse.Namespace, home: Home, con: Console) -> int:
     config = home.load_config()
-    me = CollectorAPI(config.server, config.token, _http(args)).me()
+    me = _api(args, config.server, config.token).me()
     with Journal(home.journal_path, config.server, config.participant_id) as journal:
         local = journal.counts()
     keys = KeyStore(home.keys_path).count() if home.keys_path.exists() else 0
@@ -206,7 +231,7 @@ def cmd_status(args: argparse.Namespace, home: Home, con: Console) -> int:
 
 def cmd_withdraw(args: argparse.Namespace, home: Home, con: Console) -> int:
     config = home.load_config()
-    deleted = CollectorAPI(config.server, config.token, _http(args)).withdraw()
+    deleted = _api(args, config.server, config.token).withdraw()
     with Journal(home.journal_path, config.server, config.participant_id) as journal:
         cleared = journal.clear()
     con.say(f"withdrew {deleted} items from {config.server}; local journal cleared ({cleared} entries)")
@@ -323,7 +348,7 @@ class Uploader:
 def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
     cfg = UploadConfig.from_args(args)
     config = home.load_config()
-    api = CollectorAPI(config.server, config.token, _http(args))
+    api = _api(args, config.server, config.token)
     card, model_dir = fetch_model(api, home)
     expected_mode = "ambiguated" if card.kind == "sparse_code" else "features"
     if cfg.mode and cfg.mode != expected_mode:
@@ -336,6 +361,8 @@ def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
     up = Uploader(cfg, home, con, api, config, card, model_dir)
     try:
         files = list(iter_files(cfg.paths, up.skip))
+        if args.deadline is None:  # the default grows with the work to do
+            api.deadline.seconds = DEFAULT_DEADLINE_S + UPLOAD_DEADLINE_PER_PHOTO_S * len(files)
         counts = up.run(files)
         if cfg.save_codes and not cfg.dry_run:
             n = up.save_codes(Path(cfg.save_codes))
@@ -475,15 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--home", default=None, help="client folder (default: $PRIC_CLIENT_HOME or the per-user config folder)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per HTTP call (default 30)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds a network read or connect may wait (default 30)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    net = argparse.ArgumentParser(add_help=False)
+    net.add_argument("--deadline", type=float, metavar="SECONDS",
+                     help=f"end the whole run when it takes longer (default {DEFAULT_DEADLINE_S:.0f} s; upload: "
+                          f"{DEFAULT_DEADLINE_S:.0f} s + {UPLOAD_DEADLINE_PER_PHOTO_S:.0f} s per photo); exit 11")
 
-    s = sub.add_parser("register", help="register with a collector and keep the token (mode 0600)")
+    s = sub.add_parser("register", parents=[net], help="register with a collector and keep the token (mode 0600)")
     s.add_argument("--server", required=True, help="collector URL, e.g. http://127.0.0.1:8000")
     s.add_argument("--force", action="store_true", help="replace an existing registration")
     s.set_defaults(func=cmd_register)
 
-    s = sub.add_parser("upload", help="transform photos on device and upload the results")
+    s = sub.add_parser("upload", parents=[net], help="transform photos on device and upload the results")
     s.add_argument("paths", nargs="+", metavar="PATH", help="photo files or folders (recursive)")
     s.add_argument("--labels", help="CSV: filename,<task1>,... with 0/1 (or -1/1)")
     s.add_argument("--tasks", help="comma-separated label columns to send (default: every 0/1 column)")
@@ -504,11 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "a model thread runs the model, N-1 threads decode photos over 6 KiB (default: CPU cores, at most 4)")
     s.set_defaults(func=cmd_transform)
 
-    s = sub.add_parser("status", help="what the collector holds for you, and local counts")
+    s = sub.add_parser("status", parents=[net], help="what the collector holds for you, and local counts")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("withdraw", help="delete all your items on the collector and clear the journal")
+    s = sub.add_parser("withdraw", parents=[net], help="delete all your items on the collector and clear the journal")
     s.set_defaults(func=cmd_withdraw)
 
     keys = sub.add_parser("keys", help="ambiguation keys")

@@ -133,6 +133,13 @@ class ServerUnavailableError(PricError):
     code = "unavailable"
 
 
+class DeadlineExceededError(ServerUnavailableError):
+    """Client side: the run's overall deadline passed while waiting for the collector."""
+
+    exit_code = 11
+    code = "deadline_exceeded"
+
+
 class ConflictError(PricError):
     http_status = 409
     exit_code = 4
