@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -468,9 +469,15 @@ def cmd_decode(args: argparse.Namespace, home: Home, con: Console) -> int:
     decoder = OnnxModel(model_dir / DECODER_FILE, "code", "image")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    refused = 0
+    refused = bad_ids = 0
     ready: list[tuple[str, np.ndarray]] = []
     for n, item_id in enumerate(ids):
+        if not _safe_output_name(out, item_id):
+            # the codes file is input like any other: its ids name files only inside --out
+            bad_ids += 1
+            con.warn(f"refused item {item_id}: its id cannot be a file name in {out} "
+                     "(1-64 letters, digits, '_', '.', '-', not starting with '.')")
+            continue
         try:
             if item_id not in keys:
                 raise KeyMismatchError("no key for this item in the key file")
@@ -489,10 +496,23 @@ def cmd_decode(args: argparse.Namespace, home: Home, con: Console) -> int:
 
             Image.fromarray(pixels, "RGB").save(out / f"{item_id}.png")
             written += 1
-    con.say(f"{written} images written to {out}, {refused} refused")
+    con.say(f"{written} images written to {out}, {refused + bad_ids} refused")
     if refused:
         return KeyMismatchError.exit_code
+    if bad_ids:
+        return InvalidInputError.exit_code
     return EXIT_OK if written else EXIT_NOTHING
+
+
+_OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+def _safe_output_name(out: Path, item_id: str) -> bool:
+    """`<item_id>.png` is a plain file name that stays inside `out` (no separator, no
+    `..`, no absolute path, no control character); checked twice, by pattern and by path."""
+    if not _OUTPUT_NAME.fullmatch(item_id):
+        return False
+    return (out / f"{item_id}.png").resolve().parent == out.resolve()
 
 
 # --- argument parsing --------------------------------------------------------------------
@@ -553,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("decode", help="authorised data user: decode ambiguated codes with their keys to PNGs")
     s.add_argument("--key-file", required=True)
     s.add_argument("--codes", required=True, help=".npz with model_id, item_ids, indices, values")
-    s.add_argument("--out", required=True, help="folder for <item_id>.png")
+    s.add_argument("--out", required=True, help="folder for <item_id>.png (an id that is not a plain file name "
+                   "is refused, exit 2)")
     s.add_argument("--model-dir", help="folder with the sparse model and decoder.onnx (default: cached)")
     s.add_argument("--batch-size", type=int, default=32)
     s.set_defaults(func=cmd_decode)
