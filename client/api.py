@@ -3,6 +3,11 @@
 The collector is the party participants are protected from, so everything it sends is
 read as hostile:
 
+* The token and the features travel only over TLS with a verified certificate (the
+  system's CA store, or `--ca-bundle FILE` for a private CA), except to this machine
+  (loopback) or with `--insecure` (check_server_url). A certificate that does not verify
+  is TlsError (exit 12), not retried.
+
 * Every call has a timeout per socket operation, and the whole run has a deadline
   (`Deadline`, `--deadline`): a call still unanswered when it passes (a server that
   hangs, or drips a byte every few seconds so that no socket timeout fires) is abandoned
@@ -26,16 +31,19 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import ipaddress
 import json
 import os
 import random
 import re
 import threading
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -53,6 +61,7 @@ from protocol.errors import (
     RateLimitedError,
     SchemaVersionError,
     ServerUnavailableError,
+    TlsError,
     UnknownModelError,
     ValidationError,
     WireFormatError,
@@ -108,11 +117,63 @@ class Deadline:
         return self._start + self.seconds - time.monotonic()
 
 
-def check_server_url(url: str) -> str:
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1): traffic that never
+    leaves this machine. A name that merely resolves to loopback does not count."""
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_server_url(url: str, insecure: bool = False) -> str:
+    """The collector's base URL, normalised; refuses anything but http(s)://host[:port][/path],
+    and plain http:// to a host that is not loopback unless `insecure` (the bearer token
+    and the features would cross the network unencrypted)."""
     url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")) or len(url) < 10:
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise InvalidInputError(f"{url!r}: the server URL holds spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        raise InvalidInputError(f"{url!r}: not a valid server URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInputError(f"{url!r}: server must be an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidInputError(f"{url!r}: the server URL must not hold a user name or password")
+    if parts.query or parts.fragment:
+        raise InvalidInputError(f"{url!r}: the server URL must not hold a query or fragment")
+    if parts.scheme == "http" and not insecure and not is_loopback_host(parts.hostname):
+        raise InvalidInputError(
+            f"{url}: plain http:// to another machine would send your token and features unencrypted; "
+            "use the collector's https:// URL (add --ca-bundle FILE for a private CA), or pass --insecure "
+            "on a network you trust"
+        )
     return url
+
+
+def check_ca_bundle(path: str | os.PathLike[str]) -> str:
+    """An absolute path to a readable PEM bundle with at least one certificate."""
+    path = Path(path).expanduser()
+    try:
+        ctx = ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise InvalidInputError(f"--ca-bundle {path}: not a readable PEM certificate bundle ({reason})") from None
+    if not ctx.get_ca_certs():
+        raise InvalidInputError(f"--ca-bundle {path}: holds no CA certificate")
+    return str(path.resolve())
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """The useful part of a TLS failure, e.g. 'self-signed certificate'."""
+    text = str(exc)
+    got = re.search(r"certificate verify failed: ([^()'\"]+)", text) or re.search(r"\[SSL: ([A-Z_]+)\]", text)
+    return got.group(1).strip() if got else "TLS handshake failed"
 
 
 @dataclass(frozen=True)
@@ -203,12 +264,16 @@ class CollectorAPI:
     """One collector, one participant token (or none, for register)."""
 
     def __init__(self, server: str, token: str | None = None, http: HttpConfig | None = None,
-                 deadline: Deadline | None = None) -> None:
-        self.server = check_server_url(server)
+                 deadline: Deadline | None = None, *, insecure: bool = False, ca_bundle: str | None = None) -> None:
+        """`insecure`: allow plain http:// to a host that is not loopback. `ca_bundle`: PEM
+        file of the CA(s) that signed the collector's certificate (default: the system's)."""
+        self.server = check_server_url(server, insecure)
         self.token = token
         self.http = http or HttpConfig()
         self.deadline = deadline or Deadline()
         self.session = requests.Session()  # no adapter retries: _request retries itself
+        # certificates are always verified; a private CA is added, never verification dropped
+        self.session.verify = check_ca_bundle(ca_bundle) if ca_bundle else True
         self.session.headers["User-Agent"] = "pric-client/0.1"
         self.session.headers["Accept-Encoding"] = "identity"
 
@@ -230,6 +295,11 @@ class CollectorAPI:
             last = attempt + 1 == tries
             try:
                 ans = self._attempt(method, route, what, headers, limit, sink, kw)
+            except requests.exceptions.SSLError as exc:  # not transient: retrying cannot fix a certificate
+                raise TlsError(
+                    f"{self.server}: the collector's TLS certificate could not be verified ({_tls_reason(exc)}); "
+                    "if its operator uses a private CA, pass --ca-bundle FILE with that CA's certificate"
+                ) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "connection failed"
@@ -270,8 +340,9 @@ class CollectorAPI:
 
         def exchange() -> None:
             try:
+                # verify passed per call: requests would let $REQUESTS_CA_BUNDLE override the session's
                 resp = self.session.request(method, self.server + route, headers=headers, timeout=timeout,
-                                            stream=True, allow_redirects=False, **kw)
+                                            stream=True, allow_redirects=False, verify=self.session.verify, **kw)
                 try:
                     encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
                     if encoding != "identity":

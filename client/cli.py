@@ -1,6 +1,6 @@
 """`pric-client`: the participant's command-line client.
 
-    pric-client [--home DIR] register --server URL [--force]
+    pric-client [--home DIR] register --server URL [--force] [--ca-bundle FILE] [--insecure]
     pric-client [--home DIR] upload PATH... [--labels CSV] [--tasks T1,T2]
                 [--mode features|ambiguated] [--batch-size N] [--workers N] [--dry-run]
                 [--save-codes FILE]
@@ -20,20 +20,30 @@ acknowledged before, per the local journal or the collector, or a byte-identical
 Exit codes:
     0   done (at least one photo processed; some may have been skipped)
     1   other error
-    2   invalid input (argument, file, labels CSV, not registered yet)
+    2   invalid input (argument, file, labels CSV, not registered yet, plain http:// to
+        another machine without --insecure, a --ca-bundle that is no PEM bundle, an id in a
+        codes file that is not a plain file name)
     3   the collector refused the payload (format, validation, size)
     4   model problem: unknown or retired on the collector (run upload again to update),
-        or a model file whose sha256 does not match its card (refused)
+        a model file whose sha256 does not match its card or over 256 MiB (refused), or a
+        model card out of bounds
     5   a key does not match its code (decode)
     6   authentication or permission refused (wrong or revoked token)
     7   not found on the collector
     8   rate limited, still after retries
-    9   collector unreachable or failing (any HTTP 5xx, an answer too large, not JSON,
-        a redirect, a Retry-After over 30 s), after retries
+    9   collector unreachable or failing (any HTTP 5xx, an answer too large or not JSON,
+        a redirect), after retries, or at once when it asks to wait more than 30 s
     10  nothing could be processed (no readable photo among the given paths)
     11  the run's deadline (--deadline) passed while waiting for the collector (it hangs,
         or answers too slowly); run the same command again later: uploads resume
+    12  the collector's TLS certificate could not be verified (pass --ca-bundle FILE if
+        its operator uses a private CA)
     130 interrupted
+
+TLS: use the collector's https:// URL. Certificates are verified against the system's CA
+store, or against --ca-bundle FILE (a private CA). Plain http:// is refused (exit 2) to any
+host but this machine (localhost, 127.0.0.0/8, ::1) unless --insecure is given: the token
+and the features would cross the network unencrypted. register remembers both choices.
 
 Limits on what the collector sends: a model card of at most 256 KiB asking for an input
 of at most 1024x1024 and at most 2^20 output values per photo, JSON answers of at most
@@ -183,8 +193,12 @@ def _deadline(args: argparse.Namespace) -> Deadline:
     return Deadline(seconds)
 
 
-def _api(args: argparse.Namespace, server: str, token: str | None = None) -> CollectorAPI:
-    return CollectorAPI(server, token, _http(args), _deadline(args))
+def _api(args: argparse.Namespace, server: str, token: str | None = None,
+         config: ParticipantConfig | None = None) -> CollectorAPI:
+    """The collector's client; TLS choices from the command line, else from registration."""
+    insecure = bool(args.insecure or (config is not None and config.insecure))
+    ca_bundle = args.ca_bundle or (config.ca_bundle if config is not None else None)
+    return CollectorAPI(server, token, _http(args), _deadline(args), insecure=insecure, ca_bundle=ca_bundle)
 
 
 def _test_delay() -> None:
@@ -199,14 +213,18 @@ def cmd_register(args: argparse.Namespace, home: Home, con: Console) -> int:
         raise InvalidInputError(f"{home.config_path}: already registered; pass --force to register again")
     api = _api(args, args.server)
     got = api.register()
-    path = home.save_config(ParticipantConfig(api.server, str(got["participant_id"]), str(got["token"])))
+    ca_bundle = api.session.verify if isinstance(api.session.verify, str) else None
+    path = home.save_config(ParticipantConfig(api.server, str(got["participant_id"]), str(got["token"]),
+                                              insecure=bool(args.insecure), ca_bundle=ca_bundle))
     con.say(f"registered as participant {got['participant_id']} at {api.server}; token saved in {path} (mode 0600)")
+    if api.server.startswith("http://") and args.insecure:
+        con.warn(f"{api.server}: plain http (--insecure): your token and features are not encrypted on the way")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, home: Home, con: Console) -> int:
     config = home.load_config()
-    me = _api(args, config.server, config.token).me()
+    me = _api(args, config.server, config.token, config).me()
     with Journal(home.journal_path, config.server, config.participant_id) as journal:
         local = journal.counts()
     keys = KeyStore(home.keys_path).count() if home.keys_path.exists() else 0
@@ -232,7 +250,7 @@ def cmd_status(args: argparse.Namespace, home: Home, con: Console) -> int:
 
 def cmd_withdraw(args: argparse.Namespace, home: Home, con: Console) -> int:
     config = home.load_config()
-    deleted = _api(args, config.server, config.token).withdraw()
+    deleted = _api(args, config.server, config.token, config).withdraw()
     with Journal(home.journal_path, config.server, config.participant_id) as journal:
         cleared = journal.clear()
     con.say(f"withdrew {deleted} items from {config.server}; local journal cleared ({cleared} entries)")
@@ -349,7 +367,7 @@ class Uploader:
 def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
     cfg = UploadConfig.from_args(args)
     config = home.load_config()
-    api = _api(args, config.server, config.token)
+    api = _api(args, config.server, config.token, config)
     card, model_dir = fetch_model(api, home)
     expected_mode = "ambiguated" if card.kind == "sparse_code" else "features"
     if cfg.mode and cfg.mode != expected_mode:
@@ -528,9 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--deadline", type=float, metavar="SECONDS",
                      help=f"end the whole run when it takes longer (default {DEFAULT_DEADLINE_S:.0f} s; upload: "
                           f"{DEFAULT_DEADLINE_S:.0f} s + {UPLOAD_DEADLINE_PER_PHOTO_S:.0f} s per photo); exit 11")
+    net.add_argument("--ca-bundle", metavar="FILE",
+                     help="PEM file with the CA certificate(s) of a collector whose TLS certificate is from a private "
+                          "CA; certificates are always verified (register remembers it)")
+    net.add_argument("--insecure", action="store_true",
+                     help="allow plain http:// to a host that is not this machine: token and features travel "
+                          "unencrypted (register remembers it)")
 
     s = sub.add_parser("register", parents=[net], help="register with a collector and keep the token (mode 0600)")
-    s.add_argument("--server", required=True, help="collector URL, e.g. http://127.0.0.1:8000")
+    s.add_argument("--server", required=True, help="collector URL: https://HOST[:PORT] (http:// only to this machine "
+                   "without --insecure)")
     s.add_argument("--force", action="store_true", help="replace an existing registration")
     s.set_defaults(func=cmd_register)
 

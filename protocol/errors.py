@@ -140,6 +140,13 @@ class DeadlineExceededError(ServerUnavailableError):
     code = "deadline_exceeded"
 
 
+class TlsError(ServerUnavailableError):
+    """Client side: the collector's TLS certificate could not be verified (or no TLS handshake)."""
+
+    exit_code = 12
+    code = "tls"
+
+
 class ConflictError(PricError):
     http_status = 409
     exit_code = 4
