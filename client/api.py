@@ -439,7 +439,15 @@ class CollectorAPI:
         return body
 
     def me(self) -> dict[str, Any]:
-        return self._json(self._request("GET", routes.ME, what="status"), "status")
+        """GET ME → {"participant_id": str, "items": int, "items_by_model": {model_id: int}},
+        checked: a malformed answer is ServerUnavailableError, not a crash while printing it."""
+        body = self._json(self._request("GET", routes.ME, what="status"), "status")
+        items, by_model, pid = body.get("items"), body.get("items_by_model", {}), body.get("participant_id", "")
+        if not _is_count(items) or not isinstance(by_model, dict) or len(by_model) > 1000 \
+                or not all(isinstance(k, str) and len(k) <= 200 and _is_count(v) for k, v in by_model.items()) \
+                or not isinstance(pid, (str, int)) or isinstance(pid, bool):
+            raise ServerUnavailableError("status: the collector's answer is malformed (items, items_by_model)")
+        return {"participant_id": _clip(str(pid), 128), "items": items, "items_by_model": by_model}
 
     def withdraw(self) -> int:
         body = self._json(self._request("DELETE", routes.ME, what="withdraw"), "withdraw")
@@ -497,6 +505,10 @@ class CollectorAPI:
         return {"stored": _count(got.get("stored", 0)), "duplicates": _count(got.get("duplicates", 0))}
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**12
+
+
 def _count(value: object) -> int:
     """A count from the collector: a non-negative int of sane size, else 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**12 else 0
+    return value if _is_count(value) else 0

@@ -230,9 +230,9 @@ def cmd_status(args: argparse.Namespace, home: Home, con: Console) -> int:
     keys = KeyStore(home.keys_path).count() if home.keys_path.exists() else 0
     report = {
         "server": config.server,
-        "participant_id": me.get("participant_id", config.participant_id),
-        "items": int(me.get("items", 0)),
-        "items_by_model": me.get("items_by_model", {}),
+        "participant_id": me["participant_id"] or config.participant_id,
+        "items": me["items"],
+        "items_by_model": me["items_by_model"],
         "journal": local,
         "keys": keys,
     }

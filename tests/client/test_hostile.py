@@ -103,6 +103,10 @@ def hostile(tmp_path: Path):
         server.close()
 
 
+def home_port(home: str) -> str:
+    return Home(home).load_config().server.rsplit(":", 1)[1]
+
+
 def _timed(cli, *argv: str):
     start = time.monotonic()
     res = cli(*argv)
@@ -189,7 +193,9 @@ def test_retry_after_is_honoured_when_short(hostile) -> None:
     (302, b"", 9, "redirect"),
     (200, b"[1, 2]", 9, "unexpected JSON"),
     (200, b"[" * 100_000, 9, "not JSON"),
-    (200, json.dumps({"message": "a\nb\x1b[2J" + "x" * 5000}).encode(), 0, ""),
+    (200, json.dumps({"items": "lots", "items_by_model": [1, 2]}).encode(), 9, "malformed"),
+    (200, json.dumps({"items": 3, "items_by_model": {"m@1": -1}}).encode(), 9, "malformed"),
+    (200, json.dumps({"participant_id": "p\n1", "items": 3, "items_by_model": {"a\nb": 3}}).encode(), 0, ""),
 ])
 def test_each_failure_has_its_documented_exit_code(cli, hostile, status: int, body: bytes, rc: int, text: str) -> None:
     _, home = hostile(lambda conn, path, stop: respond(conn, status, body, {"Location": "http://elsewhere/"}))
@@ -198,6 +204,9 @@ def test_each_failure_has_its_documented_exit_code(cli, hostile, status: int, bo
     if rc:
         line = _one_error_line(res)
         assert text in line and len(line) < 600
+    else:  # printed, each value on its line, escaped
+        assert res.out.splitlines()[:2] == ["collector http://127.0.0.1:%s: participant p\\n1 has 3 items stored"
+                                            % home_port(home), "  a\\nb: 3"]
 
 
 def test_a_server_message_cannot_break_the_line_or_flood_the_terminal(cli, hostile) -> None:

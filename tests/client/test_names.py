@@ -74,3 +74,19 @@ def test_printable_escapes_controls_and_undecodable_bytes_only() -> None:
     # line separators and bidi overrides (a name that reads backwards) are escaped too
     assert printable("a\u2028b\u202egpj.exe") == "a\\u2028b\\u202egpj.exe"
     assert printable("back\\slash") == "back\\slash"
+
+
+def test_journal_keeps_path_bytes_and_reads_journals_written_before(tmp_path: Path) -> None:
+    from client.journal import Journal
+
+    db_path = tmp_path / "journal.sqlite"
+    with sqlite3.connect(db_path) as db:  # a journal of an earlier client: path TEXT
+        db.execute("CREATE TABLE uploads (server TEXT NOT NULL, participant TEXT NOT NULL, item_id TEXT NOT NULL, "
+                   "model_id TEXT NOT NULL, path TEXT NOT NULL, acked_at REAL NOT NULL, "
+                   "PRIMARY KEY (server, participant, item_id))")
+        db.execute("INSERT INTO uploads VALUES ('s', 'p', 'old', 'm@1', '/photos/old.jpg', 0)")
+    odd = os.fsdecode(b"/photos/\xff\n.jpg")
+    with Journal(db_path, "s", "p") as journal:
+        journal.record([("new", "m@1", Path(odd))])
+        assert journal.has("old") and journal.has("new")
+        assert journal.paths() == ["/photos/old.jpg", odd]
