@@ -75,6 +75,9 @@ class AuditConfig:
     model_id: str | None = option(None, "model id name@version (live audit)")
     probe: str | None = option(None, "the auditor's own labelled probe set (live audit)")
     timeout: float = option(30.0, "HTTP timeout in seconds", type=float)
+    deadline: float = option(6 * 3600.0, "seconds the whole pull from the collector may take (live audit)", type=float)
+    ca_bundle: str | None = option(None, "PEM file of the CA that signed the collector's certificate (live audit)")
+    insecure: bool = option(False, "allow plain http:// to a collector that is not on this machine (live audit)")
     page_size: int = option(200, "items per export page (live audit)", type=int)
 
     @property

@@ -15,7 +15,7 @@ from audit.attacks import applicable_kinds, majority_rate, train_attack
 from audit.config import ENV_TOKEN, AuditConfig, say
 from audit.releases import OnnxRelease, Splits, check_classes, load_data
 from audit.report import finish, save_config
-from client.api import CollectorAPI, HttpConfig
+from client.api import CollectorAPI, Deadline, HttpConfig
 from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import CARD_FILE, ModelCard, load_card
 from protocol.wire import npy_to_array
@@ -40,12 +40,12 @@ def auditor_token(cfg: AuditConfig) -> str:
 def fetch_live(cfg: AuditConfig, model_dir: Path) -> tuple[ModelCard, list[dict[str, Any]]]:
     """Download the model card and file (sha256 verified) and every stored item of the model,
     through the project's one HTTP client of the collector API (timeouts, bounded retries)."""
-    api = CollectorAPI(cfg.collector or "", auditor_token(cfg), HttpConfig.from_env(cfg.timeout))
+    api = CollectorAPI(cfg.collector or "", auditor_token(cfg), HttpConfig.from_env(cfg.timeout),
+                       Deadline(cfg.deadline), insecure=cfg.insecure, ca_bundle=cfg.ca_bundle)
     try:
         card = api.model_card_by_id(cfg.model_id or "")
-        data = api.model_file(card, card.file)
         model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / card.file).write_bytes(data)
+        api.model_file(card, card.file, model_dir / card.file)
         (model_dir / CARD_FILE).write_text(card.to_json() + "\n")
         items: list[dict[str, Any]] = []
         offset: int | None = 0

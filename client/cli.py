@@ -1,6 +1,6 @@
 """`pric-client`: the participant's command-line client.
 
-    pric-client [--home DIR] register --server URL [--force]
+    pric-client [--home DIR] register --server URL [--force] [--ca-bundle FILE] [--insecure]
     pric-client [--home DIR] upload PATH... [--labels CSV] [--tasks T1,T2]
                 [--mode features|ambiguated] [--batch-size N] [--workers N] [--dry-run]
                 [--save-codes FILE]
@@ -20,17 +20,36 @@ acknowledged before, per the local journal or the collector, or a byte-identical
 Exit codes:
     0   done (at least one photo processed; some may have been skipped)
     1   other error
-    2   invalid input (argument, file, labels CSV, not registered yet)
+    2   invalid input (argument, file, labels CSV, not registered yet, plain http:// to
+        another machine without --insecure, a --ca-bundle that is no PEM bundle, an id in a
+        codes file that is not a plain file name)
     3   the collector refused the payload (format, validation, size)
     4   model problem: unknown or retired on the collector (run upload again to update),
-        or a model file whose sha256 does not match its card (refused)
+        a model file whose sha256 does not match its card or over 256 MiB (refused), or a
+        model card out of bounds
     5   a key does not match its code (decode)
     6   authentication or permission refused (wrong or revoked token)
     7   not found on the collector
     8   rate limited, still after retries
-    9   collector unreachable or failing, after retries
+    9   collector unreachable or failing (any HTTP 5xx, an answer too large or not JSON,
+        a redirect), after retries, or at once when it asks to wait more than 30 s
     10  nothing could be processed (no readable photo among the given paths)
+    11  the run's deadline (--deadline) passed while waiting for the collector (it hangs,
+        or answers too slowly); run the same command again later: uploads resume
+    12  the collector's TLS certificate could not be verified (pass --ca-bundle FILE if
+        its operator uses a private CA)
     130 interrupted
+
+TLS: use the collector's https:// URL. Certificates are verified against the system's CA
+store, or against --ca-bundle FILE (a private CA). Plain http:// is refused (exit 2) to any
+host but this machine (localhost, 127.0.0.0/8, ::1) unless --insecure is given: the token
+and the features would cross the network unencrypted. register remembers both choices.
+
+Limits on what the collector sends: a model card of at most 256 KiB asking for an input
+of at most 1024x1024 and at most 2^20 output values per photo, JSON answers of at most
+1 MiB, model files of at most 256 MiB (streamed to disk, sha256-checked), `Retry-After`
+honoured up to 30 s. `--deadline` bounds the whole run: default 600 s, for upload 600 s
+plus 1 s per photo found.
 
 Environment: PRIC_CLIENT_HOME (home folder), PRIC_CLIENT_RETRIES / PRIC_CLIENT_BACKOFF
 (HTTP retry policy), PRIC_CLIENT_TEST_DELAY_S (test hook: sleep before each batch is sent
@@ -42,6 +61,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -53,7 +73,8 @@ from typing import TextIO
 
 import numpy as np
 
-from client.api import CollectorAPI, HttpConfig
+from client.api import DEFAULT_DEADLINE_S, UPLOAD_DEADLINE_PER_PHOTO_S, CollectorAPI, Deadline, HttpConfig
+from client.display import printable
 from client.home import Home, ParticipantConfig, default_home
 from client.journal import Journal
 from client.keystore import KeyStore, read_key_file
@@ -92,12 +113,17 @@ class Console:
         self.err = err or sys.stderr
 
     def say(self, msg: str) -> None:
-        print(msg, file=self.out, flush=True)
+        # every message is escaped: file names and server text may hold newlines, terminal
+        # escapes or bytes that are not UTF-8, and each message must stay one line
+        print(printable(msg), file=self.out, flush=True)
 
     def warn(self, msg: str) -> None:
         from tqdm import tqdm
 
-        tqdm.write(f"{PROG}: {msg}", file=self.err)
+        tqdm.write(f"{PROG}: {printable(msg)}", file=self.err)
+
+    def error(self, msg: str) -> None:
+        print(f"{PROG}: error: {printable(msg)}", file=self.err, flush=True)
 
     def skip(self, path: str, reason: str) -> None:
         self.warn(f"skipped {path}: {reason}")
@@ -152,7 +178,27 @@ def _split_csv(text: str | None) -> list[str]:
 
 
 def _http(args: argparse.Namespace) -> HttpConfig:
+    if args.timeout is not None and not 0 < args.timeout <= 3600:
+        raise InvalidInputError(f"--timeout {args.timeout}: must be more than 0 and at most 3600 seconds")
     return HttpConfig.from_env(timeout_s=args.timeout)
+
+
+def _deadline(args: argparse.Namespace) -> Deadline:
+    """The run's deadline: --deadline, else DEFAULT_DEADLINE_S (upload raises it per photo)."""
+    seconds = getattr(args, "deadline", None)
+    if seconds is None:
+        return Deadline(DEFAULT_DEADLINE_S)
+    if not 0 < seconds <= 7 * 24 * 3600:  # also refuses nan
+        raise InvalidInputError(f"--deadline {seconds}: must be more than 0 and at most a week (604800 s)")
+    return Deadline(seconds)
+
+
+def _api(args: argparse.Namespace, server: str, token: str | None = None,
+         config: ParticipantConfig | None = None) -> CollectorAPI:
+    """The collector's client; TLS choices from the command line, else from registration."""
+    insecure = bool(args.insecure or (config is not None and config.insecure))
+    ca_bundle = args.ca_bundle or (config.ca_bundle if config is not None else None)
+    return CollectorAPI(server, token, _http(args), _deadline(args), insecure=insecure, ca_bundle=ca_bundle)
 
 
 def _test_delay() -> None:
@@ -165,24 +211,28 @@ def _test_delay() -> None:
 def cmd_register(args: argparse.Namespace, home: Home, con: Console) -> int:
     if home.has_config() and not args.force:
         raise InvalidInputError(f"{home.config_path}: already registered; pass --force to register again")
-    api = CollectorAPI(args.server, http=_http(args))
+    api = _api(args, args.server)
     got = api.register()
-    path = home.save_config(ParticipantConfig(api.server, str(got["participant_id"]), str(got["token"])))
+    ca_bundle = api.session.verify if isinstance(api.session.verify, str) else None
+    path = home.save_config(ParticipantConfig(api.server, str(got["participant_id"]), str(got["token"]),
+                                              insecure=bool(args.insecure), ca_bundle=ca_bundle))
     con.say(f"registered as participant {got['participant_id']} at {api.server}; token saved in {path} (mode 0600)")
+    if api.server.startswith("http://") and args.insecure:
+        con.warn(f"{api.server}: plain http (--insecure): your token and features are not encrypted on the way")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, home: Home, con: Console) -> int:
     config = home.load_config()
-    me = CollectorAPI(config.server, config.token, _http(args)).me()
+    me = _api(args, config.server, config.token, config).me()
     with Journal(home.journal_path, config.server, config.participant_id) as journal:
         local = journal.counts()
     keys = KeyStore(home.keys_path).count() if home.keys_path.exists() else 0
     report = {
         "server": config.server,
-        "participant_id": me.get("participant_id", config.participant_id),
-        "items": int(me.get("items", 0)),
-        "items_by_model": me.get("items_by_model", {}),
+        "participant_id": me["participant_id"] or config.participant_id,
+        "items": me["items"],
+        "items_by_model": me["items_by_model"],
         "journal": local,
         "keys": keys,
     }
@@ -200,10 +250,13 @@ def cmd_status(args: argparse.Namespace, home: Home, con: Console) -> int:
 
 def cmd_withdraw(args: argparse.Namespace, home: Home, con: Console) -> int:
     config = home.load_config()
-    deleted = CollectorAPI(config.server, config.token, _http(args)).withdraw()
+    deleted, revoked = _api(args, config.server, config.token, config).withdraw(keep_token=args.keep_token)
     with Journal(home.journal_path, config.server, config.participant_id) as journal:
         cleared = journal.clear()
     con.say(f"withdrew {deleted} items from {config.server}; local journal cleared ({cleared} entries)")
+    if revoked:
+        home.config_path.unlink(missing_ok=True)  # the token is dead: keep nothing that looks registered
+        con.say("the collector revoked your token; to contribute again, run `pric-client register`")
     return EXIT_OK
 
 
@@ -292,7 +345,7 @@ class Uploader:
         _test_delay()
         answer = self.api.upload(body, self.card.model_id)
         _test_delay()
-        self.journal.record((i, self.card.model_id, str(p)) for p, i, _ in items)
+        self.journal.record((i, self.card.model_id, p) for p, i, _ in items)
         self.counts.stored += answer["stored"]
         self.counts.already += answer["duplicates"]
 
@@ -317,7 +370,7 @@ class Uploader:
 def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
     cfg = UploadConfig.from_args(args)
     config = home.load_config()
-    api = CollectorAPI(config.server, config.token, _http(args))
+    api = _api(args, config.server, config.token, config)
     card, model_dir = fetch_model(api, home)
     expected_mode = "ambiguated" if card.kind == "sparse_code" else "features"
     if cfg.mode and cfg.mode != expected_mode:
@@ -330,6 +383,8 @@ def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
     up = Uploader(cfg, home, con, api, config, card, model_dir)
     try:
         files = list(iter_files(cfg.paths, up.skip))
+        if args.deadline is None:  # the default grows with the work to do
+            api.deadline.seconds = DEFAULT_DEADLINE_S + UPLOAD_DEADLINE_PER_PHOTO_S * len(files)
         counts = up.run(files)
         if cfg.save_codes and not cfg.dry_run:
             n = up.save_codes(Path(cfg.save_codes))
@@ -435,9 +490,15 @@ def cmd_decode(args: argparse.Namespace, home: Home, con: Console) -> int:
     decoder = OnnxModel(model_dir / DECODER_FILE, "code", "image")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    refused = 0
+    refused = bad_ids = 0
     ready: list[tuple[str, np.ndarray]] = []
     for n, item_id in enumerate(ids):
+        if not _safe_output_name(out, item_id):
+            # the codes file is input like any other: its ids name files only inside --out
+            bad_ids += 1
+            con.warn(f"refused item {item_id}: its id cannot be a file name in {out} "
+                     "(1-64 letters, digits, '_', '.', '-', not starting with '.')")
+            continue
         try:
             if item_id not in keys:
                 raise KeyMismatchError("no key for this item in the key file")
@@ -456,10 +517,23 @@ def cmd_decode(args: argparse.Namespace, home: Home, con: Console) -> int:
 
             Image.fromarray(pixels, "RGB").save(out / f"{item_id}.png")
             written += 1
-    con.say(f"{written} images written to {out}, {refused} refused")
+    con.say(f"{written} images written to {out}, {refused + bad_ids} refused")
     if refused:
         return KeyMismatchError.exit_code
+    if bad_ids:
+        return InvalidInputError.exit_code
     return EXIT_OK if written else EXIT_NOTHING
+
+
+_OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+def _safe_output_name(out: Path, item_id: str) -> bool:
+    """`<item_id>.png` is a plain file name that stays inside `out` (no separator, no
+    `..`, no absolute path, no control character); checked twice, by pattern and by path."""
+    if not _OUTPUT_NAME.fullmatch(item_id):
+        return False
+    return (out / f"{item_id}.png").resolve().parent == out.resolve()
 
 
 # --- argument parsing --------------------------------------------------------------------
@@ -469,15 +543,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--home", default=None, help="client folder (default: $PRIC_CLIENT_HOME or the per-user config folder)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per HTTP call (default 30)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds a network read or connect may wait (default 30)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    net = argparse.ArgumentParser(add_help=False)
+    net.add_argument("--deadline", type=float, metavar="SECONDS",
+                     help=f"end the whole run when it takes longer (default {DEFAULT_DEADLINE_S:.0f} s; upload: "
+                          f"{DEFAULT_DEADLINE_S:.0f} s + {UPLOAD_DEADLINE_PER_PHOTO_S:.0f} s per photo); exit 11")
+    net.add_argument("--ca-bundle", metavar="FILE",
+                     help="PEM file with the CA certificate(s) of a collector whose TLS certificate is from a private "
+                          "CA; certificates are always verified (register remembers it)")
+    net.add_argument("--insecure", action="store_true",
+                     help="allow plain http:// to a host that is not this machine: token and features travel "
+                          "unencrypted (register remembers it)")
 
-    s = sub.add_parser("register", help="register with a collector and keep the token (mode 0600)")
-    s.add_argument("--server", required=True, help="collector URL, e.g. http://127.0.0.1:8000")
+    s = sub.add_parser("register", parents=[net], help="register with a collector and keep the token (mode 0600)")
+    s.add_argument("--server", required=True, help="collector URL: https://HOST[:PORT] (http:// only to this machine "
+                   "without --insecure)")
     s.add_argument("--force", action="store_true", help="replace an existing registration")
     s.set_defaults(func=cmd_register)
 
-    s = sub.add_parser("upload", help="transform photos on device and upload the results")
+    s = sub.add_parser("upload", parents=[net], help="transform photos on device and upload the results")
     s.add_argument("paths", nargs="+", metavar="PATH", help="photo files or folders (recursive)")
     s.add_argument("--labels", help="CSV: filename,<task1>,... with 0/1 (or -1/1)")
     s.add_argument("--tasks", help="comma-separated label columns to send (default: every 0/1 column)")
@@ -498,11 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "a model thread runs the model, N-1 threads decode photos over 6 KiB (default: CPU cores, at most 4)")
     s.set_defaults(func=cmd_transform)
 
-    s = sub.add_parser("status", help="what the collector holds for you, and local counts")
+    s = sub.add_parser("status", parents=[net], help="what the collector holds for you, and local counts")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("withdraw", help="delete all your items on the collector and clear the journal")
+    s = sub.add_parser("withdraw", parents=[net], help="delete all your items on the collector and clear the journal; "
+                       "the collector also revokes your token unless --keep-token")
+    s.add_argument("--keep-token", action="store_true", help="stay registered (the token keeps working)")
     s.set_defaults(func=cmd_withdraw)
 
     keys = sub.add_parser("keys", help="ambiguation keys")
@@ -516,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("decode", help="authorised data user: decode ambiguated codes with their keys to PNGs")
     s.add_argument("--key-file", required=True)
     s.add_argument("--codes", required=True, help=".npz with model_id, item_ids, indices, values")
-    s.add_argument("--out", required=True, help="folder for <item_id>.png")
+    s.add_argument("--out", required=True, help="folder for <item_id>.png (an id that is not a plain file name "
+                   "is refused, exit 2)")
     s.add_argument("--model-dir", help="folder with the sparse model and decoder.onnx (default: cached)")
     s.add_argument("--batch-size", type=int, default=32)
     s.set_defaults(func=cmd_decode)
@@ -530,7 +618,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     try:
         return int(args.func(args, home, con))
     except PricError as exc:
-        print(f"{PROG}: error: {exc.message}", file=con.err, flush=True)
+        con.error(exc.message)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to resume", file=con.err, flush=True)

@@ -61,9 +61,14 @@ class ParticipantConfig:
     server: str
     participant_id: str
     token: str
+    # chosen at register and used by every later command: plain http:// to a host that is
+    # not loopback was allowed (--insecure); the PEM file of a private CA (--ca-bundle)
+    insecure: bool = False
+    ca_bundle: str | None = None
 
     def __repr__(self) -> str:  # never print the token
-        return f"ParticipantConfig(server={self.server!r}, participant_id={self.participant_id!r}, token=<hidden>)"
+        return (f"ParticipantConfig(server={self.server!r}, participant_id={self.participant_id!r}, token=<hidden>, "
+                f"insecure={self.insecure!r}, ca_bundle={self.ca_bundle!r})")
 
 
 class Home:
@@ -109,8 +114,11 @@ class Home:
             )
         try:
             d = json.loads(path.read_text())
-            return ParticipantConfig(server=str(d["server"]), participant_id=str(d["participant_id"]), token=str(d["token"]))
-        except (ValueError, KeyError, TypeError):
+            ca_bundle = d.get("ca_bundle")
+            return ParticipantConfig(server=str(d["server"]), participant_id=str(d["participant_id"]), token=str(d["token"]),
+                                     insecure=d.get("insecure") is True,
+                                     ca_bundle=str(ca_bundle) if ca_bundle is not None else None)
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise InvalidInputError(f"{path}: config is damaged; register again with --force") from None
 
     def has_config(self) -> bool:

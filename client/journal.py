@@ -6,10 +6,13 @@ anything sent but not yet journalled is answered as a duplicate by the collector
 ids are deterministic), so every photo ends up stored exactly once.
 
 Rows are per (server, participant): registering elsewhere starts a fresh record.
+Paths are stored as the bytes the OS gave (os.fsencode, a BLOB): a file name that is not
+valid UTF-8 is recorded like any other (journals written before hold TEXT; both read back).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +25,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     participant TEXT NOT NULL,
     item_id TEXT NOT NULL,
     model_id TEXT NOT NULL,
-    path TEXT NOT NULL,
+    path BLOB NOT NULL,
     acked_at REAL NOT NULL,
     PRIMARY KEY (server, participant, item_id)
 )
@@ -52,14 +55,23 @@ class Journal:
         ).fetchone()
         return row is not None
 
-    def record(self, rows: Iterable[tuple[str, str, str]]) -> None:
-        """Record acknowledged (item_id, model_id, path) rows and commit."""
+    def record(self, rows: Iterable[tuple[str, str, str | os.PathLike[str]]]) -> None:
+        """Record acknowledged (item_id, model_id, path) rows and commit. The path is kept
+        as its OS bytes: sqlite3 would refuse the surrogate escape of a non-UTF-8 name."""
         now = time.time()
         with self._db:
             self._db.executemany(
                 "INSERT OR IGNORE INTO uploads VALUES (?, ?, ?, ?, ?, ?)",
-                [(self.server, self.participant, i, m, p, now) for i, m, p in rows],
+                [(self.server, self.participant, i, m, os.fsencode(p), now) for i, m, p in rows],
             )
+
+    def paths(self) -> list[str]:
+        """Paths of the acknowledged items, as os.fsdecode gives them (surrogate escapes)."""
+        rows = self._db.execute(
+            "SELECT path FROM uploads WHERE server=? AND participant=? ORDER BY rowid",
+            (self.server, self.participant),
+        ).fetchall()
+        return [os.fsdecode(p) if isinstance(p, bytes) else str(p) for (p,) in rows]
 
     def counts(self) -> dict[str, int]:
         """model_id → number of acknowledged items for this server and participant."""

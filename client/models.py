@@ -39,9 +39,12 @@ def fetch_model(api: CollectorAPI, home: Home) -> tuple[ModelCard, Path]:
     model_dir.mkdir(parents=True, exist_ok=True)
     for name in [card.file, *card.extra_files]:
         if not (model_dir / name).exists():
-            data = api.model_file(card, name)
             tmp = model_dir / (name + ".part")
-            tmp.write_bytes(data)
+            try:
+                api.model_file(card, name, tmp)  # streamed, size-capped, sha256-checked
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             tmp.replace(model_dir / name)
     card.save(model_dir)
     return open_model_dir(model_dir), model_dir

@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import stat
+import warnings
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +31,7 @@ import numpy as np
 from client.models import PIXELS, OnnxModel, pixel_input_graph
 from protocol.errors import ImageError, ImageTooLargeError, ModelIntegrityError
 from protocol.model_card import ModelCard
-from protocol.preprocess import MAX_FILE_BYTES, load_image, normalize, prepare
+from protocol.preprocess import MAX_FILE_BYTES, MAX_PIXELS, load_image, normalize, prepare
 from protocol.sparse_code import AmbiguatedCode, ambiguate, os_rng
 
 ITEM_ID_HEX = 40
@@ -53,6 +54,27 @@ ORT_THREADS = 1
 MODEL_AHEAD = 2
 T = TypeVar("T")
 _heif_registered = False
+
+
+def client_max_pixels() -> int:
+    """Largest photo the client decodes, in pixels: Pillow's MAX_IMAGE_PIXELS (89.5 MP by
+    default), below protocol.preprocess.MAX_PIXELS. A photo above it is skipped with one
+    line before decoding: a 118-MP PNG took the client to 559 MiB (one full RGB decode,
+    PNG has no reduced-scale decoding) and Pillow printed its DecompressionBombWarning raw."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    return min(int(limit), MAX_PIXELS) if limit else MAX_PIXELS
+
+
+def quiet_bomb_warnings() -> None:
+    """Pillow warns at open for a photo between MAX_IMAGE_PIXELS and twice that; the client
+    refuses all of those itself (client_max_pixels) in one line, so the raw warning would
+    only repeat it. A process-wide filter, set before any decoding thread starts
+    (warnings.catch_warnings is not thread-safe)."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def register_heif() -> None:
@@ -125,6 +147,8 @@ class Extractor:
         """`threads`: onnxruntime intra-op threads (0: one per core; None: ORT_THREADS)."""
         threads = ORT_THREADS if threads is None else threads
         register_heif()
+        quiet_bomb_warnings()
+        self.max_pixels = client_max_pixels()
         self.card = card
         self.out_shape = tuple(int(d) for d in card.output.shape)
         # onnxruntime gets the very bytes whose sha256 is checked here (the file could
@@ -157,7 +181,7 @@ class Extractor:
         """Photo bytes → uint8 (H, W, 3), cropped and resized per the card's input spec
         (normalised later, a batch at a time: same values, a quarter of the bytes held)."""
         spec = self.card.input
-        return prepare(load_image(data, spec, name=str(path)), spec)
+        return prepare(load_image(data, spec, max_pixels=self.max_pixels, name=str(path)), spec)
 
     def transform(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) → model output (B, *card.output.shape): normalise, run

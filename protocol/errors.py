@@ -147,6 +147,20 @@ class InsufficientStorageError(ServerUnavailableError):
     code = "insufficient_storage"
 
 
+class DeadlineExceededError(ServerUnavailableError):
+    """Client side: the run's overall deadline passed while waiting for the collector."""
+
+    exit_code = 11
+    code = "deadline_exceeded"
+
+
+class TlsError(ServerUnavailableError):
+    """Client side: the collector's TLS certificate could not be verified (or no TLS handshake)."""
+
+    exit_code = 12
+    code = "tls"
+
+
 class ConflictError(PricError):
     http_status = 409
     exit_code = 4

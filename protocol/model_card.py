@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,23 @@ CARD_SCHEMA_VERSION = 1
 KINDS = ("features", "sparse_code")
 RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
 DTYPES = ("float32", "float16")
+
+# Bounds of what a card may ask of a participant's device. A card comes from the collector,
+# which participants are protected from: without bounds a card asking for a 100000x100000
+# input made the client allocate until it died in Image.resize.
+MAX_CARD_BYTES = 256 * 1024         # the card's JSON (shipped cards: 1.7-2.8 KB)
+MAX_INPUT_SIDE = 1024               # input height and width, pixels (shipped: 64)
+MAX_OUTPUT_DIMS = 6
+MAX_OUTPUT_ELEMENTS = 1 << 20       # values per photo: 4 MiB of float32, half an upload body
+MAX_SPARSE_M = 1 << 16              # code length: indices travel as uint16
+MAX_SPARSE_ELEMENTS = 1 << 20       # L * m
+MAX_EXTRA_FILES = 8
+MAX_TEXT = 100_000                  # description, characters
+# model names and versions end up in file names (<home>/models/<name>@<version>) and on the wire
+MAX_NAME = 64
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,%d}" % (MAX_NAME - 1))
+FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -100,44 +119,43 @@ class ModelCard:
 
     # --- validation -----------------------------------------------------------------
     def validate(self) -> "ModelCard":
-        problems = []
-        if not self.name or "@" in self.name or "/" in self.name:
-            problems.append(f"name {self.name!r} must be non-empty without '@' or '/'")
-        if not self.version or "@" in self.version or "/" in self.version:
-            problems.append(f"version {self.version!r} must be non-empty without '@' or '/'")
-        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+        """Raise ModelIntegrityError listing every problem. Types are checked before values,
+        so a hostile card (strings for numbers, nested lists, huge sizes) gets one line, not a
+        TypeError or an allocation."""
+        problems: list[str] = []
+        for what, value in (("name", self.name), ("version", self.version)):
+            if isinstance(value, str) and len(value) > MAX_NAME:
+                problems.append(f"{what} {_short(value)} is longer than {MAX_NAME} characters")
+            elif not isinstance(value, str) or not NAME_RE.fullmatch(value):
+                problems.append(f"{what} {_short(value)} must be letters, digits, '_', '.', '+', '-' "
+                                "(not starting with '.', '+' or '-')")
+        if not isinstance(self.sha256, str) or not SHA256_RE.fullmatch(self.sha256):
             problems.append("sha256 must be 64 lowercase hex digits")
-        if self.kind not in KINDS:
-            problems.append(f"kind {self.kind!r} not in {KINDS}")
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
+            problems.append(f"kind {_short(self.kind)} not in {KINDS}")
         if self.kind == "sparse_code" and self.sparse is None:
             problems.append("kind 'sparse_code' needs a 'sparse' section")
-        vb = self.sparse.value_bits if self.sparse is not None else None
-        lo, hi = VALUE_BITS_RANGE
-        if vb is not None and (isinstance(vb, bool) or not isinstance(vb, int) or not lo <= vb <= hi):
-            problems.append(f"sparse.value_bits {vb!r} must be an integer in [{lo}, {hi}] or absent")
-        i = self.input
-        if i.height <= 0 or i.width <= 0:
-            problems.append("input size must be positive")
-        if i.channel_order not in ("RGB", "BGR"):
-            problems.append(f"channel_order {i.channel_order!r} must be RGB or BGR")
-        if len(i.mean) != 3 or len(i.std) != 3 or any(s <= 0 for s in i.std):
-            problems.append("mean/std must have 3 entries, std > 0")
-        l, t, r, b = i.crop_box
-        if not (0 <= l < r <= 1 and 0 <= t < b <= 1):
-            problems.append(f"crop_box {i.crop_box} must satisfy 0<=left<right<=1, 0<=top<bottom<=1")
-        if i.resize_filter not in RESIZE_FILTERS:
-            problems.append(f"resize_filter {i.resize_filter!r} not in {RESIZE_FILTERS}")
-        if self.output.dtype not in DTYPES:
-            problems.append(f"output dtype {self.output.dtype!r} not in {DTYPES}")
-        if not self.output.shape or any(int(d) <= 0 for d in self.output.shape):
-            problems.append("output shape must be non-empty and positive")
-        if Path(self.file).name != self.file:
-            problems.append(f"file {self.file!r} must be a bare file name")
-        for extra in self.extra_files:
-            if Path(extra).name != extra:
-                problems.append(f"extra file {extra!r} must be a bare file name")
+        if self.sparse is not None:
+            problems += _sparse_problems(self.sparse)
+        problems += _input_problems(self.input) + _output_problems(self.output)
+        if not isinstance(self.file, str) or not FILE_RE.fullmatch(self.file):
+            problems.append(f"file {_short(self.file)} must be a bare file name")
+        if not isinstance(self.extra_files, dict) or len(self.extra_files) > MAX_EXTRA_FILES:
+            problems.append(f"extra_files must map at most {MAX_EXTRA_FILES} file names to sha256")
+        else:
+            for extra, digest in self.extra_files.items():
+                if not isinstance(extra, str) or not FILE_RE.fullmatch(extra) or extra == self.file:
+                    problems.append(f"extra file {_short(extra)} must be a bare file name other than the model's")
+                if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest):
+                    problems.append(f"extra file {_short(extra)}: sha256 must be 64 lowercase hex digits")
+        if not isinstance(self.training, dict) or not isinstance(self.audit, dict):
+            problems.append("training and audit must be JSON objects")
+        if not isinstance(self.description, str) or len(self.description) > MAX_TEXT:
+            problems.append(f"description must be text of at most {MAX_TEXT} characters")
+        if not _is_int(self.card_schema_version):
+            problems.append("card_schema_version must be an integer")
         if problems:
-            raise ModelIntegrityError(f"model card {self.name!r}: " + "; ".join(problems))
+            raise ModelIntegrityError(f"model card {_short(self.name)}: " + "; ".join(problems))
         return self
 
     # --- (de)serialisation ------------------------------------------------------------
@@ -165,16 +183,20 @@ class ModelCard:
                 sparse=SparseSpec(**sp) if sp else None,
                 **d,
             )
-        except (TypeError, ValueError) as exc:
-            raise ModelIntegrityError(f"model card is malformed: {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ModelIntegrityError(f"model card is malformed: {str(exc)[:200]}") from None
         return card.validate()
 
     @classmethod
     def from_json(cls, text: str) -> "ModelCard":
+        if len(text) > MAX_CARD_BYTES:
+            raise ModelIntegrityError(f"model card is larger than {MAX_CARD_BYTES} bytes")
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ModelIntegrityError(f"model card is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ModelIntegrityError("model card is not valid JSON: nested too deeply") from None
         if not isinstance(d, dict):
             raise ModelIntegrityError("model card must be a JSON object")
         return cls.from_dict(d)
@@ -183,6 +205,80 @@ class ModelCard:
         path = Path(directory) / CARD_FILE
         path.write_text(self.to_json() + "\n")
         return path
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _numbers(x: object, n: int) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == n and all(_is_number(v) for v in x)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _input_problems(i: object) -> list[str]:
+    if not isinstance(i, InputSpec):
+        return ["input must be an object"]
+    problems = []
+    if not (_is_int(i.height) and _is_int(i.width) and 1 <= i.height <= MAX_INPUT_SIDE and 1 <= i.width <= MAX_INPUT_SIDE):
+        problems.append(f"input size {_short(i.height)}x{_short(i.width)} must be integers in 1..{MAX_INPUT_SIDE}")
+    if i.channel_order not in ("RGB", "BGR"):
+        problems.append(f"channel_order {_short(i.channel_order)} must be RGB or BGR")
+    if not (_numbers(i.mean, 3) and _numbers(i.std, 3)) or any(s <= 0 for s in i.std):
+        problems.append("mean/std must have 3 finite entries, std > 0")
+    if not _numbers(i.crop_box, 4):
+        problems.append("crop_box must be 4 finite numbers")
+    else:
+        l, t, r, b = i.crop_box
+        if not (0 <= l < r <= 1 and 0 <= t < b <= 1):
+            problems.append(f"crop_box {i.crop_box} must satisfy 0<=left<right<=1, 0<=top<bottom<=1")
+    if not isinstance(i.resize_filter, str) or i.resize_filter not in RESIZE_FILTERS:
+        problems.append(f"resize_filter {_short(i.resize_filter)} not in {RESIZE_FILTERS}")
+    if not isinstance(i.name, str) or not 1 <= len(i.name) <= 128:
+        problems.append("input name must be 1-128 characters")
+    return problems
+
+
+def _output_problems(o: object) -> list[str]:
+    if not isinstance(o, OutputSpec):
+        return ["output must be an object"]
+    problems = []
+    if not isinstance(o.dtype, str) or o.dtype not in DTYPES:
+        problems.append(f"output dtype {_short(o.dtype)} not in {DTYPES}")
+    shape = o.shape
+    if not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= MAX_OUTPUT_DIMS \
+            or not all(_is_int(d) and d >= 1 for d in shape):
+        problems.append(f"output shape must be 1-{MAX_OUTPUT_DIMS} positive integers")
+    elif math.prod(shape) > MAX_OUTPUT_ELEMENTS:
+        problems.append(f"output shape {tuple(shape)} has more than {MAX_OUTPUT_ELEMENTS} values")
+    if not isinstance(o.name, str) or not 1 <= len(o.name) <= 128:
+        problems.append("output name must be 1-128 characters")
+    return problems
+
+
+def _sparse_problems(sp: object) -> list[str]:
+    if not isinstance(sp, SparseSpec):
+        return ["sparse must be an object"]
+    L, m, k, k_fake = sp.L, sp.m, sp.k, sp.k_fake
+    if not all(_is_int(v) for v in (L, m, k, k_fake)):
+        return ["sparse L, m, k, k_fake must be integers"]
+    problems = []
+    if not (1 <= L and 1 <= m <= MAX_SPARSE_M and L * m <= MAX_SPARSE_ELEMENTS):
+        problems.append(f"sparse L={L}, m={m} must be positive with m <= {MAX_SPARSE_M} and L*m <= {MAX_SPARSE_ELEMENTS}")
+    if not (1 <= k <= m and 0 <= k_fake <= m - k):
+        problems.append(f"sparse k={k}, k_fake={k_fake} must satisfy 1 <= k and k + k_fake <= m={m}")
+    vb, (lo, hi) = sp.value_bits, VALUE_BITS_RANGE
+    if vb is not None and (not _is_int(vb) or not lo <= vb <= hi):
+        problems.append(f"sparse.value_bits {vb!r} must be an integer in [{lo}, {hi}] or absent")
+    return problems
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -65,7 +65,7 @@ def test_forty_photos_and_a_corrupt_file_end_to_end(celeba_dir: Path, tmp_path: 
         status = json.loads(client(home, "status", "--json").stdout)
         assert status["items"] == 40
 
-        withdrawn = client(home, "withdraw")
+        withdrawn = client(home, "withdraw", "--keep-token")
         assert withdrawn.returncode == 0 and "40" in withdrawn.stdout
         assert json.loads(client(home, "status", "--json").stdout)["items"] == 0
     finally:

@@ -120,3 +120,34 @@ def test_features_mode_against_a_sparse_model_is_refused(cli, registered_home: P
     folder = _folder(tmp_path, sample_images[:2])
     res = cli("--home", str(registered_home), "upload", str(folder), "--mode", "features")
     assert res.rc == 2 and "sparse_code" in res.err
+
+
+def test_decode_never_writes_outside_out(cli, registered_home: Path, live_collector, tmp_path: Path,
+                                         sample_images: list[Path]) -> None:
+    """Output names come from ids inside the codes file (issue 16, item 7): an id with
+    `../`, an absolute path or a newline is refused in one line; the others are written."""
+    folder = _folder(tmp_path, sample_images[:4])
+    home = str(registered_home)
+    codes = tmp_path / "codes.npz"
+    assert cli("--home", home, "upload", str(folder), "--save-codes", str(codes)).rc == 0
+    keyfile = tmp_path / "keys.json"
+    assert cli("--home", home, "keys", "export", "--out", str(keyfile)).rc == 0
+    with np.load(codes, allow_pickle=False) as z:
+        ids, ind, val, model_id = list(z["item_ids"]), z["indices"], z["values"], z["model_id"]
+    hostile = ["../escape", str(tmp_path / "absolute"), "x\n0 images written"]
+    renamed = hostile + ids[3:]
+    np.savez(codes, item_ids=np.array(renamed), indices=ind, values=val, model_id=model_id)
+    doc = json.loads(keyfile.read_text())
+    doc["keys"] = {new: doc["keys"][old] for old, new in zip(ids, renamed)}
+    keyfile.write_text(json.dumps(doc))
+
+    out = tmp_path / "decoded"
+    res = cli("--home", home, "decode", "--key-file", str(keyfile), "--codes", str(codes), "--out", str(out))
+
+    assert res.rc == 2, res.err
+    err_lines = [line for line in res.err.splitlines() if line.strip()]
+    assert len(err_lines) == 3 and all("cannot be a file name" in line for line in err_lines)
+    assert "x\\n0 images written" in res.err
+    assert sorted(p.name for p in out.iterdir()) == [f"{ids[3]}.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == []
+    assert res.out.strip() == f"1 images written to {out}, 3 refused"

@@ -61,11 +61,29 @@ def test_upload_twice_then_status_and_withdraw(cli, registered_home: Path, live_
     assert report["items"] == n and sum(report["journal"].values()) == n
     assert sum(report["items_by_model"].values()) == n
 
-    out = cli("--home", home, "withdraw")
-    assert out.rc == 0 and f"withdrew {n} items" in out.out
+    out = cli("--home", home, "withdraw", "--keep-token")
+    assert out.rc == 0 and f"withdrew {n} items" in out.out and "revoked" not in out.out
     assert _me(live_collector, registered_home)["items"] == 0
     after = json.loads(cli("--home", home, "status", "--json").out)
     assert after["items"] == 0 and sum(after["journal"].values()) == 0
+
+
+def test_withdraw_revokes_the_token_and_forgets_the_registration(cli, registered_home: Path, live_collector,
+                                                                  tmp_path: Path, sample_images: list[Path]) -> None:
+    folder = _photos(tmp_path, sample_images[:4], corrupt=False)
+    home = str(registered_home)
+    token = json.loads((registered_home / "config.json").read_text())["token"]
+    assert cli("--home", home, "upload", str(folder)).rc == 0
+
+    out = cli("--home", home, "withdraw")
+
+    assert out.rc == 0 and "withdrew 4 items" in out.out and "revoked" in out.out
+    assert not (registered_home / "config.json").exists()
+    me = requests.get(live_collector.url + "/api/v1/participants/me", timeout=10,
+                      headers={"Authorization": "Bearer " + token})
+    assert me.status_code == 401
+    status = cli("--home", home, "status")
+    assert status.rc == 2 and "register" in status.err
 
 
 def test_journal_loss_still_stores_once(cli, registered_home: Path, live_collector, tmp_path: Path,

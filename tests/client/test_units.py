@@ -299,6 +299,31 @@ def test_transform_reports_each_bad_file_once_and_carries_on(cli, tmp_path: Path
         assert np.isfinite(z["features"]).all()
 
 
+def test_photo_over_pillows_pixel_limit_is_one_line_without_a_raw_warning(cli, tmp_path: Path, sample_images,
+                                                                           features_model_dir) -> None:
+    """A photo between Pillow's MAX_IMAGE_PIXELS (89.5 MP) and twice that made Pillow print
+    its DecompressionBombWarning raw, and a real 118-MP PNG took the client to 559 MiB
+    (issue 16, item 7). It is now skipped in one line before decoding, without the warning."""
+    import warnings
+
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(sample_images[0].read_bytes())
+    side = int((Image.MAX_IMAGE_PIXELS * 1.3) ** 0.5)  # ~102 MP: above Pillow's limit, below MAX_PIXELS
+    _bomb_png(folder / "panorama.png", side)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = cli("transform", str(folder), "--out", str(tmp_path / "f.npz"), "--model-dir", str(features_model_dir),
+                  "--workers", "1")
+    assert res.rc == 0, res.err
+    lines = [l for l in res.err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "panorama.png" in lines[0] and f"exceeds the limit of {Image.MAX_IMAGE_PIXELS}" in lines[0]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "1 photos transformed" in res.out and "1 skipped" in res.out
+
+
 def test_transform_with_nothing_readable_exits_10(cli, tmp_path: Path, features_model_dir) -> None:
     (tmp_path / "x.txt").write_text("no")
     res = cli("--home", str(tmp_path / "h"), "transform", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o.npz"),
