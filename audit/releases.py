@@ -15,7 +15,7 @@ from protocol.datasets import TEST, TRAIN, VAL, FaceData, load_faces
 from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import InputSpec, ModelCard
 from protocol.preprocess import normalize
-from protocol.runtime import OnnxModel
+from protocol.runtime import OnnxModel, model_input
 
 
 class OnnxRelease:
@@ -26,18 +26,19 @@ class OnnxRelease:
         self.model = OnnxModel(model_dir / card.file, card.input.name, card.output.name)
         self.card, self.batch_size = card, batch_size
         inp = next(i for i in self.model.session.get_inputs() if i.name == self.model.input_name)
-        want = (3, card.input.height, card.input.width)
+        want = (card.input.height, card.input.width, 3) if card.input.dtype == "uint8" else \
+            (3, card.input.height, card.input.width)
         got = tuple(inp.shape[1:])
         if len(got) != 3 or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
             raise ModelIntegrityError(
-                f"{model_dir}: the model expects input {got} but its card states (3, {card.input.height}, {card.input.width})")
+                f"{model_dir}: the model expects input {got} but its card states {want}")
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         if pixels.shape[1:3] != (self.card.input.height, self.card.input.width):
             raise InvalidInputError(
                 f"photos are {pixels.shape[1]}x{pixels.shape[2]} but the model card states "
                 f"{self.card.input.height}x{self.card.input.width}")
-        out = [np.asarray(self.model(normalize(pixels[i:i + self.batch_size], self.card.input)), np.float32)
+        out = [np.asarray(self.model(model_input(pixels[i:i + self.batch_size], self.card.input)), np.float32)
                for i in range(0, len(pixels), self.batch_size)]
         feats = np.concatenate(out) if out else np.zeros((0, *self.card.output.shape), np.float32)
         if tuple(feats.shape[1:]) != tuple(self.card.output.shape):

@@ -43,8 +43,7 @@ import numpy as np
 
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import ModelCard, load_card
-from protocol.preprocess import normalize
-from protocol.runtime import OnnxModel
+from protocol.runtime import OnnxModel, model_input
 from audit.attacks import train_attack
 from audit.quality import channels_last, image_quality, unit
 from protocol.sparse_code import (
@@ -86,7 +85,7 @@ class OnnxPair:
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) → dense codes float32 (N, L, m)."""
-        out = [self.enc(normalize(pixels[i:i + self.batch_size], self.card.input))
+        out = [self.enc(model_input(pixels[i:i + self.batch_size], self.card.input))
                for i in range(0, len(pixels), self.batch_size)]
         return np.concatenate(out).astype(np.float32)
 

@@ -28,10 +28,10 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from client.models import PIXELS, OnnxModel, pixel_input_graph
+from protocol.runtime import OnnxModel, model_input
 from protocol.errors import ImageError, ImageTooLargeError, ModelIntegrityError
 from protocol.model_card import ModelCard
-from protocol.preprocess import MAX_FILE_BYTES, MAX_PIXELS, load_image, normalize, prepare
+from protocol.preprocess import MAX_FILE_BYTES, MAX_PIXELS, load_image, prepare
 from protocol.sparse_code import AmbiguatedCode, ambiguate, os_rng
 
 ITEM_ID_HEX = 40
@@ -157,25 +157,8 @@ class Extractor:
         self._graph = path.read_bytes()
         if hashlib.sha256(self._graph).hexdigest() != card.sha256:
             raise ModelIntegrityError(f"{path}: sha256 differs from the card's; refusing to use model {card.model_id}")
-        self._path, self._threads = path, threads
-        self._float_model: OnnxModel | None = None
-        self.pixel_model: OnnxModel | None = None
-        pixel_graph = pixel_input_graph(self._graph, card.input)
-        if pixel_graph is not None:
-            try:
-                self.pixel_model = OnnxModel(path, PIXELS, card.output.name, threads=threads, graph=pixel_graph)
-            except ModelIntegrityError:  # the card's graph as it is decides (next line)
-                self.pixel_model = None
-        if self.pixel_model is None:
-            self.model  # noqa: B018 -- load it now: a model onnxruntime cannot load is refused here, in one line
-
-    @property
-    def model(self) -> OnnxModel:
-        """The card's graph as it is (float32 normalised input), loaded on first use."""
-        if self._float_model is None:
-            self._float_model = OnnxModel(self._path, self.card.input.name, self.card.output.name,
-                                          threads=self._threads, graph=self._graph)
-        return self._float_model
+        # the card's graph runs as it is: what the auditor ran, byte for byte
+        self.model = OnnxModel(path, card.input.name, card.output.name, threads=threads, graph=self._graph)
 
     def decode(self, data: bytes, path: Path) -> np.ndarray:
         """Photo bytes → uint8 (H, W, 3), cropped and resized per the card's input spec
@@ -184,15 +167,10 @@ class Extractor:
         return prepare(load_image(data, spec, max_pixels=self.max_pixels, name=str(path)), spec)
 
     def transform(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, 3) → model output (B, *card.output.shape): normalise, run
-        (both inside onnxruntime when the graph could be extended, see pixel_input_graph)."""
-        if self.pixel_model is None:
-            return self.run(normalize(pixels, self.card.input))
-        return self._chunked(self.pixel_model, np.ascontiguousarray(pixels, dtype=np.uint8))
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """float32 (B, 3, H, W), normalised → (B, *card.output.shape) in the card's dtype."""
-        return self._chunked(self.model, np.ascontiguousarray(x, dtype=np.float32))
+        """uint8 (B, H, W, 3) → model output (B, *card.output.shape): the pixels go into the
+        graph as they are (card input dtype uint8: normalisation inside the graph), or
+        normalised first for an older float32 graph (protocol.runtime.model_input)."""
+        return self._chunked(self.model, model_input(pixels, self.card.input))
 
     def _chunked(self, model: OnnxModel, x: np.ndarray) -> np.ndarray:
         """The model on RUN_CHUNK photos at a time: their activations stay in the CPU caches

@@ -42,10 +42,16 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class InputSpec:
-    """How a photo becomes the model's input tensor (1, 3, H, W).
+    """How a photo becomes the model's input.
 
     `crop_box` is relative (left, top, right, bottom) in [0, 1] of the upright image.
     Pixel values are scaled to [0, 1] then normalised by (x - mean) / std per channel.
+    `dtype` says where that normalisation happens:
+      "uint8"   the graph takes the prepared pixels, uint8 (N, H, W, 3) in `channel_order`,
+                and normalises inside (what pric-export writes: the file a device runs,
+                and the auditor runs, is the whole transform after resizing);
+      "float32" the graph takes the normalised tensor float32 (N, 3, H, W) (older exports;
+                the runner normalises with protocol.preprocess.normalize first).
     """
 
     height: int = 64
@@ -56,12 +62,14 @@ class InputSpec:
     crop_box: tuple[float, float, float, float] = (0.0, 20 / 218, 1.0, 198 / 218)
     resize_filter: str = "bilinear"
     name: str = "image"
+    dtype: str = "float32"
 
 
 # Bits per released sparse value (sign + companded level): the card accepts and the codec
 # (protocol.sparse_code) packs exactly this range; finer grids than 10 bits would not
 # survive the float16 values on the wire.
 VALUE_BITS_RANGE = (2, 10)
+INPUT_DTYPES = ("uint8", "float32")
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,8 @@ def _input_problems(i: object) -> list[str]:
         problems.append(f"resize_filter {_short(i.resize_filter)} not in {RESIZE_FILTERS}")
     if not isinstance(i.name, str) or not 1 <= len(i.name) <= 128:
         problems.append("input name must be 1-128 characters")
+    if i.dtype not in INPUT_DTYPES:
+        problems.append(f"input dtype {_short(i.dtype)} not in {INPUT_DTYPES}")
     return problems
 
 

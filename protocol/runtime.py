@@ -12,6 +12,17 @@ from pathlib import Path
 import numpy as np
 
 from protocol.errors import ModelIntegrityError
+from protocol.model_card import InputSpec
+from protocol.preprocess import normalize
+
+
+def model_input(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """What the card's graph takes for prepared pixels uint8 (N, H, W, 3): the pixels as
+    they are (input dtype "uint8": the normalisation is inside the graph) or
+    protocol.preprocess.normalize of them (older "float32" graphs)."""
+    if spec.dtype == "uint8":
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    return normalize(pixels, spec)
 
 
 class OnnxModel:

@@ -23,6 +23,7 @@ import torch
 from protocol.errors import InvalidInputError, ModelIntegrityError, PricError
 from protocol.model_card import ModelCard, OutputSpec, sha256_file
 from protocol.runtime import OnnxModel
+from training.device_graph import make_device_file
 from protocol.datasets import load_faces
 from training.train import CONFIG, METRICS, load_extractor, to_input
 
@@ -105,6 +106,8 @@ def export_run(cfg: ExportConfig) -> Path:
     if not diff <= PARITY_TOL:
         onnx_path.unlink()
         raise ModelIntegrityError(f"{onnx_path}: onnxruntime differs from torch by {diff:.2e} > {PARITY_TOL}")
+    # the file a device runs: uint8 pixels in, the card's normalisation inside the graph
+    spec, device_diff = make_device_file(onnx_path, spec, data.pixels[: cfg.n_check], FEATURE_OUTPUT)
     saved = json.loads((run_dir / CONFIG).read_text())
     last = _last_metrics(run_dir)
     card = ModelCard(
@@ -131,6 +134,7 @@ def export_run(cfg: ExportConfig) -> Path:
             "erase_rank": saved.get("erase_rank", 0),
             "co_trained_val": {k: v for k, v in last.items() if k.startswith("val_")},
             "onnx_parity_max_abs_diff": diff,
+            "device_graph_max_abs_diff": device_diff,
         },
         description=(
             f"PRIC feature extractor hiding {', '.join(tcfg.private)} while keeping "

@@ -16,7 +16,8 @@ from PIL import Image
 
 from client.pipeline import item_id_for, read_photo
 from protocol.model_card import load_card
-from protocol.preprocess import preprocess
+from protocol.preprocess import load_image, prepare
+from protocol.runtime import model_input
 
 
 @pytest.fixture
@@ -73,8 +74,8 @@ def test_ambiguated_upload_keys_export_and_decode(cli, registered_home: Path, li
     model_dir = live_collector.models_dir / "tinysparse"
     enc = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     decm = ort.InferenceSession(str(model_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    x = np.stack([preprocess(p, card.input) for p in images])
-    true_img = decm.run(["image"], {"code": enc.run(["code"], {"image": x})[0]})[0]
+    x = model_input(np.stack([prepare(load_image(p, card.input), card.input) for p in images]), card.input)
+    true_img = decm.run(["image"], {"code": enc.run(["code"], {card.input.name: x})[0]})[0]
     id_by_name = {p.name: item_id_for(read_photo(p)[1], card.sha256) for p in images}
     for n, p in enumerate(images):
         png = np.asarray(Image.open(out / f"{id_by_name[p.name]}.png"), np.float32) / 255.0

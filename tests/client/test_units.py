@@ -387,16 +387,17 @@ def test_load_image_equals_always_calling_exif_transpose(orientation: int | None
 
 @pytest.mark.parametrize("n", [1, 16, 37])
 def test_extractor_runs_the_model_in_chunks_with_unchanged_outputs(features_model_dir, n: int) -> None:
-    """Extractor.run splits a batch into RUN_CHUNK-photo model calls: same rows, in order,
-    as one model call per photo."""
+    """Extractor.transform splits a batch into RUN_CHUNK-photo model calls: same rows, in
+    order, as one model call per photo."""
     from client.models import open_model_dir
     from client.pipeline import RUN_CHUNK, Extractor
+    from protocol.runtime import model_input
 
     card = open_model_dir(features_model_dir)
     ex = Extractor(card, features_model_dir, threads=1)
-    x = np.random.default_rng(n).standard_normal((n, 3, card.input.height, card.input.width)).astype(np.float32)
-    got = ex.run(x)
-    one_by_one = np.concatenate([ex.model(x[i:i + 1]) for i in range(n)])
+    pixels = np.random.default_rng(n).integers(0, 256, (n, card.input.height, card.input.width, 3), dtype=np.uint8)
+    got = ex.transform(pixels)
+    one_by_one = np.concatenate([ex.model(model_input(pixels[i:i + 1], card.input)) for i in range(n)])
     assert got.shape == (n, *card.output.shape)
     assert 37 > RUN_CHUNK  # one case spans several chunks and a partial one
     np.testing.assert_allclose(got, one_by_one, rtol=0, atol=1e-6)
@@ -519,65 +520,31 @@ def test_stream_decodes_photos_smaller_than_the_hand_over_size_in_this_thread(
 
 
 @pytest.mark.parametrize("n", [1, 5, 40])
-def test_pixel_input_graph_equals_normalize_then_the_card_model(features_model_dir, n: int) -> None:
-    """The client runs normalisation inside onnxruntime (uint8 pixels in); its outputs must
-    equal protocol.preprocess.normalize followed by the card's graph as it is."""
+def test_the_client_runs_a_float_and_a_device_graph_of_one_model_alike(features_model_dir, tmp_path: Path, n: int) -> None:
+    """A card whose graph takes uint8 pixels (normalisation inside, what pric-export writes)
+    and an older card whose graph takes the normalised float tensor give the same outputs:
+    the client feeds each graph what its card states and never rewrites either."""
+    import dataclasses
+    import shutil
+
     from client.pipeline import Extractor
-    from protocol.preprocess import normalize
+    from protocol.model_card import sha256_file
+    from training.device_graph import PIXELS, device_graph
 
     card = open_model_dir(features_model_dir)
-    ex = Extractor(card, features_model_dir, threads=1)
-    assert ex.pixel_model is not None
+    assert card.input.dtype == "float32"
+    device_dir = tmp_path / "device"
+    shutil.copytree(features_model_dir, device_dir)
+    (device_dir / card.file).write_bytes(device_graph((features_model_dir / card.file).read_bytes(), card.input))
+    device_card = dataclasses.replace(card, sha256=sha256_file(device_dir / card.file),
+                                      input=dataclasses.replace(card.input, dtype="uint8", name=PIXELS))
     pixels = np.random.default_rng(n).integers(0, 256, (n, card.input.height, card.input.width, 3), dtype=np.uint8)
-    fused = ex.transform(pixels)
-    plain = ex.run(normalize(pixels, card.input))
-    assert fused.shape == (n, *card.output.shape)
-    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
 
+    plain = Extractor(card, features_model_dir, threads=1).transform(pixels)
+    inside = Extractor(device_card, device_dir, threads=1).transform(pixels)
 
-@pytest.mark.parametrize(("kernel", "strides", "pads", "dilations", "layout"), [
-    ((4, 4), (4, 4), 0, (1, 1), "rows"),  # pric-male@5's stem
-    ((3, 5), (2, 1), 0, (1, 1), "rows"),  # rectangular kernel, column stride 1
-    ((3, 3), (1, 1), 0, (2, 1), "chw"),  # dilated: folded, transposed
-    ((4, 4), (4, 4), 1, (1, 1), "plain"),  # padded: Mul and Add stay
-])
-def test_pixel_input_graph_folds_into_an_unpadded_first_conv_only(
-        tmp_path: Path, kernel: tuple, strides: tuple, pads: int, dilations: tuple, layout: str) -> None:
-    """Unpadded first Conv: normalisation folded into its weights (no Mul/Add left), and
-    without dilation it reads the pixel rows as they are (no Transpose); padded: Mul and Add
-    stay (folding would be wrong at the borders). Same outputs every way, on a photo that
-    is not square (a height/width mix-up fails)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from client.models import PIXELS, pixel_input_graph
-    from protocol.model_card import InputSpec
-    from protocol.preprocess import normalize
-
-    rng = np.random.default_rng(pads + 2 * strides[1])
-    spec = InputSpec(height=48, width=64, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
-    w = numpy_helper.from_array(rng.standard_normal((4, 3, *kernel)).astype(np.float32), "w")
-    b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
-    conv = helper.make_node("Conv", ["image", "w", "b"], ["feature"], kernel_shape=list(kernel), strides=list(strides),
-                            pads=[pads] * 4, dilations=list(dilations))
-    out = [(n + 2 * pads - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip((48, 64), kernel, strides, dilations)]
-    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 48, 64])],
-                              [helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["N", 4, *out])],
-                              initializer=[w, b])
-    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    plain.ir_version = 8
-    fused = pixel_input_graph(plain.SerializeToString(), spec)
-    assert fused is not None
-    ops = [n.op_type for n in onnx.load_from_string(fused).graph.node]
-    assert ("Mul" in ops) == (layout == "plain") and ("Add" in ops) == (layout == "plain")
-    assert ("Transpose" in ops) == (layout != "rows")
-    pixels = rng.integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
-    want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"image": normalize(pixels, spec)})[0]
-    got = ort.InferenceSession(fused, providers=["CPUExecutionProvider"]).run(None, {PIXELS: pixels})[0]
-    assert got.shape == want.shape == (5, 4, *out)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert inside.shape == plain.shape == (n, *card.output.shape)
+    np.testing.assert_allclose(inside, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
 
 
 def test_extractor_refuses_a_card_whose_model_is_not_onnx_in_one_line(features_model_dir, tmp_path: Path) -> None:

@@ -36,15 +36,17 @@ def test_export_writes_checked_onnx_and_a_card_matching_torch(run_dir, sample_fa
     # parity: onnxruntime vs the torch extractor (the same module) on real sample photos
     model, cfg = load_extractor(run_dir)
     faces = load_faces(sample_faces, cfg.input, cache_dir=tmp_path / "cache", progress=False)
-    x = to_input(faces.pixels[:13], card.input).numpy()
+    # the file is the device graph: uint8 pixels in, the training normalisation inside
+    assert card.input.dtype == "uint8" and card.input.mean == cfg.input.mean and card.input.std == cfg.input.std
+    pixels = faces.pixels[:13]
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == [card.input.name]
-    (got,) = sess.run(["feature"], {card.input.name: x})
+    (got,) = sess.run(["feature"], {card.input.name: pixels})
     with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
+        want = model(to_input(pixels, cfg.input)).numpy()
     assert got.shape == (13, 16, 8, 8)
     assert np.abs(got - want).max() <= 1e-4
-    (one,) = sess.run(["feature"], {card.input.name: x[:1]})  # dynamic batch
+    (one,) = sess.run(["feature"], {card.input.name: pixels[:1]})  # dynamic batch
     assert np.abs(one - want[:1]).max() <= 1e-4
 
 
@@ -78,12 +80,12 @@ def test_decision_release_exports_only_the_primary_decisions(sample_faces, tmp_p
     assert card.output.shape == (2, 1, 1) and card.training["method"].endswith("+decision")
     model, cfg = load_extractor(run)
     faces = load_faces(sample_faces, cfg.input, cache_dir=tmp_path / "cache", progress=False)
-    x = to_input(faces.pixels[:20], card.input)
+    x = to_input(faces.pixels[:20], cfg.input)
     with torch.no_grad():
         want = model(x).numpy()
         logits = model.heads(model.extractor.body(x)).numpy()  # before the noise and the eraser
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = sess.run(["feature"], {card.input.name: x.numpy()})
+    (got,) = sess.run(["feature"], {card.input.name: faces.pixels[:20]})
     assert set(np.unique(got)) <= {0.0, 1.0} and got.shape == (20, 2, 1, 1)
     assert np.array_equal(want.reshape(20, 2), (logits > 0).astype(np.float32))
     assert np.array_equal(got, want)
@@ -112,9 +114,9 @@ def test_cheaper_extractor_archs_train_export_and_match_torch(arch, sample_faces
     card = load_card(out)
     model, cfg = load_extractor(run)
     faces = load_faces(sample_faces, cfg.input, cache_dir=tmp_path / "cache", progress=False)
-    x = to_input(faces.pixels[:5], card.input).numpy()
+    x = to_input(faces.pixels[:5], cfg.input).numpy()
     (got,) = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["feature"], {card.input.name: x})
+        ["feature"], {card.input.name: faces.pixels[:5]})
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     assert got.shape == (5, 4, 8, 8) and np.abs(got - want).max() <= 1e-4

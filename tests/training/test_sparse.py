@@ -85,15 +85,15 @@ def test_training_refuses_k_larger_than_m(tmp_path: Path, sample_faces: Path, ca
 def test_export_writes_checked_card_and_matching_onnx(tiny_export: Path, tiny_run: Path, sample_faces: Path) -> None:
     import onnxruntime as ort
 
-    from protocol.preprocess import normalize
     from protocol.datasets import load_faces
 
     card = load_card(tiny_export)  # verifies the sha256 of model.onnx and decoder.onnx
     enc = ort.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(tiny_export / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    x = normalize(load_faces(sample_faces, card.input, progress=False).pixels[:3], card.input)
+    pixels = load_faces(sample_faces, card.input, progress=False).pixels[:3]
 
-    code = enc.run(None, {"image": x})[0]
+    assert card.input.dtype == "uint8"  # the device graph: pixels in, normalisation inside
+    code = enc.run(None, {card.input.name: pixels})[0]
     image = dec.run(None, {"code": code})[0]
     model, _ = sparse_train.load_run(tiny_run)
     with torch.no_grad():
@@ -237,8 +237,9 @@ def test_128x128_inputs_train_and_export(sparse_tiny_flags: list[str], sample_fa
     out = sparse_export.export_run(run, tmp_path / "exported" / "sparse-128", None, "1")
     card = load_card(out)
     assert (card.input.height, card.input.width) == (128, 128)
-    x = np.zeros((2, 3, 128, 128), np.float32)
-    code = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    x = np.zeros((2, 128, 128, 3), np.uint8)
+    code = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {card.input.name: x})[0]
     image = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(None, {"code": code})[0]
     assert code.shape == (2, card.sparse.L, card.sparse.m) and np.all((code != 0).sum(-1) <= card.sparse.k)
     assert image.shape == (2, 3, 128, 128)

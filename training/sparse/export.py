@@ -31,6 +31,7 @@ from protocol.model_card import InputSpec, ModelCard, OutputSpec, SparseSpec, sh
 from protocol.model_card import VALUE_BITS_RANGE
 from protocol.datasets import load_faces
 from training.data import to_input
+from training.device_graph import make_device_file
 from training.export import OPSET, export_onnx, onnx_outputs
 from training.sparse.train import load_run
 
@@ -56,10 +57,20 @@ def check_parity(encoder: nn.Module, decoder: nn.Module, enc_path: Path, dec_pat
             "support_agreement": support_agreement}
 
 
-def _parity_images(data_dir: str | Path, spec: InputSpec, n: int = 16) -> torch.Tensor:
-    """Real photos of the run's data set (or --data) as the encoder reads them: (n, 3, H, W)."""
+def _parity_images(data_dir: str | Path, spec: InputSpec, n: int = 16) -> tuple[np.ndarray, torch.Tensor]:
+    """Real photos of the run's data set (or --data): uint8 (n, H, W, 3) and as the float
+    encoder reads them (n, 3, H, W)."""
     data = load_faces(data_dir, spec, limit=n, progress=False)
-    return to_input(data.pixels[:n], spec)
+    return data.pixels[:n], to_input(data.pixels[:n], spec)
+
+
+def code_difference(got: np.ndarray, want: np.ndarray) -> float:
+    """Codes (N, L, m) of two encoders: the max abs difference where both chose the same
+    support (top-k ties may pick other positions), inf when under 99% of maps agree."""
+    same = (got != 0) == (want != 0)
+    if same.all(axis=-1).mean() < 0.99:
+        return float("inf")
+    return float(np.abs(got - want)[same].max()) if same.any() else 0.0
 
 
 def _epochs_completed(run_dir: Path) -> int:
@@ -119,7 +130,7 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    images = _parity_images(data or config["train"]["data"], spec)
+    pixels, images = _parity_images(data or config["train"]["data"], spec)
     with torch.no_grad():
         example_code = encoder(images[:2])
     export_onnx(encoder, images[:2], tmp / "model.onnx", "image", "code")
@@ -129,6 +140,9 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
             or parity["support_agreement"] < 0.99:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelIntegrityError(f"{run_dir}: ONNX and torch disagree ({json.dumps(parity)})")
+    # the file a device runs: uint8 pixels in, the normalisation inside the encoder's graph
+    spec, parity["device_graph_max_abs_diff"] = make_device_file(tmp / "model.onnx", spec, pixels, "code",
+                                                                 code_difference)
 
     card = ModelCard(
         name=name or out_dir.name,
