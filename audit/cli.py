@@ -13,6 +13,7 @@ a live collector, with attackers trained fresh after the release is frozen (trai
     pric-audit --model exported_models/pric-male --data DIR --private Male --primary Smiling --out DIR
     pric-audit --baselines all --data DIR --private Male --primary Smiling --out DIR
     pric-audit --collector URL --token-file FILE --model-id ID --probe DIR --private Male --out DIR
+    pric-audit keygen | sign | verify ...   (auditor keys and signed attestations: audit/attest.py)
 
 Modules: config (the options), releases (models and splits), attacks, reconstruction,
 reid, quality, harness (every attack on one release), verdicts (thresholds, plane,
@@ -37,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from audit import attest
 from audit import sparse as sparse_audit
 from audit.attacks import ATTACKS
 from audit.baselines import parse_baselines
@@ -263,11 +265,19 @@ def set_threads(n: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in attest.COMMANDS:
+        return attest.main(argv)
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if cfg.sign_key:  # a key that cannot sign is refused before a long audit, not after it
+            attest.check_key(cfg.sign_key)
         set_threads(cfg.threads)
         report = run_audit(cfg)
+        if cfg.sign_key and not cfg.collector and not cfg.rerender:
+            for model in cfg.models:
+                print(f"signed: {attest.sign_model(model, report, cfg.sign_key)}")
     except PricError as exc:
         print(f"pric-audit: error: {exc.message}", file=sys.stderr)
         return exc.exit_code

@@ -40,6 +40,8 @@ class AuditConfig:
                                       default_arg=",".join(ATTACKS))
     compare: tuple[str, ...] = option((), "other report.json files to put on the plane", nargs="*", parse=tuple)
     write_card: bool = option(False, "write headline figures into the model card")
+    sign_key: str | None = option(None, "after the audit, sign what it measured on every --model with this auditor "
+                                        "key (STEM.key from `pric-audit keygen`; STEM.pub.json beside it)")
     seed: int = option(0, "random seed of attackers and decoders", type=int)
     quick: bool = option(False, "few epochs (tests, smoke runs)")
     epochs: int | None = option(None, "attacker epochs (default 15, quick 3)", type=int)
