@@ -187,7 +187,10 @@ def upgrade(model_dir: Path, version: str, data: str | None = None) -> Path:
         raise InvalidInputError(f"{model_dir}: {card.model_id} already takes uint8 pixels")
     pixels = load_faces(data or default_data_dir(), card.input, limit=64, progress=False).pixels
     src = model_dir / card.file
-    spec, diff = make_device_file(src, card.input, pixels, card.output.name)
+    compare = max_abs_diff
+    if card.kind == "sparse_code":  # top-k ties may pick other positions: compare on the common support
+        from training.sparse.export import code_difference as compare
+    spec, diff = make_device_file(src, card.input, pixels, card.output.name, compare)
     new = replace(card, version=str(version), sha256=sha256_file(src), input=spec,
                   audit={}, training={**card.training, "device_graph": {"from_sha256": card.sha256,
                                                                          "max_abs_diff": diff}}).validate()
