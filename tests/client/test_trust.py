@@ -261,6 +261,18 @@ def test_other_card_field_or_other_bytes_are_refused(
     _refused(home, fake, photos, 4, "card differs", "input")
 
 
+def test_a_malformed_or_oversized_attestations_answer_is_refused(
+        home: Path, fake: Fake, photos: Path, features_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client import api as client_api
+
+    fake.serve(features_model_dir, attestations=["not an envelope"])
+    _register(home, fake)
+    _refused(home, fake, photos, 9, "attestations of tiny@1", "malformed")
+    monkeypatch.setattr(client_api, "MAX_ATTESTATIONS_ANSWER_BYTES", 64 * 1024)
+    fake.serve(features_model_dir, attestations=[{"payload": "A" * 100_000}])
+    _refused(home, fake, photos, 9, "larger than")
+
+
 # --- trust store -----------------------------------------------------------------------
 def test_an_unknown_or_removed_key_is_refused(home: Path, fake: Fake, photos: Path, features_model_dir: Path,
                                               auditor: Auditor) -> None:
