@@ -95,11 +95,11 @@ from client.models import OnnxModel, fetch_model, find_cached_model, open_model_
 from client.pipeline import (
     LEGACY_ITEM_ID_HEX,
     Extractor,
-    item_ids,
-    legacy_item_id,
     NpyStreamWriter,
     ambiguate_output,
     default_workers,
+    item_ids,
+    legacy_item_id,
     wire_arrays_of,
     write_npz_member,
 )
@@ -300,7 +300,11 @@ class Uploader:
         self.counts = Counts()
         self.journal = Journal(home.journal_path, config.server, config.participant_id)
         self.keystore = KeyStore(home.keys_path) if card.kind == "sparse_code" else None
-        self.extractor = Extractor(card, model_dir, item_id=self._item_id_function(home.item_key()))
+        try:
+            self.extractor = Extractor(card, model_dir, item_id=self._item_id_function(home.item_key()))
+        except BaseException:
+            self.close()
+            raise
         self.labels = read_labels(cfg.labels, cfg.tasks, con.warn) if cfg.labels else {}
         self._seen: set[str] = set()
         self._kept: list[tuple[Path, str, dict[str, np.ndarray]]] = []  # codes from the key store

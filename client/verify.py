@@ -28,7 +28,15 @@ from typing import Any
 
 from client.auditors import TrustStore
 from client.home import Home, write_private
-from protocol.attestation import AttestationError, Verified, attested_card, check_binds, model_files, save_envelope, verify
+from protocol.attestation import (
+    AttestationError,
+    Verified,
+    attested_card,
+    check_binds,
+    model_files,
+    save_envelope,
+    verify,
+)
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import ModelCard, sha256_file
 
@@ -57,7 +65,7 @@ class Policy:
     per_person_margin: float = 0.25  # pooled accuracy over your photos ≤ chance + this
 
     @classmethod
-    def load(cls, home: Home) -> "Policy":
+    def load(cls, home: Home) -> Policy:
         """The participant's policy; a value looser than the default is read as the default
         (the file cannot loosen it), a damaged file is refused in one line."""
         path = home.policy_path
@@ -84,7 +92,7 @@ class Policy:
         write_private(home.policy_path, (json.dumps(asdict(self), indent=2) + "\n").encode())
         return home.policy_path
 
-    def tightened(self, key: str, text: str) -> "Policy":
+    def tightened(self, key: str, text: str) -> Policy:
         """This policy with `key` set to `text`, refusing anything looser than now."""
         names = [f.name for f in fields(self)]
         if key not in names:

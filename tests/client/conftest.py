@@ -162,7 +162,7 @@ def serve_attestations(app: Any, models_dir: Path) -> None:
     pattern = re.compile(re.escape(routes.MODEL_ATTESTATIONS).replace(re.escape("<model_id>"), "([^/]+)") + "$")
     inner = app.wsgi_app
 
-    def wsgi(environ: dict, start_response: Any):  # noqa: ANN202
+    def wsgi(environ: dict, start_response: Any):
         got = pattern.match(environ.get("PATH_INFO", ""))
         if not got or environ.get("REQUEST_METHOD") != "GET":
             return inner(environ, start_response)

@@ -25,9 +25,20 @@ import requests
 from client.home import Home
 from client.pipeline import LEGACY_ITEM_ID_HEX, item_id_for, legacy_item_id, read_photo
 from protocol import routes
-from protocol.model_card import ModelCard, OutputSpec, SparseSpec, load_card, sha256_file
+from protocol.model_card import (
+    ModelCard,
+    OutputSpec,
+    load_card,
+    sha256_file,
+)
 
-from .conftest import GOOD_MEASURED, Auditor, collector_has_attestations_route, make_auditor, run_cli
+from .conftest import (
+    GOOD_MEASURED,
+    Auditor,
+    collector_has_attestations_route,
+    make_auditor,
+    run_cli,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,25 +73,25 @@ def fake() -> Iterator[Fake]:
     app = Flask("fake-collector")
 
     @app.post(routes.REGISTER)
-    def register():  # noqa: ANN202
+    def register():
         return jsonify({"participant_id": "p-1", "token": "tok-1", "role": "participant"}), 201
 
     @app.get(routes.MODEL_CARD)
-    def card():  # noqa: ANN202
+    def card():
         return jsonify(state.card)
 
     @app.get(routes.MODEL_FILE)
-    def model_file():  # noqa: ANN202
+    def model_file():
         return state.files[request.args.get("file", "model.onnx")], 200, {"Content-Type": "application/octet-stream"}
 
     @app.get(routes.MODEL_ATTESTATIONS)
-    def attestations(model_id: str):  # noqa: ANN202
+    def attestations(model_id: str):
         if state.attestation_status != 200:
             return jsonify({"error": "not_found", "message": "none"}), state.attestation_status
         return jsonify({"model_id": model_id, "attestations": state.attestations})
 
     @app.post(routes.ITEMS)
-    def items():  # noqa: ANN202
+    def items():
         state.uploads.append(request.get_data())
         return jsonify({"stored": 1, "duplicates": 0})
 
