@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 import requests
 
 from protocol import routes
+from protocol.attestation import MAX_ATTESTATION_BYTES, MAX_ATTESTATIONS
 from protocol.errors import (
     AuthError,
     ConflictError,
@@ -77,6 +78,9 @@ MAX_JSON_BYTES = 1024 * 1024          # any JSON answer but the card
 MAX_ERROR_BYTES = 64 * 1024           # of an error answer's body: the rest is not read
 MAX_MODEL_FILE_BYTES = 256 * 1024 * 1024  # one model file (shipped: 45 KB to 2.2 MB)
 MAX_EXPORT_PAGE_BYTES = 64 * 1024 * 1024  # one page of stored items (auditor)
+# a model's attestations: at most MAX_ATTESTATIONS envelopes, each a base64 payload of at
+# most MAX_ATTESTATION_BYTES (4/3 of it in base64) plus its signatures
+MAX_ATTESTATIONS_ANSWER_BYTES = MAX_ATTESTATIONS * (MAX_ATTESTATION_BYTES * 4 // 3 + 8 * 1024)
 MAX_SERVER_MESSAGE = 300              # characters of the collector's error message shown
 RETRY_AFTER_MAX_S = 30.0              # a longer Retry-After ends the call instead of waiting
 BACKOFF_MAX_S = 20.0
@@ -460,6 +464,25 @@ class CollectorAPI:
     def model_card(self) -> ModelCard:
         ans = self._request("GET", routes.MODEL_CARD, what="model card", limit=MAX_CARD_BYTES)
         return ModelCard.from_dict(self._json(ans, "model card"))
+
+    def model_attestations(self, model_id: str) -> list[dict[str, Any]]:
+        """GET MODEL_ATTESTATIONS: the signed audit attestations (DSSE envelopes) the
+        collector serves for `model_id`, unverified (client.verify checks them). A 404 (no
+        such route, or none stored) is an empty list: the caller refuses an unattested
+        model. At most MAX_ATTESTATIONS envelopes are read; the answer is size-capped."""
+        what = f"attestations of {model_id}"
+        try:
+            ans = self._request("GET", routes.model_attestations_url(model_id), what=what,
+                                limit=MAX_ATTESTATIONS_ANSWER_BYTES)
+        except NotFoundError:
+            return []
+        body = self._json(ans, what)
+        envelopes = body.get("attestations")
+        if body.get("model_id") not in (None, model_id) or not isinstance(envelopes, list) \
+                or not all(isinstance(e, dict) for e in envelopes):
+            raise ServerUnavailableError(f"{what}: the collector's answer is malformed "
+                                         "(want {\"model_id\", \"attestations\": [envelope, ...]})")
+        return envelopes[:MAX_ATTESTATIONS]
 
     def model_file(self, card: ModelCard, name: str, dest: Path) -> None:
         """Download one file of the model into `dest`, streamed (at most

@@ -3,9 +3,11 @@
     pric-client [--home DIR] register --server URL [--force] [--ca-bundle FILE] [--insecure]
     pric-client [--home DIR] upload PATH... [--labels CSV] [--tasks T1,T2]
                 [--mode features|ambiguated] [--batch-size N] [--workers N] [--dry-run]
-                [--save-codes FILE]
+                [--save-codes FILE] [--yes]
     pric-client [--home DIR] transform PATH... --out FILE.npz [--model-dir DIR] [--batch-size N]
-                [--workers N]
+                [--workers N] [--yes]
+    pric-client [--home DIR] trust add FILE | list | remove KEYID
+    pric-client [--home DIR] policy show | set KEY VALUE | reset
     pric-client [--home DIR] status [--json]
     pric-client [--home DIR] withdraw
     pric-client [--home DIR] keys export --out FILE [--items ID ...] [--model MODEL_ID]
@@ -17,6 +19,11 @@ the given paths) are reported on stderr, one line each naming the file, and skip
 `upload` ends with one line: "N stored, M already there, K skipped (errors)" (already there:
 acknowledged before, per the local journal or the collector, or a byte-identical copy).
 
+Before a model is first used (upload; transform of a cached model), the client verifies
+its signed audit attestations against your trust store, checks your policy, shows what the
+model keeps and hides and who audited it, and asks for your consent (remembered per model;
+`--yes` consents in scripts). Nothing is uploaded or journalled if any step fails.
+
 Exit codes:
     0   done (at least one photo processed; some may have been skipped)
     1   other error
@@ -25,8 +32,9 @@ Exit codes:
         codes file that is not a plain file name)
     3   the collector refused the payload (format, validation, size)
     4   model problem: unknown or retired on the collector (run upload again to update),
-        a model file whose sha256 does not match its card or over 256 MiB (refused), or a
-        model card out of bounds
+        a model file whose sha256 does not match its card or over 256 MiB (refused), a
+        model card out of bounds, or no valid attestation: none served, tampered or
+        truncated, signed by no key you trust, or for other bytes or another card
     5   a key does not match its code (decode)
     6   authentication or permission refused (wrong or revoked token)
     7   not found on the collector
@@ -38,6 +46,9 @@ Exit codes:
         or answers too slowly); run the same command again later: uploads resume
     12  the collector's TLS certificate could not be verified (pass --ca-bundle FILE if
         its operator uses a private CA)
+    13  refused by your policy: an attested figure above your bound, a sparse model asking
+        for fewer fakes than this client's minimum, no consent (answered no, or no terminal
+        to ask and no --yes), or a `policy set` looser than the current value
     130 interrupted
 
 TLS: use the collector's https:// URL. Certificates are verified against the system's CA
@@ -66,7 +77,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -74,6 +85,7 @@ from typing import TextIO
 import numpy as np
 
 from client.api import DEFAULT_DEADLINE_S, UPLOAD_DEADLINE_PER_PHOTO_S, CollectorAPI, Deadline, HttpConfig
+from client.auditors import TrustStore
 from client.display import printable
 from client.home import Home, ParticipantConfig, default_home
 from client.journal import Journal
@@ -81,14 +93,19 @@ from client.keystore import KeyStore, read_key_file
 from client.labels import read_labels
 from client.models import OnnxModel, fetch_model, find_cached_model, open_model_dir
 from client.pipeline import (
+    LEGACY_ITEM_ID_HEX,
     Extractor,
     NpyStreamWriter,
     ambiguate_output,
     default_workers,
+    item_ids,
+    legacy_item_id,
     wire_arrays_of,
     write_npz_member,
 )
+from client.verify import POLICY_HELP, Policy, approve
 from client.walk import iter_files
+from protocol.attestation import load_envelopes
 from protocol.errors import InvalidInputError, KeyMismatchError, ModelIntegrityError, PricError
 from protocol.model_card import ModelCard
 from protocol.routes import MAX_BATCH_ITEMS, MAX_BODY_BYTES
@@ -127,6 +144,14 @@ class Console:
 
     def skip(self, path: str, reason: str) -> None:
         self.warn(f"skipped {path}: {reason}")
+
+    def ask(self, question: str) -> bool | None:
+        """A yes/no answer from the terminal; None when stdin is not one (scripts: --yes)."""
+        stdin = sys.stdin
+        if stdin is None or not stdin.isatty():
+            return None
+        print(printable(question), end="", file=self.out, flush=True)
+        return stdin.readline().strip().lower() in ("y", "yes")
 
     def progress(self, total: int, desc: str):  # -> tqdm
         from tqdm import tqdm
@@ -214,8 +239,13 @@ def cmd_register(args: argparse.Namespace, home: Home, con: Console) -> int:
     api = _api(args, args.server)
     got = api.register()
     ca_bundle = api.session.verify if isinstance(api.session.verify, str) else None
+    had_config = home.has_config()
     path = home.save_config(ParticipantConfig(api.server, str(got["participant_id"]), str(got["token"]),
                                               insecure=bool(args.insecure), ca_bundle=ca_bundle))
+    if had_config or not home.item_key_path.exists():
+        # a new participant gets a new item-id secret: its ids cannot be linked to the last
+        # one's; a first registration keeps one that `transform` already made
+        home.new_item_key()
     con.say(f"registered as participant {got['participant_id']} at {api.server}; token saved in {path} (mode 0600)")
     if api.server.startswith("http://") and args.insecure:
         con.warn(f"{api.server}: plain http (--insecure): your token and features are not encrypted on the way")
@@ -268,12 +298,36 @@ class Uploader:
                  config: ParticipantConfig, card: ModelCard, model_dir: Path) -> None:
         self.cfg, self.home, self.con, self.api, self.card = cfg, home, con, api, card
         self.counts = Counts()
-        self.extractor = Extractor(card, model_dir)
         self.journal = Journal(home.journal_path, config.server, config.participant_id)
         self.keystore = KeyStore(home.keys_path) if card.kind == "sparse_code" else None
+        try:
+            self.extractor = Extractor(card, model_dir, item_id=self._item_id_function(home.item_key()))
+        except BaseException:
+            self.close()
+            raise
         self.labels = read_labels(cfg.labels, cfg.tasks, con.warn) if cfg.labels else {}
         self._seen: set[str] = set()
         self._kept: list[tuple[Path, str, dict[str, np.ndarray]]] = []  # codes from the key store
+
+    def _item_id_function(self, item_key: bytes) -> Callable[[str], str]:
+        """photo sha256 → item id: keyed (client.pipeline.item_id_for), except for a photo
+        that this participant's journal or key store holds under its old unkeyed id (a
+        journal from before ids were keyed): it keeps that id, the one the collector stored
+        it under, so it is recognised and not uploaded again."""
+        keyed = item_ids(item_key, self.card.sha256)
+        model_id, n = self.card.model_id, LEGACY_ITEM_ID_HEX
+        if not (self.journal.has_ids_of_length(n, model_id)
+                or (self.keystore is not None and self.keystore.has_ids_of_length(n, model_id))):
+            return keyed
+        journal, keystore, model_sha = self.journal, self.keystore, self.card.sha256
+
+        def item_id(photo_sha256: str) -> str:
+            old = legacy_item_id(photo_sha256, model_sha)
+            if journal.has(old) or (keystore is not None and keystore.has(old)):
+                return old
+            return keyed(photo_sha256)
+
+        return item_id
 
     def close(self) -> None:
         self.journal.close()
@@ -380,11 +434,24 @@ def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
         )
     if cfg.save_codes and card.kind != "sparse_code":
         raise InvalidInputError("--save-codes: only in ambiguated mode (a sparse_code model)")
+    skipped: list[str] = []
+
+    def skip(path: str, reason: str) -> None:
+        skipped.append(path)
+        con.skip(path, reason)
+
+    files = list(iter_files(cfg.paths, skip))
+    if args.deadline is None:  # the default grows with the work to do
+        api.deadline.seconds = DEFAULT_DEADLINE_S + UPLOAD_DEADLINE_PER_PHOTO_S * len(files)
+    if not files:
+        con.say(f"0 stored, 0 already there, {len(skipped)} skipped (errors)")
+        return EXIT_NOTHING
+    # nothing runs the model, opens the journal or sends anything before this passes
+    approve(home, card, model_dir, api.model_attestations(card.model_id), photos=len(files), say=con.say,
+            ask=con.ask, yes=args.yes, dry_run=cfg.dry_run)
     up = Uploader(cfg, home, con, api, config, card, model_dir)
+    up.counts.skipped += len(skipped)
     try:
-        files = list(iter_files(cfg.paths, up.skip))
-        if args.deadline is None:  # the default grows with the work to do
-            api.deadline.seconds = DEFAULT_DEADLINE_S + UPLOAD_DEADLINE_PER_PHOTO_S * len(files)
         counts = up.run(files)
         if cfg.save_codes and not cfg.dry_run:
             n = up.save_codes(Path(cfg.save_codes))
@@ -411,9 +478,6 @@ def cmd_transform(args: argparse.Namespace, home: Home, con: Console) -> int:
     card, model_dir = _local_model(args, home)
     if not 1 <= args.batch_size <= 4096:
         raise InvalidInputError(f"--batch-size {args.batch_size}: must be between 1 and 4096")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    extractor = Extractor(card, model_dir)
     skipped = 0
 
     def skip(path: str, reason: str) -> None:
@@ -421,12 +485,20 @@ def cmd_transform(args: argparse.Namespace, home: Home, con: Console) -> int:
         skipped += 1
         con.skip(path, reason)
 
+    files = list(iter_files(args.paths, skip))
+    if not args.model_dir:
+        # a model a collector sent: the same checks as upload, offline, against the
+        # attestations kept beside it when it was verified (a --model-dir is your own file)
+        approve(home, card, model_dir, load_envelopes(model_dir), photos=len(files), say=con.say, ask=con.ask,
+                yes=args.yes, store=False)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extractor = Extractor(card, model_dir, item_id=item_ids(home.item_key(), card.sha256))
     names: list[str] = []
     ids: list[str] = []
     fd, tmp = tempfile.mkstemp(prefix=".pric-transform-", dir=out.parent)
     os.close(fd)
     writer = NpyStreamWriter(Path(tmp), extractor.out_shape, card.output.dtype)
-    files = list(iter_files(args.paths, skip))
     bar = con.progress(len(files), "transform")
     try:
         for rows in extractor.stream(files, args.batch_size, skip, tick=lambda: bar.update(1), workers=_workers(args)):
@@ -536,6 +608,58 @@ def _safe_output_name(out: Path, item_id: str) -> bool:
     return (out / f"{item_id}.png").resolve().parent == out.resolve()
 
 
+# --- trust store and policy ----------------------------------------------------------------
+def cmd_trust_add(args: argparse.Namespace, home: Home, con: Console) -> int:
+    key = TrustStore(home).add(args.file)
+    con.say(f"trusting auditor key {key.keyid} ({key.name or 'unnamed'})")
+    return EXIT_OK
+
+
+def cmd_trust_list(args: argparse.Namespace, home: Home, con: Console) -> int:
+    store = TrustStore(home)
+    entries = store.entries()
+    for e in entries:
+        how = ", ".join(w for w, on in (("default", e.default), ("added", e.added)) if on)
+        con.say(f"{e.key.keyid}  {e.key.name or '(unnamed)'}  [{how}]")
+    if not entries:
+        con.say("no trusted auditor key: every model will be refused; add one with `pric-client trust add FILE`")
+    removed = sorted(store.removed())
+    if removed:
+        con.say(f"removed default keys: {', '.join(k[:16] for k in removed)}")
+    return EXIT_OK
+
+
+def cmd_trust_remove(args: argparse.Namespace, home: Home, con: Console) -> int:
+    e = TrustStore(home).remove(args.keyid)
+    con.say(f"no longer trusting auditor key {e.key.keyid} ({e.key.name or 'unnamed'})"
+            + ("; a default key: remembered as removed" if e.default else ""))
+    return EXIT_OK
+
+
+def _show_policy(policy: Policy, con: Console) -> None:
+    defaults = Policy()
+    for name, text in POLICY_HELP.items():
+        con.say(f"{name} = {getattr(policy, name):g} (default {getattr(defaults, name):g}): {text}")
+
+
+def cmd_policy_show(args: argparse.Namespace, home: Home, con: Console) -> int:
+    _show_policy(Policy.load(home), con)
+    return EXIT_OK
+
+
+def cmd_policy_set(args: argparse.Namespace, home: Home, con: Console) -> int:
+    policy = Policy.load(home).tightened(args.key, args.value)
+    path = policy.save(home)
+    con.say(f"{args.key} = {getattr(policy, args.key):g} (saved in {path})")
+    return EXIT_OK
+
+
+def cmd_policy_reset(args: argparse.Namespace, home: Home, con: Console) -> int:
+    home.policy_path.unlink(missing_ok=True)
+    _show_policy(Policy(), con)
+    return EXIT_OK
+
+
 # --- argument parsing --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -570,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64, help=f"photos per upload request (1..{MAX_BATCH_ITEMS})")
     s.add_argument("--dry-run", action="store_true", help="show counts, bytes and model; send nothing")
     s.add_argument("--save-codes", metavar="FILE", help="ambiguated mode: also write the uploaded codes to FILE.npz")
+    s.add_argument("--yes", action="store_true", help="consent to a verified model that passes your policy without "
+                   "being asked (scripts); the attestation and policy checks still apply")
     s.add_argument("--workers", type=int, help="threads working on photos: 1 does all; N > 1: this one reads, "
                    "a model thread runs the model, N-1 threads decode photos over 6 KiB (default: CPU cores, at most 4)")
     s.set_defaults(func=cmd_upload)
@@ -577,8 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("transform", help="offline: write features of photos to an .npz")
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--out", required=True, help="output .npz (features, file_names, item_ids, model_id)")
-    s.add_argument("--model-dir", help="folder with model_card.json + model (default: the cached model)")
+    s.add_argument("--model-dir", help="folder with model_card.json + model (default: the cached model, which is "
+                   "checked like upload does; a folder you give is used as it is)")
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--yes", action="store_true", help="consent to the cached model without being asked")
     s.add_argument("--workers", type=int, help="threads working on photos: 1 does all; N > 1: this one reads, "
                    "a model thread runs the model, N-1 threads decode photos over 6 KiB (default: CPU cores, at most 4)")
     s.set_defaults(func=cmd_transform)
@@ -608,6 +736,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", help="folder with the sparse model and decoder.onnx (default: cached)")
     s.add_argument("--batch-size", type=int, default=32)
     s.set_defaults(func=cmd_decode)
+
+    trust = sub.add_parser("trust", help="auditor keys whose attestations you accept")
+    tsub = trust.add_subparsers(dest="trust_command", required=True, metavar="ACTION")
+    s = tsub.add_parser("add", help="trust an auditor's public key file (JSON: keyid, name, public_key)")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_trust_add)
+    s = tsub.add_parser("list", help="trusted keys: the shipped default and the ones you added")
+    s.set_defaults(func=cmd_trust_list)
+    s = tsub.add_parser("remove", help="stop trusting a key (a unique prefix of its id; a default key too)")
+    s.add_argument("keyid")
+    s.set_defaults(func=cmd_trust_remove)
+
+    pol = sub.add_parser("policy", help="your bounds on what an attested model may leak")
+    psub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    s = psub.add_parser("show", help="the bounds, their defaults and meaning")
+    s.set_defaults(func=cmd_policy_show)
+    s = psub.add_parser("set", help="tighten one bound (a looser value is refused, exit 13)")
+    s.add_argument("key", choices=list(POLICY_HELP))
+    s.add_argument("value")
+    s.set_defaults(func=cmd_policy_set)
+    s = psub.add_parser("reset", help="back to the defaults")
+    s.set_defaults(func=cmd_policy_reset)
     return p
 
 

@@ -4,13 +4,18 @@ config folder) and the participant config stored in it.
     <home>/config.json      server URL, participant id, token   (mode 0600)
     <home>/journal.sqlite   acknowledged uploads                  (mode 0600)
     <home>/keys.sqlite      ambiguation keys                      (mode 0600)
-    <home>/models/<model_id>/  cached model card + ONNX files
+    <home>/item-key         secret of this participant's item ids (mode 0600)
+    <home>/trust/           auditor public keys you added (<keyid16>.json), removed.txt
+    <home>/policy.json      your privacy policy (only ever tighter than the defaults)
+    <home>/consent.json     models you agreed to upload features of (mode 0600)
+    <home>/models/<model_id>/  cached model card + ONNX files + verified attestations
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +26,7 @@ APP_NAME = "pric-client"
 CONFIG_FILE = "config.json"
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
+ITEM_KEY_BYTES = 32
 
 
 def default_home() -> Path:
@@ -96,6 +102,49 @@ class Home:
     @property
     def models_dir(self) -> Path:
         return self.root / "models"
+
+    @property
+    def item_key_path(self) -> Path:
+        return self.root / "item-key"
+
+    @property
+    def trust_dir(self) -> Path:
+        return self.root / "trust"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "policy.json"
+
+    @property
+    def consent_path(self) -> Path:
+        return self.root / "consent.json"
+
+    def new_item_key(self) -> bytes:
+        """A fresh secret for item ids (at register): ids made with it cannot be recomputed
+        from a photo by anyone else, nor linked to ids made by another registration."""
+        self.ensure()
+        key = secrets.token_bytes(ITEM_KEY_BYTES)
+        write_private(self.item_key_path, key.hex().encode() + b"\n")
+        return key
+
+    def item_key(self) -> bytes:
+        """This home's item-id secret; created on first use for a home registered before
+        item ids were keyed (or one that only transforms). A damaged file is refused, never
+        replaced: a new secret would give every photo a new id, and the collector would
+        store photos already uploaded a second time."""
+        path = self.item_key_path
+        if not path.exists():
+            return self.new_item_key()
+        try:
+            if os.name == "posix" and path.stat().st_mode & 0o077:
+                os.chmod(path, PRIVATE_FILE_MODE)
+            key = bytes.fromhex(path.read_text().strip())
+        except (OSError, ValueError):
+            key = b""
+        if len(key) != ITEM_KEY_BYTES:
+            raise InvalidInputError(f"{path}: the item-id secret is damaged ({ITEM_KEY_BYTES} bytes in hex expected); "
+                                    "restore it from a backup, or register again with --force")
+        return key
 
     def model_dir(self, model_id: str) -> Path:
         # model ids are `name@version` without '/', checked by ModelCard.validate

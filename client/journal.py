@@ -3,7 +3,12 @@
 A batch's rows are committed right after the collector answers it, so after an
 interruption (even SIGKILL) a rerun skips what was acknowledged and re-sends the rest;
 anything sent but not yet journalled is answered as a duplicate by the collector (item
-ids are deterministic), so every photo ends up stored exactly once.
+ids are deterministic for a participant: client.pipeline.item_id_for), so every photo ends
+up stored exactly once.
+
+Item ids were once unkeyed hashes (40 hex digits, client.pipeline.legacy_item_id); rows
+journalled then keep them, and the uploader goes on using the old id for exactly those
+photos (has_ids_of_length tells it whether to look), so a rerun re-uploads none of them.
 
 Rows are per (server, participant): registering elsewhere starts a fresh record.
 Paths are stored as the bytes the OS gave (os.fsencode, a BLOB): a file name that is not
@@ -54,6 +59,13 @@ class Journal:
             (self.server, self.participant, item_id),
         ).fetchone()
         return row is not None
+
+    def has_ids_of_length(self, n: int, model_id: str) -> bool:
+        """Whether any row of this server, participant and model has an id of `n` characters."""
+        return self._db.execute(
+            "SELECT 1 FROM uploads WHERE server=? AND participant=? AND model_id=? AND length(item_id)=? LIMIT 1",
+            (self.server, self.participant, model_id, n),
+        ).fetchone() is not None
 
     def record(self, rows: Iterable[tuple[str, str, str | os.PathLike[str]]]) -> None:
         """Record acknowledged (item_id, model_id, path) rows and commit. The path is kept

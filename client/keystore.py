@@ -84,6 +84,15 @@ class KeyStore:
         )
         return model_id, code, bytes(key)
 
+    def has(self, item_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM keys WHERE item_id=?", (item_id,)).fetchone() is not None
+
+    def has_ids_of_length(self, n: int, model_id: str) -> bool:
+        """Whether any key of `model_id` is stored under an id of `n` characters (legacy
+        unkeyed ids have 40, keyed ones 64)."""
+        return self._db.execute("SELECT 1 FROM keys WHERE model_id=? AND length(item_id)=? LIMIT 1",
+                                (model_id, n)).fetchone() is not None
+
     def item_ids(self, model_id: str | None = None) -> list[str]:
         if model_id is None:
             rows = self._db.execute("SELECT item_id FROM keys ORDER BY item_id").fetchall()

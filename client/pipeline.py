@@ -1,6 +1,7 @@
 """Photo → released arrays, streaming in batches.
 
-    file ─► read bytes (size guard) ─► sha256 ─► item id = H(photo sha256, model sha256)
+    file ─► read bytes (size guard) ─► sha256 ─► item id = HMAC(participant's secret,
+            photo sha256 ‖ model sha256)
          ─► protocol.preprocess load_image + prepare (decode with draft, EXIF, RGB, crop,
             resize)                                     → uint8 (H, W, 3)
          ─► stack B photos                              → uint8 (B, H, W, 3)
@@ -15,8 +16,10 @@ Only one batch of photos is held in memory at a time.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import os
+import secrets
 import stat
 import warnings
 import zipfile
@@ -34,7 +37,8 @@ from protocol.model_card import ModelCard
 from protocol.preprocess import MAX_FILE_BYTES, MAX_PIXELS, load_image, prepare
 from protocol.sparse_code import AmbiguatedCode, ambiguate, os_rng
 
-ITEM_ID_HEX = 40
+ITEM_ID_HEX = 64  # an HMAC-SHA256 in hex (protocol.routes.MAX_ITEM_ID_LEN)
+LEGACY_ITEM_ID_HEX = 40  # ids before they were keyed: sha256 of photo and model, 40 hex digits
 # photos per onnxruntime call (the stream's batch size is how many are yielded at a time)
 RUN_CHUNK = 16
 # photos per decode task handed to the thread pool: handing over photo by photo cost more
@@ -91,10 +95,26 @@ def register_heif() -> None:
     _heif_registered = True
 
 
-def item_id_for(photo_sha256: str, model_sha256: str) -> str:
-    """Deterministic item id: the same photo under the same model always gets the same id,
-    so a retried or repeated upload is recognised by the collector."""
-    return hashlib.sha256(f"pric-item:{photo_sha256}:{model_sha256}".encode()).hexdigest()[:ITEM_ID_HEX]
+def item_id_for(item_key: bytes, photo_sha256: str, model_sha256: str) -> str:
+    """Item id = HMAC-SHA256(participant's secret, photo sha256 ‖ model sha256), hex.
+    Deterministic for this participant (a retried or repeated upload is recognised by the
+    collector and the journal), but nobody without the secret can recompute it from the
+    photo, and the same photo gets unrelated ids from two participants or registrations."""
+    msg = bytes.fromhex(photo_sha256) + bytes.fromhex(model_sha256)
+    return hmac.digest(item_key, msg, "sha256").hex()
+
+
+def legacy_item_id(photo_sha256: str, model_sha256: str) -> str:
+    """The unkeyed id clients sent before item ids were keyed: journals and key stores
+    written then hold it, and the collector stored the photo under it (client.cli's
+    Uploader keeps using it for those photos, so they are not uploaded again)."""
+    return hashlib.sha256(f"pric-item:{photo_sha256}:{model_sha256}".encode()).hexdigest()[:LEGACY_ITEM_ID_HEX]
+
+
+def item_ids(item_key: bytes, model_sha256: str) -> Callable[[str], str]:
+    """photo sha256 → item id under one model (item_id_for with the key bound)."""
+    model = bytes.fromhex(model_sha256)
+    return lambda photo_sha256: hmac.digest(item_key, bytes.fromhex(photo_sha256) + model, "sha256").hex()
 
 
 def read_photo(path: Path) -> tuple[bytes, str]:
@@ -143,9 +163,13 @@ class Row(NamedTuple):
 class Extractor:
     """The card's model on this device: preprocessing from the card, onnxruntime."""
 
-    def __init__(self, card: ModelCard, model_dir: Path, threads: int | None = None) -> None:
-        """`threads`: onnxruntime intra-op threads (0: one per core; None: ORT_THREADS)."""
+    def __init__(self, card: ModelCard, model_dir: Path, threads: int | None = None,
+                 item_id: Callable[[str], str] | None = None) -> None:
+        """`threads`: onnxruntime intra-op threads (0: one per core; None: ORT_THREADS).
+        `item_id`: photo sha256 → item id (default: keyed with a secret of this Extractor
+        alone, so ids mean nothing outside it; the client passes the participant's)."""
         threads = ORT_THREADS if threads is None else threads
+        self.item_id = item_id or item_ids(secrets.token_bytes(32), card.sha256)
         register_heif()
         quiet_bomb_warnings()
         self.max_pixels = client_max_pixels()
@@ -279,7 +303,7 @@ class Extractor:
     ) -> Iterator[tuple[Path, str, bytes]]:
         """(path, item id, file bytes) of each photo to decode: read and hashed here;
         unreadable files go to on_skip, known ones are left out; tick() once per file."""
-        model_sha = self.card.sha256
+        id_of = self.item_id
         for path in files:
             try:
                 data, sha = read_photo(path)
@@ -288,7 +312,7 @@ class Extractor:
                 tick()
                 continue
             tick()
-            item_id = item_id_for(sha, model_sha)
+            item_id = id_of(sha)
             if not skip_known(path, item_id):
                 yield path, item_id, data
 

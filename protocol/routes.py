@@ -12,6 +12,7 @@ ME = f"{API}/participants/me"                # GET: own status; DELETE: withdraw
 MODEL_CARD = f"{API}/model"                  # GET: current model card (JSON)
 MODEL_FILE = f"{API}/model/file"             # GET: current model's ONNX bytes (?file=decoder.onnx for extras)
 MODEL_CARD_BY_ID = f"{API}/models/<model_id>"  # GET: a given model's card
+MODEL_ATTESTATIONS = f"{API}/models/<model_id>/attestations"  # GET: {"model_id": ID, "attestations": [envelope, ...]}
 ITEMS = f"{API}/items"                       # POST: upload a batch (participant)
 STATS = f"{API}/stats"                       # GET: operator only
 TRAIN = f"{API}/train"                       # POST: operator only, {"task": "Smiling"}
@@ -41,3 +42,7 @@ DEFAULT_QUOTA_BYTES = 512 * 1024 * 1024
 
 def model_card_url(model_id: str) -> str:
     return MODEL_CARD_BY_ID.replace("<model_id>", model_id)
+
+
+def model_attestations_url(model_id: str) -> str:
+    return MODEL_ATTESTATIONS.replace("<model_id>", model_id)

@@ -1,16 +1,33 @@
 """Fixtures of the client tests: an in-process CLI runner, a registered participant home,
-and a tiny `sparse_code` model (encoder + decoder) built with onnx.helper."""
+a tiny `sparse_code` model (encoder + decoder) built with onnx.helper, and the trust chain:
+a throw-away auditor key (never the release key) that signs the served test models and is
+in the test home's trust store; the live collector serves those attestations."""
 
 from __future__ import annotations
 
 import io
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-TINY_SPARSE = {"L": 4, "m": 64, "k": 8, "k_fake": 8}
+# k_fake = 2k: the client's own floor under ambiguation (client.verify.MIN_K_FAKE = 16)
+TINY_SPARSE = {"L": 4, "m": 64, "k": 8, "k_fake": 16}
+
+# figures that pass the default policy (client.verify.Policy)
+GOOD_MEASURED: dict[str, Any] = {
+    "kind": "features",
+    "private": {"attribute": "Male", "strongest_accuracy": 0.62, "ci95": [0.60, 0.64], "majority_rate": 0.58,
+                "label_floor": 0.60, "strongest": "cnn", "n_test": 1989},
+    "primary": {"Smiling": {"accuracy": 0.88}},
+    "reconstruction": {"psnr": 13.5, "ssim": 0.21},
+    "reid": {"rank1": 0.01, "chance_rank1": 0.001},
+    "per_person": {"photos": [1, 4, 16, 64], "accuracy": [0.62, 0.66, 0.72, 0.80]},
+}
 
 
 @dataclass
@@ -40,9 +57,127 @@ def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PRIC_CLIENT_BACKOFF", "0.05")
 
 
+@dataclass
+class Auditor:
+    """A throw-away auditor key pair for tests."""
+
+    private: Any
+    public: Any  # protocol.attestation.PublicKey
+    public_file: Path
+
+    def sign(self, model_dir: Path, measured: dict[str, Any] | None = None, card: Any = None,
+             save: bool = True, **statement: Any) -> dict[str, Any]:
+        """Sign the model in `model_dir` (its card unless `card`), store the envelope there."""
+        from protocol.attestation import build_statement, save_envelope, sign
+        from protocol.model_card import load_card
+
+        card = card or load_card(model_dir, verify=False)
+        m = dict(measured or GOOD_MEASURED)
+        m["kind"] = card.kind
+        st = build_statement(card, model_dir, measured=m, thresholds={"max_psnr": 20.0},
+                             data={"name": "celeba-10k", "split": "test", "n_test": 1989}, auditor=self.public,
+                             date="2025-01-02")
+        st.update(statement)
+        env = sign(st, self.private)
+        if save:
+            save_envelope(model_dir, env)
+        return env
+
+    def trust(self, home: str | Path) -> None:
+        from client.auditors import TrustStore
+        from client.home import Home
+
+        TrustStore(Home(home)).add(self.public_file)
+
+
+def make_auditor(folder: Path, name: str = "Test Auditor") -> Auditor:
+    from protocol.attestation import generate_key, load_private_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(list(folder.glob("*.pem")))
+    pub = generate_key(folder / f"k{n}.pem", folder / f"k{n}.pub.json", name)
+    return Auditor(load_private_key(folder / f"k{n}.pem"), pub, folder / f"k{n}.pub.json")
+
+
+@pytest.fixture(scope="session")
+def auditor(tmp_path_factory: pytest.TempPathFactory) -> Auditor:
+    return make_auditor(tmp_path_factory.mktemp("auditor"))
+
+
+@pytest.fixture(autouse=True)
+def _default_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A command without --home never touches the real per-user folder."""
+    monkeypatch.setenv("PRIC_CLIENT_HOME", str(tmp_path / "default-home"))
+
+
+@pytest.fixture(autouse=True)
+def _no_release_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never rely on the shipped release key: the default store is empty."""
+    monkeypatch.setattr("client.auditors.DEFAULT_KEY_FILES", ())
+
+
+def sign_all(models_dir: Path, auditor: Auditor) -> None:
+    for card in sorted(models_dir.glob("*/model_card.json")):
+        auditor.sign(card.parent)
+
+
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "client-home"
+def home(tmp_path: Path, auditor: Auditor) -> Path:
+    """The participant's home; it trusts the test auditor."""
+    home = tmp_path / "client-home"
+    auditor.trust(home)
+    return home
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_model_dir: Path, auditor: Auditor) -> Path:
+    """The tiny features model (tests/conftest.py), signed by the test auditor."""
+    sign_all(tiny_model_dir, auditor)
+    return tiny_model_dir
+
+
+@pytest.fixture
+def live_collector(live_collector):
+    """The shared live collector (serving the signed test models). Until the collector has
+    the attestations route (protocol.routes.MODEL_ATTESTATIONS), a shim in front of its app
+    serves <model dir>/attestations/ for it; with the route, the collector answers."""
+    serve_attestations(live_collector.app, live_collector.models_dir)
+    return live_collector
+
+
+def collector_has_attestations_route(app: Any) -> bool:
+    from protocol import routes
+
+    return any(r.rule == routes.MODEL_ATTESTATIONS for r in app.url_map.iter_rules())
+
+
+def serve_attestations(app: Any, models_dir: Path) -> None:
+    """WSGI shim: GET MODEL_ATTESTATIONS from the model folders, when the app lacks it."""
+    if collector_has_attestations_route(app):
+        return
+    from protocol import routes
+    from protocol.attestation import load_envelopes
+    from protocol.model_card import load_card
+
+    pattern = re.compile(re.escape(routes.MODEL_ATTESTATIONS).replace(re.escape("<model_id>"), "([^/]+)") + "$")
+    inner = app.wsgi_app
+
+    def wsgi(environ: dict, start_response: Any):
+        got = pattern.match(environ.get("PATH_INFO", ""))
+        if not got or environ.get("REQUEST_METHOD") != "GET":
+            return inner(environ, start_response)
+        for card_file in sorted(models_dir.glob("*/model_card.json")):
+            card = load_card(card_file.parent, verify=False)
+            if card.model_id == got.group(1):
+                body = json.dumps({"model_id": card.model_id,
+                                   "attestations": load_envelopes(card_file.parent)}).encode()
+                start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+                return [body]
+        body = b'{"error": "not_found", "message": "no such model"}'
+        start_response("404 NOT FOUND", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    app.wsgi_app = wsgi
 
 
 @pytest.fixture
@@ -115,10 +250,11 @@ def write_tiny_sparse_model(model_dir: Path, name: str = "tinysparse", version: 
 
 
 @pytest.fixture
-def sparse_models_dir(tmp_path: Path) -> Path:
+def sparse_models_dir(tmp_path: Path, auditor: Auditor) -> Path:
     """exported_models-like folder holding the tiny sparse model at <dir>/tinysparse."""
     models = tmp_path / "sparse-models"
     write_tiny_sparse_model(models / "tinysparse")
+    sign_all(models, auditor)
     return models
 
 

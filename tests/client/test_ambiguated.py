@@ -14,6 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
+from client.home import Home
 from client.pipeline import item_id_for, read_photo
 from protocol.model_card import load_card
 from protocol.preprocess import load_image, prepare
@@ -41,7 +42,7 @@ def test_ambiguated_upload_keys_export_and_decode(cli, registered_home: Path, li
     home = str(registered_home)
     codes = tmp_path / "codes.npz"
 
-    up = cli("--home", home, "upload", str(folder), "--mode", "ambiguated", "--save-codes", str(codes))
+    up = cli("--home", home, "upload", "--yes", str(folder), "--mode", "ambiguated", "--save-codes", str(codes))
     assert up.rc == 0, up.err
     assert up.out.strip().splitlines()[-1] == "6 stored, 0 already there, 0 skipped (errors)"
     keys_db = registered_home / "keys.sqlite"
@@ -76,7 +77,8 @@ def test_ambiguated_upload_keys_export_and_decode(cli, registered_home: Path, li
     decm = ort.InferenceSession(str(model_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
     x = model_input(np.stack([prepare(load_image(p, card.input), card.input) for p in images]), card.input)
     true_img = decm.run(["image"], {"code": enc.run(["code"], {card.input.name: x})[0]})[0]
-    id_by_name = {p.name: item_id_for(read_photo(p)[1], card.sha256) for p in images}
+    item_key = Home(registered_home).item_key()
+    id_by_name = {p.name: item_id_for(item_key, read_photo(p)[1], card.sha256) for p in images}
     for n, p in enumerate(images):
         png = np.asarray(Image.open(out / f"{id_by_name[p.name]}.png"), np.float32) / 255.0
         assert np.abs(png - np.moveaxis(true_img[n], 0, -1)).max() < 0.02
@@ -85,7 +87,7 @@ def test_ambiguated_upload_keys_export_and_decode(cli, registered_home: Path, li
     for f in registered_home.glob("journal.sqlite*"):
         f.unlink()
     codes2 = tmp_path / "codes2.npz"
-    again = cli("--home", home, "upload", str(folder), "--save-codes", str(codes2))
+    again = cli("--home", home, "upload", "--yes", str(folder), "--save-codes", str(codes2))
     assert again.out.strip().splitlines()[-1] == "0 stored, 6 already there, 0 skipped (errors)"
     with np.load(codes2, allow_pickle=False) as z:
         order = [ids.index(i) for i in z["item_ids"]]
@@ -98,7 +100,7 @@ def test_wrong_key_is_refused_and_nothing_written(cli, registered_home: Path, li
     folder = _folder(tmp_path, sample_images[:3])
     home = str(registered_home)
     codes = tmp_path / "codes.npz"
-    assert cli("--home", home, "upload", str(folder), "--save-codes", str(codes)).rc == 0
+    assert cli("--home", home, "upload", "--yes", str(folder), "--save-codes", str(codes)).rc == 0
     keyfile = tmp_path / "keys.json"
     assert cli("--home", home, "keys", "export", "--out", str(keyfile)).rc == 0
     doc = json.loads(keyfile.read_text())
@@ -119,7 +121,7 @@ def test_wrong_key_is_refused_and_nothing_written(cli, registered_home: Path, li
 def test_features_mode_against_a_sparse_model_is_refused(cli, registered_home: Path, tmp_path: Path,
                                                          sample_images: list[Path]) -> None:
     folder = _folder(tmp_path, sample_images[:2])
-    res = cli("--home", str(registered_home), "upload", str(folder), "--mode", "features")
+    res = cli("--home", str(registered_home), "upload", "--yes", str(folder), "--mode", "features")
     assert res.rc == 2 and "sparse_code" in res.err
 
 
@@ -130,7 +132,7 @@ def test_decode_never_writes_outside_out(cli, registered_home: Path, live_collec
     folder = _folder(tmp_path, sample_images[:4])
     home = str(registered_home)
     codes = tmp_path / "codes.npz"
-    assert cli("--home", home, "upload", str(folder), "--save-codes", str(codes)).rc == 0
+    assert cli("--home", home, "upload", "--yes", str(folder), "--save-codes", str(codes)).rc == 0
     keyfile = tmp_path / "keys.json"
     assert cli("--home", home, "keys", "export", "--out", str(keyfile)).rc == 0
     with np.load(codes, allow_pickle=False) as z:

@@ -43,7 +43,7 @@ def test_upload_twice_then_status_and_withdraw(cli, registered_home: Path, live_
     home = str(registered_home)
     n = len(sample_images)
 
-    first = cli("--home", home, "upload", str(folder), "--labels", str(sample_faces / "labels.csv"),
+    first = cli("--home", home, "upload", "--yes", str(folder), "--labels", str(sample_faces / "labels.csv"),
                 "--tasks", "Smiling,Male", "--batch-size", "16")
     assert first.rc == 0, first.err
     err_lines = [l for l in first.err.splitlines() if l.strip()]
@@ -51,7 +51,7 @@ def test_upload_twice_then_status_and_withdraw(cli, registered_home: Path, live_
     assert first.out.strip().splitlines()[-1] == f"{n} stored, 0 already there, 1 skipped (errors)"
     assert _me(live_collector, registered_home)["items"] == n
 
-    second = cli("--home", home, "upload", str(folder), "--batch-size", "16")
+    second = cli("--home", home, "upload", "--yes", str(folder), "--batch-size", "16")
     assert second.rc == 0
     assert second.out.strip().splitlines()[-1] == f"0 stored, {n} already there, 1 skipped (errors)"
 
@@ -73,7 +73,7 @@ def test_withdraw_revokes_the_token_and_forgets_the_registration(cli, registered
     folder = _photos(tmp_path, sample_images[:4], corrupt=False)
     home = str(registered_home)
     token = json.loads((registered_home / "config.json").read_text())["token"]
-    assert cli("--home", home, "upload", str(folder)).rc == 0
+    assert cli("--home", home, "upload", "--yes", str(folder)).rc == 0
 
     out = cli("--home", home, "withdraw")
 
@@ -90,11 +90,11 @@ def test_journal_loss_still_stores_once(cli, registered_home: Path, live_collect
                                         sample_images: list[Path]) -> None:
     """Without the journal the collector's idempotency answers duplicates, not new items."""
     folder = _photos(tmp_path, sample_images[:10], corrupt=False)
-    assert cli("--home", str(registered_home), "upload", str(folder)).rc == 0
+    assert cli("--home", str(registered_home), "upload", "--yes", str(folder)).rc == 0
     (registered_home / "journal.sqlite").unlink()
     for side in ("-wal", "-shm"):
         Path(str(registered_home / "journal.sqlite") + side).unlink(missing_ok=True)
-    res = cli("--home", str(registered_home), "upload", str(folder))
+    res = cli("--home", str(registered_home), "upload", "--yes", str(folder))
     assert res.out.strip().endswith("0 stored, 10 already there, 0 skipped (errors)")
     assert _me(live_collector, registered_home)["items"] == 10
 
@@ -110,10 +110,11 @@ def test_dry_run_sends_nothing(cli, registered_home: Path, live_collector, tmp_p
         return real_request(self, method, url, *a, **kw)
 
     monkeypatch.setattr(requests.Session, "request", refuse_posts)
-    res = cli("--home", str(registered_home), "upload", str(folder), "--dry-run")
+    res = cli("--home", str(registered_home), "upload", "--yes", str(folder), "--dry-run")
     assert res.rc == 0, res.err
     assert "dry run: 12 items would be sent" in res.out and "tiny@1" in res.out and "1 skipped" in res.out
-    sent_bytes = int(res.out.split("(")[1].split(" bytes")[0])
+    last = res.out.strip().splitlines()[-1]  # the consent summary comes before it
+    sent_bytes = int(last.split("(")[1].split(" bytes")[0])
     assert sent_bytes > 12 * 16 * 8 * 8 * 4  # at least the raw float32 features
     assert _me(live_collector, registered_home)["items"] == 0
 
@@ -121,7 +122,7 @@ def test_dry_run_sends_nothing(cli, registered_home: Path, live_collector, tmp_p
 def test_model_is_cached_verified_and_tampering_refused(cli, registered_home: Path, live_collector, tmp_path: Path,
                                                         sample_images: list[Path]) -> None:
     folder = _photos(tmp_path, sample_images[:3], corrupt=False)
-    assert cli("--home", str(registered_home), "upload", str(folder)).rc == 0
+    assert cli("--home", str(registered_home), "upload", "--yes", str(folder)).rc == 0
     cached = registered_home / "models" / "tiny@1"
     card = load_card(cached)  # verifies the sha256
     assert card.sha256 == load_card(live_collector.models_dir / "tiny").sha256
@@ -131,7 +132,7 @@ def test_model_is_cached_verified_and_tampering_refused(cli, registered_home: Pa
     data[-1] ^= 0xFF
     model.write_bytes(bytes(data))
     more = _photos(tmp_path / "more", sample_images[3:6], corrupt=False)
-    res = cli("--home", str(registered_home), "upload", str(more))
+    res = cli("--home", str(registered_home), "upload", "--yes", str(more))
     assert res.rc == 4
     assert "sha256" in res.err and "model.onnx" in res.err
     assert _me(live_collector, registered_home)["items"] == 3
@@ -144,7 +145,7 @@ def test_upload_features_match_offline_transform(cli, registered_home: Path, liv
                                                  sample_images: list[Path]) -> None:
     """What the collector stores is what `transform` computes from the same model."""
     folder = _photos(tmp_path, sample_images[:4], corrupt=False)
-    assert cli("--home", str(registered_home), "upload", str(folder)).rc == 0
+    assert cli("--home", str(registered_home), "upload", "--yes", str(folder)).rc == 0
     res = cli("--home", str(registered_home), "transform", str(folder), "--out", str(tmp_path / "f.npz"))
     assert res.rc == 0
     export = requests.get(f"{live_collector.url}/api/v1/export", params={"model_id": "tiny@1"},

@@ -31,7 +31,7 @@ def test_odd_names_are_uploaded_journalled_and_resumed(cli, registered_home: Pat
     folder, total = _folder_with_odd_names(tmp_path, sample_images)
     home = str(registered_home)
 
-    first = cli("--home", home, "upload", str(folder), "--batch-size", "16", "--workers", "1")
+    first = cli("--home", home, "upload", "--yes", str(folder), "--batch-size", "16", "--workers", "1")
     assert first.rc == 0, first.err
     assert first.out.strip().splitlines()[-1] == f"{total} stored, 0 already there, 1 skipped (errors)"
     err_lines = [line for line in first.err.splitlines() if line.strip()]
@@ -44,7 +44,7 @@ def test_odd_names_are_uploaded_journalled_and_resumed(cli, registered_home: Pat
     assert os.fsencode(folder) + b"/\xff-photo.jpg" in paths
     assert os.fsencode(folder) + b"/new\nline.jpg" in paths
 
-    second = cli("--home", home, "upload", str(folder), "--batch-size", "16", "--workers", "2")
+    second = cli("--home", home, "upload", "--yes", str(folder), "--batch-size", "16", "--workers", "2")
     assert second.rc == 0, second.err
     assert second.out.strip().splitlines()[-1] == f"0 stored, {total} already there, 1 skipped (errors)"
 

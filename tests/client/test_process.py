@@ -63,7 +63,7 @@ def test_sigkill_between_ack_and_journal_then_rerun_stores_exactly_once(
         (folder / p.name).write_bytes(p.read_bytes())
     token = json.loads((registered_home / "config.json").read_text())["token"]
     journal = registered_home / "journal.sqlite"
-    cmd = [sys.executable, "-m", "client.cli", "--home", str(registered_home), "upload", str(folder), "--batch-size", "4"]
+    cmd = [sys.executable, "-m", "client.cli", "--home", str(registered_home), "upload", "--yes", str(folder), "--batch-size", "4"]
     # the hook sleeps before each POST and again between its acknowledgement and the journal commit
     proc = subprocess.Popen(cmd, env=_env(PRIC_CLIENT_TEST_DELAY_S="0.25"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -86,7 +86,7 @@ def test_sigkill_between_ack_and_journal_then_rerun_stores_exactly_once(
     before = _server_items(live_collector.url, token)
     assert before < len(sample_images)
 
-    res = cli("--home", str(registered_home), "upload", str(folder), "--batch-size", "4")
+    res = cli("--home", str(registered_home), "upload", "--yes", str(folder), "--batch-size", "4")
 
     assert res.rc == 0, res.err
     assert res.out.strip().splitlines()[-1] == f"{len(sample_images) - before} stored, {before} already there, 0 skipped (errors)"

@@ -150,9 +150,10 @@ def _lines(text: str) -> list[str]:
 
 
 def test_register_and_upload_over_tls_with_the_ca_bundle(cli, tls_collector, tmp_path: Path,
-                                                         sample_images: list[Path]) -> None:
+                                                         sample_images: list[Path], auditor) -> None:
     url, cert = tls_collector
     home = str(tmp_path / "home")
+    auditor.trust(home)  # the test auditor signed the served model
     reg = cli("--home", home, "register", "--server", url, "--ca-bundle", str(cert))
     assert reg.rc == 0, reg.err
     config = json.loads((tmp_path / "home" / "config.json").read_text())
@@ -162,7 +163,7 @@ def test_register_and_upload_over_tls_with_the_ca_bundle(cli, tls_collector, tmp
     folder.mkdir()
     for p in sample_images[:6]:
         (folder / p.name).write_bytes(p.read_bytes())
-    up = cli("--home", home, "upload", str(folder))  # the CA bundle comes from the registration
+    up = cli("--home", home, "upload", "--yes", str(folder))  # the CA bundle comes from the registration
     assert up.rc == 0, up.err
     assert up.out.strip().splitlines()[-1] == "6 stored, 0 already there, 0 skipped (errors)"
     status = cli("--home", home, "status", "--json")

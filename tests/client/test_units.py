@@ -106,14 +106,20 @@ def test_labels_of_the_bundled_sample(sample_faces: Path) -> None:
 
 
 # --- item ids ----------------------------------------------------------------------------
-def test_item_id_is_deterministic_valid_and_model_specific(sample_images: list[Path]) -> None:
+def test_item_id_is_deterministic_valid_model_and_participant_specific(sample_images: list[Path]) -> None:
+    from client.pipeline import legacy_item_id
+
     _, sha_a = read_photo(sample_images[0])
     _, sha_b = read_photo(sample_images[1])
     model1, model2 = "a" * 64, "b" * 64
-    ids = {item_id_for(sha_a, model1), item_id_for(sha_b, model1), item_id_for(sha_a, model2)}
-    assert len(ids) == 3
-    assert item_id_for(sha_a, model1) == item_id_for(read_photo(sample_images[0])[1], model1)
-    assert all(ITEM_ID_RE.match(i) for i in ids)
+    me, other = b"\x01" * 32, b"\x02" * 32
+    ids = {item_id_for(me, sha_a, model1), item_id_for(me, sha_b, model1), item_id_for(me, sha_a, model2),
+           item_id_for(other, sha_a, model1)}
+    assert len(ids) == 4
+    assert item_id_for(me, sha_a, model1) == item_id_for(me, read_photo(sample_images[0])[1], model1)
+    assert all(ITEM_ID_RE.match(i) and len(i) == 64 for i in ids)
+    # nobody without the secret recomputes it from the photo (the old unkeyed id)
+    assert legacy_item_id(sha_a, model1) not in ids
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
