@@ -134,7 +134,8 @@ def _stored_envelopes(directory: Path, model_id: str) -> tuple[str, ...]:
             with open(path, "rb") as f:
                 raw = f.read(MAX_ATTESTATION_BYTES + 1)
             envelope = json.loads(raw) if len(raw) <= MAX_ATTESTATION_BYTES else None
-            text = json.dumps(envelope, separators=(",", ":")) if isinstance(envelope, dict) else ""
+            text = (json.dumps(envelope, separators=(",", ":"), allow_nan=False)  # strict JSON out
+                    if isinstance(envelope, dict) else "")
         except (OSError, ValueError, RecursionError):
             text = ""
         if not text or len(text) > MAX_ATTESTATION_BYTES:

@@ -240,6 +240,7 @@ def test_the_route_is_bounded_in_count_and_size(tmp_path, write_model, caplog):
     folder = models / "tiny" / ATTESTATIONS_DIR
     (folder / "0-huge.json").write_text(json.dumps({"payload": "A" * MAX_ATTESTATION_BYTES}))
     (folder / "0-list.json").write_text("[1, 2]")
+    (folder / "0-nan.json").write_text('{"x": NaN}')  # Python reads it; strict JSON parsers do not
     (folder / "0-escapes.json").write_text(json.dumps({"x": "\u00e9" * (MAX_ATTESTATION_BYTES // 3)},
                                                       ensure_ascii=False))  # 6x larger once escaped
     for i in range(MAX_ATTESTATIONS + 4):
@@ -251,9 +252,9 @@ def test_the_route_is_bounded_in_count_and_size(tmp_path, write_model, caplog):
         resp = client.get(routes.model_attestations_url("tiny@1"), headers=_token(client))
     assert resp.status_code == 200 and len(resp.data) <= routes.MAX_ATTESTATIONS_RESPONSE_BYTES
     served = resp.json["attestations"]
-    # the first MAX_ATTESTATIONS files by name, less the three bad ones
-    assert len(served) == MAX_ATTESTATIONS - 3 and all(isinstance(e, dict) for e in served)
-    assert sorted(r.getMessage().count("attestation_not_served") for r in caplog.records).count(1) == 3
+    # the first MAX_ATTESTATIONS files by name, less the four bad ones
+    assert len(served) == MAX_ATTESTATIONS - 4 and all(isinstance(e, dict) for e in served)
+    assert [r.getMessage().count("attestation_not_served") for r in caplog.records].count(1) == 4
     # one oversized file refuses the model when unattested models are not allowed (verify_model)
     app = create_app({"DATA_DIR": str(tmp_path / "data2"), "MODELS_DIR": str(models)})
     assert "larger than" in app.extensions["pric"].registry.unpublished["tiny@1"][1]
