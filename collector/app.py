@@ -425,7 +425,7 @@ def model_attestations(model_id: str) -> Response:
     authorize(PARTICIPANT, OPERATOR, AUDITOR)
     envelopes = state().registry.envelopes(model_id)
     # composed from the stored envelopes' JSON, so the answer's size is bounded by theirs
-    body = '{"model_id":%s,"attestations":[%s]}' % (json.dumps(model_id), ",".join(envelopes))
+    body = f'{{"model_id":{json.dumps(model_id)},"attestations":[{",".join(envelopes)}]}}'
     return Response(body, mimetype="application/json")
 
 

@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def test_allow_unattested_publishes_with_one_warning_per_model(tmp_path, write_m
 
 # --- bad attestations --------------------------------------------------------------------------
 
-def _rewrite_envelope(model_dir: Path, change) -> Path:  # noqa: ANN001 - a function of the envelope
+def _rewrite_envelope(model_dir: Path, change: Callable[[dict], None]) -> Path:
     path = next((model_dir / ATTESTATIONS_DIR).glob("*.json"))
     env = json.loads(path.read_text())
     change(env)
