@@ -47,7 +47,7 @@ from collector.auth import (
     require_role,
 )
 from collector.db import Database, default_database_url
-from collector.registry import ModelRegistry, recorded_card
+from collector.registry import ModelRegistry, default_auditor_keys, load_trusted_keys, recorded_card
 from protocol import routes
 from protocol.errors import (
     AuthError,
@@ -83,6 +83,11 @@ DEFAULTS: dict[str, Any] = {
     "QUOTA_BYTES": routes.DEFAULT_QUOTA_BYTES,
     "LABELS": None,  # the label schema; None: each model card's tasks, else store.DEFAULT_LABELS
     "CURRENT_MODEL": None,  # default: newest active version found
+    # Folder of trusted auditors' public keys (protocol.attestation.PublicKey JSON files);
+    # None: <MODELS_DIR>/trusted-auditors when that folder exists, else no key is trusted.
+    "AUDITOR_KEYS": None,
+    # Publish models without a valid attestation (each logged as a warning at start).
+    "ALLOW_UNATTESTED": False,
     "UPLOAD_LIMITER": None,  # a TokenBucket shared by forked workers (default: one per app)
     "REGISTER_LIMITER": None,
     "READ_LIMITER": None,
@@ -174,6 +179,8 @@ def create_app(config: dict | None = None) -> Flask:
     for name in labels or ():
         if not isinstance(name, str) or not LABEL_NAME_RE.match(name):
             raise InvalidInputError(f"label {name!r}: must match {LABEL_NAME_RE.pattern}")
+    auditor_keys = app.config["AUDITOR_KEYS"] or default_auditor_keys(app.config["MODELS_DIR"])
+    trusted = load_trusted_keys(auditor_keys)  # before the database: a bad key file stops the start
     db = Database(app.config["DATABASE_URL"])
     db.create_all()
     with db.write() as conn:
@@ -183,7 +190,8 @@ def create_app(config: dict | None = None) -> Flask:
     read_rate = float(app.config["READ_LIMIT_PER_MIN"] or 0)
     app.extensions["pric"] = CollectorState(
         db=db,
-        registry=ModelRegistry(db, app.config["MODELS_DIR"], app.config["CURRENT_MODEL"]),
+        registry=ModelRegistry(db, app.config["MODELS_DIR"], app.config["CURRENT_MODEL"], trusted=trusted,
+                               allow_unattested=bool(app.config["ALLOW_UNATTESTED"])),
         upload_limiter=app.config["UPLOAD_LIMITER"] or upload_limiter(rate),
         register_limiter=app.config["REGISTER_LIMITER"] or register_limiter(reg_rate),
         read_limiter=app.config["READ_LIMITER"] or read_limiter(read_rate),
@@ -407,6 +415,18 @@ def model_card_by_id(model_id: str) -> Response:
     resp = jsonify(reg.card.to_dict())
     resp.headers["X-Model-Status"] = state().registry.statuses().get(model_id, "unknown")
     return resp
+
+
+@api.get(routes.MODEL_ATTESTATIONS)
+def model_attestations(model_id: str) -> Response:
+    """The signed audits stored beside a published model, as stored (each party verifies
+    them against the auditor keys it trusts). Kept in memory like the card; re-read when
+    the files change. At most MAX_ATTESTATIONS envelopes of MAX_ATTESTATION_BYTES each."""
+    authorize(PARTICIPANT, OPERATOR, AUDITOR)
+    envelopes = state().registry.envelopes(model_id)
+    # composed from the stored envelopes' JSON, so the answer's size is bounded by theirs
+    body = f'{{"model_id":{json.dumps(model_id)},"attestations":[{",".join(envelopes)}]}}'
+    return Response(body, mimetype="application/json")
 
 
 @api.get(routes.MODEL_FILE)

@@ -1,6 +1,7 @@
 """`pric-collector`: run the collector and administer its data folder.
 
     pric-collector serve --data-dir DIR --models-dir exported_models [--host 127.0.0.1] [--port 8080]
+                         [--auditor-keys DIR] [--allow-unattested]
     pric-collector token create --role operator|auditor --data-dir DIR
     pric-collector stats --data-dir DIR [--json]
     pric-collector train --task Smiling --data-dir DIR [--model-id ID] [--kind logistic|mlp] [--json]
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from collector.registry import TRUSTED_AUDITORS_DIR
 from protocol.errors import InvalidInputError, NotFoundError, PricError
 from protocol.routes import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_ITEMS, MAX_BODY_BYTES, MAX_JSON_BODY_BYTES
 
@@ -54,6 +56,9 @@ class ServeConfig:
     json_body_limit: int
     labels: list[str] | None
     current_model: str | None
+    auditor_keys: str | None
+    trusted_auditors: list[str]
+    allow_unattested: bool
 
 
 ENROLMENT_SECRET_ENV = "PRIC_ENROLMENT_SECRET"
@@ -77,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. PostgreSQL (default: SQLite in --data-dir)")
         if models:
             sp.add_argument("--models-dir", default="exported_models", help="folder of <name>/model_card.json")
+            sp.add_argument("--auditor-keys", default=None,
+                            help="folder of trusted auditors' public key files (*.json); a model is published only "
+                                 f"with an attestation signed by one of them (default: <models-dir>/"
+                                 f"{TRUSTED_AUDITORS_DIR} if it exists, else none)")
+            sp.add_argument("--allow-unattested", action="store_true",
+                            help="also publish models without a valid attestation (each logged as a warning)")
 
     s = sub.add_parser("serve", help="serve the HTTP API on waitress")
     storage(s, models=True)
@@ -253,11 +264,14 @@ def _serve(args: argparse.Namespace) -> int:
     json_limit = MAX_JSON_BODY_BYTES if args.json_body_limit is None else args.json_body_limit
     if not 0 <= json_limit <= MAX_BODY_BYTES:
         raise InvalidInputError(f"--json-body-limit {json_limit}: must be between 0 (JSON uploads off) and {MAX_BODY_BYTES}")
+    auditor_keys, trusted = _auditor_keys(args)
     cfg = ServeConfig(
         data_dir=args.data_dir, models_dir=args.models_dir, host=args.host, port=args.port, threads=args.threads,
         workers=args.workers, database_url=args.database_url, rate_limit_per_min=args.rate_limit,
         read_limit_per_min=args.read_rate_limit, registration=registration, enrolment_secret_set=secret is not None,
         quota_items=quota_items, quota_bytes=quota_bytes, json_body_limit=json_limit, labels=_labels(args), current_model=args.current_model,
+        auditor_keys=auditor_keys, trusted_auditors=[f"{k.keyid[:16]} {k.name}".strip() for k in trusted.values()],
+        allow_unattested=args.allow_unattested,
     )
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
@@ -266,6 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
         "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "READ_LIMIT_PER_MIN": cfg.read_limit_per_min,
         "REGISTRATION": cfg.registration, "ENROLMENT_SECRET": secret, "QUOTA_ITEMS": cfg.quota_items,
         "QUOTA_BYTES": cfg.quota_bytes, "JSON_BODY_LIMIT": cfg.json_body_limit, "LABELS": cfg.labels, "CURRENT_MODEL": cfg.current_model,
+        "AUDITOR_KEYS": cfg.auditor_keys, "ALLOW_UNATTESTED": cfg.allow_unattested,
     }
     if cfg.workers > 1:  # one limit for all workers, in memory they share
         config["UPLOAD_LIMITER"] = upload_limiter(cfg.rate_limit_per_min, SharedTokenBucket)
@@ -288,7 +303,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({reason})") from None
     print(f"pric-collector: serving on http://{cfg.host}:{sock.getsockname()[1]} "
           f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'}"
-          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''}, registration {cfg.registration})", flush=True)
+          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''}, registration {cfg.registration}"
+          f"{', UNATTESTED MODELS ALLOWED' if cfg.allow_unattested else ''})", flush=True)
     db = app.extensions["pric"].db
     if cfg.workers == 1:
         signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: waitress closes, then the checkpoint below
@@ -302,6 +318,17 @@ def _serve(args: argparse.Namespace) -> int:
                          cfg.workers)
     db.dispose()  # the workers are gone: checkpoint what they wrote
     return status
+
+
+def _auditor_keys(args: argparse.Namespace):  # -> tuple[str | None, dict[str, PublicKey]]
+    """The trusted auditor keys folder (--auditor-keys, else <models-dir>/trusted-auditors if
+    it exists) and the keys in it; a missing explicit folder or a bad key file is an error."""
+    from collector.registry import default_auditor_keys, load_trusted_keys
+
+    if args.auditor_keys is not None and not Path(args.auditor_keys).is_dir():
+        raise InvalidInputError(f"--auditor-keys {args.auditor_keys}: not a folder")
+    folder = args.auditor_keys or default_auditor_keys(args.models_dir)
+    return (str(folder) if folder is not None else None), load_trusted_keys(folder)
 
 
 def registration_mode(args: argparse.Namespace, secret: str | None) -> str:
@@ -448,21 +475,44 @@ def _backup(db, args: argparse.Namespace) -> int:
 def _model(db, args: argparse.Namespace) -> int:
     from collector.registry import ACTIVE, RETIRED, ModelRegistry, list_models, set_status
 
-    registry = ModelRegistry(db, args.models_dir)  # records models found on disk
+    _, trusted = _auditor_keys(args)
+    # records the published models found on disk, as `serve` would
+    registry = ModelRegistry(db, args.models_dir, trusted=trusted, allow_unattested=args.allow_unattested)
     if args.model_command == "list":
         rows = list_models(db)
+        recorded = {r["model_id"] for r in rows}
+        for model_id, (reg, _reason) in registry.unpublished.items():
+            if model_id not in recorded:  # never published: not in the database
+                rows.append({"model_id": model_id, "sha256": reg.card.sha256, "kind": reg.card.kind, "status": None,
+                             "registered_at": None, "retired_at": None})
+        rows.sort(key=lambda r: r["model_id"])
         for r in rows:
-            r["served"] = r["model_id"] in registry.models
+            reg = registry.models.get(r["model_id"]) or registry.unpublished.get(r["model_id"], (None, ""))[0]
+            r["served"] = r["model_id"] in registry.models  # on disk and published
+            r["published"] = registry.is_published(r["model_id"])
+            r["attestation"] = registry.attestation(reg).to_dict() if reg is not None else None
         if args.json:
             print(json.dumps(rows, indent=2, sort_keys=True))
         else:
             for r in rows:
-                print(f"{r['model_id']:<30} {r['status']:<8} {r['kind']:<12} sha256 {r['sha256'][:12]}…"
-                      f"{'' if r['served'] else '  (not on disk)'}")
+                print(f"{r['model_id']:<30} {r['status'] or '-':<8} {r['kind']:<12} sha256 {r['sha256'][:12]}…"
+                      f"  {_publication(r)}")
         return 0
     set_status(db, args.model_id, RETIRED if args.model_command == "retire" else ACTIVE)
     print(f"{args.model_id}: {'retired' if args.model_command == 'retire' else 'active'}")
     return 0
+
+
+def _publication(row: dict) -> str:
+    """One phrase: whether `serve` with the same options publishes the model, and why."""
+    att = row["attestation"]
+    if att is None:
+        return "(not on disk)"
+    if att["valid"]:
+        return f"published: {att['reason']}"
+    if row["published"]:
+        return f"published UNATTESTED (--allow-unattested): {att['reason']}"
+    return f"NOT PUBLISHED: {att['reason']}"
 
 
 if __name__ == "__main__":

@@ -267,8 +267,8 @@ def check_binds(verified: Verified, card: ModelCard, file_sha256: Mapping[str, s
     """The attestation is for exactly this card (every field) and these file bytes
     (`file_sha256`: name → sha256 of the bytes that will run; default: the card's)."""
     pred = verified.predicate
-    want = attested_card(card)
-    if pred["card"] != json.loads(json.dumps(want)):
+    want = json.loads(json.dumps(attested_card(card)))  # tuples as the signed JSON holds them: lists
+    if pred["card"] != want:
         fields = sorted(k for k in set(want) | set(pred["card"]) if want.get(k) != pred["card"].get(k))
         raise AttestationError(f"model {card.model_id}: the card differs from the attested card in "
                                f"{', '.join(fields) or 'its values'}")
@@ -285,16 +285,21 @@ def check_binds(verified: Verified, card: ModelCard, file_sha256: Mapping[str, s
 
 
 def load_envelopes(model_dir: str | Path) -> list[dict[str, Any]]:
-    """The envelopes stored beside a model (<model dir>/attestations/*.json), unverified."""
+    """The envelopes stored beside a model (<model dir>/attestations/*.json), unverified.
+    An unreadable or oversized file is skipped when another one can be read (it cannot
+    make a valid attestation invalid); when none can, the first problem is raised."""
     folder = Path(model_dir) / ATTESTATIONS_DIR
-    out = []
+    out, problems = [], []
     for path in sorted(folder.glob("*.json"))[:MAX_ATTESTATIONS] if folder.is_dir() else []:
         try:
             if path.stat().st_size > MAX_ATTESTATION_BYTES:
-                raise AttestationError(f"{path}: larger than {MAX_ATTESTATION_BYTES} bytes")
+                problems.append(f"{path}: larger than {MAX_ATTESTATION_BYTES} bytes")
+                continue
             out.append(json.loads(path.read_text()))
         except (OSError, ValueError):
-            raise AttestationError(f"{path}: not a readable attestation") from None
+            problems.append(f"{path}: not a readable attestation")
+    if not out and problems:
+        raise AttestationError(problems[0])
     return out
 
 

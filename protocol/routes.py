@@ -4,6 +4,8 @@ Every route except HEALTH requires `Authorization: Bearer <token>` (REGISTER acc
 optional enrolment secret instead, see collector docs).
 """
 
+from protocol.attestation import MAX_ATTESTATION_BYTES, MAX_ATTESTATIONS
+
 API = "/api/v1"
 
 HEALTH = f"{API}/health"                     # GET: liveness, no auth
@@ -12,7 +14,9 @@ ME = f"{API}/participants/me"                # GET: own status; DELETE: withdraw
 MODEL_CARD = f"{API}/model"                  # GET: current model card (JSON)
 MODEL_FILE = f"{API}/model/file"             # GET: current model's ONNX bytes (?file=decoder.onnx for extras)
 MODEL_CARD_BY_ID = f"{API}/models/<model_id>"  # GET: a given model's card
-MODEL_ATTESTATIONS = f"{API}/models/<model_id>/attestations"  # GET: {"model_id": ID, "attestations": [envelope, ...]}
+# GET: {"model_id": ID, "attestations": [DSSE envelope, ...]}, the signed audits stored beside
+# the model (protocol.attestation), unverified: each party checks them against its own keys.
+MODEL_ATTESTATIONS = f"{API}/models/<model_id>/attestations"
 ITEMS = f"{API}/items"                       # POST: upload a batch (participant)
 STATS = f"{API}/stats"                       # GET: operator only
 TRAIN = f"{API}/train"                       # POST: operator only, {"task": "Smiling"}
@@ -35,6 +39,9 @@ MAX_BATCH_ITEMS = 256
 MAX_ITEM_ID_LEN = 64
 MAX_LABELS_PER_ITEM = 64
 DEFAULT_TIMEOUT_S = 30.0
+# The attestations answer: at most MAX_ATTESTATIONS envelopes of MAX_ATTESTATION_BYTES each
+# (as stored), plus the JSON around them.
+MAX_ATTESTATIONS_RESPONSE_BYTES = MAX_ATTESTATIONS * MAX_ATTESTATION_BYTES + 64 * 1024
 # Per participant and model, unless the operator sets others (403 quota_exceeded beyond).
 DEFAULT_QUOTA_ITEMS = 50_000
 DEFAULT_QUOTA_BYTES = 512 * 1024 * 1024

@@ -26,7 +26,9 @@ from sqlalchemy.pool import NullPool
 import collector.app
 from collector.app import create_app, issue_token
 from collector.db import items
+from collector.registry import TRUSTED_AUDITORS_DIR
 from protocol import routes
+from protocol.attestation import PublicKey, build_statement, generate_key, load_private_key, save_envelope, sign
 from protocol.model_card import ModelCard, load_card
 from protocol.wire import UploadBatch, UploadItem, encode_batch
 
@@ -40,6 +42,78 @@ def _root_conftest():
 
 
 write_tiny_features_model = _root_conftest().write_tiny_features_model
+
+# What an auditor measured, in the schema policies read (protocol.attestation, trust design):
+# the collector checks the signature and the binding, not these figures.
+MEASURED = {
+    "kind": "features",
+    "private": {"attribute": "Male", "strongest_accuracy": 0.62, "ci95": [0.60, 0.64], "majority_rate": 0.58,
+                "label_floor": 0.58, "strongest": "cnn", "n_test": 1989},
+    "primary": {"Smiling": {"accuracy": 0.88}},
+    "reconstruction": {"psnr": 11.5, "ssim": 0.12},
+    "reid": {"rank1": 0.01, "chance_rank1": 0.001},
+    "per_person": None,
+}
+THRESHOLDS = {"private_margin": 0.05, "psnr_max": 14.0, "reid_rank1_max": 0.05}
+DATA = {"name": "celeba-10k", "split": "test", "n_test": 1989}
+
+
+@dataclass(frozen=True)
+class Auditor:
+    """A throw-away auditor key pair (never the project's release key)."""
+
+    private: Path
+    public: PublicKey
+
+    def sign(self, model_dir: Path, trust_dir: Path | None = None, card: ModelCard | None = None) -> Path:
+        """Attest the model in `model_dir` (its card, or `card`), store the envelope beside it,
+        and trust this auditor in `trust_dir` (default: <models dir>/trusted-auditors, the
+        collector's default). Returns the envelope's path."""
+        card = card or load_card(model_dir)
+        statement = build_statement(card, model_dir, measured=MEASURED, thresholds=THRESHOLDS, data=DATA,
+                                    auditor=self.public, date="2026-01-31")
+        path = save_envelope(model_dir, sign(statement, load_private_key(self.private)))
+        self.trust(trust_dir or model_dir.parent / TRUSTED_AUDITORS_DIR)
+        return path
+
+    def trust(self, trust_dir: Path) -> Path:
+        trust_dir.mkdir(parents=True, exist_ok=True)
+        path = trust_dir / f"{self.public.keyid[:16]}.json"
+        path.write_text(self.public.to_json())
+        return path
+
+
+@pytest.fixture(scope="session")
+def new_auditor(tmp_path_factory: pytest.TempPathFactory):
+    """name -> a new Auditor whose keys live in a temporary folder outside any models folder."""
+    def make(name: str = "test auditor") -> Auditor:
+        folder = tmp_path_factory.mktemp("auditor")
+        public = generate_key(folder / "auditor.pem", folder / "auditor.pub.json", name)
+        return Auditor(folder / "auditor.pem", public)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def auditor(new_auditor) -> Auditor:
+    """The auditor the collector tests' models are signed by (trusted in their models folders)."""
+    return new_auditor("collector test auditor")
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_model_dir: Path, auditor: Auditor) -> Path:
+    """The root fixture's tiny model, attested by `auditor`, whose key sits in
+    <dir>/trusted-auditors: collectors built on this folder publish it by default."""
+    auditor.sign(tiny_model_dir / "tiny")
+    return tiny_model_dir
+
+
+@pytest.fixture
+def unsigned_model_dir(tmp_path: Path) -> Path:
+    """A models folder with one tiny model and no attestation."""
+    models = tmp_path / "unsigned-models"
+    write_tiny_features_model(models / "tiny")
+    return models
 
 TEST_DATABASE_URL = os.environ.get("PRIC_TEST_DATABASE_URL") or None
 
@@ -108,9 +182,16 @@ def db_args(_test_database):
 
 
 @pytest.fixture
-def write_model():
-    """write_tiny_features_model(model_dir, name=, version=, seed=) -> ModelCard."""
-    return write_tiny_features_model
+def write_model(auditor: Auditor):
+    """write_tiny_features_model(model_dir, name=, version=, seed=, signed=True) -> ModelCard;
+    signed: attested by `auditor`, trusted in <model_dir>/../trusted-auditors."""
+    def write(model_dir: Path, *args: Any, signed: bool = True, **kwargs: Any) -> ModelCard:
+        card = write_tiny_features_model(model_dir, *args, **kwargs)
+        if signed:
+            auditor.sign(model_dir)
+        return card
+
+    return write
 
 
 @pytest.fixture

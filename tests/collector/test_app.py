@@ -479,7 +479,7 @@ def test_tampered_model_is_refused_and_logged(tmp_path, caplog, write_model):
 def test_model_id_too_long_for_the_database_is_refused_and_logged(tmp_path, caplog, write_model):
     models = tmp_path / "models"
     good = write_model(models / "good", name="good")
-    write_model(models / "long", name="x" * 201)  # the models.model_id column holds 200 characters
+    write_model(models / "long", name="x" * 201, signed=False)  # invalid card: cannot be attested
     with caplog.at_level(logging.ERROR, logger="collector.registry"):
         app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(models)})
     assert any("model_refused" in r.getMessage() and "longer than" in r.getMessage() for r in caplog.records)
@@ -497,7 +497,7 @@ def test_model_changed_after_start_is_not_served(kit, tiny_model_dir):
 # --- sparse-code models ------------------------------------------------------------------------
 
 @pytest.fixture
-def sparse_kit(tmp_path, make_kit):
+def sparse_kit(tmp_path, make_kit, auditor):
     spec = SparseSpec(L=4, m=64, k=8, k_fake=8)
     mdir = tmp_path / "models" / "sparse"
     mdir.mkdir(parents=True)
@@ -505,6 +505,7 @@ def sparse_kit(tmp_path, make_kit):
     card = ModelCard(name="sparse", version="1", sha256=sha256_file(mdir / "model.onnx"), kind="sparse_code",
                      output=OutputSpec(name="code", shape=(4, 64)), sparse=spec)
     card.save(mdir)
+    auditor.sign(mdir)
     app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(tmp_path / "models")})
     return make_kit(app, load_card(mdir)), spec
 

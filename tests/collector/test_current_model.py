@@ -9,7 +9,7 @@ from collector.app import create_app
 from protocol.model_card import CARD_FILE
 
 
-def test_default_current_prefers_features(tmp_path, tiny_model_dir):
+def test_default_current_prefers_features(tmp_path, tiny_model_dir, auditor):
     sparse_dir = tiny_model_dir / "zz-sparse"
     sparse_dir.mkdir()
     card = json.loads((tiny_model_dir / "tiny" / CARD_FILE).read_text())
@@ -18,6 +18,7 @@ def test_default_current_prefers_features(tmp_path, tiny_model_dir):
                 sparse={"L": 16, "m": 64, "k": 4, "k_fake": 4}, output={"name": "code", "shape": [16, 64], "dtype": "float32"})
     card.pop("model_id", None)
     (sparse_dir / CARD_FILE).write_text(json.dumps(card))
+    auditor.sign(sparse_dir)
     app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(tiny_model_dir), "TESTING": True})
     registry = app.extensions["pric"].registry
     assert "zz-sparse@9" in registry.active_ids()
