@@ -581,7 +581,9 @@ def test_against_the_real_collectors_attestations_route(tmp_path: Path, sample_i
 
     from collector.app import create_app
 
-    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir), "TESTING": True})
+    # the collector trusts the same auditor: it publishes the model only with a valid attestation
+    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir), "TESTING": True,
+                      "AUDITOR_KEYS": str(auditor.public_file.parent)})
     if not collector_has_attestations_route(app):
         pytest.skip(f"the collector does not serve {routes.MODEL_ATTESTATIONS} yet (added on the collector's branch)")
     server = make_server("127.0.0.1", 0, app, threaded=True)
