@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         card = synthetic_model(root / "models", cfg.feature_shape)
         bodies = make_bodies(card, cfg.items, cfg.clients, cfg.batch, wire=cfg.wire)
-        proc, url = start_collector(root / "data", root / "models", "--workers", str(cfg.workers), threads=cfg.threads)
+        proc, url = start_collector(root / "data", root / "models", "--workers", str(cfg.workers),
+                                    "--allow-unattested", threads=cfg.threads)  # a synthetic, unsigned model
         try:
             tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]
                       for _ in range(cfg.clients)]

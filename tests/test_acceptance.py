@@ -52,13 +52,13 @@ def test_forty_photos_and_a_corrupt_file_end_to_end(celeba_dir: Path, tmp_path: 
     try:
         assert client(home, "register", "--server", url).returncode == 0
 
-        first = client(home, "upload", str(album))
+        first = client(home, "upload", str(album), "--yes")  # the shipped model, attested by the release key
         assert first.returncode == 0, first.stderr
         error_lines = [l for l in first.stderr.splitlines() if "zz_corrupt.jpg" in l]
         assert len(error_lines) == 1
         assert first.stdout.strip().splitlines()[-1].startswith("40 stored")
 
-        second = client(home, "upload", str(album))
+        second = client(home, "upload", str(album))  # consent is remembered
         assert second.returncode == 0
         assert second.stdout.strip().splitlines()[-1].startswith("0 stored")
 
