@@ -121,6 +121,7 @@ def _one_error_line(res) -> str:
 
 
 # --- time: hanging, dripping, Retry-After --------------------------------------------
+@pytest.mark.slow
 def test_a_hanging_server_ends_at_the_deadline_with_exit_11(cli, hostile) -> None:
     _, home = hostile(lambda conn, path, stop: stop.wait(30))
     res, took = _timed(cli, "--home", home, "status", "--deadline", "1.5")
@@ -129,6 +130,7 @@ def test_a_hanging_server_ends_at_the_deadline_with_exit_11(cli, hostile) -> Non
     assert 1.4 < took < 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["head", "body"])
 def test_a_server_dripping_one_byte_at_a_time_ends_at_the_deadline(cli, hostile, where: str) -> None:
     """Each byte comes well within the per-read timeout (--timeout 1), so only the run's

@@ -3,6 +3,8 @@ killed with SIGKILL then rerun stores every photo exactly once."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -54,6 +56,7 @@ def _journal_rows(path: Path) -> int:
             return 0
 
 
+@pytest.mark.slow
 def test_sigkill_between_ack_and_journal_then_rerun_stores_exactly_once(
     cli, registered_home: Path, live_collector, tmp_path: Path, sample_images: list[Path]
 ) -> None:

@@ -343,6 +343,7 @@ def _serve(tmp_path: Path, models: Path, *extra: str) -> tuple[str, str]:
     return line, err.read_text()
 
 
+@pytest.mark.slow
 def test_serve_says_loudly_what_it_refuses_and_what_it_publishes_unattested(tmp_path, write_model):
     models = tmp_path / "models"
     write_model(models / "good", name="good")

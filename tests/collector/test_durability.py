@@ -40,6 +40,7 @@ def start_server(data_dir: Path, models_dir: Path, *db: str, workers: int = 1) -
     return start_collector(data_dir, models_dir, "--rate-limit", "0", "--workers", str(workers), *db)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, wire", [(1, "json"), (2, "binary")])
 def test_sigkill_mid_stream_loses_no_acknowledged_item(tmp_path, tiny_model_dir, capsys, db_args, workers, wire):
     """workers=2: the parent is killed; its forked workers die with it, mid-request."""
@@ -127,6 +128,7 @@ def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
     raise AssertionError(f"worker processes {alive} outlived their killed parent")
 
 
+@pytest.mark.slow
 def test_workers_share_one_rate_limit(tmp_path, tiny_model_dir):
     """Two worker processes, a fresh connection per request (the kernel hands each to
     either worker): the token's burst of one holds across them (6/min: the next request

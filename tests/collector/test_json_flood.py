@@ -121,6 +121,7 @@ def measure(tree: Path, rounds: int = 3, concurrency: int = 4) -> dict:
             "rss_after_mib": round(after / 1024, 1), "statuses": sorted(map(str, statuses)), "alive": alive}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_four_concurrent_8mib_json_bodies_keep_memory_bounded():
     result = measure(REPO, rounds=2)

@@ -157,6 +157,7 @@ def test_bad_images_give_one_line_errors(tmp_path):
         assert name in str(exc.value) and "\n" not in str(exc.value)
 
 
+@pytest.mark.slow
 def test_decompression_bomb_refused():
     buf = io.BytesIO()
     Image.new("1", (20000, 20000)).save(buf, "PNG")  # 400 Mpx, a few KB on disk

@@ -14,6 +14,7 @@ from research import sparse_rate, sparse_sweep
 
 
 
+@pytest.mark.slow
 def test_sweep_measures_each_sampler_and_k_fake(tiny_export: Path, sample_faces: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     rc = sparse_sweep.main(["--model", str(tiny_export), "--data", str(sample_faces), "--out", str(tmp_path),
@@ -36,6 +37,7 @@ def test_sweep_measures_each_sampler_and_k_fake(tiny_export: Path, sample_faces:
 
 
 
+@pytest.mark.slow
 def test_sweep_refuses_an_unknown_sampler(tiny_export: Path, sample_faces: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     rc = sparse_sweep.main(["--model", str(tiny_export), "--data", str(sample_faces), "--out", str(tmp_path),
@@ -46,6 +48,7 @@ def test_sweep_refuses_an_unknown_sampler(tiny_export: Path, sample_faces: Path,
 
 
 
+@pytest.mark.slow
 def test_rate_table_measures_each_k_and_value_bits(tiny_run: Path, sample_faces: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     rc = sparse_rate.main(["--run", str(tiny_run), "--data", str(sample_faces), "--out", str(tmp_path), "--n", "6",
@@ -64,6 +67,7 @@ def test_rate_table_measures_each_k_and_value_bits(tiny_run: Path, sample_faces:
 
 
 
+@pytest.mark.slow
 def test_rate_table_refuses_a_bad_k(tiny_run: Path, sample_faces: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
     rc = sparse_rate.main(["--run", str(tiny_run), "--data", str(sample_faces), "--out", str(tmp_path), "--k", "x"])
