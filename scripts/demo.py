@@ -100,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit_dir = work / "audit"
             _run([BIN / "pric-audit", "--model", model_dir, "--data", data_dir, "--private", "Male",
                   "--primary", "Smiling", "--out", audit_dir, "--quick", "--no-progress",
-                  "--sign-key", keys / "demo-auditor.key"], stdout=subprocess.DEVNULL)
-            print((audit_dir / "report.md").read_text().split("\n\n## ")[0], flush=True)
+                  "--sign-key", keys / "demo-auditor.key"])  # prints its one-line summary per model
             auditor_key: Path | None = keys / "demo-auditor.pub.json"
         else:
             print("celeba-10k is not here: the model's own attestation (the project's release key) is used", flush=True)
