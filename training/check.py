@@ -50,7 +50,7 @@ def label_floor(y_tr: np.ndarray, u_tr: np.ndarray, y_va: np.ndarray, u_va: np.n
 
 
 def _fit(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, hidden: int, seed: int,
-         epochs: int = 40, batch: int = 256) -> np.ndarray:
+         steps: int = 2000, batch: int = 128, patience: int = 8) -> np.ndarray:
     """Train one fresh binary classifier (hidden=0: logistic regression) on x_tr; early stop on
     a holdout of x_tr; return its 0/1 predictions on x_va."""
     g = torch.Generator().manual_seed(seed)
@@ -58,12 +58,14 @@ def _fit(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, hidden: int
     d = x_tr.shape[1]
     model: nn.Module = (nn.Linear(d, 1) if hidden == 0 else
                         nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1)))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     order = torch.randperm(len(x_tr), generator=g)
     n_hold = max(1, int(len(x_tr) * _HOLDOUT))
     hold, fit = order[:n_hold], order[n_hold:]
-    best, best_state, patience = -1.0, None, 0
+    best, best_state, waited = -1.0, None, 0
     loss_fn = nn.BCEWithLogitsLoss()
+    # a step budget, not an epoch count: small data sets get as many updates as large ones
+    epochs = max(1, -(-steps // max(1, -(-len(fit) // batch))))
     for _ in range(epochs):
         model.train()
         perm = fit[torch.randperm(len(fit), generator=g)]
@@ -76,10 +78,10 @@ def _fit(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, hidden: int
         with torch.no_grad():
             acc = float(((model(x_tr[hold]).squeeze(1) > 0).float() == y_tr[hold]).float().mean())
         if acc > best:
-            best, best_state, patience = acc, {k: v.clone() for k, v in model.state_dict().items()}, 0
+            best, best_state, waited = acc, {k: v.clone() for k, v in model.state_dict().items()}, 0
         else:
-            patience += 1
-            if patience >= 5:
+            waited += 1
+            if waited >= patience:
                 break
     model.load_state_dict(best_state)
     model.eval()
