@@ -372,11 +372,12 @@ def load_faces(
     cache_dir: str | Path | None = None,
     limit: int | None = None,
     progress: bool = True,
-    announce: bool | None = None,
+    announce: bool = True,
 ) -> FaceData:
     """Load a face folder in either layout, prepared with `spec` (default InputSpec()).
 
-    A derived split is printed in one line when `announce` (default: `progress`)."""
+    A derived split is printed in one line unless `announce` is False (callers that load a
+    few photos for a parity check, or print the split themselves)."""
     root = Path(root) if root is not None else default_data_dir()
     spec = spec or InputSpec()
     if (root / "list_attr_celeba.txt").is_file():
@@ -433,7 +434,7 @@ def load_faces(
         identities=index.identities[sel], filenames=[files[i] for i in np.flatnonzero(ok)],
         splits=splits[sel], root=root, split_source=source,
     )
-    if (progress if announce is None else announce) and index.splits is None and split_file is None:
+    if announce and index.splits is None and split_file is None:
         # every tool reading this folder says so, in the same words and with the same sizes
         print(data.split_summary(), flush=True)
     return data

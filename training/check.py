@@ -110,7 +110,7 @@ def check_run(run_dir: str | Path, data: FaceData | None = None, margin: float =
     if data is None:
         split = run_dir / SPLIT  # the split the run was trained on
         data = load_faces(cfg.data, cfg.input, split_file=split if split.is_file() else cfg.split_file,
-                          limit=cfg.limit or None, progress=False)
+                          limit=cfg.limit or None, progress=False, announce=False)
     tr, va = data.subset("train"), data.subset("val")
     if len(tr) < 10 or len(va) < 2:
         raise InvalidInputError(f"{run_dir}: the check needs train and validation photos (train {len(tr)}, "
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(args.run_dir)
             split = Path(args.run_dir) / SPLIT
             data = load_faces(args.data, cfg.input, split_file=split if split.is_file() else cfg.split_file,
-                              progress=False)
+                              progress=False, announce=False)
         check_run(args.run_dir, data=data)
     except PricError as exc:
         print(f"pric-train: {exc.message}", file=sys.stderr)

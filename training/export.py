@@ -101,7 +101,7 @@ def export_run(cfg: ExportConfig) -> Path:
     size = onnx_path.stat().st_size
     if size > MAX_MODEL_BYTES:
         raise ModelIntegrityError(f"{onnx_path}: {size} bytes exceeds the 5 MB limit")
-    data = load_faces(cfg.data or tcfg.data, spec, limit=cfg.n_check, progress=False)
+    data = load_faces(cfg.data or tcfg.data, spec, limit=cfg.n_check, progress=False, announce=False)
     x = to_input(data.pixels[: cfg.n_check], spec).numpy()
     diff = parity(model, onnx_path, x, spec.name)
     if not diff <= PARITY_TOL:
