@@ -492,7 +492,8 @@ def fit_eraser(extractor: Extractor, pixels: np.ndarray, u: np.ndarray, spec: In
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pric-train features", description=" ".join(__doc__.split("\n\n")[0].split()),
-                                allow_abbrev=False)
+                                epilog=f"Defaults: the recipe {recipes.describe()} (training/recipes.py); each flag "
+                                       "changes one setting.", allow_abbrev=False)
     p.add_argument("--mode", choices=("pric", "features"), default="pric", help=argparse.SUPPRESS)
     add_options(p, TrainConfig)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from protocol.model_card import InputSpec
 from training import recipes
 from training.train import TrainConfig, build_parser, config_from_args, main, train
 
+MODELS = Path(__file__).resolve().parents[2] / "exported_models"
 TINY = ["--epochs", "1", "--max-batches", "2", "--batch-size", "16", "--no-progress", "--method", "entropy"]
 
 
@@ -39,7 +41,7 @@ def _own_folder(root, sample_faces, drop=("split",), edit=None):
 
 def test_defaults_are_the_shipped_recipe_named_once():
     cfg = TrainConfig(out="x")
-    shipped = json.loads(open("exported_models/pric-male/train_config.json").read())
+    shipped = json.loads((MODELS / "pric-male" / "train_config.json").read_text())
     for key, value in recipes.recipe().items():
         assert getattr(cfg, key) == value == shipped[key], key
     assert cfg.primary == tuple(shipped["primary"]) and cfg.private == tuple(shipped["private"])
@@ -48,7 +50,7 @@ def test_defaults_are_the_shipped_recipe_named_once():
 
 
 def test_old_run_configs_keep_the_defaults_of_their_time():
-    old = json.loads(open("exported_models/pric-male-decision/train_config.json").read())
+    old = json.loads((MODELS / "pric-male-decision" / "train_config.json").read_text())
     assert "arch" not in old  # written before --arch existed: the base body
     assert TrainConfig.from_dict(old).arch == "base"
 
