@@ -2,6 +2,7 @@
 
     pric-train features --data DIR --private Male --primary Smiling --out RUN [...]   # PRIC extractor
     pric-train sparse   --data DIR --L 8 --m 256 --k 24 --out RUN [...]               # sparse autoencoder
+    pric-train check    RUN                                                           # fresh-attacker check of a run
 
 `pric-train --help` lists the commands; `pric-train features --help` and `pric-train
 sparse --help` their flags. Without a command the flags of earlier releases still work:
@@ -17,13 +18,15 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-COMMANDS = ("features", "sparse")
+COMMANDS = ("features", "sparse", "check")
 
 
 def _runner(command: str) -> Callable[[Sequence[str]], int]:
     # imported on use: each trainer imports torch and its own modules
     if command == "features":
         from training.train import main as run
+    elif command == "check":
+        from training.check import main as run
     else:
         from training.sparse.train import main as run
     return run

@@ -185,7 +185,7 @@ def upgrade(model_dir: Path, version: str, data: str | None = None) -> Path:
     card = load_card(model_dir)
     if card.input.dtype == "uint8":
         raise InvalidInputError(f"{model_dir}: {card.model_id} already takes uint8 pixels")
-    pixels = load_faces(data or default_data_dir(), card.input, limit=64, progress=False).pixels
+    pixels = load_faces(data or default_data_dir(), card.input, limit=64, progress=False, announce=False).pixels
     src = model_dir / card.file
     compare = max_abs_diff
     if card.kind == "sparse_code":  # top-k ties may pick other positions: compare on the common support

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +25,7 @@ from protocol.model_card import ModelCard, OutputSpec, sha256_file
 from protocol.runtime import OnnxModel
 from training.device_graph import make_device_file
 from protocol.datasets import load_faces
+from training import recipes
 from training.train import CONFIG, METRICS, load_extractor, to_input
 
 MODEL_FILE = "model.onnx"
@@ -100,7 +101,7 @@ def export_run(cfg: ExportConfig) -> Path:
     size = onnx_path.stat().st_size
     if size > MAX_MODEL_BYTES:
         raise ModelIntegrityError(f"{onnx_path}: {size} bytes exceeds the 5 MB limit")
-    data = load_faces(cfg.data or tcfg.data, spec, limit=cfg.n_check, progress=False)
+    data = load_faces(cfg.data or tcfg.data, spec, limit=cfg.n_check, progress=False, announce=False)
     x = to_input(data.pixels[: cfg.n_check], spec).numpy()
     diff = parity(model, onnx_path, x, spec.name)
     if not diff <= PARITY_TOL:
@@ -118,6 +119,8 @@ def export_run(cfg: ExportConfig) -> Path:
         input=spec,
         output=OutputSpec(name="feature", shape=tuple(model.feature_shape), dtype="float32"),
         training={
+            # the recipe (training/recipes.py) the run is, or which of its settings it changed
+            "recipe": recipes.label(asdict(tcfg)),
             "dataset": Path(tcfg.data).name,
             "private": list(tcfg.private),
             "primary": list(tcfg.primary),
@@ -158,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", help="images for the parity check (default: the run's dataset)")
     p.add_argument("--k-fake", type=int, default=None,
                    help="sparse runs only: fake non-zeros per code map in the card (default: the run's)")
+    p.add_argument("--check", action="store_true",
+                   help="features runs: after export, the quick fresh-attacker check of pric-train check (check.json "
+                        "in the run folder)")
     p.add_argument("--value-bits", type=int, default=None,
                    help="sparse runs only: bits per released value (card sparse.value_bits; default: float16)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -167,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cfg_path.is_file():
             raise InvalidInputError(f"{run_dir}: no {CONFIG} (not a training run folder)")
         if json.loads(cfg_path.read_text()).get("mode") == "sparse":
+            if args.check:
+                raise InvalidInputError(f"{run_dir}: --check applies to features runs only (this run's mode is 'sparse')")
             from training.sparse import export as sparse_export
 
             extra = {} if args.k_fake is None else {"k_fake": args.k_fake}
@@ -179,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None:
                 raise InvalidInputError(f"{run_dir}: {flag} applies to sparse runs only (this run's mode is not 'sparse')")
         export_run(ExportConfig(run_dir=args.run_dir, out=args.out, name=args.name, version=args.version, data=args.data))
+        if args.check:
+            from training.check import check_run
+
+            check_run(run_dir)
     except PricError as exc:
         print(f"pric-export: {exc.message}", file=sys.stderr)
         return exc.exit_code

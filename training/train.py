@@ -30,7 +30,9 @@ from protocol.config import add_options, csv_names, from_namespace, option
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import InputSpec
 from training import losses
-from protocol.datasets import FaceData, default_data_dir, load_faces
+from protocol.datasets import (FaceData, check_class_counts, default_crop_box, default_data_dir, load_faces,
+                               parse_crop_box)
+from training import recipes
 from training.data import pick_device, to_input
 from training.models import create_model
 from training.models.extractor import ARCHS, Extractor
@@ -39,6 +41,12 @@ from training.models.layers import scale_grad
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+SPLIT = "split.txt"
+R = recipes.recipe()  # the default recipe's settings: TrainConfig's defaults
+# the defaults of runs written before the recipe became the default (their config.json may
+# lack a field that was added later, e.g. `arch` before patch bodies existed)
+LEGACY_DEFAULTS: dict[str, Any] = {"method": "entropy", "adv_weight": 1.0, "penalty_weight": 1.0, "lam": 0.1,
+                                   "arch": "base", "width": 32, "epochs": 10, "primary": ("Smiling", "Heavy_Makeup")}
 
 METHOD_PARTS: dict[str, str] = {
     "paper": "adversarial term −BCE of the adversary (paper Eq. 3); task-agnostic (no primary loss on E)",
@@ -113,31 +121,43 @@ class TrainConfig:
     """`pric-train features`: every option declared here once (protocol.config); saved as
     the run's config.json."""
 
-    out: str = option(help="run folder: config.json, metrics.jsonl, checkpoint.pt")
+    out: str = option(help="run folder: config.json, metrics.jsonl, checkpoint.pt, split.txt")
     data: str = option(None, "dataset folder (CelebA or images/+labels.csv; default: $PRIC_DATA, else "
                              "../shared/data/celeba-10k)")
     private: tuple[str, ...] = option(("Male",), "private attribute(s), comma-separated", parse=csv_names,
                                       default_arg="Male")
-    primary: tuple[str, ...] = option(("Smiling", "Heavy_Makeup"), "primary task attribute(s), comma-separated",
-                                      parse=csv_names, default_arg="Smiling,Heavy_Makeup")
-    lam: float = option(0.1, "weight of the JSD MI term (paper λ)", flags=("--lambda",), type=float)
-    epochs: int = option(10, "training epochs", type=int)
-    method: str = option("entropy", f"'+'-joined parts of: {', '.join(METHOD_PARTS)}")
+    primary: tuple[str, ...] = option(("Smiling",), "primary task attribute(s), comma-separated",
+                                      parse=csv_names, default_arg="Smiling")
+    lam: float = option(R["lam"], "weight of the JSD MI term (paper λ)", flags=("--lambda",), type=float)
+    epochs: int = option(R["epochs"], "training epochs", type=int)
+    method: str = option(R["method"], f"'+'-joined parts of: {', '.join(METHOD_PARTS)}")
     seed: int = option(0, "random seed", type=int)
     device: str = option("auto", "auto (cuda when available), cpu or cuda")
     batch_size: int = option(128, "batch size", type=int)
     lr: float = option(1e-3, "Adam learning rate", type=float)
     weight_decay: float = option(1e-4, "Adam weight decay", type=float)
-    adv_weight: float = option(1.0, "weight of the adversarial term", type=float)
+    adv_weight: float = option(R["adv_weight"], "weight of the adversarial term", type=float)
     primary_weight: float = option(1.0, "weight of the primary heads' loss", type=float)
-    penalty_weight: float = option(1.0, "weight of mmd/dcor penalties", type=float)
-    width: int = option(32, "channels of the extractor body", type=int)
+    penalty_weight: float = option(R["penalty_weight"], "weight of mmd/dcor penalties", type=float)
+    width: int = option(R["width"], "channels of the extractor body", type=int)
     feat_channels: int = option(16, "channels of the released feature map", type=int)
-    arch: str = option("base", ARCH_HELP, choices=ARCHS)
+    arch: str = option(R["arch"], ARCH_HELP, choices=ARCHS)
     max_batches: int = option(0, "cap batches per epoch (smoke tests)", type=int)
     limit: int = option(0, "use only the first N images (smoke tests)", type=int)
+    split_file: str | None = option(None, "file of 'filename split' lines (0 train, 1 validation, 2 test) that "
+                                          "overrides the data's split (default: the data's, or the one every tool "
+                                          "derives where it has none)")
+    crop_box: str | None = option(None, "input crop left,top,right,bottom, relative to the photo (default: CelebA's "
+                                        "face box for the CelebA layout; for images/+labels.csv the crop_box of "
+                                        "dataset.json beside it, else the whole photo 0,0,1,1)")
+    size: int = option(64, "input height and width in pixels", type=int)
+    min_class_photos: int = option(5, "fewest photos of each class of a private or primary attribute in the "
+                                      "train split (the private attribute also needs 2 in validation)", type=int)
+    audit: bool = option(False, "after training, a quick fresh-attacker check of the private attribute on the "
+                                "validation split (check.json); pric-audit gives the full verdict")
     mode: str = "pric"
     input: InputSpec = field(default_factory=InputSpec)
+    recipe: str = ""  # recorded: the recipe the run's settings are, or differ from (training/recipes.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -146,6 +166,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}  # drops run outputs (erase_rank, wall time)
+        d = {**LEGACY_DEFAULTS, **d}  # a field an older run lacks had the default of its time
         spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("input", {}).items()})
         tuples = {k: tuple(d[k]) for k in ("private", "primary") if k in d}
         return cls(**{**d, **tuples}, input=spec)
@@ -372,21 +393,42 @@ def attrs(data: FaceData, names: Sequence[str]) -> np.ndarray:
     return np.stack([data.attr(n) for n in names], axis=1) if names else np.zeros((len(data), 0), np.int64)
 
 
+def prepare_data(cfg: TrainConfig, data: FaceData | None = None, progress: bool = True) -> FaceData:
+    """The run's photos, their split printed and checked before any training: train and
+    validation photos exist and every class of the private and primary attributes is seen."""
+    if data is None:
+        data = load_faces(cfg.data, cfg.input, split_file=cfg.split_file, limit=cfg.limit or None, progress=progress,
+                          announce=False)
+    print(data.split_summary(), flush=True)
+    for name in (*cfg.private, *cfg.primary):
+        data.attr_index(name)
+    tr, va = data.split_sizes()[:2]
+    where = cfg.split_file or cfg.data
+    if tr == 0:
+        raise InvalidInputError(f"{where}: the train split is empty ({data.split_source})")
+    if va == 0:
+        # never train on everything and report validation figures of the training photos
+        raise InvalidInputError(f"{where}: the validation split is empty ({data.split_source}); give photos split 1 "
+                                "or a --split-file")
+    check_class_counts(data, (*cfg.private, *cfg.primary), "train", cfg.min_class_photos)
+    # the validation figures of the private attribute (co-trained adversaries, --audit) need both classes
+    check_class_counts(data, cfg.private, "val", min(2, cfg.min_class_photos))
+    return data
+
+
 def train(cfg: TrainConfig, data: FaceData | None = None, progress: bool = True) -> Path:
-    """Train per `cfg`; writes config.json, metrics.jsonl and checkpoint.pt into cfg.out."""
+    """Train per `cfg`; writes config.json, split.txt, metrics.jsonl and checkpoint.pt into
+    cfg.out (test photos are never read)."""
     method = parse_method(cfg.method)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
+    data = prepare_data(cfg, data, progress)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        data = load_faces(cfg.data, cfg.input, limit=cfg.limit or None, progress=progress)
+    # the split beside the run: `pric-audit --split-file RUN/split.txt` reads it back
+    data.write_split(out / SPLIT)
     tr, va = data.subset("train"), data.subset("val")
-    if len(tr) == 0:
-        raise InvalidInputError(f"{cfg.data}: no training images (split 0)")
-    if len(va) == 0:
-        va = tr
     u_tr, y_tr = attrs(tr, cfg.private), attrs(tr, cfg.primary)
     u_va, y_va = attrs(va, cfg.private), attrs(va, cfg.primary)
     (out / CONFIG).write_text(cfg.to_json() + "\n")
@@ -431,6 +473,10 @@ def train(cfg: TrainConfig, data: FaceData | None = None, progress: bool = True)
              "device_used": str(device)}
     (out / CONFIG).write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
     print(f"trained {cfg.epochs} epoch(s) in {wall:.1f} s on {device}; run saved to {out}", flush=True)
+    if cfg.audit:
+        from training.check import check_run
+
+        check_run(out, data=data)
     return out
 
 
@@ -446,7 +492,8 @@ def fit_eraser(extractor: Extractor, pixels: np.ndarray, u: np.ndarray, spec: In
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pric-train features", description=" ".join(__doc__.split("\n\n")[0].split()),
-                                allow_abbrev=False)
+                                epilog=f"Defaults: the recipe {recipes.describe()} (training/recipes.py); each flag "
+                                       "changes one setting.", allow_abbrev=False)
     p.add_argument("--mode", choices=("pric", "features"), default="pric", help=argparse.SUPPRESS)
     add_options(p, TrainConfig)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -460,6 +507,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     method = parse_method(cfg.method)
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise InvalidInputError("--epochs must be >= 1 and --batch-size >= 2")
+    if not 16 <= cfg.size <= 1024:
+        raise InvalidInputError(f"--size {cfg.size}: expected 16 to 1024 pixels")
+    if cfg.min_class_photos < 1:
+        raise InvalidInputError("--min-class-photos must be >= 1")
+    # the framing is a stated input of the model: the card records it (input.crop_box)
+    crop = parse_crop_box(cfg.crop_box) if cfg.crop_box else default_crop_box(cfg.data)
+    cfg = replace(cfg, input=replace(cfg.input, height=cfg.size, width=cfg.size, crop_box=crop),
+                  recipe=recipes.label(asdict(cfg)))
     if method.decision and not cfg.primary:
         raise InvalidInputError("--method ...+decision releases the primary tasks' decisions: name them with --primary")
     return cfg
@@ -472,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         if not cfg.private:
             raise InvalidInputError("--private: name at least one attribute")
+        print(f"recipe: {recipes.describe()}: the shipped model's, the default" if cfg.recipe == recipes.DEFAULT_RECIPE
+              else f"recipe: {cfg.recipe} (the default: {recipes.describe()})", flush=True)
+        print(f"input: {cfg.input.width}x{cfg.input.height}, crop box {','.join(f'{v:.4g}' for v in cfg.input.crop_box)}"
+              + ("" if cfg.crop_box else " (the layout's default; --crop-box to change)"), flush=True)
         train(cfg, progress=not args.no_progress)
     except ValueError as exc:
         print(f"pric-train: {exc}", file=sys.stderr)

@@ -49,3 +49,123 @@ def test_celeba_layout_split_sizes(celeba_dir, tmp_path):
     train_ids = set(data.subset("train").identities.tolist())
     assert not train_ids & set(data.subset("test").identities.tolist())
     assert 0.38 < data.attr("Male").mean() < 0.46
+
+
+# --- the split every tool derives, and the labels checked before any decoding ----------
+
+from protocol.datasets import (CELEBA_CROP_BOX, WHOLE_IMAGE, check_class_counts, default_crop_box,  # noqa: E402
+                               derive_split)
+
+
+def _generic(root, sample_faces, header, rows):
+    """A generic-layout folder whose images/ links the bundled photos."""
+    (root / "images").mkdir(parents=True)
+    for f in sorted((sample_faces / "images").glob("*.jpg")):
+        (root / "images" / f.name).symlink_to(f)
+    (root / "labels.csv").write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return root
+
+
+def _unsplit_copy(root, sample_faces, identity=True):
+    """The bundled photos' labels.csv without its split column (and without identities)."""
+    import csv
+
+    rows = list(csv.DictReader((sample_faces / "labels.csv").open()))
+    cols = ["filename", *(["identity"] if identity else []), "Male", "Smiling"]
+    return _generic(root, sample_faces, cols, [[r[c] for c in cols] for r in rows])
+
+
+def test_data_without_a_split_gets_the_same_identity_disjoint_split_every_time(sample_faces, tmp_path, capsys):
+    root = _unsplit_copy(tmp_path / "ds", sample_faces)
+    data = load_faces(root, cache_dir=tmp_path / "c", progress=False)  # every tool says so, progress bars or not
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("split: train ") and "identity-disjoint" in line and "labels.csv has no split" in line
+    tr, va, te = data.split_sizes()
+    assert tr + va + te == 48 and tr > va and tr > te and te > 0  # 80/10/10 of 48 photos, by hash
+    # identity-disjoint, and another tool reading the folder (another cache) derives the same
+    ids = [set(data.identities[data.splits == s].tolist()) for s in (0, 1, 2)]
+    assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
+    again = load_faces(root, cache_dir=tmp_path / "c2", progress=False, announce=False)
+    assert np.array_equal(again.splits, data.splits) and again.filenames == data.filenames
+    assert capsys.readouterr().out == ""
+    # a row's split is a function of the row alone: removing photos does not move the others
+    sub = derive_split(data.filenames[:10], [str(i) for i in data.identities[:10]])
+    assert np.array_equal(sub, data.splits[:10])
+    # the split written beside a run reads back as a split file
+    path = data.write_split(tmp_path / "split.txt")
+    back = load_faces(root, cache_dir=tmp_path / "c", split_file=path, progress=False)
+    assert np.array_equal(back.splits, data.splits) and back.split_source == "split file split.txt"
+
+
+def test_without_identities_the_split_hashes_file_names(sample_faces, tmp_path):
+    root = _unsplit_copy(tmp_path / "ds", sample_faces, identity=False)
+    data = load_faces(root, cache_dir=tmp_path / "c", progress=False)
+    assert "file name" in data.split_source
+    assert np.array_equal(data.splits, derive_split(data.filenames))
+    # at scale the fractions are 80/10/10
+    big = derive_split([f"{i:06d}.jpg" for i in range(20000)])
+    assert np.allclose(np.bincount(big) / 20000, [0.8, 0.1, 0.1], atol=0.01)
+
+
+@pytest.mark.parametrize("header, rows, message", [
+    (["filename", "Male"], [["000008.jpg", 1], ["000011.jpg", 2]], r"labels.csv:3: column 'Male' has value '2'"),
+    (["filename", "Age"], [["000008.jpg", 37]], r"labels.csv:2: column 'Age' has value '37'.*binary"),
+    (["filename", "Male"], [["000008.jpg", -1], ["000011.jpg", 0]], r"labels.csv:3: column 'Male' mixes -1 and 0"),
+    (["filename", "Male"], [["000008.jpg", 1], ["000011.jpg", 0], ["000008.jpg", 1]],
+     r"labels.csv:4: duplicate file name '000008.jpg' \(first at row 2\)"),
+    (["filename", "Male"], [["000008.jpg", 1], ["nobody.jpg", 0]],
+     r"labels.csv: 1 labelled photo\(s\) missing from .*images, the first 'nobody.jpg' \(row 3\)"),
+    (["filename", "split", "Male"], [["000008.jpg", 0, 1], ["000011.jpg", 3, 0]],
+     r"labels.csv:3: column 'split' has value '3'"),
+    (["filename", "split", "Male"], [["000008.jpg", 0, 1], ["000011.jpg", "", 0]],
+     r"labels.csv:3: column 'split' has value ''"),
+])
+def test_bad_labels_fail_in_one_line_before_any_photo_is_decoded(sample_faces, tmp_path, header, rows, message,
+                                                                   monkeypatch):
+    from protocol import datasets
+
+    root = _generic(tmp_path / "ds", sample_faces, header, rows)
+    decoded = []
+    monkeypatch.setattr(datasets, "_prepare_all", lambda *a, **k: decoded.append(a) or (_ for _ in ()).throw(
+        AssertionError("decoded")))
+    with pytest.raises(InvalidInputError, match=message) as exc:
+        load_faces(root, cache_dir=tmp_path / "c", progress=False)
+    assert "\n" not in str(exc.value) and not decoded
+
+
+def test_split_names_and_a_split_file_with_bad_lines(sample_faces, tmp_path):
+    root = _generic(tmp_path / "ds", sample_faces, ["filename", "split", "Male"],
+                    [["000008.jpg", "train", 1], ["000011.jpg", "val", 0], ["000026.jpg", "test", 1]])
+    assert load_faces(root, cache_dir=tmp_path / "c", progress=False).splits.tolist() == [0, 1, 2]
+    bad = tmp_path / "split.txt"
+    bad.write_text("000008.jpg 0\n000011.jpg 5\n")
+    with pytest.raises(InvalidInputError, match=r"split.txt:2: expected 'filename split'"):
+        load_faces(root, cache_dir=tmp_path / "c", split_file=bad, progress=False)
+    with pytest.raises(InvalidInputError, match="split file not found"):
+        load_faces(root, cache_dir=tmp_path / "c", split_file=tmp_path / "none.txt", progress=False)
+
+
+def test_too_few_photos_of_a_class_in_a_split_names_attribute_class_and_split(sample_faces, tmp_path):
+    data = load_faces(sample_faces, cache_dir=tmp_path, progress=False)
+    check_class_counts(data, ["Male", "Smiling"], "train", 5)  # 15/17 and 13/19 on train
+    with pytest.raises(InvalidInputError, match=r"attribute 'Smiling' has 0 photo\(s\) of class 1 in the val split"):
+        check_class_counts(data, ["Male", "Smiling"], "val", 1)
+
+
+def test_default_crop_box_per_layout(sample_faces, tmp_path):
+    from protocol.datasets import parse_crop_box
+
+    celeba = tmp_path / "celeba"
+    celeba.mkdir()
+    (celeba / "list_attr_celeba.txt").write_text("0\nMale\n")
+    assert default_crop_box(celeba) == CELEBA_CROP_BOX
+    root = _unsplit_copy(tmp_path / "ds", sample_faces)
+    assert default_crop_box(root) == WHOLE_IMAGE  # a generic folder's photos are taken whole
+    (root / "dataset.json").write_text('{"crop_box": [0.1, 0.2, 0.9, 0.8]}')
+    assert default_crop_box(root) == (0.1, 0.2, 0.9, 0.8)
+    (root / "dataset.json").write_text('{"crop_box": [0.5, 0.2, 0.4, 0.8]}')
+    with pytest.raises(InvalidInputError, match="dataset.json"):
+        default_crop_box(root)
+    assert parse_crop_box("0,0.1,1,0.9") == (0.0, 0.1, 1.0, 0.9)
+    with pytest.raises(InvalidInputError, match="--crop-box: expected 4 numbers"):
+        parse_crop_box("0,0,1")

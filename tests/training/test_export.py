@@ -33,6 +33,9 @@ def test_export_writes_checked_onnx_and_a_card_matching_torch(run_dir, sample_fa
     assert card.model_id == "pric-test@7" and card.kind == "features" and card.output.shape == (16, 8, 8)
     assert card.training["private"] == ["Male"] and card.training["method"] == "entropy+noise"
     assert card.audit == {} and (out / "model.onnx").stat().st_size <= 5 * 2**20
+    # the card names the recipe the run changed, and the framing (the generic layout's: whole photo)
+    assert card.training["recipe"] == "pric-male with --method entropy+noise, --epochs 1"
+    assert card.input.crop_box == (0.0, 0.0, 1.0, 1.0)
     # parity: onnxruntime vs the torch extractor (the same module) on real sample photos
     model, cfg = load_extractor(run_dir)
     faces = load_faces(sample_faces, cfg.input, cache_dir=tmp_path / "cache", progress=False)

@@ -60,7 +60,7 @@ def check_parity(encoder: nn.Module, decoder: nn.Module, enc_path: Path, dec_pat
 def _parity_images(data_dir: str | Path, spec: InputSpec, n: int = 16) -> tuple[np.ndarray, torch.Tensor]:
     """Real photos of the run's data set (or --data): uint8 (n, H, W, 3) and as the float
     encoder reads them (n, 3, H, W)."""
-    data = load_faces(data_dir, spec, limit=n, progress=False)
+    data = load_faces(data_dir, spec, limit=n, progress=False, announce=False)
     return data.pixels[:n], to_input(data.pixels[:n], spec)
 
 
