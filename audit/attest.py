@@ -85,6 +85,11 @@ def measured_from_report(report: dict[str, Any], card: ModelCard) -> tuple[dict,
                               "no_key_psnr": {k: (sp.get("reconstruction", {}).get(k) or {}).get("psnr")
                                               for k in ("ambiguated_as_is", "guess_random", "guess_largest",
                                                         "guess_smallest", "authorised_k")}}
+        learned = sp.get("learned_attack")
+        if isinstance(learned, dict) and learned.get("measured"):
+            measured["sparse"]["learned_attack"] = {
+                "precision": learned["best_precision"], "chance": learned["chance"],
+                "psnr": learned["reconstruction"][learned["best"]]["psnr"], "attacker": learned["best"]}
     config = report.get("config", {})
     thresholds = {"private_accuracy": next((v["threshold"] for v in rel.get("verdicts", [])
                                             if str(v.get("check", "")).startswith("private")), None),

@@ -26,6 +26,7 @@ from audit.attacks import (
 )
 from audit.config import AuditConfig, say
 from audit.linkage import per_person_leakage
+from audit.membership import membership_inference
 from audit.quality import channels_last, image_quality
 from audit.reconstruction import train_decoder
 from audit.releases import Splits, unit_images
@@ -128,6 +129,7 @@ def audit_release(
 
     if full:  # one participant's photos pooled (audit.linkage)
         res["per_person"] = per_person_leakage(x, data, sp, cfg)
+        res["membership"] = membership_inference(x, data, sp, cfg)  # audit.membership
     say(f"[{label}] reconstruction")
     rec = train_decoder(x, data.pixels, sp, cfg, label)
     ref_imgs = unit_images(data.pixels[sp.te])

@@ -239,6 +239,7 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
               f"{o['n'] - o['n_correlated']} not correlated with {s['private']} and {_f(o['mean_correlated'])} over "
               f"the {o['n_correlated']} correlated with it (|phi| ≥ 0.3 on train).", ""]
     L += _per_person_md(rel, s)
+    L += _membership_md(rel.get("membership"))
     if rel.get("verdicts"):
         L += ["### Verdicts", ""]
         L += _md_table(["check", "value", "threshold", "result"],
@@ -270,6 +271,7 @@ def _sparse_md(sparse: dict[str, Any]) -> list[str]:
         L += [format_table(sparse), ""]
     except (ImportError, KeyError, TypeError):
         pass
+    L += _learned_attack_md(sparse.get("learned_attack"))
     if isinstance(sparse.get("headline"), dict):
         h = sparse["headline"]
         L += [f"Headline: {h.get('private')} accuracy {_f(h.get('private_acc'))}, primary accuracy "
@@ -411,3 +413,43 @@ def _per_person_md(rel: dict[str, Any], s: dict[str, Any]) -> list[str]:
               f"{m['max_abs_residual']:.3f}; limit with unboundedly many photos {m['limit']:.3f}.", ""]
     L += [f"![per person]({per_person_png(rel['label'])})", ""]
     return L
+
+
+# --- the learned no-key attack on sparse codes (audit.sparse_attacks) --------------------------
+def _learned_attack_md(att: Any) -> list[str]:
+    if not isinstance(att, dict):
+        return []
+    from audit.sparse_attacks import format_attack_table
+
+    L = ["### Learned support attack (no key; public encoder, decoder, sampler and training photos)", "",
+         format_attack_table(att), ""]
+    if att.get("measured"):
+        L += [f"Trained on {att['n_train_codes']} training photos ambiguated with the client's sampler "
+              f"({att['sets']['statistics']} for per-position statistics, {att['sets']['stage1']} for stage 1, "
+              f"{att['sets']['stage2']} for stage 2); best decode {att['psnr_over_random']:+.2f} dB over the random "
+              f"guess. Verdicts: within 0.5 dB of the random guess "
+              f"{'PASS' if att['within_0_5db_of_random_guess'] else '**FAIL**'}; support precision within chance "
+              f"+ 2 points {'PASS' if att['precision_within_chance_plus_2pts'] else '**FAIL**'}.", ""]
+        if att.get("grid"):
+            L += [f"What the attacker sees (rows: {', '.join(att.get('grid_rows', []))}):", "",
+                  f"![learned attack]({att['grid']})", ""]
+    return L
+
+
+# --- membership inference (audit.membership) ---------------------------------------------------
+def _membership_md(mi: Any) -> list[str]:
+    if not isinstance(mi, dict):
+        return []
+    L = ["### Membership inference on collector-style classifiers", ""]
+    if not mi.get("measured"):
+        return L + [f"Not measured: {mi.get('reason')}.", ""]
+    L += [f"Target: {mi['what']} ({mi['attribute']}). AUC 0.5 and TPR 0.01 at 1% FPR mean no leakage.", ""]
+    rows = []
+    for kind, r in mi["kinds"].items():
+        for attack in ("loss", "lira"):
+            if attack in r:
+                rows.append([kind, "loss threshold" if attack == "loss" else f"LiRA, {r['n_shadow']} shadow models",
+                             r[attack]["auc"], r[attack]["tpr_at_1pct_fpr"], r["target_train_accuracy"],
+                             r["target_held_out_accuracy"]])
+    return L + _md_table(["classifier", "attack", "AUC", "TPR at 1% FPR", "train accuracy", "held-out accuracy"],
+                         rows)

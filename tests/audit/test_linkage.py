@@ -185,3 +185,31 @@ def test_pric_audit_on_the_sample_faces_reports_linkage(tiny_model_dir: Path, sa
     # the bundled faces' test split has one photo per person: pooling is not measurable
     assert pp["measured"] is False and "need 10" in pp["reason"]
     assert "### Linkage" in (tmp_path / "o" / "report.md").read_text()
+
+
+# --- membership inference (audit.membership) -------------------------------------------------
+@pytest.mark.slow
+def test_membership_attacks_find_a_memorising_classifier_and_not_a_generalising_one() -> None:
+    from audit.membership import membership_attack
+
+    rng = np.random.default_rng(0)
+    noise_x = rng.normal(0, 1, (200, 30)).astype(np.float32)
+    noise_y = (rng.random(200) < 0.5).astype(int)  # nothing to learn but the members themselves
+    x = rng.normal(0, 1, (2000, 3)).astype(np.float32)
+    y = (x[:, 0] + rng.normal(0, 1, 2000) > 0).astype(int)
+
+    memorised = membership_attack(noise_x, noise_y, "mlp", n_shadow=4, seed=0, epochs=200)
+    general = membership_attack(x, y, "logistic", n_shadow=4, seed=0, epochs=100)
+
+    assert memorised["target_train_accuracy"] > 0.9 and memorised["lira"]["auc"] > 0.8
+    assert memorised["lira"]["tpr_at_1pct_fpr"] > 0.05
+    assert abs(general["lira"]["auc"] - 0.5) < 0.05 and abs(general["loss"]["auc"] - 0.5) < 0.05
+
+
+def test_auc_and_tpr_of_a_perfect_and_a_useless_score() -> None:
+    from audit.membership import auc_and_tpr
+
+    member = np.array([True] * 50 + [False] * 50)
+
+    assert auc_and_tpr(member.astype(float), member) == (1.0, 1.0)
+    assert auc_and_tpr(np.zeros(100), member)[0] == 0.5
