@@ -410,7 +410,9 @@ def _per_person_md(rel: dict[str, Any], s: dict[str, Any]) -> list[str]:
     if m:
         L += [f"Model: {m['name']}; σ = {m['sigma']:.3f}, fitted on {m['n_persons']} persons "
               f"({m['n_persons_multi']} with 2+ photos); largest gap to a measured point "
-              f"{m['max_abs_residual']:.3f}; limit with unboundedly many photos {m['limit']:.3f}.", ""]
+              f"{m['max_abs_residual']:.3f}; limit with unboundedly many photos {m['limit']:.3f}. Modelled figures "
+              f"never fall below the highest measured accuracy ({_f(m.get('floor'))}): an attacker with more photos "
+              "can ignore some.", ""]
     L += [f"![per person]({per_person_png(rel['label'])})", ""]
     return L
 

@@ -99,7 +99,7 @@ def test_the_audit_step_measures_a_rising_curve_and_models_beyond() -> None:
     assert pp["measured"] and pp["photos"] == [1, 2, 3, 4, 10, 50] and pp["measured_up_to"] == 4
     assert pp["accuracy"][0] < pp["accuracy"][1] < pp["accuracy"][3]
     assert pp["accuracy"][0] == pytest.approx(norm.cdf(0.5), abs=0.06)  # the per-photo signal's accuracy
-    assert pp["accuracy"][-1] > pp["accuracy"][3]
+    assert pp["accuracy"][-1] >= max(pp["accuracy"][:4])
     assert len(pp["ci95"]) == len(pp["n_persons"]) == 4
     view = linkage.attestation_view(pp)
     assert view["photos"] == pp["photos"] and view["accuracy"] == pp["accuracy"]
