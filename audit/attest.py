@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from audit.linkage import attestation_view
 from protocol.attestation import (
     PublicKey,
     build_statement,
@@ -76,7 +77,7 @@ def measured_from_report(report: dict[str, Any], card: ModelCard) -> tuple[dict,
         "primary": {name: {"accuracy": v["accuracy"]} for name, v in rel.get("primary", {}).items()},
         "reconstruction": {"psnr": rel["reconstruction"]["psnr"], "ssim": rel["reconstruction"]["ssim"]},
         "reid": {"rank1": rel["reid"].get("rank1"), "chance_rank1": rel["reid"].get("chance_rank1")},
-        "per_person": rel.get("per_person"),
+        "per_person": attestation_view(rel.get("per_person")),
     }
     if card.kind == "sparse_code" and isinstance(report.get("sparse"), dict):
         sp = report["sparse"]
@@ -84,6 +85,11 @@ def measured_from_report(report: dict[str, Any], card: ModelCard) -> tuple[dict,
                               "no_key_psnr": {k: (sp.get("reconstruction", {}).get(k) or {}).get("psnr")
                                               for k in ("ambiguated_as_is", "guess_random", "guess_largest",
                                                         "guess_smallest", "authorised_k")}}
+        learned = sp.get("learned_attack")
+        if isinstance(learned, dict) and learned.get("measured"):
+            measured["sparse"]["learned_attack"] = {
+                "precision": learned["best_precision"], "chance": learned["chance"],
+                "psnr": learned["reconstruction"][learned["best"]]["psnr"], "attacker": learned["best"]}
     config = report.get("config", {})
     thresholds = {"private_accuracy": next((v["threshold"] for v in rel.get("verdicts", [])
                                             if str(v.get("check", "")).startswith("private")), None),

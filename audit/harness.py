@@ -25,6 +25,8 @@ from audit.attacks import (
     strongest_attack,
 )
 from audit.config import AuditConfig, say
+from audit.linkage import per_person_leakage
+from audit.membership import membership_inference
 from audit.quality import channels_last, image_quality
 from audit.reconstruction import train_decoder
 from audit.releases import Splits, unit_images
@@ -125,6 +127,9 @@ def audit_release(
     prim = [data.attr_index(n) for n in cfg.primary]
     res["private"]["label_floor"] = label_floor(L[sp.tr][:, prim], L[sp.tr, pi], L[sp.te][:, prim], L[sp.te, pi])
 
+    if full:  # one participant's photos pooled (audit.linkage)
+        res["per_person"] = per_person_leakage(x, data, sp, cfg)
+        res["membership"] = membership_inference(x, data, sp, cfg)  # audit.membership
     say(f"[{label}] reconstruction")
     rec = train_decoder(x, data.pixels, sp, cfg, label)
     ref_imgs = unit_images(data.pixels[sp.te])

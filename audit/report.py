@@ -238,6 +238,8 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
               f"classifier's gain over the majority rate on average; {_f(o['mean_uncorrelated'])} over the "
               f"{o['n'] - o['n_correlated']} not correlated with {s['private']} and {_f(o['mean_correlated'])} over "
               f"the {o['n_correlated']} correlated with it (|phi| ≥ 0.3 on train).", ""]
+    L += _per_person_md(rel, s)
+    L += _membership_md(rel.get("membership"))
     if rel.get("verdicts"):
         L += ["### Verdicts", ""]
         L += _md_table(["check", "value", "threshold", "result"],
@@ -269,6 +271,7 @@ def _sparse_md(sparse: dict[str, Any]) -> list[str]:
         L += [format_table(sparse), ""]
     except (ImportError, KeyError, TypeError):
         pass
+    L += _learned_attack_md(sparse.get("learned_attack"))
     if isinstance(sparse.get("headline"), dict):
         h = sparse["headline"]
         L += [f"Headline: {h.get('private')} accuracy {_f(h.get('private_acc'))}, primary accuracy "
@@ -293,6 +296,9 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     if pts and any(p.get("primary_acc") is not None for p in pts):
         maj = next((p.get("majority_rate") for p in pts if p.get("majority_rate") is not None), None)
         plot_plane(pts, out_dir / PLANE_PNG, s.get("private", ""), s.get("primary", []), maj)
+    for rel in report.get("releases", []):
+        if (rel.get("per_person") or {}).get("measured"):
+            plot_per_person(rel, out_dir / per_person_png(rel["label"]), s.get("private", ""))
     (out_dir / "report.md").write_text(render_markdown(report) + "\n")
 
 
@@ -332,3 +338,120 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --- linkage across one person's photos (audit.linkage) ---------------------------------------
+def per_person_png(label: str) -> str:
+    return "per-person-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in label) + ".png"
+
+
+def plot_per_person(rel: dict[str, Any], path: Path, private: str) -> None:
+    """Pooled leakage vs photos of one person: measured points with 95% intervals, the
+    model's curve beyond, and the single-photo majority rate."""
+    plt = _mpl()
+    pp = rel["per_person"]
+    rows = [r for r in pp["rows"] if r["accuracy"] is not None]
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    xs = [r["mean_photos"] for r in rows]
+    ax.errorbar(xs, [r["accuracy"] for r in rows],
+                yerr=[[r["accuracy"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["accuracy"] for r in rows]],
+                fmt="o", color="tab:red", capsize=3, label="measured (95% interval over persons)")
+    for r, x in zip(rows, xs):
+        ax.annotate(f"{r['label']}: {r['n_persons']} persons", (x, r["ci95"][0]), fontsize=6, ha="center",
+                    va="top", textcoords="offset points", xytext=(0, -2))
+    m = pp.get("model")
+    if m:
+        for name, style in (("npmle", ":"), ("normal", "--")):
+            pts = m.get("by_effects", {}).get(name)
+            if pts:
+                keys = sorted(pts, key=float)
+                ax.plot([float(k) for k in keys], [pts[k] for k in keys], style, color="tab:blue", lw=1,
+                        label=f"model, {name} person effects")
+        pn = sorted(m["predicted"], key=float)
+        ax.plot([float(k) for k in pn], [m["predicted"][k] for k in pn], "s", color="tab:blue",
+                label="modelled (larger of the two)")
+    maj = rel["private"].get("majority_rate")
+    if maj is not None:
+        ax.axhline(maj, ls="--", c="grey", lw=1, label=f"majority rate of {private}")
+    ax.set_xscale("log")
+    ax.set_xlabel("photos of one person pooled by the attacker")
+    ax.set_ylabel(f"{private} accuracy (test persons)")
+    ax.set_title(f"{rel['label']}: linkage across a person's photos", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _per_person_md(rel: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    pp = rel.get("per_person")
+    if not isinstance(pp, dict):
+        return []
+    L = [f"### Linkage: {s['private']} from several photos of one person", ""]
+    if not pp.get("measured"):
+        return L + [f"Not measured: {pp.get('reason', 'unknown reason')}.", ""]
+    att = pp["attacker"]
+    L += [f"The attacker pools a person's test photos: per-photo log-odds of a fresh attacker ({att['name']}, "
+          f"chosen among {', '.join(att['candidates'])} by calibrated validation log-loss "
+          f"{_f(att['val_log_loss'])}, Platt-calibrated on validation), summed as {pp['pooling']}. A person's "
+          "accuracy is the mean over up to 20 random n-photo subsets (all photos for the last row); the interval "
+          "is a bootstrap over persons.", ""]
+    rows = [[r["label"], r["n_persons"], r["mean_photos"], r["accuracy"],
+             f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "–", r.get("reason", "")]
+            for r in pp["rows"]]
+    m = pp.get("model")
+    if m:
+        fit = {f["n"]: f["model"] for f in m["fit"]}
+        rows = [r + [fit.get(pr["n"])] for r, pr in zip(rows, pp["rows"])]
+        rows += [[f"{n} (modelled)", "–", "–", v, "–", "", v] for n, v in m["predicted"].items()]
+    L += _md_table(["photos", "persons", "mean photos", "accuracy", "95% interval", "note", "model"][:len(rows[0])],
+                   rows)
+    if m:
+        L += [f"Model: {m['name']}; σ = {m['sigma']:.3f}, fitted on {m['n_persons']} persons "
+              f"({m['n_persons_multi']} with 2+ photos); largest gap to a measured point "
+              f"{m['max_abs_residual']:.3f}; limit with unboundedly many photos {m['limit']:.3f}. Modelled figures "
+              f"never fall below the highest measured accuracy ({_f(m.get('floor'))}): an attacker with more photos "
+              "can ignore some.", ""]
+    L += [f"![per person]({per_person_png(rel['label'])})", ""]
+    return L
+
+
+# --- the learned no-key attack on sparse codes (audit.sparse_attacks) --------------------------
+def _learned_attack_md(att: Any) -> list[str]:
+    if not isinstance(att, dict):
+        return []
+    from audit.sparse_attacks import format_attack_table
+
+    L = ["### Learned support attack (no key; public encoder, decoder, sampler and training photos)", "",
+         format_attack_table(att), ""]
+    if att.get("measured"):
+        L += [f"Trained on {att['n_train_codes']} training photos ambiguated with the client's sampler "
+              f"({att['sets']['statistics']} for per-position statistics, {att['sets']['stage1']} for stage 1, "
+              f"{att['sets']['stage2']} for stage 2); best decode {att['psnr_over_random']:+.2f} dB over the random "
+              f"guess. Verdicts: within 0.5 dB of the random guess "
+              f"{'PASS' if att['within_0_5db_of_random_guess'] else '**FAIL**'}; support precision within chance "
+              f"+ 2 points {'PASS' if att['precision_within_chance_plus_2pts'] else '**FAIL**'}.", ""]
+        if att.get("grid"):
+            L += [f"What the attacker sees (rows: {', '.join(att.get('grid_rows', []))}):", "",
+                  f"![learned attack]({att['grid']})", ""]
+    return L
+
+
+# --- membership inference (audit.membership) ---------------------------------------------------
+def _membership_md(mi: Any) -> list[str]:
+    if not isinstance(mi, dict):
+        return []
+    L = ["### Membership inference on collector-style classifiers", ""]
+    if not mi.get("measured"):
+        return L + [f"Not measured: {mi.get('reason')}.", ""]
+    L += [f"Target: {mi['what']} ({mi['attribute']}). AUC 0.5 and TPR 0.01 at 1% FPR mean no leakage.", ""]
+    rows = []
+    for kind, r in mi["kinds"].items():
+        for attack in ("loss", "lira"):
+            if attack in r:
+                rows.append([kind, "loss threshold" if attack == "loss" else f"LiRA, {r['n_shadow']} shadow models",
+                             r[attack]["auc"], r[attack]["tpr_at_1pct_fpr"], r["target_train_accuracy"],
+                             r["target_held_out_accuracy"]])
+    return L + _md_table(["classifier", "attack", "AUC", "TPR at 1% FPR", "train accuracy", "held-out accuracy"],
+                         rows)

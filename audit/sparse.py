@@ -306,6 +306,13 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
 
     recon = {name: models.decode(c) for name, c in variants.items()}
     results = {name: image_quality(ref, rec) for name, rec in recon.items()}
+    from audit.sparse_attacks import learned_support_attack  # the learned no-key attacker
+
+    learned = learned_support_attack(
+        models, card, train.pixels, ambs, keys, ref, rng, quick=quick, seed=seed, out_dir=out_dir,
+        baseline={"random": results["guess_random"], "authorised": results["authorised_k"],
+                  "images": [recon["authorised_k"], recon["ambiguated_as_is"], recon["guess_random"]],
+                  "image_names": ["authorised", "ambiguated as is", "random guess"]})
 
     wire_bytes = int(ambs[0].indices.nbytes + ambs[0].values.nbytes)  # uint16 indices + float16 values
     true_bytes = int(round(float(compact_len.mean())))  # the format has a fixed length: min = max
@@ -384,6 +391,9 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
         "magnitude_recovery_within_chance_plus_2pts": max(recovery["largest"], recovery["smallest"]) <= chance + 0.02,
         "key_at_most_1kb": len(keys[0]) <= 1024,
     }
+    if learned.get("measured"):
+        goals["learned_attack_within_0.5db_of_random_guess"] = learned["within_0_5db_of_random_guess"]
+        goals["learned_precision_within_chance_plus_2pts"] = learned["precision_within_chance_plus_2pts"]
     headline = None
     if private in classifiers:
         # a point for pric-audit's privacy/utility plane: what the public (no key) can learn
@@ -401,6 +411,7 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
         "quick": quick,
         "seed": seed,
         "reconstruction": results,
+        "learned_attack": learned,
         "support_recovery": {"random": recovery["random"], "k_largest": recovery["largest"],
                              "k_smallest": recovery["smallest"], "chance": chance,
                              "magnitude_attacker_used": magnitude_best},

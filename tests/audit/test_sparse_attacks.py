@@ -1,0 +1,93 @@
+"""The learned no-key attacker on ambiguated sparse codes (audit.sparse_attacks), on a
+synthetic linear encoder/decoder where the answer is known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from audit.quality import image_quality
+from audit.sparse import dense_from_mask, support_guess
+from audit.sparse_attacks import format_attack_table, learned_support_attack, top_k_mask
+from protocol.model_card import SparseSpec
+from protocol.sparse_code import ambiguate
+
+H = W = 8
+SPEC = SparseSpec(L=2, m=32, k=4, k_fake=12)
+
+
+class LinearPair:
+    """A stand-in for audit.sparse.OnnxPair: code = P · pixels, image = sigmoid(P^T · code).
+    `favoured` positions of every map get rows `boost` times larger, so their magnitudes
+    are usually among the k largest: the true support is predictable from position."""
+
+    def __init__(self, boost: float, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.P = rng.normal(0, 1, (SPEC.L * SPEC.m, H * W * 3)) / np.sqrt(H * W * 3)
+        favoured = np.concatenate([np.arange(6) + l * SPEC.m for l in range(SPEC.L)])
+        self.P[favoured] *= boost
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0 - 0.5
+        return (x @ self.P.T).reshape(len(pixels), SPEC.L, SPEC.m).astype(np.float32)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        y = codes.reshape(len(codes), -1) @ self.P
+        return (1 / (1 + np.exp(-4 * y))).reshape(len(codes), H, W, 3).astype(np.float32)
+
+
+def _photos(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, H, W, 3), dtype=np.uint8)
+
+
+def _attack(pair: LinearPair, tmp_path: Path | None, n_train: int = 60, n_test: int = 12) -> dict:
+    rng = np.random.default_rng(1)
+    test = _photos(n_test, 2)
+    ambs, keys = zip(*(ambiguate(c, SPEC, rng) for c in pair.encode(test)))
+    ref = test.astype(np.float32) / 255.0
+    guess = [support_guess(a, SPEC.k, "random", rng) for a in ambs]
+    random_rec = pair.decode(np.stack([dense_from_mask(a, g, SPEC.m) for a, g in zip(ambs, guess)]))
+    baseline = {"random": image_quality(ref, random_rec), "authorised": image_quality(ref, np.clip(ref + 0.01, 0, 1)),
+                "images": [random_rec], "image_names": ["random guess"]}
+    return learned_support_attack(pair, SimpleNamespace(sparse=SPEC), _photos(n_train, 3), list(ambs), list(keys),
+                                  ref, rng, baseline=baseline, out_dir=tmp_path, quick=True)
+
+
+@pytest.mark.slow
+def test_a_support_predictable_from_position_is_found_and_fails_the_verdicts(tmp_path: Path) -> None:
+    att = _attack(LinearPair(boost=4.0), tmp_path)
+
+    chance = SPEC.k / SPEC.k_prime
+    assert att["chance"] == chance
+    assert att["precision"]["position_prior"] > chance + 0.3
+    assert att["best_precision"] > chance + 0.3
+    assert not att["precision_within_chance_plus_2pts"]
+    assert (tmp_path / att["grid"]).stat().st_size > 0
+    assert "| per-position frequency of true entries alone |" in format_attack_table(att)
+
+
+@pytest.mark.slow
+def test_a_precision_is_a_share_of_the_true_entries_kept(tmp_path: Path) -> None:
+    att = _attack(LinearPair(boost=1.0), None)
+
+    units = att["n_test"] * SPEC.L * SPEC.k
+    for p in att["precision"].values():
+        assert 0.0 <= p <= 1.0 and p * units == pytest.approx(round(p * units), abs=1e-6)
+    assert "grid" not in att
+
+
+def test_too_few_training_photos_are_not_measured() -> None:
+    att = learned_support_attack(LinearPair(1.0), SimpleNamespace(sparse=SPEC), _photos(3, 0), [], [],
+                                 np.zeros((0, H, W, 3)), np.random.default_rng(0), baseline={})
+
+    assert att == {"measured": False, "reason": "3 training photos (need 6)"}
+    assert "not measured" in format_attack_table(att)
+
+
+def test_top_k_mask_keeps_k_per_map() -> None:
+    s = np.array([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
+
+    assert top_k_mask(s, 2).tolist() == [[False, True, True, False], [True, True, False, False]]
