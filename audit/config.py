@@ -49,7 +49,7 @@ class AuditConfig:
     epochs: int | None = option(None, "attacker epochs (default 15, quick 3)", type=int)
     recon_epochs: int | None = option(None, "decoder epochs (default 8, quick 2)", type=int)
     reference_epochs: int | None = option(
-        None, "most epochs of the raw-image reference CNN (early stopping on validation; default 40, quick 3)",
+        None, "most epochs of the raw-image reference CNN (early stopping on validation; default 20, quick 3)",
         type=int)
     baseline_epochs: int | None = option(None, "attacker epochs for baselines (default: half of --epochs, at least 3)",
                                          type=int)
@@ -101,7 +101,7 @@ class AuditConfig:
         return replace(self, epochs=self.epochs if self.epochs is not None else (3 if self.quick else 15),
                        recon_epochs=self.recon_epochs if self.recon_epochs is not None else (2 if self.quick else 8),
                        reference_epochs=self.reference_epochs if self.reference_epochs is not None
-                       else (3 if self.quick else 40),
+                       else (3 if self.quick else 20),
                        attacks=self.attacks or (QUICK_ATTACKS if self.quick else DEFAULT_ATTACKS))
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,49 +38,51 @@ from protocol.model_card import InputSpec
 from protocol.preprocess import normalize
 
 
-REFERENCE_VERSION = "reference-cnn-v2"  # part of the cache key: a new reference is trained when this changes
-REFERENCE_PATIENCE = 5
+REFERENCE_VERSION = "reference-cnn-v3"  # part of the cache key: a new reference is trained when this changes
+REFERENCE_PATIENCE = 3
 
 
 def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConfig, spec: InputSpec) -> dict[str, Any]:
     """The raw-image reference classifier over all attributes: `ReferenceCNN` (multi-label),
     trained with random flips and ±4-pixel shifts up to `cfg.reference_epochs` epochs with
-    early stopping on validation (patience 5), the epoch chosen per attribute on validation.
-    Trained once per data set: cached by data, normalisation, seed and its epochs.
+    early stopping on validation (patience 3), the epoch chosen per attribute on validation.
+    Trained once per data set: cached by data, normalisation, seed and its epochs. --quick
+    (a smoke run, not for verdicts) uses the attackers' cheap CNN without augmentation.
 
     Returns {"attributes", "accuracy": [..], "majority_rate": [..], "reid": {..}, "epochs_run",
     "classifier": TrainedAttack}. The classifier is reused for classify-after-reconstruct.
     """
-    epochs = int(cfg.reference_epochs or 40)
+    epochs = int(cfg.reference_epochs or 20)
+    kind, augment = ("cnn", False) if cfg.quick else ("reference", True)
     h = hashlib.sha256()
     h.update(str(Path(data.root).resolve()).encode())
     h.update("\n".join(data.filenames).encode())
     h.update(data.splits.tobytes())
-    h.update(json.dumps([REFERENCE_VERSION, cfg.seed, epochs, list(data.attr_names), images.shape[1:],
+    h.update(json.dumps([REFERENCE_VERSION, kind, cfg.seed, epochs, list(data.attr_names), images.shape[1:],
                          asdict(spec)]).encode())
     key = h.hexdigest()[:20]
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     res_path, state_path = cache / f"audit-rawref-{key}.json", cache / f"audit-rawref-{key}.pt"
     n_attr = len(data.attr_names)
-    model = create_attack("reference", images.shape[1:], n_attr)
+    model = create_attack(kind, images.shape[1:], n_attr)
     if res_path.is_file() and state_path.is_file():
         saved = torch.load(state_path, weights_only=True)
         model.load_state_dict(saved["model"])
         model.eval()
         result = json.loads(res_path.read_text())
-        result["classifier"] = TrainedAttack("reference", model, saved["mean"], saved["std"], True,
+        result["classifier"] = TrainedAttack(kind, model, saved["mean"], saved["std"], True,
                                              np.zeros(n_attr), np.zeros(n_attr, np.int64), 0)
         result["cached"] = True
         return result
     L = data.labels
-    fitted = train_attack("reference", images[sp.tr], L[sp.tr], images[sp.va], L[sp.va], multilabel=True,
+    fitted = train_attack(kind, images[sp.tr], L[sp.tr], images[sp.va], L[sp.va], multilabel=True,
                           seed=cfg.seed, epochs=epochs, patience=REFERENCE_PATIENCE, progress=cfg.progress,
-                          eval_sets={"test": images[sp.te]}, desc="raw images (reference)", augment=True)
+                          eval_sets={"test": images[sp.te]}, desc="raw images (reference)", augment=augment)
     y_te = L[sp.te].astype(np.int64)
     result = {"attributes": list(data.attr_names),
               "accuracy": [float(v) for v in (fitted.selected["test"] == y_te).mean(0)],
               "majority_rate": [majority_rate(y_te[:, a]) for a in range(n_attr)],
-              "model": "ReferenceCNN, flips and ±4-pixel shifts", "epochs_run": fitted.epochs_run,
+              "model": "ReferenceCNN, flips and ±4-pixel shifts" if augment else "cnn (quick)", "epochs_run": fitted.epochs_run,
               "max_epochs": epochs,
               "reid": reidentification(images[sp.te], data.identities[sp.te],
                                        images[sp.tr].astype(np.float32).mean(0))}

@@ -206,8 +206,9 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
     L += _private_md(p, raw_of(s["private"]))
     if rel["primary"]:
         L += ["### Primary task(s) (utility: best fresh classifier)", ""]
-        L += _md_table(["attribute", "accuracy", "best classifier", "raw-image CNN", "majority rate"],
-                       [[n, v["accuracy"], v["strongest"], raw_of(n), v["majority_rate"]] for n, v in rel["primary"].items()])
+        L += _md_table(["attribute", "accuracy", "95% interval", "best classifier", "raw-image CNN", "majority rate"],
+                       [[n, v["accuracy"], _ci(v.get("accuracy_ci95")), v["strongest"], raw_of(n), v["majority_rate"]]
+                        for n, v in rel["primary"].items()])
     r = rel["reconstruction"]
     L += ["### Reconstruction and re-identification", ""]
     rid = rel["reid"]
