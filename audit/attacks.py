@@ -93,10 +93,50 @@ class CNNAttack(nn.Module):
         return self.net(x)
 
 
+class ReferenceCNN(nn.Module):
+    """The raw-image reference classifier: a small VGG-style CNN of ordinary strength
+    (B, 3, H, W) → (B, n_out), trained with flips and shifts (`train_attack(augment=True)`).
+
+    A 5x5 stride-2 stem, then per stage a stride-2 3x3 convolution and a 3x3 one (batch
+    norm, ReLU), widths 32-48-96-192 down to a quarter of 4x4, global average pooling,
+    dropout and a linear head: ~27 M multiply-adds per 64x64 photo, so that it trains to
+    convergence on 2 CPU cores in minutes (it is cached per data set)."""
+
+    def __init__(self, input_shape: Sequence[int], n_out: int) -> None:
+        super().__init__()
+        c = int(input_shape[0])
+
+        def block(i: int, o: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+
+        layers = block(c, 32, 5, 2)
+        ch = 32
+        for nxt in (48, 96, 192):
+            layers += block(ch, nxt, 3, 2) + block(nxt, nxt)
+            ch = nxt
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(ch, n_out)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def flip_and_shift(x: torch.Tensor, rng: np.random.Generator, shift: int = 4) -> torch.Tensor:
+    """Random horizontal flips and random shifts of up to ±`shift` pixels (zero padding, i.e.
+    the train mean after standardisation), drawn per photo: (B, C, H, W) → same shape."""
+    b, _, h, w = x.shape
+    flip = torch.from_numpy(rng.random(b) < 0.5)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = nn.functional.pad(x, (shift, shift, shift, shift))
+    dy, dx = rng.integers(0, 2 * shift + 1, b), rng.integers(0, 2 * shift + 1, b)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
 _FACTORY: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
     "linear": LinearAttack,
     "mlp": MLPAttack,
     "cnn": CNNAttack,
+    "reference": ReferenceCNN,  # the raw-image reference (audit.harness), not an --attacks name
 }
 
 
@@ -120,7 +160,7 @@ def create_attack(name: str, input_shape: Sequence[int], n_classes: int = 2) -> 
     """
     _check_name(name)
     shape = tuple(int(v) for v in input_shape)
-    if name == "cnn" and len(shape) != 3:
+    if name in ("cnn", "reference") and len(shape) != 3:
         raise ValueError(f"attack 'cnn' needs a (C, h, w) input, got shape {shape}")
     return _FACTORY[name](shape, int(n_classes))
 
@@ -148,6 +188,17 @@ class TrainedAttack:
     def predict(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """x (N, *input_shape) → predicted labels (N, A) (A=1 for single-label)."""
         return _predict(self.model, self.mean, self.std, x, self.multilabel, batch_size)
+
+    @torch.no_grad()
+    def predict_proba(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """x (N, *input_shape) → class probabilities (N, n_out) (softmax; sigmoid per label
+        for multi-label): the estimator contract of audit.families."""
+        self.model.eval()
+        out = [self.model(_batch(x, slice(i, i + batch_size), self.mean, self.std)) for i in range(0, len(x), batch_size)]
+        if not out:
+            return np.zeros((0, 2), np.float32)
+        logits = torch.cat(out)
+        return (torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, 1)).numpy()
 
 
 def check_trainable(y: np.ndarray, what: str, min_per_class: int = 2) -> int:
@@ -212,6 +263,7 @@ def train_attack(
     eval_sets: dict[str, np.ndarray] | None = None,
     progress: bool = True,
     desc: str | None = None,
+    augment: bool = False,
 ) -> TrainedAttack:
     """Train a fresh attacker of `kind` with Adam; select per output on validation.
 
@@ -219,7 +271,8 @@ def train_attack(
     `multilabel`. Stops after `epochs` or `patience` epochs without a better mean
     validation accuracy. `batch_size` defaults to 128, smaller for small train splits so
     that an epoch has about 20 steps. Predictions on each `eval_sets` array are kept at each output's
-    best validation epoch (model selection on validation, never on test).
+    best validation epoch (model selection on validation, never on test). `augment`: random
+    flips and ±4-pixel shifts of (C, H, W) train batches (`flip_and_shift`).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -257,10 +310,13 @@ def train_attack(
         perm = rng.permutation(len(x_tr))
         for i in range(0, len(perm), batch_size):
             idx = np.sort(perm[i:i + batch_size])
-            if len(idx) < 2 and kind == "cnn":
+            if len(idx) < 2 and kind in ("cnn", "reference"):
                 continue  # BatchNorm needs more than one sample
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(_batch(x_tr, idx, mean, std)), target_all[idx])
+            xb = _batch(x_tr, idx, mean, std)
+            if augment:
+                xb = flip_and_shift(xb, rng)
+            loss = loss_fn(model(xb), target_all[idx])
             loss.backward()
             opt.step()
         pred_va = _predict(model, mean, std, x_va, multilabel)
@@ -303,7 +359,9 @@ def majority_rate(y: np.ndarray) -> float:
     return float(np.bincount(y).max() / len(y)) if len(y) else float("nan")
 
 
-CORRELATED_PHI = 0.3  # |phi| with a private attribute on train at or above which an attribute counts as correlated
+# |phi| with the private attribute on train below which an attribute counts as nearly
+# independent of it (utility a private release can be asked to keep); at or above: a proxy
+INDEPENDENT_PHI = 0.15
 
 
 def phi(a: np.ndarray, b: np.ndarray) -> float:
@@ -335,24 +393,37 @@ def strongest_attack(
     progress: bool = True,
     min_per_class: int = 2,
     what: str = "attribute",
+    log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Train each applicable attacker kind on one attribute; report on test.
+    """Train each applicable attacker family (audit.families) on one attribute; report on test.
 
     Returns {kind: test accuracy, ..., "accuracy": max over kinds, "strongest": its kind,
-    "majority_rate": of the test split, "val": {kind: validation accuracy},
-    "n_train"/"n_val"/"n_test", "kinds": kinds trained}. The CNN is skipped for flat inputs.
+    "ci95": {kind: Wilson 95% interval}, "accuracy_ci95", "selected_on_validation":
+    {"kind", "accuracy"} (the family best on validation: an estimate free of the max over
+    test), "majority_rate": of the test split, "val": {kind: validation accuracy}, "choice":
+    {kind: what was chosen on validation}, "skipped": {kind: why it could not fit} (not
+    measured), "n_train"/"n_val"/"n_test", "kinds": kinds measured}. The CNN is left out for
+    flat inputs.
     """
+    from audit.families import FamilyCannotFit, check_names, run_families, wilson_interval
+
     check_trainable(y_tr, what, min_per_class)
+    check_names(kinds, "attack")
     y_te = np.asarray(y_te).astype(np.int64)
-    out: dict = {"val": {}}
-    run = applicable_kinds(kinds, x_tr.shape[1:])
-    for kind in run:
-        fitted = train_attack(kind, x_tr, y_tr, x_va, y_va, seed=seed, epochs=epochs, progress=progress,
-                              eval_sets={"test": x_te}, desc=f"{kind} attack on {what}")
-        out[kind] = float((fitted.selected["test"][:, 0] == y_te).mean()) if len(y_te) else float("nan")
-        out["val"][kind] = float(fitted.val_acc[0])
-    best = max(run, key=lambda k: out[k])
-    out.update(accuracy=out[best], strongest=best, majority_rate=majority_rate(y_te), kinds=run,
+    run = [k for k in kinds if not (k == "cnn" and len(tuple(x_tr.shape[1:])) != 3)]
+    fam = run_families(run, x_tr, y_tr, x_va, y_va, x_te, y_te, seed=seed, epochs=epochs, progress=progress,
+                       what=what, **({"log": log} if log else {}))
+    measured = [k for k in run if k in fam.test]
+    if not measured:
+        raise FamilyCannotFit(f"{what}: no attacker could be trained ("
+                              + "; ".join(fam.skipped.values()) + ")")
+    out: dict = {k: fam.test[k] for k in measured}
+    best = max(measured, key=lambda k: out[k])
+    by_val = max(measured, key=lambda k: (fam.val[k], -measured.index(k)))
+    out.update(accuracy=out[best], strongest=best, accuracy_ci95=wilson_interval(out[best], len(y_te)),
+               ci95=fam.ci95, val=fam.val, choice=fam.choice, seconds=fam.seconds, skipped=fam.skipped,
+               selected_on_validation={"kind": by_val, "accuracy": out[by_val]},
+               majority_rate=majority_rate(y_te), kinds=measured,
                n_train=int(len(x_tr)), n_val=int(len(x_va)), n_test=int(len(x_te)))
     return out
 

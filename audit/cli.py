@@ -40,7 +40,7 @@ import torch
 
 from audit import attest
 from audit import sparse as sparse_audit
-from audit.attacks import ATTACKS
+from audit.families import check_names
 from audit.baselines import parse_baselines
 from audit.config import AuditConfig, build_parser, config_from_args, say
 from audit.harness import audit_release, raw_reference
@@ -65,9 +65,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     if cfg.dominance_tolerance is not None and not 0.0 <= cfg.dominance_tolerance < 1.0:
         raise InvalidInputError(f"--dominance-tolerance {cfg.dominance_tolerance}: must be an accuracy "
                                 "difference in [0, 1)")
-    for kind in cfg.attacks:
-        if kind not in ATTACKS:
-            raise InvalidInputError(f"--attacks: unknown attack {kind!r}; valid attacks: {', '.join(ATTACKS)}")
+    check_names(cfg.attacks)
     try:
         baselines = parse_baselines(",".join(cfg.baselines), cfg.seed) if cfg.baselines else []
     except ValueError as exc:

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from audit.attacks import ATTACKS
+from audit.families import DEFAULT_ATTACKS, FAMILIES, QUICK_ATTACKS
 from protocol.config import add_options, from_namespace, option
 from protocol.config import csv_names as _csv
 
@@ -36,8 +36,10 @@ class AuditConfig:
     data: str | None = option(None, "dataset folder (CelebA layout or images/ + labels.csv)")
     baselines: tuple[str, ...] = option((), "baseline obfuscations to audit: 'all' or e.g. blur:7,scramble:8",
                                         flags=("--baseline", "--baselines"), parse=_baselines, default_arg="")
-    attacks: tuple[str, ...] = option(ATTACKS, "attacker kinds (linear,mlp,cnn)", parse=_csv,
-                                      default_arg=",".join(ATTACKS))
+    attacks: tuple[str, ...] = option(
+        (), f"attacker families, comma-separated, of {','.join(FAMILIES)} (default: all; --quick: "
+            f"{','.join(QUICK_ATTACKS)}). linear/mlp/cnn are also trained as the all-attribute heads; name at least "
+            "one of them", parse=_csv, default_arg="")
     compare: tuple[str, ...] = option((), "other report.json files to put on the plane", nargs="*", parse=tuple)
     write_card: bool = option(False, "write headline figures into the model card")
     sign_key: str | None = option(None, "after the audit, sign what it measured on every --model with this auditor "
@@ -46,6 +48,9 @@ class AuditConfig:
     quick: bool = option(False, "few epochs (tests, smoke runs)")
     epochs: int | None = option(None, "attacker epochs (default 15, quick 3)", type=int)
     recon_epochs: int | None = option(None, "decoder epochs (default 8, quick 2)", type=int)
+    reference_epochs: int | None = option(
+        None, "most epochs of the raw-image reference CNN (early stopping on validation; default 20, quick 3)",
+        type=int)
     baseline_epochs: int | None = option(None, "attacker epochs for baselines (default: half of --epochs, at least 3)",
                                          type=int)
     baseline_recon_epochs: int | None = option(
@@ -60,6 +65,10 @@ class AuditConfig:
     max_primary_drop: float = option(0.05, "allowed utility drop vs raw images", type=float)
     max_psnr: float = option(20.0, "reconstruction PSNR (dB) above this fails", type=float)
     max_reid_rank1: float = option(0.05, "re-identification rank-1 above this fails", type=float)
+    min_other_kept: float | None = option(
+        None, "verdict: the release keeps at least this share of the raw-image classifier's gain over the majority "
+              "rate on the other attributes nearly independent of the private one (|phi| < 0.15 on train); "
+              "default: no such verdict", type=float)
     dominance_tolerance: float | None = option(
         None, "accuracy difference treated as a tie when checking that the models dominate the baselines "
               "(default: one binomial standard error of the test split, per axis)", type=float)
@@ -88,9 +97,12 @@ class AuditConfig:
         return self.models[0] if self.models else None
 
     def resolved(self) -> "AuditConfig":
-        """Epoch defaults that depend on --quick filled in."""
+        """Epoch and attacker defaults that depend on --quick filled in."""
         return replace(self, epochs=self.epochs if self.epochs is not None else (3 if self.quick else 15),
-                       recon_epochs=self.recon_epochs if self.recon_epochs is not None else (2 if self.quick else 8))
+                       recon_epochs=self.recon_epochs if self.recon_epochs is not None else (2 if self.quick else 8),
+                       reference_epochs=self.reference_epochs if self.reference_epochs is not None
+                       else (3 if self.quick else 20),
+                       attacks=self.attacks or (QUICK_ATTACKS if self.quick else DEFAULT_ATTACKS))
 
     def to_dict(self) -> dict[str, Any]:
         """What is saved beside the report (audit_config.json, report.json's "config")."""
@@ -113,7 +125,16 @@ def config_from_args(ns: argparse.Namespace) -> AuditConfig:
 
         raise InvalidInputError(f"--token: pass the auditor token with --token-file FILE or ${ENV_TOKEN}, not on the "
                                 "command line (other users of this machine can read it there)")
-    return from_namespace(AuditConfig, ns).resolved()
+    cfg = from_namespace(AuditConfig, ns).resolved()
+    from audit.families import HEADS, check_names
+
+    check_names(cfg.attacks)
+    if not any(k in HEADS for k in cfg.attacks):
+        from protocol.errors import InvalidInputError
+
+        raise InvalidInputError(f"--attacks: name at least one of {', '.join(HEADS)} (they also measure the leakage "
+                                "of every attribute)")
+    return cfg
 
 
 _T0 = time.time()

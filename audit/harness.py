@@ -14,19 +14,22 @@ import numpy as np
 import torch
 
 from audit.attacks import (
-    CORRELATED_PHI,
+    INDEPENDENT_PHI,
     TrainedAttack,
     applicable_kinds,
     create_attack,
     label_floor,
+    majority_rate,
     multi_attribute_attack,
     phi,
     relative_gain,
     strongest_attack,
+    train_attack,
 )
 from audit.config import AuditConfig, say
 from audit.linkage import per_person_leakage
 from audit.membership import membership_inference
+from audit.families import HEADS, wilson_interval
 from audit.quality import channels_last, image_quality
 from audit.reconstruction import train_decoder
 from audit.releases import Splits, unit_images
@@ -37,41 +40,55 @@ from protocol.model_card import InputSpec
 from protocol.preprocess import normalize
 
 
-def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConfig, spec: InputSpec) -> dict[str, Any]:
-    """A CNN on raw images over all attributes (trained once; cached by data, normalisation,
-    seed and epochs).
+REFERENCE_VERSION = "reference-cnn-v3"  # part of the cache key: a new reference is trained when this changes
+REFERENCE_PATIENCE = 3
 
-    Returns {"attributes", "accuracy": [..], "majority_rate": [..], "reid": {..},
+
+def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConfig, spec: InputSpec) -> dict[str, Any]:
+    """The raw-image reference classifier over all attributes: `ReferenceCNN` (multi-label),
+    trained with random flips and ±4-pixel shifts up to `cfg.reference_epochs` epochs with
+    early stopping on validation (patience 3), the epoch chosen per attribute on validation.
+    Trained once per data set: cached by data, normalisation, seed and its epochs. --quick
+    (a smoke run, not for verdicts) uses the attackers' cheap CNN without augmentation.
+
+    Returns {"attributes", "accuracy": [..], "majority_rate": [..], "reid": {..}, "epochs_run",
     "classifier": TrainedAttack}. The classifier is reused for classify-after-reconstruct.
     """
+    epochs = int(cfg.reference_epochs or 20)
+    kind, augment = ("cnn", False) if cfg.quick else ("reference", True)
     h = hashlib.sha256()
     h.update(str(Path(data.root).resolve()).encode())
     h.update("\n".join(data.filenames).encode())
     h.update(data.splits.tobytes())
-    h.update(json.dumps([cfg.seed, cfg.epochs, list(data.attr_names), images.shape[1:], asdict(spec)]).encode())
+    h.update(json.dumps([REFERENCE_VERSION, kind, cfg.seed, epochs, list(data.attr_names), images.shape[1:],
+                         asdict(spec)]).encode())
     key = h.hexdigest()[:20]
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     res_path, state_path = cache / f"audit-rawref-{key}.json", cache / f"audit-rawref-{key}.pt"
     n_attr = len(data.attr_names)
-    model = create_attack("cnn", images.shape[1:], n_attr)
+    model = create_attack(kind, images.shape[1:], n_attr)
     if res_path.is_file() and state_path.is_file():
         saved = torch.load(state_path, weights_only=True)
         model.load_state_dict(saved["model"])
         model.eval()
         result = json.loads(res_path.read_text())
-        result["classifier"] = TrainedAttack("cnn", model, saved["mean"], saved["std"], True,
+        result["classifier"] = TrainedAttack(kind, model, saved["mean"], saved["std"], True,
                                              np.zeros(n_attr), np.zeros(n_attr, np.int64), 0)
         result["cached"] = True
         return result
-    multi = multi_attribute_attack(images[sp.tr], data.labels[sp.tr], images[sp.va], data.labels[sp.va],
-                                   images[sp.te], data.labels[sp.te], data.attr_names, kinds=("cnn",),
-                                   seed=cfg.seed, epochs=cfg.epochs, progress=cfg.progress,
-                                   what="raw images (reference)", return_models=True)
-    fitted = multi.pop("models")["cnn"]
-    result = {"attributes": multi["attributes"], "accuracy": multi["accuracy"],
-              "majority_rate": multi["majority_rate"],
+    L = data.labels
+    fitted = train_attack(kind, images[sp.tr], L[sp.tr], images[sp.va], L[sp.va], multilabel=True,
+                          seed=cfg.seed, epochs=epochs, patience=REFERENCE_PATIENCE, progress=cfg.progress,
+                          eval_sets={"test": images[sp.te]}, desc="raw images (reference)", augment=augment)
+    y_te = L[sp.te].astype(np.int64)
+    result = {"attributes": list(data.attr_names),
+              "accuracy": [float(v) for v in (fitted.selected["test"] == y_te).mean(0)],
+              "majority_rate": [majority_rate(y_te[:, a]) for a in range(n_attr)],
+              "model": "ReferenceCNN, flips and ±4-pixel shifts" if augment else "cnn (quick)", "epochs_run": fitted.epochs_run,
+              "max_epochs": epochs,
               "reid": reidentification(images[sp.te], data.identities[sp.te],
                                        images[sp.tr].astype(np.float32).mean(0))}
+    say(f"raw-image reference: {fitted.epochs_run} epochs (at most {epochs}, early stopping on validation)")
     try:
         cache.mkdir(parents=True, exist_ok=True)
         torch.save({"model": fitted.model.state_dict(), "mean": fitted.mean, "std": fitted.std}, state_path)
@@ -93,20 +110,25 @@ def audit_release(
     those figures are read from the all-attribute heads (cheaper, used for baselines).
     """
     t0 = time.time()
-    kinds = applicable_kinds(cfg.attacks, x.shape[1:])
+    kinds = applicable_kinds([k for k in cfg.attacks if k in HEADS], x.shape[1:])  # all-attribute heads
+    others = [k for k in cfg.attacks if k not in HEADS]  # families trained per attribute only
     L = data.labels
-    res: dict[str, Any] = {"label": label, "shape": list(x.shape[1:]), "attacks": kinds}
+    res: dict[str, Any] = {"label": label, "shape": list(x.shape[1:]), "attacks": [*kinds, *others]}
     say(f"[{label}] attribute inference on all {len(data.attr_names)} attributes")
     multi = multi_attribute_attack(x[sp.tr], L[sp.tr], x[sp.va], L[sp.va], x[sp.te], L[sp.te], data.attr_names,
                                    kinds=kinds, seed=cfg.seed, epochs=cfg.epochs, progress=cfg.progress,
                                    what=f"{label}: all attributes")
     res["attributes"] = multi
     pi = data.attr_index(cfg.private)
+
+    def single(j: int, name: str, names: Sequence[str]) -> dict[str, Any]:
+        return strongest_attack(x[sp.tr], L[sp.tr, j], x[sp.va], L[sp.va, j], x[sp.te], L[sp.te, j], kinds=names,
+                                seed=cfg.seed, epochs=cfg.epochs, progress=cfg.progress,
+                                min_per_class=cfg.min_class_samples, what=f"[{label}] {name}", log=say)
+
     if full:
-        say(f"[{label}] private attribute {cfg.private}")
-        res["private"] = strongest_attack(x[sp.tr], L[sp.tr, pi], x[sp.va], L[sp.va, pi], x[sp.te], L[sp.te, pi],
-                                          kinds=kinds, seed=cfg.seed, epochs=cfg.epochs, progress=cfg.progress,
-                                          min_per_class=cfg.min_class_samples, what=cfg.private)
+        say(f"[{label}] private attribute {cfg.private}: {', '.join(cfg.attacks)}")
+        res["private"] = single(pi, cfg.private, cfg.attacks)
         # the all-attribute heads are attackers too: the strongest counts
         j_multi = multi["accuracy"][pi]
         res["private"]["multi_label"] = j_multi
@@ -115,12 +137,13 @@ def audit_release(
             res["private"]["strongest"] = f"{multi['strongest'][pi]} (multi-label)"
         res["primary"] = {}
         for name in cfg.primary:
-            j = data.attr_index(name)
-            res["primary"][name] = strongest_attack(
-                x[sp.tr], L[sp.tr, j], x[sp.va], L[sp.va, j], x[sp.te], L[sp.te, j], kinds=kinds, seed=cfg.seed,
-                epochs=cfg.epochs, progress=cfg.progress, min_per_class=cfg.min_class_samples, what=name)
+            say(f"[{label}] primary attribute {name}")
+            res["primary"][name] = single(data.attr_index(name), name, cfg.attacks)
     else:
         res["private"] = _from_multi(multi, pi, kinds)
+        if others:  # the other families on the private attribute of every release (leakage is the point)
+            say(f"[{label}] private attribute {cfg.private}: {', '.join(others)}")
+            _merge_families(res["private"], single(pi, cfg.private, others))
         res["primary"] = {n: _from_multi(multi, data.attr_index(n), kinds) for n in cfg.primary}
     # what the primary labels alone say about the private attribute: a release that keeps
     # the primary tasks cannot leak less (train -> test, majority per label combination)
@@ -146,6 +169,12 @@ def audit_release(
         res["private"]["reconstruct"] = float(car[pi])
         if res["private"]["reconstruct"] > res["private"]["accuracy"]:
             res["private"]["accuracy"], res["private"]["strongest"] = res["private"]["reconstruct"], "reconstruct"
+    n_te = len(sp.te)
+    res["private"]["accuracy_ci95"] = wilson_interval(res["private"]["accuracy"], n_te)
+    for k in ("multi_label", "reconstruct"):
+        if k in res["private"]:
+            res["private"].setdefault("ci95", {})[k] = wilson_interval(res["private"][k], n_te)
+    res["private"]["not_measured"] = sorted(res["private"].get("skipped", {}))
     say(f"[{label}] re-identification")
     res["reid"] = reidentification(x[sp.te], data.identities[sp.te], x[sp.tr].astype(np.float32).mean(0))
     res["primary_accuracy"] = float(np.mean([v["accuracy"] for v in res["primary"].values()])) if cfg.primary else None
@@ -159,8 +188,10 @@ def other_attribute_utility(multi: dict[str, Any], ref: dict[str, Any], data: Fa
                             cfg: AuditConfig) -> dict[str, Any]:
     """What the release keeps of the attributes it was not trained for: per attribute (not
     private, not primary) the share of the raw-image classifier's gain over the majority rate
-    that the strongest multi-label head keeps, and the means over all of them, over those
-    correlated with the private attribute (|phi| >= 0.3 on train) and over the others."""
+    that the strongest multi-label head keeps; the mean over the attributes nearly independent
+    of the private one (|phi| < INDEPENDENT_PHI on train; the figure a private release can be
+    asked to keep), over its proxies (|phi| >= INDEPENDENT_PHI: together they predict the
+    private attribute, so a release that hides it cannot keep them) and over all."""
     pi = data.attr_index(cfg.private)
     u = data.labels[sp.tr, pi]
     per: dict[str, dict[str, float]] = {}
@@ -170,12 +201,24 @@ def other_attribute_utility(multi: dict[str, Any], ref: dict[str, Any], data: Fa
         gain = relative_gain(multi["accuracy"][j], ref["accuracy"][j], multi["majority_rate"][j])
         if gain is not None:
             per[name] = {"relative": gain, "phi_private": abs(phi(data.labels[sp.tr, j], u))}
-    mean = lambda keep: float(np.mean([v["relative"] for v in per.values() if keep(v)])) \
-        if any(keep(v) for v in per.values()) else None  # noqa: E731
-    return {"per_attribute": per, "mean": mean(lambda v: True),
-            "mean_uncorrelated": mean(lambda v: v["phi_private"] < CORRELATED_PHI),
-            "mean_correlated": mean(lambda v: v["phi_private"] >= CORRELATED_PHI),
-            "n": len(per), "n_correlated": sum(v["phi_private"] >= CORRELATED_PHI for v in per.values())}
+    indep = sorted(n for n, v in per.items() if v["phi_private"] < INDEPENDENT_PHI)
+    proxies = sorted((n for n in per if n not in indep), key=lambda n: -per[n]["phi_private"])
+    mean = lambda names: float(np.mean([per[n]["relative"] for n in names])) if names else None  # noqa: E731
+    return {"per_attribute": per, "mean": mean(list(per)), "phi_threshold": INDEPENDENT_PHI,
+            "mean_independent": mean(indep), "mean_proxies": mean(proxies), "independent": indep,
+            "proxies": proxies, "n": len(per), "n_independent": len(indep), "n_proxies": len(proxies)}
+
+
+def _merge_families(into: dict[str, Any], fam: dict[str, Any]) -> None:
+    """Add per-attribute families' figures to a result read from the multi-label heads; the
+    strongest stays the max over all."""
+    for k in fam["kinds"]:
+        into[k] = fam[k]
+    into["kinds"] = [*into.get("kinds", []), *fam["kinds"]]
+    for key in ("ci95", "val", "choice", "seconds", "skipped"):
+        into.setdefault(key, {}).update(fam.get(key, {}))
+    if fam["accuracy"] > into["accuracy"]:
+        into["accuracy"], into["strongest"] = fam["accuracy"], fam["strongest"]
 
 
 def _from_multi(multi: dict[str, Any], j: int, kinds: Sequence[str]) -> dict[str, Any]:

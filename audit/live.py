@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from audit.attacks import applicable_kinds, majority_rate, train_attack
+from audit.families import HEADS
 from audit.config import ENV_TOKEN, AuditConfig, say
 from audit.releases import OnnxRelease, Splits, check_classes, load_data
 from audit.report import finish, save_config
@@ -92,7 +93,7 @@ def run_live_audit(cfg: AuditConfig) -> dict[str, Any]:
     lab = y_pull >= 0
     pi = probe.attr_index(cfg.private)
     y = probe.labels[:, pi].astype(np.int64)
-    kinds = applicable_kinds(cfg.attacks, xp.shape[1:])
+    kinds = applicable_kinds([k for k in cfg.attacks if k in HEADS], xp.shape[1:])  # the networks only
     per: dict[str, Any] = {}
     for kind in kinds:
         fitted = train_attack(kind, xp[sp.tr], y[sp.tr], xp[sp.va], y[sp.va], seed=cfg.seed, epochs=cfg.epochs,

@@ -114,7 +114,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         p = rel["private"]
         prim = ", ".join(f"{n} {_f(v['accuracy'])}" for n, v in rel["primary"].items())
         ok = all(v["pass"] for v in rel.get("verdicts", []))
-        lines.append(f"{rel['label']}: {report['setup']['private']} leakage {_f(p['accuracy'])} ({p['strongest']}; "
+        lines.append(f"{rel['label']}: {report['setup']['private']} leakage {_f(p['accuracy'])} "
+                     f"{_ci(p.get('accuracy_ci95'))} ({p['strongest']}; "
                      f"majority {_f(p['majority_rate'])}); primary {prim or '–'}; PSNR "
                      f"{_f(rel['reconstruction']['psnr'], 2)} dB; re-id rank-1 {_f(rel['reid']['rank1'])}; "
                      f"verdicts {'PASS' if ok else 'FAIL'}")
@@ -145,11 +146,12 @@ def render_markdown(report: dict[str, Any]) -> str:
           f"validation {s.get('n_val', '–')}, test {s.get('n_test', '–')} (identity-disjoint split; attackers "
           "trained on train, selected on validation, reported on test)",
           f"- private attribute: **{s['private']}**; primary task(s): {', '.join(s.get('primary', [])) or '–'}",
-          f"- attackers: {', '.join(cfg.get('attacks', []))} (fresh, Adam, at most {cfg.get('epochs')} epochs, "
-          f"early stopping on validation), classify-after-reconstruct (raw-image CNN on decoder output), "
+          f"- attackers: {', '.join(cfg.get('attacks', []))} (fresh, trained on train, every choice made on validation; "
+          f"networks at most {cfg.get('epochs')} epochs with early stopping on validation; see the auditor's guide for "
+          "each family), classify-after-reconstruct (raw-image reference CNN on decoder output), "
           f"decoder {cfg.get('recon_epochs')} epochs; seed {cfg.get('seed')}" + (" (quick mode)" if cfg.get("quick") else ""),
           "- leakage = the strongest attacker's test accuracy (max over attackers, a conservative upper "
-          "estimate), next to the majority-class rate of the test split",
+          "estimate) with its 95% interval (Wilson, test split), next to the majority-class rate of the test split",
           f"- run time: {report.get('seconds', '–')} s", ""]
     if "sparse" in report:
         L += _sparse_md(report["sparse"])
@@ -160,7 +162,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("points"):
         L += ["## Privacy–utility plane", "", f"![plane]({PLANE_PNG})", ""]
         L += _md_table(["release", "kind", f"{s['private']} leakage", "primary accuracy",
-                        "other attributes (share of raw gain)", "training"],
+                        "other attributes kept (independent of the private one)", "training"],
                        [[p["label"], p.get("kind"), p.get("private_acc"), p.get("primary_acc"),
                          p.get("other_utility"), _training_md(p.get("training"))] for p in report["points"]])
     if report.get("dominance", {}).get("baselines"):
@@ -200,16 +202,13 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
          f"{rel.get('epochs', '–')} epochs, decoder {rel.get('recon_epochs', '–')} epochs; audited in "
          f"{rel.get('seconds')} s.", ""]
     raw_of = (lambda n: ref["accuracy"][names.index(n)]) if ref else (lambda n: None)
-    kinds = [k for k in (*p.get("kinds", []), "multi_label", "reconstruct") if k in p]
     L += [f"### Private attribute: {s['private']}", ""]
-    L += _md_table(["attacker", "test accuracy"], [[k, p[k]] for k in kinds]
-                   + [["**strongest**", p["accuracy"]], ["majority rate", p["majority_rate"]]]
-                   + ([["label floor (from the true primary labels alone)", p["label_floor"]]] if "label_floor" in p else [])
-                   + [["raw-image CNN", raw_of(s["private"])]])
+    L += _private_md(p, raw_of(s["private"]))
     if rel["primary"]:
         L += ["### Primary task(s) (utility: best fresh classifier)", ""]
-        L += _md_table(["attribute", "accuracy", "best classifier", "raw-image CNN", "majority rate"],
-                       [[n, v["accuracy"], v["strongest"], raw_of(n), v["majority_rate"]] for n, v in rel["primary"].items()])
+        L += _md_table(["attribute", "accuracy", "95% interval", "best classifier", "raw-image CNN", "majority rate"],
+                       [[n, v["accuracy"], _ci(v.get("accuracy_ci95")), v["strongest"], raw_of(n), v["majority_rate"]]
+                        for n, v in rel["primary"].items()])
     r = rel["reconstruction"]
     L += ["### Reconstruction and re-identification", ""]
     rid = rel["reid"]
@@ -231,13 +230,7 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
                      multi["accuracy"][j], multi["strongest"][j], raw_of(n), multi["majority_rate"][j],
                      multi["accuracy"][j] - multi["majority_rate"][j]])
     L += _md_table(["attribute", "attacker", "kind", "raw-image CNN", "majority", "gain"], rows)
-    o = rel.get("other_attributes")
-    if o and o.get("mean") is not None:
-        L += [f"Utility over the {o['n']} attributes neither private nor primary (where the raw-image CNN beats "
-              f"the majority rate by ≥ 1 point): the release keeps **{_f(o['mean'])}** of the raw-image "
-              f"classifier's gain over the majority rate on average; {_f(o['mean_uncorrelated'])} over the "
-              f"{o['n'] - o['n_correlated']} not correlated with {s['private']} and {_f(o['mean_correlated'])} over "
-              f"the {o['n_correlated']} correlated with it (|phi| ≥ 0.3 on train).", ""]
+    L += _other_md(rel.get("other_attributes"), s["private"])
     L += _per_person_md(rel, s)
     L += _membership_md(rel.get("membership"))
     if rel.get("verdicts"):
@@ -245,6 +238,48 @@ def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | No
         L += _md_table(["check", "value", "threshold", "result"],
                        [[v["check"], v["value"], v["threshold"], "PASS" if v["pass"] else "**FAIL**"] for v in rel["verdicts"]])
     return L
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "–"
+
+
+def _private_md(p: dict[str, Any], raw: float | None) -> list[str]:
+    """Every attacker on the private attribute with its 95% interval, what was chosen on
+    validation, the families that could not fit ("not measured"), and the strongest."""
+    ci, val, choice = p.get("ci95", {}), p.get("val", {}), p.get("choice", {})
+    rows: list[list[Any]] = []
+    for k in (*p.get("kinds", []), "multi_label", "reconstruct"):
+        if k in p:
+            what = {"multi_label": "multi-label heads (all attributes)", "reconstruct": "classify after reconstruct"}
+            rows.append([what.get(k, k), p[k], _ci(ci.get(k)), val.get(k),
+                         ", ".join(f"{a} {b}" for a, b in choice.get(k, {}).items()) or "–"])
+    for k, why in p.get("skipped", {}).items():
+        rows.append([k, "not measured", "–", "–", why])
+    rows.append([f"**strongest: {p['strongest']}**", p["accuracy"], _ci(p.get("accuracy_ci95")), "", ""])
+    sel = p.get("selected_on_validation")
+    if sel:
+        rows.append([f"best on validation: {sel['kind']}", sel["accuracy"], "", "", "(no max over test)"])
+    rows += [["majority rate", p["majority_rate"], "", "", ""]]
+    if "label_floor" in p:
+        rows.append(["label floor (from the true primary labels alone)", p["label_floor"], "", "", ""])
+    rows.append(["raw-image reference CNN", raw, "", "", ""])
+    return _md_table(["attacker", "test accuracy", "95% interval (Wilson)", "validation", "chosen on validation"],
+                     rows)
+
+
+def _other_md(o: dict[str, Any] | None, private: str) -> list[str]:
+    if not o or o.get("mean") is None:
+        return []
+    if "mean_independent" not in o:  # a report of an earlier version
+        return [f"Utility over the {o['n']} other attributes: {_f(o['mean'])} of the raw-image gain.", ""]
+    thr = o.get("phi_threshold", 0.15)
+    return [f"Utility over the attributes neither private nor primary (where the raw-image CNN beats the majority "
+            f"rate by ≥ 1 point), as the share of the raw-image classifier's gain over the majority rate the release "
+            f"keeps: **{_f(o['mean_independent'])}** over the {o['n_independent']} nearly independent of {private} "
+            f"(|phi| < {thr} on train: {', '.join(o['independent']) or '–'}); {_f(o['mean_proxies'])} over its "
+            f"{o['n_proxies']} proxies (|phi| ≥ {thr}: {', '.join(o['proxies']) or '–'}), which together predict "
+            f"{private}, so a release that hides it cannot keep them; {_f(o['mean'])} over all {o['n']}.", ""]
 
 
 def _live_md(report: dict[str, Any]) -> list[str]:

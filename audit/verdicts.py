@@ -30,6 +30,11 @@ def verdicts(rel: dict[str, Any], cfg: AuditConfig, ref: dict[str, Any] | None, 
     psnr = rel["reconstruction"]["psnr"]
     out.append({"check": "reconstruction PSNR (dB) ≤ threshold", "value": psnr, "threshold": cfg.max_psnr,
                 "pass": psnr <= cfg.max_psnr})
+    kept = (rel.get("other_attributes") or {}).get("mean_independent")
+    if cfg.min_other_kept is not None and kept is not None:
+        out.append({"check": "other attributes kept (nearly independent of the private one, |phi| < 0.15): share "
+                             "of the raw-image gain ≥ threshold", "value": kept, "threshold": cfg.min_other_kept,
+                    "pass": kept >= cfg.min_other_kept})
     r1 = rel["reid"]["rank1"]
     if r1 is not None:
         out.append({"check": "re-identification rank-1 ≤ threshold", "value": r1, "threshold": cfg.max_reid_rank1,
@@ -42,7 +47,13 @@ def headline(rel: dict[str, Any], cfg: AuditConfig, kind: str) -> dict[str, Any]
     return {"label": rel["label"], "kind": kind, "private": cfg.private,
             "private_acc": rel["private"]["accuracy"], "primary_acc": rel.get("primary_accuracy"),
             "primary": list(cfg.primary), "majority_rate": rel["private"]["majority_rate"],
-            "other_utility": (rel.get("other_attributes") or {}).get("mean")}
+            "private_ci95": rel["private"].get("accuracy_ci95"), "strongest": rel["private"].get("strongest"),
+            # utility a private release can be asked to keep: the attributes nearly independent of the private one
+            "other_utility": _other_kept(rel.get("other_attributes") or {})}
+
+
+def _other_kept(o: dict[str, Any]) -> float | None:
+    return o.get("mean_independent") if "mean_independent" in o else o.get("mean")
 
 
 def compare_points(paths: Sequence[str]) -> list[dict[str, Any]]:
