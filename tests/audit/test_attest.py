@@ -29,6 +29,7 @@ def signed_model(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path):
     return model, tmp_path / "keys" / "auditor.pub.json", tmp_path / "audit" / "report.json"
 
 
+@pytest.mark.slow
 def test_an_audit_signs_what_it_measured_on_the_exact_files(signed_model, capsys: pytest.CaptureFixture[str]) -> None:
     model, pub, report_path = signed_model
     key = PublicKey.load(pub)
@@ -47,6 +48,7 @@ def test_an_audit_signs_what_it_measured_on_the_exact_files(signed_model, capsys
     assert "attested by Test Auditor" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_changed_card_or_an_untrusted_key(signed_model, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     model, pub, _ = signed_model
@@ -61,6 +63,7 @@ def test_verify_refuses_a_changed_card_or_an_untrusted_key(signed_model, tmp_pat
     assert "differs from the attested card in description" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sign_refuses_a_report_of_other_bytes(signed_model, sample_faces: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     model, pub, report_path = signed_model

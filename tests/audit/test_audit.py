@@ -346,6 +346,7 @@ def test_a_negative_dominance_tolerance_is_refused(sample_faces: Path, tmp_path:
     assert "--dominance-tolerance -0.1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model_dir: Path, sample_faces: Path,
                                                                       tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,7 @@ def test_quick_audit_reports_every_figure(tiny_export: Path, sample_faces: Path,
 
 
 
+@pytest.mark.slow
 def test_pric_audit_attacks_the_ambiguated_code_like_any_release(tiny_export: Path, sample_faces: Path,
                                                                   tmp_path: Path) -> None:
     from audit.cli import main as audit_main
