@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from audit.linkage import attestation_view
+from audit.families import wilson_interval
 from protocol.attestation import (
     PublicKey,
     build_statement,
@@ -40,15 +40,6 @@ def public_key_path(private_key_path: str | Path) -> Path:
     """keys/auditor.key → keys/auditor.pub.json"""
     p = Path(private_key_path)
     return p.with_name(p.stem + ".pub.json")
-
-
-def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float]:
-    """95% interval of an accuracy p measured on n photos (Wilson score)."""
-    if n <= 0:
-        return [0.0, 1.0]
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def release_of(report: dict[str, Any], card: ModelCard) -> dict[str, Any]:

@@ -16,17 +16,6 @@ from audit.attacks import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models train faster on one thread, and the test machine is shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _splits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
     n = len(x)
     a, b = int(n * 0.6), int(n * 0.8)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from audit.attest import wilson_interval
+from audit.families import wilson_interval
 from audit.cli import main
 from protocol.attestation import ATTESTATIONS_DIR, PublicKey, load_envelopes, verify
-from protocol.model_card import load_card
 
 FAST = ["--quick", "--epochs", "2", "--recon-epochs", "1", "--min-class-samples", "2", "--no-progress",
         "--attacks", "linear", "--no-reference"]
