@@ -1,10 +1,14 @@
 """Collector fixtures: a fresh app over a fresh temporary database per test (flaskr style),
 and a small kit of helpers to register participants, build batches and count rows.
 
-With PRIC_TEST_DATABASE_URL set (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/pric),
-every collector a test builds without its own DATABASE_URL stores into a fresh schema of
-that database, one schema per data folder, dropped after the test; CLI calls and servers
-started by tests get the same database through `db_args`. Unset, they use SQLite files.
+Every collector test runs twice, on SQLite ([sqlite]) and on PostgreSQL ([postgresql]).
+On PostgreSQL (PRIC_TEST_POSTGRES_URL, e.g. postgresql+psycopg://pric@127.0.0.1:5432/pric,
+as .ci/engines starts it) every collector a test builds without its own DATABASE_URL
+stores into a fresh schema of that database, one schema per data folder, dropped after the
+test; CLI calls and servers started by tests get the same database through `db_args`.
+Without a reachable PostgreSQL the [postgresql] cases skip with the reason. A test marked
+`sqlite_only(reason)` (WAL files, SQLite's page limits, its in-process write lock) runs on
+SQLite only.
 """
 
 from __future__ import annotations
@@ -115,7 +119,17 @@ def unsigned_model_dir(tmp_path: Path) -> Path:
     write_tiny_features_model(models / "tiny")
     return models
 
-TEST_DATABASE_URL = os.environ.get("PRIC_TEST_DATABASE_URL") or None
+# PRIC_TEST_DATABASE_URL: the name this variable had when PostgreSQL replaced SQLite for a whole run
+TEST_POSTGRES_URL = os.environ.get("PRIC_TEST_POSTGRES_URL") or os.environ.get("PRIC_TEST_DATABASE_URL") or None
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that builds a collector (all of tests/collector, through the autouse
+    fixture below) runs on each backend; `sqlite_only` tests on SQLite alone."""
+    if "db_backend" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("db_backend", BACKENDS[:1] if only else BACKENDS, indirect=True)
 
 
 @dataclass
@@ -135,7 +149,7 @@ class SchemaPerDataDir:
                     conn.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
                     conn.execute(text(f"CREATE SCHEMA {name}"))
                 self.schemas.append(name)
-        url = make_url(TEST_DATABASE_URL).update_query_dict(
+        url = make_url(TEST_POSTGRES_URL).update_query_dict(
             {"options": f"-csearch_path={name}", "application_name": f"pric-test-{name}"})
         return url.render_as_string(hide_password=False)
 
@@ -150,18 +164,41 @@ class SchemaPerDataDir:
 
 
 @pytest.fixture(scope="session")
-def _test_database() -> Iterator[SchemaPerDataDir | None]:
-    if TEST_DATABASE_URL is None:
-        yield None
+def _postgres() -> Iterator[SchemaPerDataDir | str]:
+    """The PostgreSQL test database, or why there is none (checked once per run)."""
+    if TEST_POSTGRES_URL is None:
+        yield "PRIC_TEST_POSTGRES_URL is not set (.ci/engines starts a PostgreSQL and sets it)"
         return
-    admin = create_engine(TEST_DATABASE_URL, poolclass=NullPool)
+    try:
+        admin = create_engine(TEST_POSTGRES_URL, poolclass=NullPool, connect_args={"connect_timeout": 5})
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - a missing driver or an unreachable server: the cases skip
+        redacted = make_url(TEST_POSTGRES_URL).render_as_string(hide_password=True)
+        yield f"PostgreSQL at {redacted} unusable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return
     yield SchemaPerDataDir(admin)
     admin.dispose()
 
 
+@pytest.fixture
+def db_backend(request: pytest.FixtureRequest, _postgres) -> str:
+    """"sqlite" or "postgresql" (parametrized by pytest_generate_tests)."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgresql" and isinstance(_postgres, str):
+        pytest.skip(_postgres)
+    return backend
+
+
+@pytest.fixture
+def _test_database(db_backend: str, _postgres) -> SchemaPerDataDir | None:
+    """The schema factory on PostgreSQL, None on SQLite."""
+    return _postgres if db_backend == "postgresql" else None
+
+
 @pytest.fixture(autouse=True)
 def _database_per_data_dir(_test_database, monkeypatch) -> Iterator[None]:
-    """Under PRIC_TEST_DATABASE_URL, `create_app` defaults to a fresh schema per data folder."""
+    """On PostgreSQL, `create_app` defaults to a fresh schema per data folder."""
     if _test_database is None:
         yield
         return

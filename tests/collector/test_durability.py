@@ -178,6 +178,7 @@ def test_collectors_starting_together_on_a_new_database_all_start(tmp_path, tiny
             app.extensions["pric"].db.dispose()
 
 
+@pytest.mark.sqlite_only("holds SQLite's in-process write lock (PostgreSQL writers take an advisory lock)")
 def test_batches_arriving_while_the_leader_waits_for_the_write_lock_join_its_commit(tmp_path, tiny_model_dir):
     """Group commit: the leader takes the queue only once it holds the write lock, so the
     batches that arrive while it waits (another worker process committing) are written by

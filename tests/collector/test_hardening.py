@@ -34,7 +34,6 @@ from protocol.wire import (
     npy_to_array,
 )
 
-from .conftest import TEST_DATABASE_URL
 from .test_app import assert_error
 
 
@@ -148,7 +147,7 @@ def test_big_endian_npy_in_a_json_upload_is_400_and_stores_nothing(seeded_kit):
 
 # --- disk full -------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(TEST_DATABASE_URL is not None, reason="fills a SQLite database with max_page_count")
+@pytest.mark.sqlite_only("fills a SQLite database with max_page_count")
 def test_a_full_database_answers_507_health_tells_and_registration_waits(tmp_path, tiny_model_dir, make_kit):
     app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir)})
     kit = make_kit(app, load_card(tiny_model_dir / "tiny"))

@@ -81,11 +81,12 @@ def test_enrolment_secret_comes_from_a_file_or_the_environment_never_argv(tmp_pa
     assert "at least 16 characters" in capsys.readouterr().err
 
 
-def test_invite_mode_needs_an_invite_code_once_or_the_secret(make, tmp_path, capsys):
+def test_invite_mode_needs_an_invite_code_once_or_the_secret(make, tmp_path, capsys, db_args):
     kit = make(REGISTRATION="invite", ENROLMENT_SECRET=SECRET)
     assert_error(_register(kit), 401, "unauthorized")
     assert_error(_register(kit, **{routes.ENROLMENT_HEADER: "pric_inv_guess"}), 401)
-    assert cli_main(["invite", "create", "--count", "2", "--data-dir", str(tmp_path / "data")]) == 0
+    assert cli_main(["invite", "create", "--count", "2", "--data-dir", str(tmp_path / "data"),
+                     *db_args(tmp_path / "data")]) == 0
     codes = capsys.readouterr().out.split()
     assert len(codes) == 2 and len(set(codes)) == 2
     first = _register(kit, **{routes.ENROLMENT_HEADER: codes[0]})
@@ -201,7 +202,7 @@ def test_cli_labels_are_checked(tmp_path, tiny_model_dir, capsys):
 
 # --- revocation --------------------------------------------------------------------------------------
 
-def test_token_revoke_by_pseudonym_or_id_and_by_token_file(make, tmp_path, capsys, monkeypatch):
+def test_token_revoke_by_pseudonym_or_id_and_by_token_file(make, tmp_path, capsys, monkeypatch, db_args):
     kit = make()
     kit.app.extensions["pric"].principals.ttl_s = 0  # a CLI revocation reaches a running server within the TTL
     data = str(tmp_path / "data")
@@ -209,23 +210,23 @@ def test_token_revoke_by_pseudonym_or_id_and_by_token_file(make, tmp_path, capsy
     pid_b, b = kit.register()
     assert kit.client.get(routes.ME, headers=a).status_code == 200
     alias = pseudonym(kit.app.extensions["pric"].pseudonym_secret, pid_a)
-    assert cli_main(["token", "revoke", "--participant", alias, "--data-dir", data]) == 0
+    assert cli_main(["token", "revoke", "--participant", alias, "--data-dir", data, *db_args(data)]) == 0
     assert "revoked 1 token" in capsys.readouterr().out
     assert_error(kit.client.get(routes.ME, headers=a), 401)
     assert kit.client.get(routes.ME, headers=b).status_code == 200
-    assert cli_main(["token", "revoke", "--participant", pid_b, "--data-dir", data]) == 0
+    assert cli_main(["token", "revoke", "--participant", pid_b, "--data-dir", data, *db_args(data)]) == 0
     assert_error(kit.client.get(routes.ME, headers=b), 401)
-    assert cli_main(["token", "revoke", "--participant", "nobody", "--data-dir", data]) == 7
+    assert cli_main(["token", "revoke", "--participant", "nobody", "--data-dir", data, *db_args(data)]) == 7
 
     op = kit.staff("operator")
     token = op[routes.AUTH_HEADER][len(routes.BEARER):]
     assert kit.client.get(routes.STATS, headers=op).status_code == 200
     monkeypatch.setattr(sys, "stdin", io.StringIO(token + "\n"))
-    assert cli_main(["token", "revoke", "--token-file", "-", "--data-dir", data]) == 0
+    assert cli_main(["token", "revoke", "--token-file", "-", "--data-dir", data, *db_args(data)]) == 0
     assert_error(kit.client.get(routes.STATS, headers=op), 401)
     f = tmp_path / "tok"
     f.write_text(token)
-    assert cli_main(["token", "revoke", "--token-file", str(f), "--data-dir", data]) == 7  # already gone
+    assert cli_main(["token", "revoke", "--token-file", str(f), "--data-dir", data, *db_args(data)]) == 7  # already gone
     capsys.readouterr()
 
 

@@ -21,9 +21,7 @@ from protocol import routes
 from protocol.model_card import load_card
 from protocol.wire import BINARY_CONTENT_TYPE, UploadBatch, UploadItem, encode_batch_binary
 
-from .conftest import TEST_DATABASE_URL
-
-pytestmark = pytest.mark.skipif(TEST_DATABASE_URL is not None, reason="SQLite WAL and files only")
+pytestmark = pytest.mark.sqlite_only("SQLite WAL and files only")
 
 
 def _upload(client, card, n_batches: int, per_batch: int = 5) -> tuple[dict[str, str], int]:
