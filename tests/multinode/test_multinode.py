@@ -1,0 +1,147 @@
+"""Two collector nodes on one PostgreSQL database behind haproxy, as docs/deploy.md runs
+them on several hosts: a node killed with SIGKILL in the middle of a stream of uploads and
+restarted loses and duplicates nothing; the per-token rate limit (Redis) and training jobs
+(database queue) are shared by the nodes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from client.api import CollectorAPI, HttpConfig
+from protocol import routes
+from protocol.wire import BINARY_CONTENT_TYPE
+
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
+
+ITEMS, CLIENTS, BATCH = 20_000, 16, 25
+DEADLINE_S = 150.0  # the whole upload stream; each client's CollectorAPI deadline
+JOB_API = f"{routes.API}/jobs"  # GET JOB_API/<job_id> (operator): a training job's status
+JOB_DONE = ("done", "succeeded", "finished")
+JOB_FAILED = ("failed", "error")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {routes.AUTH_HEADER: routes.BEARER + token}
+
+
+def serve_help() -> str:
+    return subprocess.run([sys.executable, "-m", "collector.cli", "serve", "--help"], capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+def test_a_node_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(engines, tmp_path, mn):
+    """16 participants upload 20,000 items through haproxy; node0 is SIGKILLed a quarter of
+    the way in and restarted on its port; every client finishes (its CollectorAPI retries
+    what the kill cut), the database holds each item exactly once, and the restarted node
+    serves again."""
+    # the shared Redis rate limit where serve has it (docs/deploy.md); uploads stay within it
+    shared = ["--rate-limit-storage", engines.redis_url] if "--rate-limit-storage" in serve_help() else []
+    with mn.cluster(engines, tmp_path, 2, shared) as c:
+        bodies = mn.make_bodies(c.card, ITEMS, CLIENTS, BATCH)
+        tokens = [CollectorAPI(c.balancer.url, http=HttpConfig(timeout_s=30)).register()["token"]
+                  for _ in range(CLIENTS)]
+        gate = threading.Event()
+        logs = [mn.ClientLog([], []) for _ in range(CLIENTS)]
+        uploader = threading.Thread(target=mn.upload_clients,
+                                    args=(c.balancer.url, tokens, bodies, c.card.model_id, DEADLINE_S, gate, logs))
+        uploader.start()
+        victim = c.nodes[0]
+        try:
+            start = time.monotonic()
+            while sum(len(log.acked_ids) for log in logs) < ITEMS // 4:
+                assert time.monotonic() - start < DEADLINE_S, "the stream never reached a quarter"
+                time.sleep(0.02)
+            # a quarter acknowledged: requests are in flight on both nodes
+            victim.kill()
+            victim.start()
+            c.balancer.wait_up({victim.name})
+            served_before = int(c.balancer.servers()[victim.name]["stot"])
+        finally:
+            gate.set()  # the second half of every client's batches
+            uploader.join(timeout=DEADLINE_S + 60)
+        assert not uploader.is_alive(), "the upload stream did not stop by its deadline"
+        assert [log.error for log in logs if log.error] == []
+        after = c.balancer.servers()
+        served_after = int(after[victim.name]["stot"])
+        rows, distinct, ids = mn.count_items(c.database_url)
+
+    expected = {i for client in bodies for ids_, _ in client for i in ids_}
+    acked = [i for log in logs for i in log.acked_ids]
+    assert len(acked) == len(set(acked)) == ITEMS and set(acked) == expected
+    assert sum(log.stored + log.duplicates for log in logs) == ITEMS  # each batch answered once in full
+    assert (rows, distinct) == (ITEMS, ITEMS), "lost or duplicated rows"
+    assert ids == expected
+    assert served_after > served_before, "the restarted node got no requests"
+    cut = {name: {k: row[k] for k in ("eresp", "econ", "wretr", "wredis")} for name, row in after.items()}
+    print(f"\nstored {sum(log.stored for log in logs)} + duplicates {sum(log.duplicates for log in logs)} "
+          f"(batches retried after the kill); haproxy errors/retries per node: {cut}")
+
+
+def test_the_per_token_rate_limit_holds_across_nodes(engines, tmp_path, mn):
+    """One participant spends its upload budget on node0; node1, sharing the limiter's
+    Redis storage, refuses its next upload with 429 and Retry-After (a per-process
+    limiter would let every node grant a fresh budget)."""
+    if "--rate-limit-storage" not in serve_help():
+        pytest.fail("pric-collector serve has no --rate-limit-storage URI (the limiter's shared storage)")
+    with mn.cluster(engines, tmp_path, 2, ["--rate-limit", "6", "--rate-limit-storage", engines.redis_url]) as c:
+        token = CollectorAPI(c.nodes[0].url).register()["token"]
+        bodies = [body for _ids, body in mn.make_bodies(c.card, 40, 1, 1)[0]]
+        headers = {**bearer(token), "Content-Type": BINARY_CONTENT_TYPE}
+        granted = 0
+        for body in bodies[:20]:
+            resp = requests.post(c.nodes[0].url + routes.ITEMS, data=body, headers=headers, timeout=30)
+            if resp.status_code == 429:
+                break
+            assert resp.status_code == 200, resp.text
+            granted += 1
+        assert 1 <= granted <= 6, f"node0 granted {granted} uploads under a limit of 6 a minute"
+        resp = requests.post(c.nodes[1].url + routes.ITEMS, data=bodies[20], headers=headers, timeout=30)
+        assert resp.status_code == 429, f"node1 granted a fresh budget: {resp.status_code} {resp.text[:200]}"
+        assert float(resp.headers["Retry-After"]) > 0
+        rows, _, _ = mn.count_items(c.database_url)
+        assert rows == granted
+
+
+def test_a_training_job_queued_on_one_node_is_seen_and_finished_from_the_other(engines, tmp_path, mn):
+    """POST TRAIN on node0 answers 202 with a job id; node1 reports that job (the queue is
+    the shared database); `pric-collector worker` runs it, and node1 then reports it done."""
+    with mn.cluster(engines, tmp_path, 2) as c:
+        operator = c.operator_token()
+        participant = CollectorAPI(c.nodes[0].url)
+        participant.token = participant.register()["token"]
+        for _ids, body in mn.make_bodies(c.card, 400, 1, 100)[0]:
+            participant.upload(body, c.card.model_id)
+
+        resp = requests.post(c.nodes[0].url + routes.TRAIN, json={"task": "Smiling"}, headers=bearer(operator),
+                             timeout=30)
+        assert resp.status_code == 202, f"{resp.status_code} {resp.text[:300]}"
+        job_id = resp.json()["job_id"]
+        seen = requests.get(f"{c.nodes[1].url}{JOB_API}/{job_id}", headers=bearer(operator), timeout=30)
+        assert seen.status_code == 200, f"{seen.status_code} {seen.text[:300]}"
+        assert seen.json()["status"] not in JOB_FAILED
+
+        worker = subprocess.Popen([sys.executable, "-m", "collector.cli", "worker", "--data-dir", str(c.data_dir),
+                                   "--database-url", c.database_url], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            deadline, status = time.monotonic() + 120, None
+            while time.monotonic() < deadline and worker.poll() is None:
+                status = requests.get(f"{c.nodes[1].url}{JOB_API}/{job_id}", headers=bearer(operator),
+                                      timeout=30).json()["status"]
+                if status in JOB_DONE + JOB_FAILED:
+                    break
+                time.sleep(0.5)
+        finally:
+            worker.terminate()
+            try:
+                _, err = worker.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                _, err = worker.communicate(timeout=10)
+        assert status in JOB_DONE, f"job {job_id} ended {status!r}; worker said: {err[-500:]}"
