@@ -93,6 +93,16 @@ def fresh_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def libpq(url: str) -> tuple[str, dict[str, str]]:
+    """A SQLAlchemy PostgreSQL URL as libpq tools (pg_dump, psql) take it: the URL without
+    driver or password, and an environment carrying the password (never on a command line)."""
+    from sqlalchemy import make_url
+
+    u = make_url(url)
+    env = {**os.environ, **({"PGPASSWORD": u.password} if u.password else {})}
+    return u.set(drivername="postgresql", password=None).render_as_string(hide_password=False), env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

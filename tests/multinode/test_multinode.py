@@ -145,3 +145,48 @@ def test_a_training_job_queued_on_one_node_is_seen_and_finished_from_the_other(e
                 worker.kill()
                 _, err = worker.communicate(timeout=10)
         assert status in JOB_DONE, f"job {job_id} ended {status!r}; worker said: {err[-500:]}"
+
+
+def test_pg_dump_while_serving_then_pg_restore_keeps_every_item_and_token(engines, tmp_path, mn):
+    """docs/deploy.md's backup: pg_dump of the live database, pg_restore into an empty one;
+    a node on the restored database holds every item and accepts the old token (its hash
+    and the pseudonym secret are in the dump): the same uploads are all duplicates."""
+    dump = tmp_path / "pric.dump"
+    with mn.cluster(engines, tmp_path / "live", 1) as c:
+        api = CollectorAPI(c.balancer.url)
+        token = api.token = api.register()["token"]
+        bodies = [body for _ids, body in mn.make_bodies(c.card, 1000, 1, 100)[0]]
+        assert sum(api.upload(body, c.card.model_id)["stored"] for body in bodies) == 1000
+        conninfo, env = mn.libpq(c.database_url)
+        subprocess.run(["pg_dump", "--format=custom", f"--file={dump}", f"--dbname={conninfo}"], env=env,
+                       check=True, timeout=120)
+    with mn.fresh_database(engines.postgres_url) as restored:
+        conninfo, env = mn.libpq(restored)
+        subprocess.run(["pg_restore", "--exit-on-error", f"--dbname={conninfo}", str(dump)], env=env,
+                       check=True, timeout=120)
+        node = mn.Node("restored", tmp_path / "restored", tmp_path / "live" / "models", restored).start()
+        try:
+            again = CollectorAPI(node.url, token)
+            answers = [again.upload(body, c.card.model_id) for body in bodies]
+        finally:
+            node.stop()
+        rows, distinct, _ = mn.count_items(restored)
+    assert sum(a["stored"] for a in answers) == 0 and sum(a["duplicates"] for a in answers) == 1000
+    assert rows == distinct == 1000
+
+
+def test_db_upgrade_prepares_an_empty_database_for_the_nodes(engines, tmp_path, mn):
+    """docs/deploy.md's upgrade step: `pric-collector db upgrade` brings the shared database
+    to the code's schema (twice is a no-op), then nodes start on it."""
+    with mn.fresh_database(engines.postgres_url) as db:
+        for _ in range(2):
+            done = subprocess.run([sys.executable, "-m", "collector.cli", "db", "upgrade", "--database-url", db,
+                                   "--data-dir", str(tmp_path / "admin")], capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 0, done.stderr[-500:]
+        mn.synthetic_model(tmp_path / "models")
+        node = mn.Node("n", tmp_path, tmp_path / "models", db).start()
+        try:
+            assert requests.get(node.url + routes.HEALTH, timeout=10).json()["status"] == "ok"
+        finally:
+            node.stop()
