@@ -5,6 +5,8 @@ restarted loses and duplicates nothing; the per-token rate limit (Redis) and tra
 
 from __future__ import annotations
 
+import http.client
+import ssl
 import subprocess
 import sys
 import threading
@@ -190,3 +192,84 @@ def test_db_upgrade_prepares_an_empty_database_for_the_nodes(engines, tmp_path, 
             assert requests.get(node.url + routes.HEALTH, timeout=10).json()["status"] == "ok"
         finally:
             node.stop()
+
+
+def _make_self_signed(folder):
+    """tests/client/test_tls.py's self-signed certificate for 127.0.0.1 (one owner of it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "client" / "test_tls.py"
+    spec = importlib.util.spec_from_file_location("_pric_test_tls", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.make_self_signed(folder)
+
+
+def docs_haproxy_block() -> str:
+    """The ```haproxy block of docs/deploy.md: the operator's configuration."""
+    import re
+    from pathlib import Path
+
+    found = re.search(r"```haproxy\n(.*?)```", (Path(__file__).parents[2] / "docs" / "deploy.md").read_text(), re.S)
+    assert found, "docs/deploy.md has no haproxy block"
+    return found.group(1)
+
+
+def test_the_documented_haproxy_configuration_terminates_tls_and_balances(engines, tmp_path, mn):
+    """docs/deploy.md's haproxy configuration, with only its listening address, certificate
+    and server addresses replaced: participants register and upload over verified TLS,
+    an oversized body is refused with 413 before a node sees it, and with a node killed
+    the next uploads go to the other one."""
+    cert, key = _make_self_signed(tmp_path / "tls")
+    pem = tmp_path / "tls" / "pric.pem"
+    pem.write_bytes(cert.read_bytes() + key.read_bytes())
+    pem.chmod(0o600)
+    with mn.cluster(engines, tmp_path, 2) as c:
+        port = mn.free_port()
+        config = docs_haproxy_block()
+        for old, new in (("bind :443", f"bind 127.0.0.1:{port}"), ("/etc/haproxy/pric.pem", str(pem)),
+                         ("10.0.0.11:8080", f"127.0.0.1:{c.nodes[0].port}"),
+                         ("10.0.0.12:8080", f"127.0.0.1:{c.nodes[1].port}")):
+            assert old in config, f"docs/deploy.md's haproxy block no longer holds {old!r}"
+            config = config.replace(old, new)
+        (tmp_path / "docs-haproxy.cfg").write_text(config)
+        proxy = subprocess.Popen([engines.haproxy, "-db", "-f", str(tmp_path / "docs-haproxy.cfg")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"https://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:  # until it listens and its first health checks passed
+                try:
+                    if requests.get(url + routes.HEALTH, verify=str(cert), timeout=5).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                assert time.monotonic() < deadline and proxy.poll() is None, "haproxy (docs config) did not serve"
+                time.sleep(0.2)
+            api = CollectorAPI(url, ca_bundle=str(cert))
+            api.token = api.register()["token"]
+            bodies = [body for _ids, body in mn.make_bodies(c.card, 200, 1, 20)[0]]
+            assert api.upload(bodies[0], c.card.model_id)["stored"] == 20
+
+            # only the headers of an oversized upload: haproxy answers before any body byte
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+                                               context=ssl.create_default_context(cafile=str(cert)))
+            conn.putrequest("POST", routes.ITEMS)
+            for name, value in {**bearer(api.token), "Content-Type": BINARY_CONTENT_TYPE,
+                                "Content-Length": str(routes.MAX_BODY_BYTES + 1)}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            refused = conn.getresponse()
+            assert refused.status == 413
+            assert "json" not in (refused.getheader("Content-Type") or "")  # haproxy's page, not a node's error
+            conn.close()
+
+            c.nodes[0].kill()  # the health checks (2 s apart, 2 failures) and redispatch cover the rest
+            assert sum(api.upload(body, c.card.model_id)["stored"] for body in bodies[1:]) == 180
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=10)
+        rows, distinct, _ = mn.count_items(c.database_url)
+    assert rows == distinct == 200
