@@ -55,7 +55,7 @@ export async function call(path, opts = {}) {
   } catch (err) {
     if (err instanceof ApiError) throw err;
     const why = err && err.name === 'AbortError' ? `no answer within ${R.DEFAULT_TIMEOUT_S} s` : 'network error';
-    throw new ApiError(`${what}: cannot reach the collector at ${location.origin} (${why}); nothing was lost, try again`, 0, 'network');
+    throw new ApiError(`${what}: cannot reach the collector at ${location.origin} (${why}); nothing was lost`, 0, 'network');
   } finally {
     clearTimeout(timer);
   }
