@@ -66,9 +66,11 @@ export async function decode(bytes) {
     if (w * h > R.MAX_PIXELS) throw new PhotoError(`${w}x${h} pixels exceeds the limit of ${R.MAX_PIXELS}`);
     const canvas = new OffscreenCanvas(w, h);
     const ctx = canvas.getContext('2d', { willReadFrequently: true, colorSpace: 'srgb' });
-    // transparency over white, as protocol.preprocess._to_rgb does
-    ctx.fillStyle = '#ffffff';
-    ctx.fillRect(0, 0, w, h);
+    // transparency over white, as protocol.preprocess._to_rgb does (a JPEG has none)
+    if (kind !== 'jpeg') {
+      ctx.fillStyle = '#ffffff';
+      ctx.fillRect(0, 0, w, h);
+    }
     ctx.drawImage(bitmap, 0, 0);
     const img = ctx.getImageData(0, 0, w, h, { colorSpace: 'srgb' });
     return { w, h, data: img.data };

@@ -69,16 +69,18 @@ function clip8(v) {
 function horizontal(src, outW, rowFirst, rows, c, shift) {
   const out = new Uint8Array(outW * rows * 4);
   const { ksize, kk, bounds } = c;
+  const d = src.data, stride = src.w * 4; // locals: the loops below are the page's hottest
   for (let yy = 0; yy < rows; yy++) {
-    const row = (yy + rowFirst) * src.w * 4;
-    for (let xx = 0; xx < outW; xx++) {
-      const xmin = bounds[xx * 2] - shift, xmax = bounds[xx * 2 + 1], k = xx * ksize;
+    const row = (yy + rowFirst) * stride;
+    let o = yy * outW * 4;
+    for (let xx = 0; xx < outW; xx++, o += 4) {
+      const xmax = bounds[xx * 2 + 1], k = xx * ksize;
+      let p = row + (bounds[xx * 2] - shift) * 4;
       let s0 = HALF, s1 = HALF, s2 = HALF;
-      for (let x = 0; x < xmax; x++) {
-        const p = row + (x + xmin) * 4, kv = kk[k + x];
-        s0 += src.data[p] * kv; s1 += src.data[p + 1] * kv; s2 += src.data[p + 2] * kv;
+      for (let x = 0; x < xmax; x++, p += 4) {
+        const kv = kk[k + x];
+        s0 += d[p] * kv; s1 += d[p + 1] * kv; s2 += d[p + 2] * kv;
       }
-      const o = (yy * outW + xx) * 4;
       out[o] = clip8(s0); out[o + 1] = clip8(s1); out[o + 2] = clip8(s2); out[o + 3] = 255;
     }
   }
@@ -88,16 +90,21 @@ function horizontal(src, outW, rowFirst, rows, c, shift) {
 function vertical(src, outH, c, shift, colFirst, cols) {
   const out = new Uint8Array(cols * outH * 4);
   const { ksize, kk, bounds } = c;
+  const d = src.data, stride = src.w * 4;
+  const acc = new Float64Array(cols * 3); // row by row: the source is read in memory order
   for (let yy = 0; yy < outH; yy++) {
     const ymin = bounds[yy * 2] - shift, ymax = bounds[yy * 2 + 1], k = yy * ksize;
-    for (let xx = 0; xx < cols; xx++) {
-      let s0 = HALF, s1 = HALF, s2 = HALF;
-      for (let y = 0; y < ymax; y++) {
-        const p = ((y + ymin) * src.w + xx + colFirst) * 4, kv = kk[k + y];
-        s0 += src.data[p] * kv; s1 += src.data[p + 1] * kv; s2 += src.data[p + 2] * kv;
+    acc.fill(HALF);
+    for (let y = 0; y < ymax; y++) {
+      const kv = kk[k + y];
+      let p = (y + ymin) * stride + colFirst * 4;
+      for (let xx = 0, a = 0; xx < cols; xx++, p += 4, a += 3) {
+        acc[a] += d[p] * kv; acc[a + 1] += d[p + 1] * kv; acc[a + 2] += d[p + 2] * kv;
       }
-      const o = (yy * cols + xx) * 4;
-      out[o] = clip8(s0); out[o + 1] = clip8(s1); out[o + 2] = clip8(s2); out[o + 3] = 255;
+    }
+    let o = yy * cols * 4;
+    for (let xx = 0, a = 0; xx < cols; xx++, a += 3, o += 4) {
+      out[o] = clip8(acc[a]); out[o + 1] = clip8(acc[a + 1]); out[o + 2] = clip8(acc[a + 2]); out[o + 3] = 255;
     }
   }
   return { w: cols, h: outH, data: out };
