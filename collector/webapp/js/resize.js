@@ -62,7 +62,7 @@ function coeffs(inSize, in0, in1, outSize, filter) {
 function clip8(v) {
   if (v >= (1 << PRECISION_BITS) * 256) return 255;
   if (v <= 0) return 0;
-  return Math.floor(v / (1 << PRECISION_BITS));
+  return v >> PRECISION_BITS;
 }
 
 // Images here: {w, h, data: Uint8Array of w*h*4 (RGBA; A ignored)}
@@ -78,8 +78,9 @@ function horizontal(src, outW, rowFirst, rows, c, shift) {
       let p = row + (bounds[xx * 2] - shift) * 4;
       let s0 = HALF, s1 = HALF, s2 = HALF;
       for (let x = 0; x < xmax; x++, p += 4) {
+        // int32 arithmetic as in C: |sums| stay below 2^31 (255 · 2^22 · the filter's overshoot)
         const kv = kk[k + x];
-        s0 += d[p] * kv; s1 += d[p + 1] * kv; s2 += d[p + 2] * kv;
+        s0 = (s0 + Math.imul(d[p], kv)) | 0; s1 = (s1 + Math.imul(d[p + 1], kv)) | 0; s2 = (s2 + Math.imul(d[p + 2], kv)) | 0;
       }
       out[o] = clip8(s0); out[o + 1] = clip8(s1); out[o + 2] = clip8(s2); out[o + 3] = 255;
     }
@@ -91,7 +92,7 @@ function vertical(src, outH, c, shift, colFirst, cols) {
   const out = new Uint8Array(cols * outH * 4);
   const { ksize, kk, bounds } = c;
   const d = src.data, stride = src.w * 4;
-  const acc = new Float64Array(cols * 3); // row by row: the source is read in memory order
+  const acc = new Int32Array(cols * 3); // row by row: the source is read in memory order
   for (let yy = 0; yy < outH; yy++) {
     const ymin = bounds[yy * 2] - shift, ymax = bounds[yy * 2 + 1], k = yy * ksize;
     acc.fill(HALF);
@@ -99,7 +100,7 @@ function vertical(src, outH, c, shift, colFirst, cols) {
       const kv = kk[k + y];
       let p = (y + ymin) * stride + colFirst * 4;
       for (let xx = 0, a = 0; xx < cols; xx++, p += 4, a += 3) {
-        acc[a] += d[p] * kv; acc[a + 1] += d[p + 1] * kv; acc[a + 2] += d[p + 2] * kv;
+        acc[a] += Math.imul(d[p], kv); acc[a + 1] += Math.imul(d[p + 1], kv); acc[a + 2] += Math.imul(d[p + 2], kv);
       }
     }
     let o = yy * cols * 4;
