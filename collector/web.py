@@ -61,7 +61,8 @@ def routes_module() -> str:
     page has no second copy of a route or a limit."""
     values = {
         name: getattr(routes, name) for name in (
-            "HEALTH", "REGISTER", "ME", "MODEL_CARD", "MODEL_FILE", "MODEL_ATTESTATIONS", "ITEMS", "AUTH_HEADER",
+            "HEALTH", "REGISTER", "ME", "MODEL_CARD", "MODEL_CARD_BY_ID", "MODEL_FILE", "MODEL_ATTESTATIONS", "ITEMS",
+            "STATS", "AUTH_HEADER",
             "BEARER", "ENROLMENT_HEADER", "KEEP_TOKEN_PARAM", "DEFAULT_TIMEOUT_S", "MAX_BATCH_ITEMS", "WEB_TRUST_KEY",
             "MAX_ATTESTATIONS")
     }
@@ -114,6 +115,11 @@ def page() -> Response:
     if ort_dir() is None:
         return _missing_ort()
     return _file(WEBAPP_DIR / "index.html")
+
+
+@web.get(routes.WEB_STAFF)
+def staff_page() -> Response:
+    return _file(WEBAPP_DIR / "staff.html")
 
 
 @web.get(routes.WEB_ROUTES_JS)

@@ -61,3 +61,4 @@ WEB_STATIC = "/app/static/<path:name>"
 WEB_ORT = "/app/ort/<name>"
 WEB_TRUST_KEY = "/app/trust/release-key.pub.json"
 WEB_ROUTES_JS = "/app/static/js/routes.js"  # these routes and limits as an ES module, made from this file
+WEB_STAFF = "/app/staff/"  # GET: the operator's and auditor's view (their token, kept in the page's memory only)
