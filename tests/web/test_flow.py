@@ -7,6 +7,7 @@ outputs (the Python client's, for the same photos)."""
 from __future__ import annotations
 
 import hashlib
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,12 @@ def bad_files(tmp_path: Path, good: Path) -> dict[Path, str]:
     heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200))
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(good.read_bytes()[:300])
-    return {notes: "not a recognised image format", heic: "use the Python client", cut: "cannot decode image"}
+    # a PNG whose header claims 20000x20000 pixels: refused before decoding
+    huge = tmp_path / "panorama.png"
+    ihdr = b"IHDR" + (20000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr + zlib.crc32(ihdr).to_bytes(4, "big"))
+    return {notes: "not a recognised image format", heic: "use the Python client", cut: "cannot decode image",
+            huge: "20000x20000 pixels exceeds the limit"}
 
 
 def wait_flag(page: Any, flag: str) -> None:
@@ -107,7 +113,7 @@ def test_participant_flow_and_what_leaves_the_page(live, page_of, tmp_path):
     assert len(problems) == len(bad)
     for path, words in bad.items():
         assert any(line.startswith(path.name + ":") and words in line for line in problems), (path.name, problems)
-    assert "20 to send, 0 already sent, 3 skipped" in page.text_content("#photo-state")
+    assert "20 to send, 0 already sent, 4 skipped" in page.text_content("#photo-state")
     screenshot(page, "photos")
     page.click("#upload-btn")
     wait_flag(page, "uploaded")

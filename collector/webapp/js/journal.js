@@ -3,26 +3,27 @@
 const DB = 'pric-participant';
 const STORES = ['config', 'consent', 'done'];
 
+let opened = null; // one connection for the page's life: opening one per lookup cost ~1 ms a photo
+
 function open() {
-  return new Promise((resolve, reject) => {
+  opened = opened || new Promise((resolve, reject) => {
     const req = indexedDB.open(DB, 1);
     req.onupgradeneeded = () => { for (const s of STORES) if (!req.result.objectStoreNames.contains(s)) req.result.createObjectStore(s); };
     req.onsuccess = () => resolve(req.result);
-    req.onerror = () => reject(new Error(`the browser's storage (IndexedDB) cannot be opened: ${req.error}`));
+    req.onerror = () => { opened = null; reject(new Error(`the browser's storage (IndexedDB) cannot be opened: ${req.error}`)); };
   });
+  return opened;
 }
 
 async function tx(store, mode, fn) {
   const db = await open();
-  try {
-    return await new Promise((resolve, reject) => {
-      const t = db.transaction(store, mode);
-      const out = fn(t.objectStore(store));
-      t.oncomplete = () => resolve(out && 'result' in out ? out.result : undefined);
-      t.onerror = () => reject(t.error);
-      t.onabort = () => reject(t.error || new Error('storage transaction aborted'));
-    });
-  } finally { db.close(); }
+  return new Promise((resolve, reject) => {
+    const t = db.transaction(store, mode);
+    const out = fn(t.objectStore(store));
+    t.oncomplete = () => resolve(out && 'result' in out ? out.result : undefined);
+    t.onerror = () => reject(t.error);
+    t.onabort = () => reject(t.error || new Error('storage transaction aborted'));
+  });
 }
 
 export const get = (store, key) => tx(store, 'readonly', (s) => s.get(key));
