@@ -60,6 +60,7 @@ def test_tampered_attestation_is_refused(live, page_of, tmp_path):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_attestation_by_a_key_the_page_does_not_trust(live, page_of, tmp_path):
     models = models_copy(tmp_path)
     model_dir = models / "pric-male"

@@ -21,6 +21,10 @@ function alertMsg(text, ok = false) { const a = $('alert'); a.textContent = text
 function problem(name, text) { const li = document.createElement('li'); li.textContent = `${name}: ${text}`; $('problems').append(li); }
 
 async function start() {
+  if (!window.isSecureContext || !crypto.subtle) {
+    alertMsg('This page must be opened over HTTPS (or on this computer\'s loopback address): only there does the browser offer the cryptography that checks the model.');
+    return;
+  }
   state.me = await journal.get('config', 'me');
   if (!state.me) { show('join'); return; }
   await joined();

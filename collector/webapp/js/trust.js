@@ -28,7 +28,9 @@ export async function loadKey(json) {
   if (raw.length !== 32) throw new TrustError('trust anchor: an Ed25519 public key has 32 bytes');
   const keyid = await sha256(raw);
   if (json.keyid && json.keyid !== keyid) throw new TrustError('trust anchor: its keyid does not match its key');
-  const key = await crypto.subtle.importKey('raw', raw, { name: 'Ed25519' }, false, ['verify']);
+  let key;
+  try { key = await crypto.subtle.importKey('raw', raw, { name: 'Ed25519' }, false, ['verify']); }
+  catch { throw new TrustError('this browser cannot verify Ed25519 signatures (WebCrypto); use a current browser or the Python client'); }
   return { keyid, name: String(json.name || '').slice(0, 200), key };
 }
 
