@@ -7,6 +7,7 @@ setup`) are missing."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -114,6 +115,8 @@ def page_of(browser: Any) -> Iterator[Callable[[Live], Any]]:
 
 
 def screenshot(page: Any, name: str) -> None:
-    """docs/images/web-<name>.png, shown in docs/participant.md."""
-    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(IMAGES_DIR / f"web-{name}.png"), full_page=True)
+    """web-<name>.png: into docs/images (shown in docs/participant.md) with
+    PRIC_WEB_SCREENSHOTS=1, else into a temporary folder (a test run leaves the docs as they are)."""
+    folder = IMAGES_DIR if os.environ.get("PRIC_WEB_SCREENSHOTS") == "1" else Path(tempfile.gettempdir()) / "pric-web-shots"
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"web-{name}.png"), full_page=True)

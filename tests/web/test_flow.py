@@ -100,6 +100,7 @@ def test_participant_flow_and_what_leaves_the_page(live, page_of, tmp_path):
     page.wait_for_selector("#agree-btn:not([hidden])")
     summary = page.text_content("#summary")
     assert "Model pric-male@6" in summary and "Audited by PRIC project release key" in summary and "hides: Male" in summary
+    assert page.is_hidden("#photos")  # nothing can be picked before consent
     screenshot(page, "consent")
     page.click("#agree-btn")
     page.wait_for_selector("#photos:not([hidden])")

@@ -16,7 +16,7 @@ const MAX_PREVIEWS = 24;
 const state = { me: null, key: null, card: null, model: null, pending: [], files: [] };
 window.pric = state; // for the tests (read-only use)
 
-function show(id, on = true) { $(id).hidden = !on; }
+function show(id, on = true) { $(id).hidden = !on; } // on: a boolean (undefined would mean true)
 function alertMsg(text, ok = false) { const a = $('alert'); a.textContent = text; a.className = ok ? 'ok' : ''; a.hidden = !text; }
 function problem(name, text) { const li = document.createElement('li'); li.textContent = `${name}: ${text}`; $('problems').append(li); }
 
@@ -69,7 +69,7 @@ async function checkModel() {
     $('summary').textContent = summary(card, good, 1).join('\n');
     show('summary'); show('trust-note');
     const consent = await journal.get('consent', card.model_id);
-    const agreed = consent && consent.sha256 === card.sha256 && consent.card === await cardDigest(card);
+    const agreed = Boolean(consent && consent.sha256 === card.sha256 && consent.card === await cardDigest(card));
     $('model-state').textContent = agreed ? `You agreed to model ${card.model_id}.` : 'Read what the audit measured, then agree or leave.';
     show('agree-btn', !agreed);
     show('photos', agreed);
