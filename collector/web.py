@@ -62,7 +62,7 @@ def routes_module() -> str:
     values = {
         name: getattr(routes, name) for name in (
             "HEALTH", "REGISTER", "ME", "MODEL_CARD", "MODEL_CARD_BY_ID", "MODEL_FILE", "MODEL_ATTESTATIONS", "ITEMS",
-            "STATS", "AUTH_HEADER",
+            "STATS", "AUTH_HEADER", "MAX_BODY_BYTES",
             "BEARER", "ENROLMENT_HEADER", "KEEP_TOKEN_PARAM", "DEFAULT_TIMEOUT_S", "MAX_BATCH_ITEMS", "WEB_TRUST_KEY",
             "MAX_ATTESTATIONS")
     }

@@ -107,14 +107,17 @@ def test_participant_flow_and_what_leaves_the_page(live, page_of, tmp_path):
     me = page.evaluate("() => ({token: window.pric.me.token, key: Array.from(window.pric.me.item_key)})")
     token, item_key = me["token"], bytes(me["key"])
 
-    # 20 good photos and the bad ones: each bad one named with one line, the rest go on
-    page.set_input_files("#files", [str(p) for p in good[:20]] + [str(p) for p in bad])
+    # 20 good photos, one of them twice under another name, and the bad ones: each bad one
+    # named with one line, the rest go on, the copy is sent once
+    copy = tmp_path / "copy-of-holiday.jpg"
+    copy.write_bytes(good[0].read_bytes())
+    page.set_input_files("#files", [str(p) for p in good[:20]] + [str(copy)] + [str(p) for p in bad])
     wait_flag(page, "ready")
     problems = page.locator("#problems li").all_text_contents()
     assert len(problems) == len(bad)
     for path, words in bad.items():
         assert any(line.startswith(path.name + ":") and words in line for line in problems), (path.name, problems)
-    assert "20 to send, 0 already sent, 4 skipped" in page.text_content("#photo-state")
+    assert "20 to send, 1 already sent, 4 skipped" in page.text_content("#photo-state")
     screenshot(page, "photos")
     page.click("#upload-btn")
     wait_flag(page, "uploaded")
@@ -163,7 +166,7 @@ def test_participant_flow_and_what_leaves_the_page(live, page_of, tmp_path):
     sent: list[str] = []
     for r in lv.requests:
         body = r["body"] or b""
-        for p in [*good, *bad]:
+        for p in [*good, *bad, copy]:
             assert p.name.encode() not in body and p.stem.encode() not in body
         assert b"secret-exif" not in body and b"Exif" not in body
         if r["method"] == "POST" and r["url"] == lv.url + routes.REGISTER:

@@ -10,7 +10,7 @@ import { TrustError, cardDigest, checkPolicy, loadKey, summary, verifiedAttestat
 import { encodeBatch } from './wire.js';
 
 const $ = (id) => document.getElementById(id);
-const UPLOAD_BATCH = 64; // items per upload (protocol.routes.MAX_BATCH_ITEMS at most)
+const UPLOAD_BATCH = 64; // items per upload at most (and within MAX_BATCH_ITEMS and MAX_BODY_BYTES)
 const RUN_CHUNK = 16;    // photos per onnxruntime call, as the Python client
 const MAX_PREVIEWS = 24;
 const state = { me: null, key: null, card: null, model: null, pending: [], files: [] };
@@ -103,11 +103,20 @@ function preview(name, pixels, out) {
 
 /** Transform the picked photos here; bad ones are reported by name and skipped. */
 async function pick(ev) {
+  try { await transformPicked(ev); }
+  catch (err) { alertMsg(err.message); }
+  finally { pickers(true); document.body.dataset.ready = String(Date.now()); }
+}
+
+async function transformPicked(ev) {
   alertMsg('');
   $('problems').replaceChildren(); $('previews').replaceChildren();
+  show('upload-btn', false);
+  pickers(false); // one pick at a time
   const files = Array.from(ev.target.files || []);
   state.pending = [];
   let known = 0, bad = 0, done = 0;
+  const seen = new Set(); // item ids of this pick: a photo picked twice is sent once
   const prog = $('progress'); prog.max = files.length || 1; prog.value = 0; show('progress');
   const card = state.card;
   let chunk = [];
@@ -122,8 +131,9 @@ async function pick(ev) {
     try {
       const bytes = new Uint8Array(await f.arrayBuffer());
       const id = await itemId(state.key, await sha256(bytes), card.sha256);
-      if (await journal.isDone(card.model_id, id) || state.pending.some((p) => p.item_id === id) || chunk.some((c) => c.id === id)) { known++; }
+      if (seen.has(id) || await journal.isDone(card.model_id, id)) { known++; }
       else {
+        seen.add(id);
         const faces = await modelInputs(bytes, card);
         // one item per photo, as the Python client: its first face
         chunk.push({ id, name, pixels: faces[0] });
@@ -141,18 +151,22 @@ async function pick(ev) {
   $('photo-state').textContent = `${state.pending.length} to send, ${known} already sent, ${bad} skipped (see below). Nothing has left this device yet.`;
   $('upload-btn').textContent = `Upload ${state.pending.length} photos' model outputs`;
   show('upload-btn', state.pending.length > 0);
-  document.body.dataset.ready = String(Date.now());
 }
+
+function pickers(on) { for (const id of ['files', 'folder']) $(id).disabled = !on; }
 
 async function upload() {
   alertMsg('');
   show('upload-btn', false);
+  pickers(false); // a new pick would replace the photos being sent
   const card = state.card, total = state.pending.length;
+  const perItem = 4 * card.output.shape.reduce((a, b) => a * b, 1) + 200; // values + header share, bytes
+  const batchSize = Math.max(1, Math.min(UPLOAD_BATCH, R.MAX_BATCH_ITEMS, Math.floor(R.MAX_BODY_BYTES / 2 / perItem)));
   const prog = $('progress'); prog.max = total; prog.value = 0;
   let sent = 0, stored = 0, dups = 0;
   try {
     while (state.pending.length) {
-      const batch = state.pending.slice(0, UPLOAD_BATCH);
+      const batch = state.pending.slice(0, batchSize);
       const got = await api.upload(state.me.token, encodeBatch(card, batch));
       await journal.markDone(card.model_id, batch.map((b) => b.item_id)); // acknowledged: never sent again
       state.pending.splice(0, batch.length);
@@ -166,6 +180,7 @@ async function upload() {
     $('upload-btn').textContent = `Upload the remaining ${state.pending.length}`;
     show('upload-btn');
   }
+  pickers(true);
   document.body.dataset.uploaded = String(Date.now());
   refreshStatus();
 }
