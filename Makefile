@@ -4,17 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup web-setup test test-fast demo clean
 
 setup: $(STAMP)
 
 # torch is pinned and installed first: an unpinned torch pulls several GB of CUDA wheels.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml package-lock.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[all]'
+	$(MAKE) web-setup
 	touch $(STAMP)
+
+# The participant's page (collector/webapp) runs onnxruntime-web from node_modules, pinned
+# by package-lock.json; nothing is vendored or fetched at run time. Skipped without npm.
+web-setup:
+	@if command -v npm >/dev/null; then npm ci --ignore-scripts --no-audit --no-fund; \
+	else echo "npm not found: the participant's web page stays off (the collector answers 503)"; fi
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -26,4 +33,4 @@ demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache node_modules

@@ -47,6 +47,7 @@ from collector.auth import (
     require_role,
 )
 from collector.db import Database, default_database_url
+from collector.web import web as web_page
 from collector.registry import ModelRegistry, default_auditor_keys, load_trusted_keys, recorded_card
 from protocol import routes
 from protocol.errors import (
@@ -160,6 +161,7 @@ def create_app(config: dict | None = None) -> Flask:
     with _ROUTING_LOCK:
         app = Flask(__name__)
         app.register_blueprint(api)
+        app.register_blueprint(web_page)  # the participant's page (collector.web)
     app.config.update(DEFAULTS)
     app.config.update(config or {})
     data_dir = Path(app.config["DATA_DIR"])

@@ -53,3 +53,12 @@ def model_card_url(model_id: str) -> str:
 
 def model_attestations_url(model_id: str) -> str:
     return MODEL_ATTESTATIONS.replace("<model_id>", model_id)
+
+# The participant's page, served by the collector (collector.web): the page, its modules,
+# onnxruntime-web's files (from node_modules), and the project's release key it trusts.
+WEB_APP = "/app/"
+WEB_STATIC = "/app/static/<path:name>"
+WEB_ORT = "/app/ort/<name>"
+WEB_TRUST_KEY = "/app/trust/release-key.pub.json"
+WEB_ROUTES_JS = "/app/static/js/routes.js"  # these routes and limits as an ES module, made from this file
+WEB_STAFF = "/app/staff/"  # GET: the operator's and auditor's view (their token, kept in the page's memory only)

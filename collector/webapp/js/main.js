@@ -1,0 +1,216 @@
+// The participant's page: join, check the model and its audit, consent, transform photos
+// here, upload only the model's outputs, resume after a reload, status, withdraw.
+import * as api from './api.js';
+import * as journal from './journal.js';
+import { itemId, itemKey, sha256 } from './ids.js';
+import { Model } from './model.js';
+import { PhotoError, modelInputs } from './photos.js';
+import * as R from './routes.js';
+import { TrustError, cardDigest, checkPolicy, loadKey, summary, verifiedAttestations } from './trust.js';
+import { encodeBatch } from './wire.js';
+
+const $ = (id) => document.getElementById(id);
+const UPLOAD_BATCH = 64; // items per upload at most (and within MAX_BATCH_ITEMS and MAX_BODY_BYTES)
+const RUN_CHUNK = 16;    // photos per onnxruntime call, as the Python client
+const MAX_PREVIEWS = 24;
+const state = { me: null, key: null, card: null, model: null, pending: [], files: [] };
+window.pric = state; // for the tests (read-only use)
+
+function show(id, on = true) { $(id).hidden = !on; } // on: a boolean (undefined would mean true)
+function alertMsg(text, ok = false) { const a = $('alert'); a.textContent = text; a.className = ok ? 'ok' : ''; a.hidden = !text; }
+function problem(name, text) { const li = document.createElement('li'); li.textContent = `${name}: ${text}`; $('problems').append(li); }
+
+async function start() {
+  if (!window.isSecureContext || !crypto.subtle) {
+    alertMsg('This page must be opened over HTTPS (or on this computer\'s loopback address): only there does the browser offer the cryptography that checks the model.');
+    return;
+  }
+  state.me = await journal.get('config', 'me');
+  if (!state.me) { show('join'); return; }
+  await joined();
+}
+
+async function join() {
+  alertMsg('');
+  try {
+    const got = await api.register($('invite').value.trim());
+    const raw = crypto.getRandomValues(new Uint8Array(32)); // this participant's item-id secret
+    state.me = { participant_id: got.participant_id, token: got.token, item_key: raw };
+    await journal.put('config', 'me', state.me);
+    show('join', false);
+    await joined();
+  } catch (err) { alertMsg(err.message); }
+}
+
+async function joined() {
+  $('who').textContent = `Joined as participant ${state.me.participant_id}`;
+  state.key = await itemKey(state.me.item_key);
+  show('model'); show('status');
+  refreshStatus();
+  await checkModel();
+}
+
+/** Card, attestations and model bytes from the collector, verified here before any use. */
+async function checkModel() {
+  try {
+    const tok = state.me.token;
+    const card = await api.modelCard(tok);
+    if (card.kind !== 'features') throw new TrustError(`model ${card.model_id} is a ${card.kind} model: ambiguation is not in the page yet; use the Python client`);
+    const [envs, file, anchor] = await Promise.all([
+      api.attestations(tok, card.model_id), api.modelFile(tok, card.model_id, card.file),
+      api.call(R.WEB_TRUST_KEY, { what: 'trust anchor' })]);
+    const digest = await sha256(file.data);
+    if (digest !== card.sha256) throw new TrustError(`model ${card.model_id}: the served file's sha256 ${digest.slice(0, 12)}… is not the card's`);
+    const key = await loadKey(anchor);
+    const good = await verifiedAttestations(card, envs.attestations || [], new Map([[key.keyid, key]]), { [card.file]: digest });
+    for (const v of good) checkPolicy(v.predicate.measured, 1, `model ${card.model_id} (audited by ${v.key.name || v.key.keyid.slice(0, 16)})`);
+    state.card = card;
+    state.model = await Model.load(card, file.data);
+    $('summary').textContent = summary(card, good, 1).join('\n');
+    show('summary'); show('trust-note');
+    const consent = await journal.get('consent', card.model_id);
+    const agreed = Boolean(consent && consent.sha256 === card.sha256 && consent.card === await cardDigest(card));
+    $('model-state').textContent = agreed ? `You agreed to model ${card.model_id}.` : 'Read what the audit measured, then agree or leave.';
+    show('agree-btn', !agreed);
+    show('photos', agreed);
+  } catch (err) {
+    $('model-state').textContent = 'Nothing will be computed or sent.';
+    alertMsg(err instanceof TrustError ? `The model cannot be used: ${err.message}` : err.message);
+  }
+}
+
+async function agree() {
+  await journal.put('consent', state.card.model_id, { sha256: state.card.sha256, card: await cardDigest(state.card), at: new Date().toISOString() });
+  show('agree-btn', false);
+  $('model-state').textContent = `You agreed to model ${state.card.model_id}.`;
+  show('photos');
+}
+
+function preview(name, pixels, out) {
+  if ($('previews').children.length >= MAX_PREVIEWS) return;
+  const s = state.card.input, c = document.createElement('canvas');
+  c.width = s.width; c.height = s.height;
+  const img = new ImageData(s.width, s.height);
+  for (let i = 0; i < s.width * s.height; i++) { img.data.set(pixels.subarray(i * 3, i * 3 + 3), i * 4); img.data[i * 4 + 3] = 255; }
+  c.getContext('2d').putImageData(img, 0, 0);
+  const fig = document.createElement('figure');
+  const cap = document.createElement('figcaption');
+  cap.textContent = `sends ${out.length} numbers`;
+  cap.title = `${name}: stays here; sent: ${Array.from(out.slice(0, 6), (v) => v.toFixed(3)).join(', ')}…`;
+  fig.append(c, cap);
+  $('previews').append(fig);
+}
+
+/** Transform the picked photos here; bad ones are reported by name and skipped. */
+async function pick(ev) {
+  try { await transformPicked(ev); }
+  catch (err) { alertMsg(err.message); }
+  finally { pickers(true); document.body.dataset.ready = String(Date.now()); }
+}
+
+async function transformPicked(ev) {
+  alertMsg('');
+  $('problems').replaceChildren(); $('previews').replaceChildren();
+  show('upload-btn', false);
+  pickers(false); // one pick at a time
+  const files = Array.from(ev.target.files || []);
+  state.pending = [];
+  let known = 0, bad = 0, done = 0;
+  const seen = new Set(); // item ids of this pick: a photo picked twice is sent once
+  const prog = $('progress'); prog.max = files.length || 1; prog.value = 0; show('progress');
+  const card = state.card;
+  let chunk = [];
+  const flush = async () => {
+    if (!chunk.length) return;
+    const outs = await state.model.run(chunk.map((c) => c.pixels));
+    chunk.forEach((c, i) => { state.pending.push({ item_id: c.id, array: outs[i] }); preview(c.name, c.pixels, outs[i]); });
+    chunk = [];
+  };
+  for (const f of files) {
+    const name = f.webkitRelativePath || f.name;
+    try {
+      const bytes = new Uint8Array(await f.arrayBuffer());
+      const id = await itemId(state.key, await sha256(bytes), card.sha256);
+      if (seen.has(id) || await journal.isDone(card.model_id, id)) { known++; }
+      else {
+        seen.add(id);
+        const faces = await modelInputs(bytes, card);
+        // one item per photo, as the Python client: its first face
+        chunk.push({ id, name, pixels: faces[0] });
+        if (chunk.length >= RUN_CHUNK) await flush();
+      }
+    } catch (err) {
+      if (!(err instanceof PhotoError)) { alertMsg(`${name}: ${err.message}`); }
+      else problem(name, err.message);
+      bad++;
+    }
+    prog.value = ++done;
+    $('photo-state').textContent = `${done} of ${files.length} photos looked at here`;
+  }
+  await flush();
+  $('photo-state').textContent = `${state.pending.length} to send, ${known} already sent, ${bad} skipped (see below). Nothing has left this device yet.`;
+  $('upload-btn').textContent = `Upload ${state.pending.length} photos' model outputs`;
+  show('upload-btn', state.pending.length > 0);
+}
+
+function pickers(on) { for (const id of ['files', 'folder']) $(id).disabled = !on; }
+
+async function upload() {
+  alertMsg('');
+  show('upload-btn', false);
+  pickers(false); // a new pick would replace the photos being sent
+  const card = state.card, total = state.pending.length;
+  const perItem = 4 * card.output.shape.reduce((a, b) => a * b, 1) + 200; // values + header share, bytes
+  const batchSize = Math.max(1, Math.min(UPLOAD_BATCH, R.MAX_BATCH_ITEMS, Math.floor(R.MAX_BODY_BYTES / 2 / perItem)));
+  const prog = $('progress'); prog.max = total; prog.value = 0;
+  let sent = 0, stored = 0, dups = 0;
+  try {
+    while (state.pending.length) {
+      const batch = state.pending.slice(0, batchSize);
+      const got = await api.upload(state.me.token, encodeBatch(card, batch));
+      await journal.markDone(card.model_id, batch.map((b) => b.item_id)); // acknowledged: never sent again
+      state.pending.splice(0, batch.length);
+      sent += batch.length; stored += got.stored; dups += got.duplicates;
+      prog.value = sent;
+      $('photo-state').textContent = `Uploaded ${sent} of ${total}`;
+    }
+    alertMsg(`Uploaded ${sent} photos' model outputs (${stored} new, ${dups} the collector already had).`, true);
+  } catch (err) {
+    alertMsg(`${err.message} (${state.pending.length} photos wait; press Upload again)`);
+    $('upload-btn').textContent = `Upload the remaining ${state.pending.length}`;
+    show('upload-btn');
+  }
+  pickers(true);
+  document.body.dataset.uploaded = String(Date.now());
+  refreshStatus();
+}
+
+async function refreshStatus() {
+  try {
+    const me = await api.me(state.me.token);
+    const local = await journal.count('done');
+    $('status-text').textContent = `The collector holds ${me.items} item(s) of yours${Object.keys(me.items_by_model || {}).length ? ' (' + Object.entries(me.items_by_model).map(([m, n]) => `${m}: ${n}`).join(', ') + ')' : ''}; this browser's journal lists ${local}.`;
+  } catch (err) { $('status-text').textContent = err.message; }
+}
+
+async function withdraw() {
+  if (!confirm('Delete everything you uploaded from the collector, and leave?')) return;
+  try {
+    const got = await api.withdraw(state.me.token);
+    await journal.forgetAll();
+    state.me = null; state.pending = [];
+    for (const id of ['model', 'photos', 'status']) show(id, false);
+    $('who').textContent = '';
+    alertMsg(`Withdrawn: the collector deleted ${got.deleted} item(s) and your token; this browser forgot your registration.`, true);
+    show('join');
+  } catch (err) { alertMsg(err.message); }
+}
+
+$('join-btn').addEventListener('click', join);
+$('agree-btn').addEventListener('click', agree);
+$('files').addEventListener('change', pick);
+$('folder').addEventListener('change', pick);
+$('upload-btn').addEventListener('click', upload);
+$('refresh-btn').addEventListener('click', refreshStatus);
+$('withdraw-btn').addEventListener('click', withdraw);
+start().catch((err) => alertMsg(err.message));

@@ -1,0 +1,95 @@
+// Photo → the model's uint8 input, in the page, as protocol.preprocess does it:
+//   bytes ─► sniff (HEIC and non-images refused by name) ─► size guards
+//         ─► decode: createImageBitmap with the file's own colours and EXIF orientation
+//            (colorSpaceConversion 'none', imageOrientation 'from-image'): Chromium's
+//            libjpeg-turbo gives Pillow's pixels
+//         ─► faces (findFaces: the seam for the on-device detector and alignment)
+//         ─► crop box + Pillow's resize (resize.js)            → uint8 (H, W, 3)
+import { prepare } from './resize.js';
+import * as R from './routes.js';
+
+export class PhotoError extends Error {}
+
+/** What the bytes are, from their first bytes (the file name is never trusted). */
+export function sniff(bytes) {
+  const b = bytes.subarray(0, 32);
+  const ascii = (from, to) => String.fromCharCode(...b.subarray(from, to));
+  if (b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return 'jpeg';
+  if (ascii(0, 8) === '\x89PNG\r\n\x1a\n') return 'png';
+  if (ascii(0, 6) === 'GIF87a' || ascii(0, 6) === 'GIF89a') return 'gif';
+  if (ascii(0, 4) === 'RIFF' && ascii(8, 12) === 'WEBP') return 'webp';
+  if (ascii(0, 2) === 'BM') return 'bmp';
+  if (ascii(4, 8) === 'ftyp') {
+    const brand = ascii(8, 12);
+    if (['heic', 'heix', 'heim', 'heis', 'hevc', 'hevx', 'mif1', 'msf1'].includes(brand)) return 'heic';
+    if (brand === 'avif' || brand === 'avis') return 'avif';
+  }
+  return null;
+}
+
+/** Width and height from a JPEG's SOF or a PNG's IHDR, before decoding (null if not found). */
+export function dimensions(bytes, kind) {
+  const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (kind === 'png' && bytes.length >= 24) return [v.getUint32(16), v.getUint32(20)];
+  if (kind === 'jpeg') {
+    let i = 2;
+    while (i + 9 < bytes.length) {
+      if (bytes[i] !== 0xff) { i++; continue; }
+      const m = bytes[i + 1];
+      if (m === 0xff) { i++; continue; }
+      if (m >= 0xc0 && m <= 0xcf && m !== 0xc4 && m !== 0xc8 && m !== 0xcc) return [v.getUint16(i + 7), v.getUint16(i + 5)];
+      if (m === 0xd8 || (m >= 0xd0 && m <= 0xd7) || m === 0x01) { i += 2; continue; }
+      i += 2 + v.getUint16(i + 2);
+    }
+  }
+  return null;
+}
+
+/** Photo bytes → upright RGBA pixels {w, h, data}, or PhotoError naming what is wrong. */
+export async function decode(bytes) {
+  if (bytes.length === 0) throw new PhotoError('empty file');
+  if (bytes.length > R.MAX_FILE_BYTES) throw new PhotoError(`file is larger than ${R.MAX_FILE_BYTES / 2 ** 20} MiB`);
+  const kind = sniff(bytes);
+  if (kind === 'heic') throw new PhotoError('HEIC photo: browsers cannot decode HEIC; use the Python client (pric-client), which reads it');
+  if (kind === null) throw new PhotoError('not a recognised image format');
+  const dims = dimensions(bytes, kind);
+  if (dims && dims[0] * dims[1] > R.MAX_PIXELS) throw new PhotoError(`${dims[0]}x${dims[1]} pixels exceeds the limit of ${R.MAX_PIXELS} (too large to decode safely)`);
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(new Blob([bytes]), { colorSpaceConversion: 'none', imageOrientation: 'from-image', premultiplyAlpha: 'none' });
+  } catch {
+    throw new PhotoError(`cannot decode image (${kind})`);
+  }
+  try {
+    const { width: w, height: h } = bitmap;
+    if (w < 1 || h < 1) throw new PhotoError('image has no pixels');
+    if (w * h > R.MAX_PIXELS) throw new PhotoError(`${w}x${h} pixels exceeds the limit of ${R.MAX_PIXELS}`);
+    const canvas = new OffscreenCanvas(w, h);
+    const ctx = canvas.getContext('2d', { willReadFrequently: true, colorSpace: 'srgb' });
+    // transparency over white, as protocol.preprocess._to_rgb does (a JPEG has none)
+    if (kind !== 'jpeg') {
+      ctx.fillStyle = '#ffffff';
+      ctx.fillRect(0, 0, w, h);
+    }
+    ctx.drawImage(bitmap, 0, 0);
+    const img = ctx.getImageData(0, 0, w, h, { colorSpace: 'srgb' });
+    return { w, h, data: img.data };
+  } finally {
+    bitmap.close();
+  }
+}
+
+/** The faces of a photo as images to prepare. The seam for on-device face finding and
+ * alignment (issue 18's detector and aligner, the same ONNX files as the Python client):
+ * until a card asks for them, the whole upright photo is the one face, and the card's crop
+ * box picks the face region (celeba-aligned photos). */
+export async function findFaces(img, card) {
+  if (card.input && card.input.face) throw new PhotoError('this model asks for face alignment, which the page cannot do yet; use the Python client');
+  return [img];
+}
+
+/** Photo bytes → [uint8 (H, W, 3) model input per face]. */
+export async function modelInputs(bytes, card) {
+  const img = await decode(bytes);
+  return (await findFaces(img, card)).map((face) => prepare(face, card.input));
+}
