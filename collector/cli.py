@@ -9,6 +9,9 @@
     pric-collector backup --data-dir DIR --out FILE
     pric-collector invite create --data-dir DIR [--count N]
     pric-collector token revoke --data-dir DIR (--participant ID_OR_PSEUDONYM | --token-file FILE|-)
+    pric-collector db upgrade|current --data-dir DIR [--no-backup]
+    pric-collector worker --data-dir DIR [--once] [--max-attempts 3] [--lease 60] [--poll 1]
+    pric-collector jobs list|show ID --data-dir DIR [--json]
 
 Every command takes `--database-url` (e.g. postgresql+psycopg://user@host/pric) instead of
 the SQLite file under `--data-dir`. stats, train, token and model work on the database
@@ -16,7 +19,9 @@ directly, with or without a running server.
 
 Exit codes: 0 ok; 1 other error; 2 bad argument or input; 3 invalid payload; 4 unknown
 or damaged model; 6 forbidden; 7 not found; 9 database unreachable; 10 the database holds
-less than the collector acknowledged (lost or damaged WAL): restore a backup.
+less than the collector acknowledged (lost or damaged WAL): restore a backup; 13 the
+database's schema is older than this release's (run `pric-collector db upgrade`) or newer;
+14 a schema migration failed (rolled back: the database is as it was).
 """
 
 from __future__ import annotations
@@ -154,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     storage(b)
     b.add_argument("--out", required=True, help="backup file to create (must not exist)")
 
+    d = sub.add_parser("db", help="the database schema: show its revision, upgrade it")
+    dsub = d.add_subparsers(dest="db_command", required=True)
+    du = dsub.add_parser("upgrade", help="migrate the database to this release's schema (a SQLite file is first "
+                                         "backed up next to itself)")
+    storage(du)
+    du.add_argument("--no-backup", action="store_true", help="SQLite: skip the copy taken before migrating")
+    dc = dsub.add_parser("current", help="print the database's schema revision and this release's")
+    storage(dc)
+
     m = sub.add_parser("model", help="list, retire or reactivate models")
     msub = m.add_subparsers(dest="model_command", required=True)
     ml = msub.add_parser("list")
@@ -196,11 +210,17 @@ def _redact(args: argparse.Namespace) -> str:
 def _database(args: argparse.Namespace):
     from collector.db import DB_FILE, Database, default_database_url
 
-    if args.command in ("stats", "train") and not args.database_url and not (Path(args.data_dir) / DB_FILE).is_file():
+    if args.command in ("stats", "train", "db", "jobs") and not args.database_url \
+            and not (Path(args.data_dir) / DB_FILE).is_file():
         raise NotFoundError(f"{args.data_dir}: no collector database here (start `pric-collector serve` on it first)")
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     db = Database(args.database_url or default_database_url(args.data_dir))
-    db.create_all()
+    try:
+        # backup and db work on any schema revision (a backup before upgrading); the rest need the current one
+        db.prepare("any" if args.command in ("backup", "db") else "serve")
+    except BaseException:
+        db.dispose(checkpoint=False)
+        raise
     return db
 
 
@@ -233,6 +253,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _model(db, args)
         if args.command == "backup":
             return _backup(db, args)
+        if args.command == "db":
+            return _db(db, args)
     finally:
         db.dispose()
     raise AssertionError(args.command)
@@ -469,6 +491,32 @@ def _backup(db, args: argparse.Namespace) -> int:
     summary = backup(db, Path(args.out))
     print(f"backup: {args.out} ({summary['items']} items, {summary['participants']} participants, "
           f"{summary['bytes']} bytes; integrity check ok)")
+    return 0
+
+
+def _db(db, args: argparse.Namespace) -> int:
+    import datetime
+
+    from collector import migrations
+    from collector.store import backup
+
+    with db.read() as conn:
+        state = migrations.schema_state(conn)
+    if args.db_command == "current":
+        print(f"database {db.display_name}: schema revision {state.describe()}; this release's: {state.head}"
+              f"{'' if state.at_head or state.empty else ' (run `pric-collector db upgrade`)'}")
+        return 0
+    if state.at_head:
+        print(f"database {db.display_name}: already at schema revision {state.head}")
+        return 0
+    if db.is_sqlite and db.path is not None and not state.empty and not args.no_backup and state.known:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out = db.path.with_name(f"{db.path.name}.before-{state.head}-{stamp}")
+        summary = backup(db, out)
+        print(f"backup: {out} ({summary['items']} items, {summary['participants']} participants)")
+    db.prepare("upgrade")
+    before, after = db.last_upgrade or (state.revision, state.head)
+    print(f"database {db.display_name}: upgraded schema from {before or 'empty'} to {after}")
     return 0
 
 
