@@ -21,6 +21,7 @@ ITEMS = f"{API}/items"                       # POST: upload a batch (participant
 STATS = f"{API}/stats"                       # GET: operator only
 TRAIN = f"{API}/train"                       # POST: operator only, {"task": "Smiling"}
 EXPORT = f"{API}/export"                     # GET: auditor/operator, read-only stored items
+JOB = f"{API}/jobs/<job_id>"                 # GET: operator, a queued job's status and result (POST TRAIN's answer)
 
 AUTH_HEADER = "Authorization"
 BEARER = "Bearer "
@@ -53,3 +54,7 @@ def model_card_url(model_id: str) -> str:
 
 def model_attestations_url(model_id: str) -> str:
     return MODEL_ATTESTATIONS.replace("<model_id>", model_id)
+
+
+def job_url(job_id: int) -> str:
+    return JOB.replace("<job_id>", str(job_id))

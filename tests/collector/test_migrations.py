@@ -46,6 +46,16 @@ def release_folder(data_dir: Path) -> Path:
     return data_dir
 
 
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / DB_FILE}"
+
+
+def on_sqlite(data_dir: Path) -> list[str]:
+    """The options naming the data folder's SQLite file explicitly (so that these tests use
+    the release's SQLite file also when PRIC_TEST_DATABASE_URL points the others elsewhere)."""
+    return ["--data-dir", str(data_dir), "--database-url", sqlite_url(data_dir)]
+
+
 def rows(url_or_path, tables=RELEASE_TABLES) -> dict[str, list[tuple]]:
     """Every row of every table, in a stable order (meta's commit counter left out: it counts writes)."""
     url = url_or_path if isinstance(url_or_path, str) else f"sqlite:///{url_or_path / DB_FILE}"
@@ -63,7 +73,7 @@ def rows(url_or_path, tables=RELEASE_TABLES) -> dict[str, list[tuple]]:
 
 def test_a_new_database_is_created_at_head_and_matches_the_code(tmp_path, tiny_model_dir):
     app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(tiny_model_dir)})
-    db = app.extensions["pric"].db
+    db = app.extensions["pric"].db  # SQLite, or PostgreSQL under PRIC_TEST_DATABASE_URL
     with db.read() as conn:
         state = migrations.schema_state(conn)
         assert state.at_head and state.revision == migrations.head()
@@ -97,16 +107,16 @@ def test_a_release_folder_is_refused_then_upgrades_in_place_and_serves(tmp_path,
     assert len(before["items"]) == 12 and len(before["participants"]) == 3 and len(before["tokens"]) == 5
 
     # serve (and every command that needs the schema) refuses, in one line naming the fix
-    assert main(["serve", "--data-dir", str(data), "--models-dir", str(tiny_model_dir), "--port", "0"]) == 13
+    assert main(["serve", *on_sqlite(data), "--models-dir", str(tiny_model_dir), "--port", "0"]) == 13
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pric-collector db upgrade" in err and "unversioned" in err
-    assert main(["stats", "--data-dir", str(data)]) == 13
+    assert main(["stats", *on_sqlite(data)]) == 13
     with pytest.raises(SchemaNotCurrentError):
-        create_app({"DATA_DIR": str(data), "MODELS_DIR": str(tiny_model_dir)})
+        create_app({"DATA_DIR": str(data), "DATABASE_URL": sqlite_url(data), "MODELS_DIR": str(tiny_model_dir)})
     assert rows(data) == before
     capsys.readouterr()
 
-    assert main(["db", "upgrade", "--data-dir", str(data)]) == 0
+    assert main(["db", "upgrade", *on_sqlite(data)]) == 0
     out = capsys.readouterr().out
     assert f"upgraded schema from {migrations.BASELINE} to {migrations.head()}" in out
     backups = list(data.glob(f"{DB_FILE}.before-*"))
@@ -116,13 +126,14 @@ def test_a_release_folder_is_refused_then_upgrades_in_place_and_serves(tmp_path,
     assert copy.execute("SELECT count(*) FROM sqlite_master WHERE name = 'alembic_version'").fetchone() == (0,)
     copy.close()
     assert rows(data) == before  # every row survives
-    assert main(["db", "upgrade", "--data-dir", str(data)]) == 0
+    assert main(["db", "upgrade", *on_sqlite(data)]) == 0
     assert "already at" in capsys.readouterr().out
-    assert main(["db", "current", "--data-dir", str(data)]) == 0
+    assert main(["db", "current", *on_sqlite(data)]) == 0
     assert f"schema revision {migrations.head()}" in capsys.readouterr().out
 
     # the upgraded collector serves the old data to the old tokens
-    app = create_app({"DATA_DIR": str(data), "MODELS_DIR": str(tiny_model_dir), "ALLOW_UNATTESTED": True})
+    app = create_app({"DATA_DIR": str(data), "DATABASE_URL": sqlite_url(data), "MODELS_DIR": str(tiny_model_dir),
+                      "ALLOW_UNATTESTED": True})
     client = app.test_client()
     bearer = {k: {routes.AUTH_HEADER: routes.BEARER + v} for k, v in RELEASE_TOKENS.items()}
     assert client.get(routes.ME, headers=bearer["participant0"]).json["items"] == 6
@@ -159,27 +170,28 @@ def test_a_failing_revision_leaves_the_release_data_untouched(tmp_path, monkeypa
     data = release_folder(tmp_path / "data")
     before = rows(data)
     _with_failing_revision(tmp_path, monkeypatch)
-    assert main(["db", "upgrade", "--data-dir", str(data), "--no-backup"]) == 14
+    assert main(["db", "upgrade", *on_sqlite(data), "--no-backup"]) == 14
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "rolled back" in err and "deliberately failing revision" in err
     assert rows(data) == before
     tables = set(inspect(create_engine(f"sqlite:///{data / DB_FILE}", poolclass=NullPool)).get_table_names())
     assert tables == set(RELEASE_TABLES)  # not even the version table or 0002's jobs table
     monkeypatch.undo()
-    assert main(["db", "upgrade", "--data-dir", str(data), "--no-backup"]) == 0  # the real one still applies
+    assert main(["db", "upgrade", *on_sqlite(data), "--no-backup"]) == 0  # the real one still applies
     assert rows(data) == before
 
 
 def test_a_database_from_a_newer_release_is_refused(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "d"
-    create_app({"DATA_DIR": str(data), "MODELS_DIR": str(tiny_model_dir)}).extensions["pric"].db.dispose()
+    create_app({"DATA_DIR": str(data), "DATABASE_URL": sqlite_url(data),
+                "MODELS_DIR": str(tiny_model_dir)}).extensions["pric"].db.dispose()
     conn = sqlite3.connect(data / DB_FILE)
     conn.execute("UPDATE alembic_version SET version_num = 'f00d'")
     conn.commit()
     conn.close()
-    assert main(["stats", "--data-dir", str(data)]) == 13
+    assert main(["stats", *on_sqlite(data)]) == 13
     assert "newer release" in capsys.readouterr().err
-    assert main(["db", "upgrade", "--data-dir", str(data)]) == 13
+    assert main(["db", "upgrade", *on_sqlite(data)]) == 13
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------
