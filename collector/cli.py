@@ -21,7 +21,8 @@ Exit codes: 0 ok; 1 other error; 2 bad argument or input; 3 invalid payload; 4 u
 or damaged model; 6 forbidden; 7 not found; 9 database unreachable; 10 the database holds
 less than the collector acknowledged (lost or damaged WAL): restore a backup; 13 the
 database's schema is older than this release's (run `pric-collector db upgrade`) or newer;
-14 a schema migration failed (rolled back: the database is as it was).
+14 a schema migration failed (rolled back: the database is as it was). `worker --once`
+exits 1 when the job it ran failed.
 """
 
 from __future__ import annotations
