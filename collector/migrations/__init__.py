@@ -14,19 +14,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 SCRIPT_LOCATION = str(Path(__file__).resolve().parent)
 BASELINE = "0001"  # the schema 0.7.0 created with metadata.create_all
+# The newest revision, also written here so that a start on a current database needs no
+# Alembic import (most of a second on a busy machine); test_migrations checks it is the
+# scripts' head.
+HEAD = "0002"
 VERSION_TABLE = "alembic_version"
 
 
 def _config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", SCRIPT_LOCATION)
     cfg.attributes["connection"] = connection
@@ -34,7 +40,9 @@ def _config(connection: Connection | None = None) -> Config:
 
 
 def head() -> str:
-    """The newest revision these scripts know."""
+    """The newest revision these scripts know (read from the scripts)."""
+    from alembic.script import ScriptDirectory
+
     heads = ScriptDirectory.from_config(_config()).get_heads()
     assert len(heads) == 1, f"the collector's migrations have several heads: {heads}"
     return heads[0]
@@ -57,8 +65,10 @@ class SchemaState:
     @property
     def known(self) -> bool:
         """False when the revision is not one of ours (made by a newer release)."""
-        if self.revision is None:
+        if self.revision is None or self.revision == self.head:
             return True
+        from alembic.script import ScriptDirectory
+
         return self.revision in {s.revision for s in ScriptDirectory.from_config(_config()).walk_revisions()}
 
     def describe(self) -> str:
@@ -71,15 +81,24 @@ class SchemaState:
 
 def schema_state(conn: Connection) -> SchemaState:
     tables = set(inspect(conn).get_table_names())
-    revision = MigrationContext.configure(conn).get_current_revision() if VERSION_TABLE in tables else None
+    revision = None
+    if VERSION_TABLE in tables:
+        rows = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).fetchall()
+        if len(rows) > 1:
+            raise ValueError(f"{VERSION_TABLE} holds {len(rows)} revisions; the collector's migrations have one head")
+        revision = rows[0][0] if rows else None
     ours = tables - {VERSION_TABLE}
+    # HEAD without importing Alembic when the database is at it (the usual start)
     return SchemaState(revision=revision, empty=not ours and revision is None,
-                       unversioned=bool(ours) and revision is None, head=head())
+                       unversioned=bool(ours) and revision is None, head=HEAD if revision == HEAD else head())
 
 
 def upgrade(conn: Connection, target: str = "head") -> tuple[str | None, str]:
     """Upgrade the database behind `conn` (inside its open transaction) to `target`;
     returns (revision before, revision after). A 0.7.0 database is first stamped BASELINE."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     state = schema_state(conn)
     if not state.known:
         raise UnknownRevisionError(state.revision)

@@ -82,6 +82,10 @@ def test_a_new_database_is_created_at_head_and_matches_the_code(tmp_path, tiny_m
     db.dispose()
 
 
+def test_the_head_constant_is_the_scripts_head():
+    assert migrations.HEAD == migrations.head()
+
+
 def test_the_first_revision_is_the_release_schema(tmp_path):
     """Upgrading to 0001 makes what 0.7.0's create_all made, table for table, column for column."""
     old = release_folder(tmp_path / "old")
