@@ -169,6 +169,32 @@ def test_a_worker_that_lost_its_lease_records_nothing(people):
     assert classifier_rows(people) == 1  # one classifier, not two
 
 
+def test_concurrent_claims_never_share_a_job(people):
+    """Eight workers (threads, each its own connections) racing for twelve queued jobs:
+    every job is claimed exactly once."""
+    import threading
+
+    op = people.staff("operator")
+    queued = {people.client.post(routes.TRAIN, json={"task": "Smiling", "epochs": e}, headers=op).json["job_id"]
+              for e in range(1, 13)}
+    db, claims, lock = db_of(people), [], threading.Lock()
+    start = threading.Barrier(8)
+
+    def worker(n: int) -> None:
+        start.wait()
+        while (claim := jobs.claim_next(db, lease_s=60, worker=f"w{n}")) is not None:
+            with lock:
+                claims.append(claim)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(c.job_id for c in claims) == sorted(queued)
+    assert len({c.token for c in claims}) == 12 and all(c.attempt == 1 for c in claims)
+
+
 def test_an_error_is_retried_then_fails_after_max_attempts(people, monkeypatch):
     op = people.staff("operator")
     calls = []
