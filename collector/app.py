@@ -30,7 +30,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from collector import store
+from collector import jobs, store
 from collector.auth import (
     AUDITOR,
     OPERATOR,
@@ -483,8 +483,6 @@ def stats() -> Response:
 @api.post(routes.TRAIN)
 def train() -> tuple[Response, int]:
     """Queue a training job (run by `pric-collector worker`, never in this process): 202."""
-    from collector import jobs
-
     authorize(OPERATOR)
     params = jobs.train_params(_json_body(), default_model=lambda: state().registry.current().model_id)
     recorded_card(state().db, params["model_id"])  # 404 before queueing for an unknown model
@@ -497,8 +495,6 @@ def train() -> tuple[Response, int]:
 
 @api.get(routes.JOB)
 def job(job_id: str) -> Response:
-    from collector import jobs
-
     authorize(OPERATOR)
     if not (job_id.isascii() and job_id.isdigit()) or len(job_id) > 18:  # str.isdigit alone takes "١"
         raise NotFoundError(f"job {job_id[:40]!r}: no such job")

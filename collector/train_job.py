@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,15 @@ class TrainConfig:
 @dataclass
 class LabelledSet:
     """X: float32 (N, D) flattened features; y: int64 (N,); is_test: bool (N,); owners:
-    the participant of each row (N,); held_out: the participants whose items are held out."""
+    the participant of each row (N,); held_out: the participants whose items are held out
+    (both optional for sets made elsewhere, e.g. research.downstream's photo sets)."""
 
     X: np.ndarray
     y: np.ndarray
     is_test: np.ndarray
     participants: set[str]
-    owners: np.ndarray
-    held_out: set[str]
+    owners: np.ndarray | None = None
+    held_out: set[str] = field(default_factory=set)
 
 
 class Interrupted(Exception):
