@@ -30,7 +30,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from collector import store
+from collector import jobs, store
 from collector.auth import (
     AUDITOR,
     OPERATOR,
@@ -52,9 +52,9 @@ from collector.registry import ModelRegistry, default_auditor_keys, load_trusted
 from protocol import routes
 from protocol.errors import (
     AuthError,
-    ConflictError,
     InsufficientStorageError,
     InvalidInputError,
+    NotFoundError,
     PayloadTooLargeError,
     PricError,
     WireFormatError,
@@ -483,29 +483,24 @@ def stats() -> Response:
 
 
 @api.post(routes.TRAIN)
-def train() -> Response:
+def train() -> tuple[Response, int]:
+    """Queue a training job (run by `pric-collector worker`, never in this process): 202."""
     authorize(OPERATOR)
-    body = _json_body()
-    task = body.get("task")
-    if not isinstance(task, str) or not LABEL_NAME_RE.match(task):
-        raise InvalidInputError("task must be a label name such as 'Smiling'")
-    model_id = body.get("model_id") or state().registry.current().model_id
-    if not isinstance(model_id, str):
-        raise InvalidInputError("model_id must be a string")
-    kind = body.get("kind", "logistic")
-    if kind not in ("logistic", "mlp"):
-        raise InvalidInputError("kind must be 'logistic' or 'mlp'")
-    recorded_card(state().db, model_id)  # 404 before any work for an unknown model
-    if not state().train_lock.acquire(blocking=False):
-        raise ConflictError("a training job is already running; try again when it has finished")
-    try:
-        from collector.train_job import TrainConfig, train_classifier
+    params = jobs.train_params(_json_body(), default_model=lambda: state().registry.current().model_id)
+    recorded_card(state().db, params["model_id"])  # 404 before queueing for an unknown model
+    job_id, _new = jobs.enqueue(state().db, "train", params)
+    url = routes.job_url(job_id)
+    resp = jsonify({"job_id": job_id, "status": jobs.QUEUED, "status_url": url})
+    resp.headers["Location"] = url
+    return resp, 202
 
-        result = train_classifier(state().db, model_id, task, TrainConfig(kind=kind),
-                                  out_dir=state().classifiers_dir)
-    finally:
-        state().train_lock.release()
-    return jsonify(result)
+
+@api.get(routes.JOB)
+def job(job_id: str) -> Response:
+    authorize(OPERATOR)
+    if not (job_id.isascii() and job_id.isdigit()) or len(job_id) > 18:  # str.isdigit alone takes "١"
+        raise NotFoundError(f"job {job_id[:40]!r}: no such job")
+    return jsonify(jobs.get_job(state().db, int(job_id)))
 
 
 @api.get(routes.EXPORT)

@@ -9,6 +9,9 @@
     pric-collector backup --data-dir DIR --out FILE
     pric-collector invite create --data-dir DIR [--count N]
     pric-collector token revoke --data-dir DIR (--participant ID_OR_PSEUDONYM | --token-file FILE|-)
+    pric-collector db upgrade|current --data-dir DIR [--no-backup]
+    pric-collector worker --data-dir DIR [--once] [--max-attempts 3] [--lease 60] [--poll 1]
+    pric-collector jobs list|show ID --data-dir DIR [--json]
 
 Every command takes `--database-url` (e.g. postgresql+psycopg://user@host/pric) instead of
 the SQLite file under `--data-dir`. stats, train, token and model work on the database
@@ -16,7 +19,10 @@ directly, with or without a running server.
 
 Exit codes: 0 ok; 1 other error; 2 bad argument or input; 3 invalid payload; 4 unknown
 or damaged model; 6 forbidden; 7 not found; 9 database unreachable; 10 the database holds
-less than the collector acknowledged (lost or damaged WAL): restore a backup.
+less than the collector acknowledged (lost or damaged WAL): restore a backup; 13 the
+database's schema is older than this release's (run `pric-collector db upgrade`) or newer;
+14 a schema migration failed (rolled back: the database is as it was). `worker --once`
+exits 1 when the job it ran failed.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,11 +156,43 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--task", required=True)
     tr.add_argument("--model-id", default=None, help="default: newest active model")
     tr.add_argument("--kind", choices=["logistic", "mlp"], default="logistic")
+    tr.add_argument("--epochs", type=int, default=300)
     tr.add_argument("--json", action="store_true")
+
+    w = sub.add_parser("worker", help="run queued jobs (POST /train) until SIGTERM; several may run at once")
+    storage(w)
+    w.add_argument("--once", action="store_true", help="run one job (none if the queue is empty), then exit")
+    w.add_argument("--max-attempts", type=int, default=3,
+                   help="claims of a job before it is failed (a killed worker's claim counts)")
+    w.add_argument("--lease", type=float, default=60.0,
+                   help="seconds a claim holds without a heartbeat (sent every lease/3); then the job is retried")
+    w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
+    w.add_argument("--quiet", action="store_true", help="no per-job log lines")
+
+    j = sub.add_parser("jobs", help="queued, running and finished jobs")
+    jsub = j.add_subparsers(dest="jobs_command", required=True)
+    jl = jsub.add_parser("list", help="newest first")
+    storage(jl)
+    jl.add_argument("--status", choices=["queued", "running", "done", "failed"], default=None)
+    jl.add_argument("--limit", type=int, default=50)
+    jl.add_argument("--json", action="store_true")
+    js = jsub.add_parser("show", help="one job: status, attempts, times, result or error")
+    js.add_argument("job_id", type=int)
+    storage(js)
+    js.add_argument("--json", action="store_true")
 
     b = sub.add_parser("backup", help="a consistent copy of the SQLite database, taken while the server runs")
     storage(b)
     b.add_argument("--out", required=True, help="backup file to create (must not exist)")
+
+    d = sub.add_parser("db", help="the database schema: show its revision, upgrade it")
+    dsub = d.add_subparsers(dest="db_command", required=True)
+    du = dsub.add_parser("upgrade", help="migrate the database to this release's schema (a SQLite file is first "
+                                         "backed up next to itself)")
+    storage(du)
+    du.add_argument("--no-backup", action="store_true", help="SQLite: skip the copy taken before migrating")
+    dc = dsub.add_parser("current", help="print the database's schema revision and this release's")
+    storage(dc)
 
     m = sub.add_parser("model", help="list, retire or reactivate models")
     msub = m.add_subparsers(dest="model_command", required=True)
@@ -196,11 +236,17 @@ def _redact(args: argparse.Namespace) -> str:
 def _database(args: argparse.Namespace):
     from collector.db import DB_FILE, Database, default_database_url
 
-    if args.command in ("stats", "train") and not args.database_url and not (Path(args.data_dir) / DB_FILE).is_file():
+    if args.command in ("stats", "train", "db", "jobs", "worker") and not args.database_url \
+            and not (Path(args.data_dir) / DB_FILE).is_file():
         raise NotFoundError(f"{args.data_dir}: no collector database here (start `pric-collector serve` on it first)")
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     db = Database(args.database_url or default_database_url(args.data_dir))
-    db.create_all()
+    try:
+        # backup and db work on any schema revision (a backup before upgrading); the rest need the current one
+        db.prepare("any" if args.command in ("backup", "db") else "serve")
+    except BaseException:
+        db.dispose(checkpoint=False)
+        raise
     return db
 
 
@@ -233,6 +279,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _model(db, args)
         if args.command == "backup":
             return _backup(db, args)
+        if args.command == "db":
+            return _db(db, args)
+        if args.command == "worker":
+            return _worker(db, args)
+        if args.command == "jobs":
+            return _jobs(db, args)
     finally:
         db.dispose()
     raise AssertionError(args.command)
@@ -449,18 +501,112 @@ def _print_stats(s: dict, as_json: bool) -> None:
 
 
 def _train(db, args: argparse.Namespace) -> int:
-    from collector.registry import newest_active_model
-    from collector.train_job import TrainConfig, train_classifier
+    """A train job run in this process: queued already claimed, so no worker takes it, and
+    recorded like a worker's (`jobs list` shows it)."""
+    from collector import jobs
+    from collector.registry import newest_active_model, recorded_card
 
-    model_id = args.model_id or newest_active_model(db)
-    result = train_classifier(db, model_id, args.task, TrainConfig(kind=args.kind),
-                              out_dir=Path(args.data_dir) / "classifiers")
+    params = jobs.train_params({"task": args.task, "model_id": args.model_id, "kind": args.kind,
+                                "epochs": args.epochs}, default_model=lambda: newest_active_model(db))
+    recorded_card(db, params["model_id"])  # exit 7 for an unknown model, before queueing
+    claim = jobs.enqueue_claimed(db, "train", params)
+    with _stop_on_sigterm() as stop:
+        status = jobs.run_claimed(db, claim, Path(args.data_dir), max_attempts=1, stop=stop, reraise=True)
+    job = jobs.get_job(db, claim.job_id)
+    if status != jobs.DONE:
+        _raise_job_error(job, status)
+    result = job["result"]
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(f"{result['task']} on {result['model_id']}: held-out accuracy {result['accuracy']:.3f} "
-              f"vs majority rate {result['majority_rate']:.3f} ({result['n_train']} train / {result['n_test']} test)")
+              f"vs majority rate {result['majority_rate']:.3f} ({result['n_train']} train / {result['n_test']} test)"
+              f" [job {claim.job_id}]")
     return 0
+
+
+def _raise_job_error(job: dict, status: str) -> None:
+    if status == "queued":  # interrupted by SIGTERM: released for a worker
+        raise PricError(f"job {job['id']} interrupted; it is queued again for `pric-collector worker`")
+    raise PricError(job["error"] or f"job {job['id']} {status}")
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event SIGTERM sets (a clean stop between epochs), while the block runs."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker(db, args: argparse.Namespace) -> int:
+    from collector import jobs
+
+    if not 1 <= args.max_attempts <= 100:
+        raise InvalidInputError(f"--max-attempts {args.max_attempts}: must be between 1 and 100")
+    if not 3 <= args.lease <= 86_400:
+        raise InvalidInputError(f"--lease {args.lease}: must be between 3 and 86400 seconds")
+    if not 0.05 <= args.poll <= 3600:
+        raise InvalidInputError(f"--poll {args.poll}: must be between 0.05 and 3600 seconds")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        with _stop_on_sigterm() as stop:
+            ran, last = jobs.run_worker(db, Path(args.data_dir), once=args.once, max_attempts=args.max_attempts,
+                                        lease_s=args.lease, poll_s=args.poll, stop=stop)
+    except KeyboardInterrupt:  # Ctrl-C while idle; a running job's lease expires and it is retried
+        return 0
+    if args.once and ran == 0:
+        print("pric-collector: worker: no job queued", file=sys.stderr)
+    return 1 if args.once and last == jobs.FAILED else 0
+
+
+def _jobs(db, args: argparse.Namespace) -> int:
+    from collector import jobs
+
+    if args.jobs_command == "show":
+        job = jobs.get_job(db, args.job_id)
+        if args.json:
+            print(json.dumps(job, indent=2, sort_keys=True))
+        else:
+            print(_job_line(job))
+            if job["result"] is not None:
+                print(json.dumps(job["result"], indent=2, sort_keys=True))
+        return 0
+    if not 1 <= args.limit <= 10_000:
+        raise InvalidInputError(f"--limit {args.limit}: must be between 1 and 10000")
+    rows = jobs.list_jobs(db, status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        for job in rows:
+            print(_job_line(job))
+    return 0
+
+
+def _job_line(job: dict) -> str:
+    import datetime
+
+    def when(t: float | None) -> str:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if t else "-"
+
+    p = job["params"]
+    what = f"{job['kind']} {p.get('task')} on {p.get('model_id')} ({p.get('kind')})" if job["kind"] == "train" \
+        else job["kind"]
+    line = f"#{job['id']:<5} {job['status']:<8} {what}; attempts {job['attempts']}; queued {when(job['created_at'])}"
+    if job["finished_at"]:
+        line += f", finished {when(job['finished_at'])}"
+    if job["status"] == "done" and job["result"]:
+        r = job["result"]
+        line += f"; accuracy {r['accuracy']:.3f} vs majority {r['majority_rate']:.3f}"
+    if job["error"]:
+        line += f"; error: {job['error']}"
+    return line
 
 
 def _backup(db, args: argparse.Namespace) -> int:
@@ -469,6 +615,32 @@ def _backup(db, args: argparse.Namespace) -> int:
     summary = backup(db, Path(args.out))
     print(f"backup: {args.out} ({summary['items']} items, {summary['participants']} participants, "
           f"{summary['bytes']} bytes; integrity check ok)")
+    return 0
+
+
+def _db(db, args: argparse.Namespace) -> int:
+    import datetime
+
+    from collector import migrations
+    from collector.store import backup
+
+    with db.read() as conn:
+        state = migrations.schema_state(conn)
+    if args.db_command == "current":
+        print(f"database {db.display_name}: schema revision {state.describe()}; this release's: {state.head}"
+              f"{'' if state.at_head or state.empty else ' (run `pric-collector db upgrade`)'}")
+        return 0
+    if state.at_head:
+        print(f"database {db.display_name}: already at schema revision {state.head}")
+        return 0
+    if db.is_sqlite and db.path is not None and not state.empty and not args.no_backup and state.known:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out = db.path.with_name(f"{db.path.name}.before-{state.head}-{stamp}")
+        summary = backup(db, out)
+        print(f"backup: {out} ({summary['items']} items, {summary['participants']} participants)")
+    db.prepare("upgrade")
+    before, after = db.last_upgrade or (state.revision, state.head)
+    print(f"database {db.display_name}: upgraded schema from {before or 'empty'} to {after}")
     return 0
 
 

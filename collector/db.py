@@ -70,6 +70,8 @@ HIGH_WATER_SUFFIX = ".high-water"  # next to the database file: the commits it a
 COMMIT_SEQ_KEY = "commit_seq"  # meta row: write transactions committed so far
 CHECKPOINT_INTERVAL_S = 30.0
 EXIT_DATABASE_BEHIND = 10
+EXIT_SCHEMA_NOT_CURRENT = 13
+EXIT_MIGRATION_FAILED = 14
 
 
 class DatabaseBehindError(PricError):
@@ -80,6 +82,27 @@ class DatabaseBehindError(PricError):
     exit_code = EXIT_DATABASE_BEHIND
     code = "database_behind"
 
+
+
+class SchemaNotCurrentError(PricError):
+    """The database's schema is not the one this release serves (behind: run
+    `pric-collector db upgrade`; ahead: made by a newer release)."""
+
+    http_status = 500
+    exit_code = EXIT_SCHEMA_NOT_CURRENT
+    code = "schema_not_current"
+
+
+class MigrationError(PricError):
+    """A schema migration could not apply; it was rolled back and the data is as before."""
+
+    http_status = 500
+    exit_code = EXIT_MIGRATION_FAILED
+    code = "migration_failed"
+
+
+# The schema as the code uses it. It changes only together with a new revision under
+# collector/migrations/versions (test_migrations checks that the two agree).
 metadata = MetaData()
 
 participants = Table(
@@ -166,6 +189,26 @@ meta = Table(
     Column("value", Text, nullable=False),
 )
 
+# Work for `pric-collector worker` (collector.jobs): queued -> running -> done | failed.
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),  # "train"
+    Column("params", Text, nullable=False),  # JSON object
+    Column("status", String(16), nullable=False),  # queued | running | done | failed
+    Column("attempts", Integer, nullable=False),  # claims so far
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),  # of the latest attempt
+    Column("finished_at", Float, nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Column("lease_expires_at", Float, nullable=True),  # a running job past this is reclaimed
+    Column("claim", String(64), nullable=True),  # random per attempt: only its holder may finish the job
+    Column("worker", String(128), nullable=True),  # host:pid of the latest attempt
+    Column("result", Text, nullable=True),  # JSON object, when done
+    Column("error", Text, nullable=True),  # one line, when failed (or of the last failed attempt)
+    Index("ix_jobs_status", "status", "id"),
+)
+
 
 def default_database_url(data_dir: str | Path) -> str:
     return f"sqlite:///{Path(data_dir).resolve() / DB_FILE}"
@@ -242,13 +285,29 @@ class Database:
         # A SQLite file (not :memory:) is tracked by a high-water file next to it.
         self.path = Path(database) if self._lock_file else None
         self.high_water_path = Path(f"{database}{HIGH_WATER_SUFFIX}") if self.path else None
-        self._tracking = False  # set by create_all once the commit counter exists
+        self._tracking = False  # set by prepare once the commit counter exists
+        self.last_upgrade: tuple[str | None, str] | None = None  # (from, to) of prepare's migration
         self._last_checkpoint = time.monotonic()
 
     def create_all(self) -> None:
-        """Create missing tables; in one write transaction, so that concurrent starts take
-        turns. On a SQLite file, first refuse a database that holds less than its
-        high-water file says was acknowledged (DatabaseBehindError)."""
+        """What serving needs (the name predates migrations): `prepare("serve")`."""
+        self.prepare("serve")
+
+    def prepare(self, mode: str = "serve") -> None:
+        """Check the database before use, in one write transaction (concurrent starts take
+        turns). On a SQLite file, first refuse a database that holds less than its
+        high-water file says was acknowledged (DatabaseBehindError). Then, by `mode`:
+
+        - "serve": a new database (no tables) is created at the newest schema revision; a
+          database at an older revision is refused (SchemaNotCurrentError: run
+          `pric-collector db upgrade`), as is one made by a newer release.
+        - "upgrade": migrate to the newest revision (MigrationError, nothing changed, when
+          a revision cannot apply).
+        - "any": no schema requirement (backup, db current).
+        """
+        from collector import migrations
+
+        assert mode in ("serve", "upgrade", "any")
         hw = self.high_water_path
         if hw is not None and self.path is not None and not self.path.exists() and hw.exists():
             raise DatabaseBehindError(
@@ -257,11 +316,36 @@ class Database:
         with self.write() as conn:
             if hw is not None:
                 self._check_high_water(conn)
-            metadata.create_all(conn)
+            state = migrations.schema_state(conn)
+            if mode == "any":
+                return
+            if not state.known:
+                raise SchemaNotCurrentError(
+                    f"database {self.display_name} is at schema revision {state.revision}, which this release does "
+                    f"not know (its newest is {state.head}): it was made by a newer release; run that release")
+            if mode == "serve" and not state.empty and not state.at_head:
+                raise SchemaNotCurrentError(
+                    f"database {self.display_name} is at schema revision {state.describe()}, this release needs "
+                    f"{state.head}: run `pric-collector db upgrade` (with the same --data-dir/--database-url) first")
+            if not state.at_head:
+                try:
+                    self.last_upgrade = migrations.upgrade(conn)
+                except Exception as exc:  # noqa: BLE001 - any failure: the transaction rolls back
+                    raise MigrationError(
+                        f"database {self.display_name}: upgrade from schema revision {state.describe()} to "
+                        f"{state.head} failed and was rolled back, nothing changed: {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:300]}") from exc
             if hw is not None:
                 if conn.execute(select(meta.c.value).where(meta.c.key == COMMIT_SEQ_KEY)).first() is None:
                     conn.execute(meta.insert().values(key=COMMIT_SEQ_KEY, value="0"))
                 self._tracking = True  # this very transaction bumps the counter and writes the file
+
+    @property
+    def display_name(self) -> str:
+        """The database for messages: its file, or its URL without the password."""
+        if self.path is not None:
+            return str(self.path)
+        return self.engine.url.render_as_string(hide_password=True)
 
     def _check_high_water(self, conn: Connection) -> None:
         assert self.path is not None and self.high_water_path is not None

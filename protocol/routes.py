@@ -21,6 +21,7 @@ ITEMS = f"{API}/items"                       # POST: upload a batch (participant
 STATS = f"{API}/stats"                       # GET: operator only
 TRAIN = f"{API}/train"                       # POST: operator only, {"task": "Smiling"}
 EXPORT = f"{API}/export"                     # GET: auditor/operator, read-only stored items
+JOB = f"{API}/jobs/<job_id>"                 # GET: operator, a queued job's status and result (POST TRAIN's answer)
 
 AUTH_HEADER = "Authorization"
 BEARER = "Bearer "
@@ -62,3 +63,6 @@ WEB_ORT = "/app/ort/<name>"
 WEB_TRUST_KEY = "/app/trust/release-key.pub.json"
 WEB_ROUTES_JS = "/app/static/js/routes.js"  # these routes and limits as an ES module, made from this file
 WEB_STAFF = "/app/staff/"  # GET: the operator's and auditor's view (their token, kept in the page's memory only)
+
+def job_url(job_id: int) -> str:
+    return JOB.replace("<job_id>", str(job_id))

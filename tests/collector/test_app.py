@@ -19,6 +19,7 @@ import pytest
 
 from sqlalchemy import select
 
+from collector import jobs
 from collector.app import create_app
 from collector.auth import hash_token
 from collector.db import metadata
@@ -34,6 +35,18 @@ def assert_error(resp, status: int, code: str | None = None) -> None:
     assert resp.is_json and isinstance(resp.json.get("message"), str)
     if code is not None:
         assert resp.json["error"] == code
+
+
+def run_training(kit, body: dict) -> dict:
+    """POST TRAIN (202: a queued job), run the job as `pric-collector worker` does, and
+    return the job as GET JOB answers it."""
+    op = kit.staff("operator")
+    resp = kit.client.post(routes.TRAIN, json=body, headers=op)
+    assert resp.status_code == 202, resp.json
+    assert jobs.run_worker(kit.app.extensions["pric"].db, Path(kit.app.config["DATA_DIR"]), once=True)[0] == 1
+    job = kit.client.get(resp.json["status_url"], headers=op)
+    assert job.status_code == 200
+    return job.json
 
 
 # --- health, registration, model card and file ----------------------------------------------
@@ -409,12 +422,12 @@ def test_export_bad_query_is_400(kit, query):
     assert_error(kit.client.get(routes.EXPORT, query_string=query, headers=kit.staff("operator")), 400)
 
 
-def test_train_with_too_few_items_is_422(kit):
+def test_train_with_too_few_items_fails_the_job_with_the_reason(kit):
     _, a = kit.register()
-    kit.upload(a, kit.body(kit.items(4)))
-    resp = kit.client.post(routes.TRAIN, json={"task": "Smiling"}, headers=kit.staff("operator"))
-    assert_error(resp, 422, "invalid_payload")
-    assert "too few" in resp.json["message"]
+    kit.upload(a, kit.body(kit.items(40)))  # plenty of items, but one participant: nobody to hold out
+    job = run_training(kit, {"task": "Smiling"})
+    assert job["status"] == "failed" and job["attempts"] == 1 and job["result"] is None
+    assert job["error"].startswith("too few items") and "from 1 / 0 participants" in job["error"]
 
 
 @pytest.mark.parametrize("body", [{}, {"task": 3}, {"task": "a b"}, {"task": "Smiling", "model_id": "nope@1"},
@@ -428,10 +441,12 @@ def test_train_bad_request(kit, body):
 def test_withdraw_marks_classifiers_trained_on_the_data_stale(kit):
     _, a = kit.register()
     _, b = kit.register()
+    _, c = kit.register()
     kit.upload(a, kit.body(kit.items(40, prefix="a")))
+    kit.upload(c, kit.body(kit.items(20, prefix="c")))
     op = kit.staff("operator")
-    trained = kit.client.post(routes.TRAIN, json={"task": "Smiling"}, headers=op)
-    assert trained.status_code == 200 and trained.json["classifier"]["stale"] is False
+    trained = run_training(kit, {"task": "Smiling"})
+    assert trained["status"] == "done" and trained["result"]["classifier"]["stale"] is False
     kit.client.delete(routes.ME, headers=b)  # b contributed nothing: still fresh
     assert [c["stale"] for c in kit.client.get(routes.STATS, headers=op).json["classifiers"]] == [False]
     kit.client.delete(routes.ME, headers=a)
@@ -448,14 +463,16 @@ def test_rotation_serves_newest_and_never_mixes_models(tmp_path, write_model, ma
                       "JSON_BODY_LIMIT": routes.MAX_BODY_BYTES})
     kit = make_kit(app, v1)
     _, h = kit.register()
+    _, h2 = kit.register()
     assert kit.client.get(routes.MODEL_CARD, headers=h).json["model_id"] == v2.model_id
     kit.upload(h, kit.body(kit.items(30, prefix="old")))
     kit.upload(h, kit.body(kit.items(50, prefix="new"), card=v2))
-    op = kit.staff("operator")
-    r1 = kit.client.post(routes.TRAIN, json={"task": "Smiling", "model_id": v1.model_id}, headers=op).json
-    r2 = kit.client.post(routes.TRAIN, json={"task": "Smiling"}, headers=op).json
-    assert (r1["model_id"], r1["n_train"] + r1["n_test"]) == (v1.model_id, 30)
-    assert (r2["model_id"], r2["n_train"] + r2["n_test"]) == (v2.model_id, 50)
+    kit.upload(h2, kit.body(kit.items(10, prefix="old")))
+    kit.upload(h2, kit.body(kit.items(20, prefix="new"), card=v2))
+    r1 = run_training(kit, {"task": "Smiling", "model_id": v1.model_id})["result"]
+    r2 = run_training(kit, {"task": "Smiling"})["result"]
+    assert (r1["model_id"], r1["n_train"] + r1["n_test"]) == (v1.model_id, 40)
+    assert (r2["model_id"], r2["n_train"] + r2["n_test"]) == (v2.model_id, 70)
     set_status(app.extensions["pric"].db, v2.model_id, RETIRED)
     assert kit.client.get(routes.MODEL_CARD, headers=h).json["model_id"] == v1.model_id
 
@@ -513,6 +530,7 @@ def sparse_kit(tmp_path, make_kit, auditor):
 def test_sparse_codes_are_validated_and_trainable(sparse_kit):
     kit, spec = sparse_kit
     _, h = kit.register()
+    _, h2 = kit.register()
     rng = np.random.default_rng(0)
     items = []
     for i in range(60):
@@ -521,7 +539,8 @@ def test_sparse_codes_are_validated_and_trainable(sparse_kit):
         code[0, :8] += 4.0 if y else -4.0  # strong, learnable signal in the true support
         amb, _key = ambiguate(code, spec, rng)
         items.append(UploadItem(f"s{i}", {"indices": amb.indices, "values": amb.values}, {"Smiling": y}))
-    assert kit.upload(h, kit.body(items)).json == {"stored": 60, "duplicates": 0}
+    assert kit.upload(h, kit.body(items[:40])).json == {"stored": 40, "duplicates": 0}
+    assert kit.upload(h2, kit.body(items[40:])).json == {"stored": 20, "duplicates": 0}
     broken = items[0].arrays["indices"].copy()
     broken[0, 1] = broken[0, 0]  # not strictly increasing
     bad = UploadItem("bad", {"indices": broken, "values": items[0].arrays["values"]}, {})
@@ -530,7 +549,7 @@ def test_sparse_codes_are_validated_and_trainable(sparse_kit):
                                       "values": items[0].arrays["values"]}, {})
     assert_error(kit.upload(h, kit.body([out_of_range])), 400, "bad_sparse_code")
     assert kit.count() == 60
-    result = kit.client.post(routes.TRAIN, json={"task": "Smiling"}, headers=kit.staff("operator")).json
+    result = run_training(kit, {"task": "Smiling"})["result"]
     assert result["accuracy"] > result["majority_rate"]
 
 

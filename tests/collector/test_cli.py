@@ -15,8 +15,8 @@ from protocol.wire import UploadItem
 
 @pytest.fixture
 def filled(kit):
-    """The kit's app holding 60 items whose Smiling label is linearly separable."""
-    _, h = kit.register()
+    """The kit's app holding 60 items whose Smiling label is linearly separable, of 3 participants."""
+    heads = [kit.register()[1] for _ in range(3)]
     rng = np.random.default_rng(1)
     direction = rng.choice([-0.3, 0.3], size=(16, 8, 8)).astype(np.float32)  # class means 19 σ apart
     items = []
@@ -24,7 +24,8 @@ def filled(kit):
         y = i % 2
         f = rng.standard_normal((16, 8, 8)).astype(np.float32) + (direction if y else -direction)
         items.append(UploadItem(f"c{i}", {"feature": f}, {"Smiling": y}))
-    assert kit.upload(h, kit.body(items)).json["stored"] == 60
+    for n, h in enumerate(heads):
+        assert kit.upload(h, kit.body(items[n::3])).json["stored"] == 20
     return kit
 
 
@@ -65,11 +66,21 @@ def test_train_json_beats_majority_and_is_recorded(filled, capsys, db_args):
     assert [c["id"] for c in stats["classifiers"]] == [result["classifier"]["id"]]
 
 
-def test_train_api_mlp_beats_majority(filled):
-    resp = filled.client.post(routes.TRAIN, json={"task": "Smiling", "kind": "mlp"}, headers=filled.staff("operator"))
-    assert resp.status_code == 200
-    assert resp.json["classifier"]["kind"] == "mlp"
-    assert resp.json["accuracy"] > resp.json["majority_rate"]
+def test_train_api_mlp_beats_majority(filled, capsys, db_args):
+    op = filled.staff("operator")
+    resp = filled.client.post(routes.TRAIN, json={"task": "Smiling", "kind": "mlp"}, headers=op)
+    assert resp.status_code == 202 and resp.json["status"] == "queued"
+    data_dir = filled.app.config["DATA_DIR"]
+    assert main(["worker", "--once", "--data-dir", data_dir, *db_args(data_dir)]) == 0
+    job = filled.client.get(resp.json["status_url"], headers=op).json
+    assert job["status"] == "done" and job["attempts"] == 1
+    assert job["result"]["classifier"]["kind"] == "mlp"
+    assert job["result"]["accuracy"] > job["result"]["majority_rate"]
+    capsys.readouterr()
+    assert main(["jobs", "show", str(job["id"]), "--json", "--data-dir", data_dir, *db_args(data_dir)]) == 0
+    assert json.loads(capsys.readouterr().out) == job
+    assert main(["jobs", "list", "--data-dir", data_dir, *db_args(data_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"#{job['id']}")
 
 
 def test_train_errors_are_one_line_with_exit_codes(tmp_path, tiny_model_dir, capsys, db_args):

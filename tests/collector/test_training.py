@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import requests
 
+from collector import jobs
 from protocol import routes
 from protocol.model_card import load_card
 from protocol.wire import UploadBatch, UploadItem, encode_batch
@@ -38,11 +39,19 @@ def test_classifier_on_tiny_model_features_beats_majority(live_collector):
         assert resp.json() == {"stored": len(share), "duplicates": 0}
 
     operator = {"Authorization": "Bearer " + live_collector.operator_token}
-    result = requests.post(url + routes.TRAIN, json={"task": "Smiling"}, headers=operator, timeout=120).json()
+    queued = requests.post(url + routes.TRAIN, json={"task": "Smiling"}, headers=operator, timeout=TIMEOUT)
+    assert queued.status_code == 202 and queued.headers["Location"] == queued.json()["status_url"]
+    # the job runs in a worker (here: this process, as `pric-collector worker --once` would)
+    assert jobs.run_worker(live_collector.app.extensions["pric"].db, live_collector.data_dir, once=True) == (1, "done")
+    job = requests.get(url + queued.json()["status_url"], headers=operator, timeout=TIMEOUT).json()
+    assert job["status"] == "done"
+    result = job["result"]
 
     assert result["model_id"] == card.model_id
     assert result["n_train"] + result["n_test"] == len(labels)
-    assert 0.1 * len(labels) <= result["n_test"] <= 0.35 * len(labels)
+    # held out by participant: one of the three (40 items) is never trained on
+    assert (result["n_train_participants"], result["n_test_participants"]) == (2, 1)
+    assert result["n_test"] == 40
     assert result["accuracy"] > result["majority_rate"] + 0.2
     auditor = {"Authorization": "Bearer " + live_collector.auditor_token}
     exported = requests.get(url + routes.EXPORT, params={"limit": 1000}, headers=auditor, timeout=TIMEOUT).json()
