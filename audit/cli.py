@@ -42,10 +42,18 @@ from audit import attest
 from audit import sparse as sparse_audit
 from audit.families import check_names
 from audit.baselines import parse_baselines
-from audit.config import AuditConfig, build_parser, config_from_args, say
-from audit.harness import audit_release, raw_reference
+from audit.config import QUICK_NOTE, QUICK_PHOTOS, AuditConfig, Stopwatch, build_parser, config_from_args, say
+from audit.harness import audit_release, baseline_cache_key, cached_baseline, raw_reference, save_baseline
 from audit.live import run_live_audit
-from audit.releases import OnnxRelease, Splits, check_classes, load_data, normalized_images, unit_images
+from audit.releases import (
+    OnnxRelease,
+    Splits,
+    check_classes,
+    load_data,
+    normalized_images,
+    quick_subset,
+    unit_images,
+)
 from audit.report import REPORT_JSON, checkpoint, finish, save_config, summary_lines
 from audit.verdicts import compare_points, dominance, headline, verdicts
 from protocol.errors import InvalidInputError, PricError
@@ -75,9 +83,16 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     previous = _resumable(cfg)
     out_dir = save_config(cfg)
     t0 = time.time()
+    watch = Stopwatch()
     card = models[0][1] if models else None
     spec = card.input if card else InputSpec()
-    data = load_data(cfg.data, spec, cfg)
+    with watch.stage("setup", "load the photos"):
+        data = load_data(cfg.data, spec, cfg)
+        if cfg.quick:  # a smoke run: a small subsample of whole persons (config.QUICK_PHOTOS)
+            n_all = len(data)
+            data = quick_subset(data, QUICK_PHOTOS, cfg.seed)
+            say(f"--quick: {len(data)} of {n_all} photos (at most {QUICK_PHOTOS[0]}/{QUICK_PHOTOS[1]}/"
+                f"{QUICK_PHOTOS[2]} train/validation/test); a smoke run, not an audit")
     sp = Splits.of(data, str(cfg.data))
     check_classes(data, sp, cfg)
     report: dict[str, Any] = {
@@ -86,15 +101,19 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
                   "n_test": len(sp.te), "private": cfg.private, "primary": list(cfg.primary),
                   "attr_names": data.attr_names, "input": asdict(spec),
                   "model": card.to_dict() if card else None,
-                  "models": [c.to_dict() for _, c in models]},
-        "releases": [], "points": [],
+                  "models": [c.to_dict() for _, c in models],
+                  "quick": QUICK_NOTE.format(n=len(data), epochs=cfg.epochs) if cfg.quick else None},
+        "releases": [], "points": [], "timing": watch.rows,
     }
     ref = None
     if not cfg.no_reference:
         say("raw-image reference classifier")
-        images = normalized_images(data.pixels, spec)
-        ref = raw_reference(data, images, sp, cfg, spec)
-        del images
+        with watch.stage("setup", "raw-image reference"):
+            images = normalized_images(data.pixels, spec)
+            ref = raw_reference(data, images, sp, cfg, spec)
+            del images
+        if ref.get("cached"):
+            watch.rows[-1]["stage"] += " (cached)"
         report["raw_reference"] = {k: v for k, v in ref.items() if k != "classifier"}
         pi = data.attr_index(cfg.private)
         report["points"].append({
@@ -112,13 +131,16 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         else:
             if sparse_model:
                 say(f"sparse-code figures of {mcard.model_id} (authorised, JPEG, key attacks)")
-                report["sparse"] = sparse_audit.audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
+                with watch.stage(label, "sparse-code figures (key attacks)"):
+                    report["sparse"] = sparse_audit.audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
                 say(f"ambiguating the codes of {len(data)} photos with {mcard.model_id}")
-                x = sparse_audit.ambiguated_codes(model_dir, mcard, data.pixels, cfg.seed)
+                with watch.stage(label, "release the photos"):
+                    x = sparse_audit.ambiguated_codes(model_dir, mcard, data.pixels, cfg.seed)
             else:
                 say(f"transforming {len(data)} photos with {mcard.model_id}")
-                x = OnnxRelease(model_dir, mcard)(data.pixels)
-            rel = audit_release(label, x, data, sp, cfg, ref, spec, True, out_dir)
+                with watch.stage(label, "release the photos"):
+                    x = OnnxRelease(model_dir, mcard)(data.pixels)
+            rel = audit_release(label, x, data, sp, cfg, ref, spec, True, out_dir, watch)
             del x
             rel["sha256"] = mcard.sha256
         rel["epochs"], rel["recon_epochs"] = cfg.epochs, cfg.recon_epochs
@@ -135,13 +157,22 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         recon_epochs=cfg.baseline_recon_epochs or max(1, cfg.recon_epochs // 2))
     for b in baselines:
         rel = previous.get(b.label)
+        key = baseline_cache_key(b.label, data, bcfg, ref, spec)
         if rel is not None and "baseline" in rel:
             say(f"[{b.label}] reusing the figures of the unfinished run (--resume)")
+        elif cfg.baseline_cache and (rel := cached_baseline(key, cfg, out_dir)) is not None:
+            # a baseline does not depend on the audited model: measured once per data set and settings
+            say(f"[{b.label}] reusing the figures measured with the same photos, settings and code "
+                f"(cache {key}; --no-baseline-cache measures it again)")
+            watch.rows.append({"release": b.label, "stage": "cached (same data, settings and code)", "wall_s": 0.0,
+                               "cpu_s": 0.0})
         else:
             say(f"baseline {b.label}")
-            obf = b.apply(unit_images(data.pixels)).astype(np.float16)
-            rel = audit_release(b.label, obf, data, sp, bcfg, ref, spec, False, out_dir)
+            with watch.stage(b.label, "release the photos"):
+                obf = b.apply(unit_images(data.pixels)).astype(np.float16)
+            rel = audit_release(b.label, obf, data, sp, bcfg, ref, spec, False, out_dir, watch)
             del obf
+            save_baseline(key, rel, cfg, out_dir)
         rel["epochs"], rel["recon_epochs"] = bcfg.epochs, bcfg.recon_epochs
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
         rel["baseline"] = {"name": b.name, "k": b.k}
@@ -154,6 +185,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     report["points"] += [c for c in compare if not (c["kind"] == "baseline" and c["label"] in local)]
     report["dominance"] = dominance(report["points"], len(sp.te), cfg.dominance_tolerance)
     report["seconds"] = round(time.time() - t0, 1)
+    report["timing"] = watch.rows
     finish(report, cfg, out_dir)
     if cfg.write_card and card is not None:
         write_card_audit(Path(cfg.model), card, report)

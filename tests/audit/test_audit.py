@@ -129,6 +129,35 @@ def test_audit_writes_report_plots_and_card(tiny_model_dir: Path, sample_faces: 
     card = load_card(model)  # sha256 still verifies after --write-card
     assert card.audit["private"]["strongest_accuracy"] == rel["private"]["accuracy"]
     assert list(Path(tmp_path / "cache").glob("audit-rawref-*.pt"))
+    # where the time went, per stage, wall and CPU; a quick run says loudly that it is one
+    stages = {(t["release"], t["stage"]) for t in report["timing"]}
+    assert {("setup", "load the photos"), ("tiny@1", "release the photos"), ("tiny@1", "reconstruction decoder"),
+            ("tiny@1", "linkage (per person)"), ("scramble:8", "re-identification")} <= stages
+    assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in report["timing"])
+    assert rel["timing"] == [t for t in report["timing"] if t["release"] == "tiny@1"]
+    assert "## Run time by stage" in md and "| tiny@1 | reconstruction decoder |" in md
+    assert md.startswith("# Privacy audit (pric-audit)\n\n> **QUICK SMOKE RUN, not an audit")
+    assert report["setup"]["quick"].startswith("QUICK SMOKE RUN")
+
+
+@pytest.mark.slow
+def test_a_baseline_is_measured_once_per_data_set_settings_and_code(sample_faces: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--data", str(sample_faces), "--private", "Male", "--primary", "Smiling", "--baselines", "blur:5",
+            "--attacks", "linear", "--cache-dir", str(tmp_path / "cache"), *FAST]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert main([*args, "--out", str(tmp_path / "c"), "--no-baseline-cache"]) == 0
+    assert main([*args, "--out", str(tmp_path / "d"), "--seed", "1"]) == 0
+
+    a, b, c, d = (json.loads((tmp_path / o / "report.json").read_text())["releases"][0] for o in "abcd")
+    assert "cached" not in a and b["cached"] and "cached" not in c and "cached" not in d  # another seed: measured
+    for key in ("private", "primary", "attributes", "reconstruction", "reid", "other_attributes"):
+        assert b[key] == a[key] == c[key]  # the same figures, reused or measured again
+    assert (tmp_path / "b" / b["reconstruction"]["grid"]).read_bytes() == \
+        (tmp_path / "a" / a["reconstruction"]["grid"]).read_bytes()
+    assert "figures reused from an earlier audit" in (tmp_path / "b" / "report.md").read_text()
+    assert "reusing the figures measured with the same photos" in capsys.readouterr().err
 
 
 def test_unknown_attribute_names_the_valid_ones(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
