@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterator
+from typing import Any
 
 from audit.families import DEFAULT_ATTACKS, FAMILIES, QUICK_ATTACKS
 from protocol.config import add_options, from_namespace, option
@@ -95,6 +96,8 @@ class AuditConfig:
     progress: bool = option(True, "hide the progress bars (stage lines stay)", flags=("--no-progress",),
                             action="store_false")
     threads: int = option(0, "torch CPU threads (0: all cores, or 1 when the machine is already busy)", type=int)
+    jobs: int = option(0, "worker processes that measure the baselines side by side, one thread each (0: one per "
+                          "core when the machine is idle, else 1)", type=int)
     # live collector
     collector: str | None = option(None, "collector URL (live audit)")
     token_file: str | None = option(None, f"file holding the auditor token (live audit; or set ${ENV_TOKEN}). "
