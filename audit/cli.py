@@ -41,9 +41,8 @@ import torch
 from audit import attest
 from audit import sparse as sparse_audit
 from audit.families import check_names
-from audit.baselines import parse_baselines
+from audit.baselines import Baseline, parse_baselines
 from audit.config import QUICK_NOTE, QUICK_PHOTOS, AuditConfig, Stopwatch, build_parser, config_from_args, say
-from audit.baselines import Baseline
 from audit.harness import (
     BaselineRunner,
     audit_release,
@@ -242,7 +241,8 @@ def _resumable(cfg: AuditConfig) -> dict[str, Any]:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    same = lambda c: {k: v for k, v in json.loads(json.dumps(c)).items() if k != "resume"}  # noqa: E731
+    # how the work is spread (worker processes) does not change what is measured
+    same = lambda c: {k: v for k, v in json.loads(json.dumps(c)).items() if k not in ("resume", "jobs")}  # noqa: E731
     if old.get("complete", True) or same(old.get("config", {})) != same(cfg.to_dict()):
         raise InvalidInputError(f"--resume: {path} is not an unfinished run with the same settings; "
                                 "drop --resume or choose another --out")
