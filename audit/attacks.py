@@ -394,6 +394,7 @@ def strongest_attack(
     min_per_class: int = 2,
     what: str = "attribute",
     log: Callable[[str], None] | None = None,
+    models_out: dict | None = None,
 ) -> dict:
     """Train each applicable attacker family (audit.families) on one attribute; report on test.
 
@@ -403,7 +404,7 @@ def strongest_attack(
     test), "majority_rate": of the test split, "val": {kind: validation accuracy}, "choice":
     {kind: what was chosen on validation}, "skipped": {kind: why it could not fit} (not
     measured), "n_train"/"n_val"/"n_test", "kinds": kinds measured}. The CNN is left out for
-    flat inputs.
+    flat inputs. `models_out`, when given, receives the fitted families {kind: model} for reuse.
     """
     from audit.families import FamilyCannotFit, check_names, run_families, wilson_interval
 
@@ -414,6 +415,8 @@ def strongest_attack(
     fam = run_families(run, x_tr, y_tr, x_va, y_va, x_te, y_te, seed=seed, epochs=epochs, progress=progress,
                        what=what, **({"log": log} if log else {}))
     measured = [k for k in run if k in fam.test]
+    if models_out is not None:
+        models_out.update(fam.models)
     if not measured:
         raise FamilyCannotFit(f"{what}: no attacker could be trained ("
                               + "; ".join(fam.skipped.values()) + ")")

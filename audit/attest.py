@@ -90,6 +90,8 @@ def measured_from_report(report: dict[str, Any], card: ModelCard) -> tuple[dict,
     data = {"name": Path(str(setup.get("data", ""))).name, "split": "test", "n_test": n_test,
             "n_train": setup.get("n_train"), "n_val": setup.get("n_val"),
             "attacker_epochs": rel.get("epochs"), "decoder_epochs": rel.get("recon_epochs")}
+    if config.get("quick"):  # a smoke run's figures, marked so that no one takes them for an audit
+        data["quick"] = True
     return measured, thresholds, data
 
 

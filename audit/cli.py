@@ -41,11 +41,26 @@ import torch
 from audit import attest
 from audit import sparse as sparse_audit
 from audit.families import check_names
-from audit.baselines import parse_baselines
-from audit.config import AuditConfig, build_parser, config_from_args, say
-from audit.harness import audit_release, raw_reference
+from audit.baselines import Baseline, parse_baselines
+from audit.config import QUICK_NOTE, QUICK_PHOTOS, AuditConfig, Stopwatch, build_parser, config_from_args, say
+from audit.harness import (
+    BaselineRunner,
+    audit_release,
+    baseline_cache_key,
+    cached_baseline,
+    raw_reference,
+    save_baseline,
+)
 from audit.live import run_live_audit
-from audit.releases import OnnxRelease, Splits, check_classes, load_data, normalized_images, unit_images
+from audit.releases import (
+    OnnxRelease,
+    Splits,
+    check_classes,
+    load_data,
+    normalized_images,
+    quick_subset,
+    unit_images,
+)
 from audit.report import REPORT_JSON, checkpoint, finish, save_config, summary_lines
 from audit.verdicts import compare_points, dominance, headline, verdicts
 from protocol.errors import InvalidInputError, PricError
@@ -75,9 +90,16 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     previous = _resumable(cfg)
     out_dir = save_config(cfg)
     t0 = time.time()
+    watch = Stopwatch()
     card = models[0][1] if models else None
     spec = card.input if card else InputSpec()
-    data = load_data(cfg.data, spec, cfg)
+    with watch.stage("setup", "load the photos"):
+        data = load_data(cfg.data, spec, cfg)
+        if cfg.quick:  # a smoke run: a small subsample of whole persons (config.QUICK_PHOTOS)
+            n_all = len(data)
+            data = quick_subset(data, QUICK_PHOTOS, cfg.seed)
+            say(f"--quick: {len(data)} of {n_all} photos (at most {QUICK_PHOTOS[0]}/{QUICK_PHOTOS[1]}/"
+                f"{QUICK_PHOTOS[2]} train/validation/test); a smoke run, not an audit")
     sp = Splits.of(data, str(cfg.data))
     check_classes(data, sp, cfg)
     report: dict[str, Any] = {
@@ -86,62 +108,103 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
                   "n_test": len(sp.te), "private": cfg.private, "primary": list(cfg.primary),
                   "attr_names": data.attr_names, "input": asdict(spec),
                   "model": card.to_dict() if card else None,
-                  "models": [c.to_dict() for _, c in models]},
-        "releases": [], "points": [],
+                  "models": [c.to_dict() for _, c in models],
+                  "quick": QUICK_NOTE.format(n=len(data), epochs=cfg.epochs) if cfg.quick else None},
+        "releases": [], "points": [], "timing": watch.rows,
     }
     ref = None
     if not cfg.no_reference:
         say("raw-image reference classifier")
-        images = normalized_images(data.pixels, spec)
-        ref = raw_reference(data, images, sp, cfg, spec)
-        del images
+        with watch.stage("setup", "raw-image reference"):
+            images = normalized_images(data.pixels, spec)
+            ref = raw_reference(data, images, sp, cfg, spec)
+            del images
+        if ref.get("cached"):
+            watch.rows[-1]["stage"] += " (cached)"
         report["raw_reference"] = {k: v for k, v in ref.items() if k != "classifier"}
         pi = data.attr_index(cfg.private)
         report["points"].append({
             "label": "raw images", "kind": "raw", "private_acc": ref["accuracy"][pi],
             "primary_acc": float(np.mean([ref["accuracy"][data.attr_index(n)] for n in cfg.primary]))
             if cfg.primary else None})
-    for model_dir, mcard in models:
-        sparse_model = mcard.kind == "sparse_code"
-        label, kind = (f"{mcard.model_id} ambiguated code", "sparse") if sparse_model else (mcard.model_id, "model")
-        rel = previous.get(label)
-        if rel is not None and rel.get("sha256") == mcard.sha256:
-            say(f"[{label}] reusing the figures of the unfinished run (--resume)")
-            if sparse_model and "sparse" in previous:
-                report["sparse"] = previous["sparse"]
-        else:
-            if sparse_model:
-                say(f"sparse-code figures of {mcard.model_id} (authorised, JPEG, key attacks)")
-                report["sparse"] = sparse_audit.audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
-                say(f"ambiguating the codes of {len(data)} photos with {mcard.model_id}")
-                x = sparse_audit.ambiguated_codes(model_dir, mcard, data.pixels, cfg.seed)
-            else:
-                say(f"transforming {len(data)} photos with {mcard.model_id}")
-                x = OnnxRelease(model_dir, mcard)(data.pixels)
-            rel = audit_release(label, x, data, sp, cfg, ref, spec, True, out_dir)
-            del x
-            rel["sha256"] = mcard.sha256
-        rel["epochs"], rel["recon_epochs"] = cfg.epochs, cfg.recon_epochs
-        rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
-        rel["model_dir"], rel["model_id"] = str(model_dir), mcard.model_id
-        report["releases"].append(rel)
-        checkpoint(report, out_dir)
-        point = headline(rel, cfg, kind)
-        point["model_id"], point["training"] = mcard.model_id, _training_summary(mcard)
-        report.setdefault("headline", point)
-        report["points"].append(point)
     bcfg = dataclasses.replace(
         cfg, epochs=cfg.baseline_epochs or max(3, cfg.epochs // 2),
         recon_epochs=cfg.baseline_recon_epochs or max(1, cfg.recon_epochs // 2))
+    ready: dict[str, dict[str, Any]] = {}
+    keys = {b.label: baseline_cache_key(b.label, data, bcfg, ref, spec) for b in baselines}
     for b in baselines:
         rel = previous.get(b.label)
         if rel is not None and "baseline" in rel:
             say(f"[{b.label}] reusing the figures of the unfinished run (--resume)")
-        else:
-            say(f"baseline {b.label}")
-            obf = b.apply(unit_images(data.pixels)).astype(np.float16)
-            rel = audit_release(b.label, obf, data, sp, bcfg, ref, spec, False, out_dir)
-            del obf
+            ready[b.label] = rel
+        elif cfg.baseline_cache and (rel := cached_baseline(keys[b.label], cfg, out_dir)) is not None:
+            # a baseline does not depend on the audited model: measured once per data set and settings
+            say(f"[{b.label}] reusing the figures measured with the same photos, settings and code "
+                f"(cache {keys[b.label]}; --no-baseline-cache measures it again)")
+            watch.rows.append({"release": b.label, "stage": "cached (same data, settings and code)", "wall_s": 0.0,
+                               "cpu_s": 0.0})
+            ready[b.label] = rel
+    todo = [b for b in baselines if b.label not in ready]
+    jobs = baseline_jobs(cfg.jobs, len(todo))
+    runner = BaselineRunner(todo, data, sp, bcfg, ref, spec, out_dir, watch, jobs)  # workers start now
+    if runner.pool is not None and models:
+        torch.set_num_threads(1)  # the workers take the other cores while the models are audited
+    try:  # the baseline workers are stopped however the audit ends
+        for model_dir, mcard in models:
+            sparse_model = mcard.kind == "sparse_code"
+            label, kind = (f"{mcard.model_id} ambiguated code", "sparse") if sparse_model else (mcard.model_id, "model")
+            rel = previous.get(label)
+            if rel is not None and rel.get("sha256") == mcard.sha256:
+                say(f"[{label}] reusing the figures of the unfinished run (--resume)")
+                if sparse_model and "sparse" in previous:
+                    report["sparse"] = previous["sparse"]
+            else:
+                if sparse_model:
+                    say(f"sparse-code figures of {mcard.model_id} (authorised, JPEG, key attacks)")
+                    with watch.stage(label, "sparse-code figures (key attacks)"):
+                        report["sparse"] = sparse_audit.audit_sparse(model_dir, Path(cfg.data), out_dir, cfg)
+                    say(f"ambiguating the codes of {len(data)} photos with {mcard.model_id}")
+                    with watch.stage(label, "release the photos"):
+                        x = sparse_audit.ambiguated_codes(model_dir, mcard, data.pixels, cfg.seed)
+                else:
+                    say(f"transforming {len(data)} photos with {mcard.model_id}")
+                    with watch.stage(label, "release the photos"):
+                        x = OnnxRelease(model_dir, mcard)(data.pixels)
+                rel = audit_release(label, x, data, sp, cfg, ref, spec, True, out_dir, watch)
+                del x
+                rel["sha256"] = mcard.sha256
+            rel["epochs"], rel["recon_epochs"] = cfg.epochs, cfg.recon_epochs
+            rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
+            rel["model_dir"], rel["model_id"] = str(model_dir), mcard.model_id
+            report["releases"].append(rel)
+            checkpoint(report, out_dir)
+            point = headline(rel, cfg, kind)
+            point["model_id"], point["training"] = mcard.model_id, _training_summary(mcard)
+            report.setdefault("headline", point)
+            report["points"].append(point)
+        _audit_baselines(report, baselines, ready, keys, runner, data, bcfg, cfg, ref, out_dir)
+    finally:
+        runner.close()
+    local = {p["label"] for p in report["points"] if p.get("kind") == "baseline"}
+    report["points"] += [c for c in compare if not (c["kind"] == "baseline" and c["label"] in local)]
+    report["dominance"] = dominance(report["points"], len(sp.te), cfg.dominance_tolerance)
+    report["seconds"] = round(time.time() - t0, 1)
+    report["timing"] = watch.rows
+    finish(report, cfg, out_dir)
+    if cfg.write_card and card is not None:
+        write_card_audit(Path(cfg.model), card, report)
+    return report
+
+
+def _audit_baselines(report: dict[str, Any], baselines: Sequence[Baseline], ready: dict[str, dict[str, Any]],
+                     keys: dict[str, str], runner: BaselineRunner, data: Any, bcfg: AuditConfig, cfg: AuditConfig,
+                     ref: dict[str, Any] | None, out_dir: Path) -> None:
+    """Every baseline release in order: reused (resumed or cached) or measured by `runner`."""
+    for b in baselines:
+        rel = ready.get(b.label)
+        if rel is None:
+            _, rel = runner.next_release()
+            save_baseline(keys[b.label], rel, cfg, out_dir)
         rel["epochs"], rel["recon_epochs"] = bcfg.epochs, bcfg.recon_epochs
         rel["verdicts"] = verdicts(rel, cfg, ref, data.attr_names)
         rel["baseline"] = {"name": b.name, "k": b.k}
@@ -150,14 +213,6 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         report["points"].append(headline(rel, cfg, "baseline"))
         if "headline" not in report:
             report["headline"] = headline(rel, cfg, "baseline")
-    local = {p["label"] for p in report["points"] if p.get("kind") == "baseline"}
-    report["points"] += [c for c in compare if not (c["kind"] == "baseline" and c["label"] in local)]
-    report["dominance"] = dominance(report["points"], len(sp.te), cfg.dominance_tolerance)
-    report["seconds"] = round(time.time() - t0, 1)
-    finish(report, cfg, out_dir)
-    if cfg.write_card and card is not None:
-        write_card_audit(Path(cfg.model), card, report)
-    return report
 
 
 def _load_models(cfg: AuditConfig) -> list[tuple[Path, ModelCard]]:
@@ -186,7 +241,8 @@ def _resumable(cfg: AuditConfig) -> dict[str, Any]:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    same = lambda c: {k: v for k, v in json.loads(json.dumps(c)).items() if k != "resume"}  # noqa: E731
+    # how the work is spread (worker processes) does not change what is measured
+    same = lambda c: {k: v for k, v in json.loads(json.dumps(c)).items() if k not in ("resume", "jobs")}  # noqa: E731
     if old.get("complete", True) or same(old.get("config", {})) != same(cfg.to_dict()):
         raise InvalidInputError(f"--resume: {path} is not an unfinished run with the same settings; "
                                 "drop --resume or choose another --out")
@@ -246,6 +302,18 @@ def write_card_audit(model_dir: Path, card: ModelCard, report: dict[str, Any]) -
     })
     new = dataclasses.replace(card, audit=audit).validate()
     return new.save(model_dir)
+
+
+def baseline_jobs(n: int, todo: int) -> int:
+    """Worker processes for the baselines: --jobs, or (0) one per core when the machine is
+    idle, else 1 (more processes than free cores only make every one slower)."""
+    import os
+
+    if n > 0:
+        return min(n, max(todo, 1))
+    cores = os.cpu_count() or 1
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * cores
+    return 1 if busy else max(1, min(cores, todo))
 
 
 def set_threads(n: int) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -18,6 +20,15 @@ from protocol.config import add_options, from_namespace, option
 from protocol.config import csv_names as _csv
 
 ENV_TOKEN = "PRIC_AUDITOR_TOKEN"
+
+# --quick, a smoke run that must finish in about 2 minutes on 2 cores with every baseline
+# (docs/auditor.md states these; tests/audit check that they are what runs). It measures
+# far less than a full audit and says so in the report: never a verdict.
+QUICK_PHOTOS = {0: 1500, 1: 300, 2: 600}  # at most this many photos per split (train, validation, test), whole persons
+QUICK_EPOCHS, QUICK_RECON_EPOCHS, QUICK_REFERENCE_EPOCHS = 3, 2, 3
+QUICK_NOTE = ("QUICK SMOKE RUN, not an audit: a subsample of at most {n} photos, the cheap networks only, {epochs} "
+              "attacker epochs; it underestimates leakage and its figures must not be used for verdicts or "
+              "releases")
 
 
 def _baselines(text: str) -> tuple[str, ...]:
@@ -45,7 +56,10 @@ class AuditConfig:
     sign_key: str | None = option(None, "after the audit, sign what it measured on every --model with this auditor "
                                         "key (STEM.key from `pric-audit keygen`; STEM.pub.json beside it)")
     seed: int = option(0, "random seed of attackers and decoders", type=int)
-    quick: bool = option(False, "few epochs (tests, smoke runs)")
+    quick: bool = option(False, "a smoke run (about 2 minutes with every baseline), never a verdict: at most "
+                                f"{'/'.join(map(str, QUICK_PHOTOS.values()))} photos (train/validation/test, whole "
+                                f"persons), {'/'.join(QUICK_ATTACKS)} only, {QUICK_EPOCHS} attacker and "
+                                f"{QUICK_RECON_EPOCHS} decoder epochs, a cheap reference CNN")
     epochs: int | None = option(None, "attacker epochs (default 15, quick 3)", type=int)
     recon_epochs: int | None = option(None, "decoder epochs (default 8, quick 2)", type=int)
     reference_epochs: int | None = option(
@@ -76,9 +90,14 @@ class AuditConfig:
     rerender: bool = option(False, "only re-write report.md and plots of an existing --out (e.g. with new --compare "
                                    "points)")
     no_reference: bool = option(False, "skip the raw-image reference classifier")
+    baseline_cache: bool = option(True, "measure every baseline again instead of reusing the figures an earlier audit "
+                                        "measured with the same photos, settings and audit code (--cache-dir)",
+                                  flags=("--no-baseline-cache",), action="store_false")
     progress: bool = option(True, "hide the progress bars (stage lines stay)", flags=("--no-progress",),
                             action="store_false")
     threads: int = option(0, "torch CPU threads (0: all cores, or 1 when the machine is already busy)", type=int)
+    jobs: int = option(0, "worker processes that measure the baselines side by side, one thread each (0: one per "
+                          "core when the machine is idle, else 1)", type=int)
     # live collector
     collector: str | None = option(None, "collector URL (live audit)")
     token_file: str | None = option(None, f"file holding the auditor token (live audit; or set ${ENV_TOKEN}). "
@@ -98,10 +117,12 @@ class AuditConfig:
 
     def resolved(self) -> "AuditConfig":
         """Epoch and attacker defaults that depend on --quick filled in."""
-        return replace(self, epochs=self.epochs if self.epochs is not None else (3 if self.quick else 15),
-                       recon_epochs=self.recon_epochs if self.recon_epochs is not None else (2 if self.quick else 8),
+        q = self.quick
+        return replace(self, epochs=self.epochs if self.epochs is not None else (QUICK_EPOCHS if q else 15),
+                       recon_epochs=self.recon_epochs if self.recon_epochs is not None
+                       else (QUICK_RECON_EPOCHS if q else 8),
                        reference_epochs=self.reference_epochs if self.reference_epochs is not None
-                       else (3 if self.quick else 20),
+                       else (QUICK_REFERENCE_EPOCHS if q else 20),
                        attacks=self.attacks or (QUICK_ATTACKS if self.quick else DEFAULT_ATTACKS))
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,3 +164,25 @@ _T0 = time.time()
 def say(msg: str) -> None:
     """A stage line on stderr (kept with --no-progress, which only hides the bars)."""
     print(f"[{time.time() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class Stopwatch:
+    """Wall and CPU seconds per audit stage, in the order run: report.json's "timing" and
+    report.md's run-time table. CPU time is the process's (every thread), so on a shared
+    machine wall time says how long the user waited and CPU time what the audit itself cost
+    (CPU / cores is what it would take on idle cores, if the work spread over all of them)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    @contextmanager
+    def stage(self, release: str, name: str) -> Iterator[None]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.rows.append({"release": release, "stage": name, "wall_s": round(time.perf_counter() - w0, 1),
+                              "cpu_s": round(time.process_time() - c0, 1)})
+
+    def of(self, release: str) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["release"] == release]

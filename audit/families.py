@@ -442,6 +442,7 @@ class FamilyResults:
     choice: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    models: dict[str, Fitted] = field(default_factory=dict)  # the fitted families, for reuse (audit.linkage)
 
 
 def _threads() -> Any:
@@ -486,6 +487,7 @@ def run_families(
         res.test[name], res.val[name] = acc, float(fam.val_acc if fam.val_acc is not None else float("nan"))
         res.ci95[name] = wilson_interval(acc, len(y_te))
         res.choice[name], res.seconds[name] = fam.choice, round(time.time() - t0, 1)
+        res.models[name] = model
         if name != "ensemble":
             fitted[name] = (model, res.val[name])
     return res

@@ -26,12 +26,13 @@ from audit.attacks import (
     strongest_attack,
     train_attack,
 )
-from audit.config import AuditConfig, say
+from audit.config import AuditConfig, Stopwatch, say
 from audit.linkage import per_person_leakage
 from audit.membership import membership_inference
 from audit.families import HEADS, wilson_interval
 from audit.quality import channels_last, image_quality
 from audit.reconstruction import train_decoder
+from audit.baselines import Baseline
 from audit.releases import Splits, unit_images
 from audit.reid import reidentification
 from audit.report import save_grid
@@ -63,7 +64,7 @@ def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConf
     h.update(json.dumps([REFERENCE_VERSION, kind, cfg.seed, epochs, list(data.attr_names), images.shape[1:],
                          asdict(spec)]).encode())
     key = h.hexdigest()[:20]
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache = _cache_dir(cfg)
     res_path, state_path = cache / f"audit-rawref-{key}.json", cache / f"audit-rawref-{key}.pt"
     n_attr = len(data.attr_names)
     model = create_attack(kind, images.shape[1:], n_attr)
@@ -74,7 +75,7 @@ def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConf
         result = json.loads(res_path.read_text())
         result["classifier"] = TrainedAttack(kind, model, saved["mean"], saved["std"], True,
                                              np.zeros(n_attr), np.zeros(n_attr, np.int64), 0)
-        result["cached"] = True
+        result["cached"], result["key"] = True, key
         return result
     L = data.labels
     fitted = train_attack(kind, images[sp.tr], L[sp.tr], images[sp.va], L[sp.va], multilabel=True,
@@ -96,39 +97,177 @@ def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConf
     except OSError:
         pass  # a read-only cache only costs time
     result["classifier"] = fitted
-    result["cached"] = False
+    result["cached"], result["key"] = False, key
     return result
+
+
+def measure_baseline(b: Baseline, data: FaceData, sp: Splits, cfg: AuditConfig, ref: dict[str, Any] | None,
+                     spec: InputSpec, out_dir: Path, watch: Stopwatch) -> dict[str, Any]:
+    """Every attack on one baseline obfuscation of the photos (`audit_release`, not full)."""
+    say(f"baseline {b.label}")
+    with watch.stage(b.label, "release the photos"):
+        obf = b.apply(unit_images(data.pixels)).astype(np.float16)
+    return audit_release(b.label, obf, data, sp, cfg, ref, spec, False, out_dir, watch)
+
+
+class BaselineRunner:
+    """Measures baseline releases (`measure_baseline`) and hands them out in order with
+    `next_release()`. With jobs > 1 the workers start at once, so the baselines are measured
+    in that many processes side by side (one torch thread each), also while the caller
+    audits the models: the attackers are small networks and trees that use a second thread
+    poorly, so on an idle machine separate processes get far more out of its cores. Each
+    release's stage times come back in its "timing" and are added to `watch`."""
+
+    def __init__(self, todo: Sequence[Baseline], data: FaceData, sp: Splits, cfg: AuditConfig,
+                 ref: dict[str, Any] | None, spec: InputSpec, out_dir: Path, watch: Stopwatch, jobs: int) -> None:
+        self.todo, self.watch = list(todo), watch
+        self.args = (data, sp, cfg, ref, spec, out_dir)
+        self.jobs = min(jobs, len(self.todo))
+        self.pool: Any = None
+        self.futures: list[Any] = []
+        if self.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            say(f"measuring {len(self.todo)} baselines in {self.jobs} worker processes")
+            # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(self.args,))
+            self.futures = [self.pool.submit(_baseline_in_worker, b) for b in self.todo]
+
+    def next_release(self) -> tuple[Baseline, dict[str, Any]]:
+        b = self.todo.pop(0)
+        if self.pool is None:
+            return b, measure_baseline(b, *self.args, self.watch)
+        rel = self.futures.pop(0).result()
+        self.watch.rows.extend(rel.get("timing", []))
+        return b, rel
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(args: tuple) -> None:
+    torch.set_num_threads(1)
+    _WORKER["args"] = args
+
+
+def _baseline_in_worker(b: Baseline) -> dict[str, Any]:
+    return measure_baseline(b, *_WORKER["args"], Stopwatch())
+
+
+def _cache_dir(cfg: AuditConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+# The modules whose code decides a baseline release's figures: their bytes are part of the
+# cache key, so a change to any attacker, decoder or baseline measures the baselines again.
+_RESULT_CODE = ("attacks.py", "families.py", "harness.py", "reconstruction.py", "baselines.py", "reid.py",
+                "quality.py", "releases.py", "linkage.py", "membership.py")
+BASELINE_CACHE_VERSION = "baseline-release-v1"
+
+
+def baseline_cache_key(label: str, data: FaceData, cfg: AuditConfig, ref: dict[str, Any] | None,
+                       spec: InputSpec) -> str:
+    """What a baseline release's figures depend on: the photos (data set, files, split,
+    labels), the baseline, every setting the harness reads, the raw-image reference and
+    the code of the audit modules that measure it."""
+    h = hashlib.sha256()
+    h.update(str(Path(data.root).resolve()).encode())
+    h.update("\n".join(data.filenames).encode())
+    h.update(data.splits.tobytes())
+    h.update(np.ascontiguousarray(data.labels).tobytes())
+    h.update(json.dumps([BASELINE_CACHE_VERSION, label, cfg.seed, cfg.epochs, cfg.recon_epochs, list(cfg.attacks),
+                         cfg.private, list(cfg.primary), cfg.min_class_samples, bool(cfg.quick), list(data.attr_names),
+                         asdict(spec), ref.get("key") if ref else None]).encode())
+    here = Path(__file__).resolve().parent
+    for name in _RESULT_CODE:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:20]
+
+
+def cached_baseline(key: str, cfg: AuditConfig, out_dir: Path) -> dict[str, Any] | None:
+    """A baseline release measured before with exactly these inputs (`baseline_cache_key`),
+    its reconstruction grid copied into `out_dir`; None when there is none."""
+    cache = _cache_dir(cfg)
+    res_path, grid_path = cache / f"audit-baseline-{key}.json", cache / f"audit-baseline-{key}.png"
+    try:
+        rel = json.loads(res_path.read_text())
+        grid = grid_path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rel, dict) or not isinstance(rel.get("reconstruction"), dict):
+        return None
+    (out_dir / str(rel["reconstruction"]["grid"])).write_bytes(grid)
+    rel["cached"] = {"key": key, "measured_in_s": rel.get("seconds")}
+    return rel
+
+
+def save_baseline(key: str, rel: dict[str, Any], cfg: AuditConfig, out_dir: Path) -> None:
+    """Keep a measured baseline release for later audits of the same data (a read-only
+    cache only costs time)."""
+    cache = _cache_dir(cfg)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / f"audit-baseline-{key}.png").write_bytes((out_dir / rel["reconstruction"]["grid"]).read_bytes())
+        (cache / f"audit-baseline-{key}.json").write_text(json.dumps(rel, default=_plain))
+    except OSError:
+        pass
+
+
+def _plain(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def audit_release(
     label: str, x: np.ndarray, data: FaceData, sp: Splits, cfg: AuditConfig, ref: dict[str, Any] | None,
-    spec: InputSpec, full: bool, out_dir: Path,
+    spec: InputSpec, full: bool, out_dir: Path, watch: Stopwatch | None = None,
 ) -> dict[str, Any]:
     """Every attack on one released representation x (N, *shape) aligned with `data`.
 
     `full` trains single-attribute attackers for the private and primary attributes; else
     those figures are read from the all-attribute heads (cheaper, used for baselines).
+    Each stage's wall and CPU seconds go to `watch` and rel["timing"].
     """
     t0 = time.time()
+    watch = watch if watch is not None else Stopwatch()
+
+    def stage(name: str) -> Any:
+        return watch.stage(label, name)
+
     kinds = applicable_kinds([k for k in cfg.attacks if k in HEADS], x.shape[1:])  # all-attribute heads
     others = [k for k in cfg.attacks if k not in HEADS]  # families trained per attribute only
     L = data.labels
     res: dict[str, Any] = {"label": label, "shape": list(x.shape[1:]), "attacks": [*kinds, *others]}
     say(f"[{label}] attribute inference on all {len(data.attr_names)} attributes")
-    multi = multi_attribute_attack(x[sp.tr], L[sp.tr], x[sp.va], L[sp.va], x[sp.te], L[sp.te], data.attr_names,
-                                   kinds=kinds, seed=cfg.seed, epochs=cfg.epochs, progress=cfg.progress,
-                                   what=f"{label}: all attributes")
+    with stage(f"all-attribute heads ({', '.join(kinds)})"):
+        multi = multi_attribute_attack(x[sp.tr], L[sp.tr], x[sp.va], L[sp.va], x[sp.te], L[sp.te], data.attr_names,
+                                       kinds=kinds, seed=cfg.seed, epochs=cfg.epochs, progress=cfg.progress,
+                                       what=f"{label}: all attributes")
     res["attributes"] = multi
     pi = data.attr_index(cfg.private)
 
-    def single(j: int, name: str, names: Sequence[str]) -> dict[str, Any]:
+    def single(j: int, name: str, names: Sequence[str], models_out: dict | None = None) -> dict[str, Any]:
         return strongest_attack(x[sp.tr], L[sp.tr, j], x[sp.va], L[sp.va, j], x[sp.te], L[sp.te, j], kinds=names,
                                 seed=cfg.seed, epochs=cfg.epochs, progress=cfg.progress,
-                                min_per_class=cfg.min_class_samples, what=f"[{label}] {name}", log=say)
+                                min_per_class=cfg.min_class_samples, what=f"[{label}] {name}", log=say,
+                                models_out=models_out)
+
+    private_models: dict[str, Any] = {}  # the fitted private-attribute families, reused by the linkage attacker
 
     if full:
         say(f"[{label}] private attribute {cfg.private}: {', '.join(cfg.attacks)}")
-        res["private"] = single(pi, cfg.private, cfg.attacks)
+        with stage(f"{cfg.private}: every family"):
+            res["private"] = single(pi, cfg.private, cfg.attacks, private_models)
         # the all-attribute heads are attackers too: the strongest counts
         j_multi = multi["accuracy"][pi]
         res["private"]["multi_label"] = j_multi
@@ -138,12 +277,14 @@ def audit_release(
         res["primary"] = {}
         for name in cfg.primary:
             say(f"[{label}] primary attribute {name}")
-            res["primary"][name] = single(data.attr_index(name), name, cfg.attacks)
+            with stage(f"{name}: every family"):
+                res["primary"][name] = single(data.attr_index(name), name, cfg.attacks)
     else:
         res["private"] = _from_multi(multi, pi, kinds)
         if others:  # the other families on the private attribute of every release (leakage is the point)
             say(f"[{label}] private attribute {cfg.private}: {', '.join(others)}")
-            _merge_families(res["private"], single(pi, cfg.private, others))
+            with stage(f"{cfg.private}: {', '.join(others)}"):
+                _merge_families(res["private"], single(pi, cfg.private, others))
         res["primary"] = {n: _from_multi(multi, data.attr_index(n), kinds) for n in cfg.primary}
     # what the primary labels alone say about the private attribute: a release that keeps
     # the primary tasks cannot leak less (train -> test, majority per label combination)
@@ -151,19 +292,23 @@ def audit_release(
     res["private"]["label_floor"] = label_floor(L[sp.tr][:, prim], L[sp.tr, pi], L[sp.te][:, prim], L[sp.te, pi])
 
     if full:  # one participant's photos pooled (audit.linkage)
-        res["per_person"] = per_person_leakage(x, data, sp, cfg)
-        res["membership"] = membership_inference(x, data, sp, cfg)  # audit.membership
+        with stage("linkage (per person)"):
+            res["per_person"] = per_person_leakage(x, data, sp, cfg, prefit=private_models)
+        with stage("membership inference"):
+            res["membership"] = membership_inference(x, data, sp, cfg)  # audit.membership
     say(f"[{label}] reconstruction")
-    rec = train_decoder(x, data.pixels, sp, cfg, label)
+    with stage("reconstruction decoder"):
+        rec = train_decoder(x, data.pixels, sp, cfg, label)
     ref_imgs = unit_images(data.pixels[sp.te])
     res["reconstruction"] = image_quality(channels_last(ref_imgs), channels_last(rec))
     grid = out_dir / f"reconstructions-{_slug(label)}.png"
     save_grid(ref_imgs[:8], rec[:8], grid, title=f"{label}: originals (top) vs reconstructions (bottom)")
     res["reconstruction"]["grid"] = grid.name
     if ref is not None:
-        rec_in = normalize(np.moveaxis(np.clip(rec * 255.0 + 0.5, 0, 255).astype(np.uint8), 1, -1), spec) \
-            if len(rec) else rec
-        pred = ref["classifier"].predict(rec_in)
+        with stage("classify after reconstruct"):
+            rec_in = normalize(np.moveaxis(np.clip(rec * 255.0 + 0.5, 0, 255).astype(np.uint8), 1, -1), spec) \
+                if len(rec) else rec
+            pred = ref["classifier"].predict(rec_in)
         car = (pred == L[sp.te]).mean(0)
         res["classify_after_reconstruct"] = {"accuracy": [float(v) for v in car]}
         res["private"]["reconstruct"] = float(car[pi])
@@ -176,11 +321,13 @@ def audit_release(
             res["private"].setdefault("ci95", {})[k] = wilson_interval(res["private"][k], n_te)
     res["private"]["not_measured"] = sorted(res["private"].get("skipped", {}))
     say(f"[{label}] re-identification")
-    res["reid"] = reidentification(x[sp.te], data.identities[sp.te], x[sp.tr].astype(np.float32).mean(0))
+    with stage("re-identification"):
+        res["reid"] = reidentification(x[sp.te], data.identities[sp.te], x[sp.tr].astype(np.float32).mean(0))
     res["primary_accuracy"] = float(np.mean([v["accuracy"] for v in res["primary"].values()])) if cfg.primary else None
     if ref is not None:
         res["other_attributes"] = other_attribute_utility(multi, ref, data, sp, cfg)
     res["seconds"] = round(time.time() - t0, 1)
+    res["timing"] = watch.of(label)
     return res
 
 

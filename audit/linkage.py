@@ -65,7 +65,7 @@ def _torch_log_odds(fitted: Any, x: np.ndarray, batch_size: int = 512) -> np.nda
 
 
 def fit_photo_attacker(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, seed: int = 0,
-                       quick: bool = False, epochs: int = 15) -> dict[str, Any]:
+                       quick: bool = False, epochs: int = 15, prefit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit candidate per-photo attackers on train (the audit's MLP and, on maps, CNN;
     logistic regression; gradient-boosted trees on inputs of at most 64 values), calibrate each on validation (Platt: a
     1-D logistic regression of the validation labels on its log-odds) and keep the one
@@ -73,7 +73,9 @@ def fit_photo_attacker(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_v
 
     x_*: (N, *shape) releases; y_*: 0/1 (N,). Returns {"name", "val_log_loss",
     "val_accuracy", "candidates": {name: calibrated val log-loss}, "platt": [a, b],
-    "log_odds": callable x -> (N,) calibrated log-odds}."""
+    "log_odds": callable x -> (N,) calibrated log-odds}. `prefit` {kind: TrainedAttack}: the
+    audit's own MLP/CNN already trained on these splits with these settings (the private
+    attribute's families), used instead of training them again."""
     from sklearn.decomposition import PCA
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
@@ -81,7 +83,7 @@ def fit_photo_attacker(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_v
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from audit.attacks import applicable_kinds, train_attack
+    from audit.attacks import TrainedAttack, applicable_kinds, train_attack
 
     X_tr = _flat(x_tr)
     reduce = [PCA(256, random_state=seed)] if X_tr.shape[1] > 1024 else []  # sparse codes: 10^4 dims
@@ -100,8 +102,10 @@ def fit_photo_attacker(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_v
         raw["gradient boosting"] = sk(make_pipeline(*reduce, HistGradientBoostingClassifier(
             max_iter=300, learning_rate=0.05, early_stopping=True, random_state=seed)))
     for kind in applicable_kinds(("mlp", "cnn"), x_tr.shape[1:]):
-        fitted = train_attack(kind, x_tr, y_tr, x_va, y_va, seed=seed, epochs=epochs, progress=False,
-                              desc=f"{kind} per-photo attacker")
+        fitted = (prefit or {}).get(kind)
+        if not isinstance(fitted, TrainedAttack) or fitted.multilabel:
+            fitted = train_attack(kind, x_tr, y_tr, x_va, y_va, seed=seed, epochs=epochs, progress=False,
+                                  desc=f"{kind} per-photo attacker")
         raw[kind] = lambda x, fitted=fitted: _torch_log_odds(fitted, x)
     scores: dict[str, float] = {}
     calibrated: dict[str, Any] = {}
@@ -257,7 +261,8 @@ def not_measured(reason: str) -> dict[str, Any]:
     return {"measured": False, "reason": reason}
 
 
-def per_person_leakage(x: np.ndarray, data: Any, sp: Any, cfg: Any) -> dict[str, Any]:
+def per_person_leakage(x: np.ndarray, data: Any, sp: Any, cfg: Any,
+                       prefit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Leakage of cfg.private when the attacker pools a person's test photos (see the
     module docstring): rel["per_person"] of report.json, read by report.md, the plot and
     the attestation. Without identities (or too few persons with several photos) it says
@@ -276,7 +281,7 @@ def per_person_leakage(x: np.ndarray, data: Any, sp: Any, cfg: Any) -> dict[str,
     say(f"linkage: {cfg.private} pooled over each test person's photos ({len(per_id)} persons, "
         f"{int((per_id >= 2).sum())} with 2+ photos)")
     att = fit_photo_attacker(x[sp.tr], y_tr, x[sp.va], y[sp.va], seed=cfg.seed, quick=bool(cfg.quick),
-                             epochs=int(cfg.epochs or 15))
+                             epochs=int(cfg.epochs or 15), prefit=prefit)
     l_te = att["log_odds"](x[sp.te])
     prior = float(np.clip(y_tr.mean(), 1e-6, 1 - 1e-6))
     p0 = math.log(prior / (1 - prior))

@@ -87,3 +87,30 @@ def load_data(path: str, spec: InputSpec, cfg: AuditConfig) -> FaceData:
 def check_classes(data: FaceData, sp: Splits, cfg: AuditConfig) -> None:
     for name in (cfg.private, *cfg.primary):
         check_trainable(data.attr(name)[sp.tr], f"attribute {name!r}", cfg.min_class_samples)
+
+
+def quick_subset(data: FaceData, sizes: dict[int, int], seed: int = 0) -> FaceData:
+    """The photos of a --quick run: per split at most `sizes[split]` photos, drawn as whole
+    persons (seeded), so the splits stay identity-disjoint and linkage still sees persons
+    with several photos; photos without an identity count as persons of one photo."""
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    for split, cap in sizes.items():
+        idx = np.flatnonzero(data.splits == split)
+        if len(idx) <= cap:
+            keep.append(idx)
+            continue
+        ident = data.identities[idx]
+        person = np.where(ident >= 0, ident, -1 - np.arange(len(idx)))  # unknown: one photo each
+        order = rng.permutation(np.unique(person))
+        counts = dict(zip(*np.unique(person, return_counts=True)))
+        chosen, n = [], 0
+        for p in order:
+            if n + counts[p] > cap:
+                continue  # a person too large for the room left: try smaller ones
+            chosen.append(p)
+            n += counts[p]
+            if n == cap:
+                break
+        keep.append(idx[np.isin(person, chosen)])
+    return data.select(np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64))

@@ -109,7 +109,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 f"{lv['n_labelled']} labelled; {report['setup']['private']} inferred with accuracy "
                 f"{_f(lv['pulled_accuracy'])} on pulled items (majority {_f(lv['pulled_majority_rate'])}), "
                 f"{_f(lv['probe_test_accuracy'])} on held-out probes (majority {_f(lv['probe_majority_rate'])})"]
-    lines = []
+    quick = report.get("setup", {}).get("quick")
+    lines = [quick] if quick else []
     for rel in report.get("releases", []):
         p = rel["private"]
         prim = ", ".join(f"{n} {_f(v['accuracy'])}" for n, v in rel["primary"].items())
@@ -137,6 +138,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     L = ["# Privacy audit (pric-audit)", ""]
     if report.get("mode") == "live":
         return "\n".join(L + _live_md(report))
+    if s.get("quick"):
+        L += [f"> **{s['quick']}.**", ""]
     L += ["## Setup", ""]
     if s.get("model"):
         m = s["model"]
@@ -159,6 +162,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     names = s.get("attr_names", [])
     for rel in report.get("releases", []):
         L += _release_md(rel, s, ref, names)
+    L += _timing_md(report.get("timing"))
     if report.get("points"):
         L += ["## Privacy–utility plane", "", f"![plane]({PLANE_PNG})", ""]
         L += _md_table(["release", "kind", f"{s['private']} leakage", "primary accuracy",
@@ -168,6 +172,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("dominance", {}).get("baselines"):
         L += _dominance_md(report["dominance"])
     return "\n".join(L)
+
+
+def _timing_md(rows: Sequence[dict[str, Any]] | None) -> list[str]:
+    """Where the run time went: wall and CPU seconds per stage, in the order run."""
+    if not rows:
+        return []
+    wall, cpu = sum(r["wall_s"] for r in rows), sum(r["cpu_s"] for r in rows)
+    L = ["## Run time by stage", "",
+         "Wall seconds (what the run took on this machine, other jobs included) and the process's CPU seconds "
+         "(every thread). On a machine shared with other jobs wall time exceeds CPU time / threads.", ""]
+    L += _md_table(["release", "stage", "wall s", "CPU s"],
+                   [[r["release"], r["stage"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}"] for r in rows]
+                   + [["**all stages**", "", f"{wall:.1f}", f"{cpu:.1f}"]])
+    return L
 
 
 def _training_md(t: dict[str, Any] | None) -> str:
@@ -198,9 +216,11 @@ def _dominance_md(d: dict[str, Any]) -> list[str]:
 
 def _release_md(rel: dict[str, Any], s: dict[str, Any], ref: dict[str, Any] | None, names: list[str]) -> list[str]:
     p = rel["private"]
+    cached = (" (figures reused from an earlier audit with the same photos, settings and audit code: a baseline "
+              "does not depend on the audited model)") if rel.get("cached") else ""
     L = [f"## Release: {rel['label']}", "", f"Representation shape {rel['shape']}; attackers at most "
          f"{rel.get('epochs', '–')} epochs, decoder {rel.get('recon_epochs', '–')} epochs; audited in "
-         f"{rel.get('seconds')} s.", ""]
+         f"{rel.get('seconds')} s{cached}.", ""]
     raw_of = (lambda n: ref["accuracy"][names.index(n)]) if ref else (lambda n: None)
     L += [f"### Private attribute: {s['private']}", ""]
     L += _private_md(p, raw_of(s["private"]))

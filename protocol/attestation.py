@@ -225,7 +225,12 @@ def verify(envelope: Any, trusted: Mapping[str, PublicKey]) -> Verified:
         raise AttestationError("attestation: the payload is not base64") from None
     if len(payload) > MAX_ATTESTATION_BYTES:
         raise AttestationError("attestation: the payload is larger than the limit")
-    unknown = []
+    # a forged or broken signature by one trusted key must not hide a valid one by another
+    # in the same envelope: try every trusted signature, report the first failure only if
+    # none verifies
+    unknown: list[str] = []
+    failed: AttestationError | None = None
+    statement: Any = None
     for s in sigs[:MAX_ATTESTATIONS]:
         if not isinstance(s, Mapping):
             continue
@@ -238,16 +243,22 @@ def verify(envelope: Any, trusted: Mapping[str, PublicKey]) -> Verified:
             Ed25519PublicKey.from_public_bytes(key.raw).verify(base64.b64decode(str(s.get("sig", "")), validate=True),
                                                                pae(PAYLOAD_TYPE, payload))
         except (InvalidSignature, binascii.Error, ValueError):
-            raise AttestationError(f"attestation signed by {key.name or keyid[:16]}: the signature does not verify "
-                                   "(tampered or forged)") from None
-        try:
-            statement = json.loads(payload)
-        except ValueError:
-            raise AttestationError("attestation: the signed statement is not JSON") from None
-        _check_shape(statement)
+            failed = failed or AttestationError(f"attestation signed by {key.name or keyid[:16]}: the signature does "
+                                                "not verify (tampered or forged)")
+            continue
+        if statement is None:
+            try:
+                statement = json.loads(payload)
+            except ValueError:
+                raise AttestationError("attestation: the signed statement is not JSON") from None
+            _check_shape(statement)
         if statement["predicate"]["auditor"].get("keyid") != keyid:
-            raise AttestationError("attestation: the statement names another auditor key than the one that signed it")
+            failed = failed or AttestationError("attestation: the statement names another auditor key than the one "
+                                                "that signed it")
+            continue
         return Verified(key, statement)
+    if failed is not None:
+        raise failed
     if unknown:
         raise AttestationError(f"attestation: signed only by keys you do not trust ({', '.join(unknown)}…)")
     raise AttestationError("attestation: no signature")

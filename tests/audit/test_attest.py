@@ -41,6 +41,7 @@ def test_an_audit_signs_what_it_measured_on_the_exact_files(signed_model, capsys
     assert pred["measured"]["private"]["strongest_accuracy"] == rel["private"]["accuracy"]
     assert pred["measured"]["reconstruction"]["psnr"] == rel["reconstruction"]["psnr"]
     assert pred["data"]["n_test"] == report["setup"]["n_test"] and pred["auditor"]["name"] == "Test Auditor"
+    assert pred["data"]["quick"] is True  # signed from a --quick smoke run: marked, so no one takes it for an audit
     lo, hi = pred["measured"]["private"]["ci95"]
     assert lo <= rel["private"]["accuracy"] <= hi
     assert main(["verify", "--model", str(model), "--trust", str(pub)]) == 0

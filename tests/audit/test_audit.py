@@ -129,6 +129,42 @@ def test_audit_writes_report_plots_and_card(tiny_model_dir: Path, sample_faces: 
     card = load_card(model)  # sha256 still verifies after --write-card
     assert card.audit["private"]["strongest_accuracy"] == rel["private"]["accuracy"]
     assert list(Path(tmp_path / "cache").glob("audit-rawref-*.pt"))
+    # where the time went, per stage, wall and CPU; a quick run says loudly that it is one
+    stages = {(t["release"], t["stage"]) for t in report["timing"]}
+    assert {("setup", "load the photos"), ("tiny@1", "release the photos"), ("tiny@1", "reconstruction decoder"),
+            ("tiny@1", "linkage (per person)"), ("scramble:8", "re-identification")} <= stages
+    assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in report["timing"])
+    assert rel["timing"] == [t for t in report["timing"] if t["release"] == "tiny@1"]
+    assert "## Run time by stage" in md and "| tiny@1 | reconstruction decoder |" in md
+    assert md.startswith("# Privacy audit (pric-audit)\n\n> **QUICK SMOKE RUN, not an audit")
+    assert report["setup"]["quick"].startswith("QUICK SMOKE RUN")
+
+
+@pytest.mark.slow
+def test_a_baseline_is_measured_once_per_data_set_settings_and_code(sample_faces: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--data", str(sample_faces), "--private", "Male", "--primary", "Smiling", "--baselines",
+            "blur:5,scramble:8", "--attacks", "linear", "--cache-dir", str(tmp_path / "cache"), *FAST]
+    assert main([*args, "--out", str(tmp_path / "a"), "--jobs", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    # measured again, in two worker processes side by side
+    assert main([*args, "--out", str(tmp_path / "c"), "--no-baseline-cache", "--jobs", "2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "d"), "--seed", "1"]) == 0
+
+    reports = {o: json.loads((tmp_path / o / "report.json").read_text()) for o in "abcd"}
+    for i in range(2):
+        a, b, c, d = (reports[o]["releases"][i] for o in "abcd")
+        assert a["label"] == c["label"] == ("blur:5", "scramble:8")[i]
+        assert "cached" not in a and b["cached"] and "cached" not in c and "cached" not in d  # another seed: measured
+        for key in ("private", "primary", "attributes", "reconstruction", "reid", "other_attributes"):
+            assert b[key] == a[key] == c[key]  # the same figures, reused, or measured again in a worker
+    assert {t["stage"] for t in reports["c"]["timing"] if t["release"] == "scramble:8"} >= {
+        "release the photos", "reconstruction decoder"}  # the workers' stage times come back
+    a, b = reports["a"]["releases"][0], reports["b"]["releases"][0]
+    assert (tmp_path / "b" / b["reconstruction"]["grid"]).read_bytes() == \
+        (tmp_path / "a" / a["reconstruction"]["grid"]).read_bytes()
+    assert "figures reused from an earlier audit" in (tmp_path / "b" / "report.md").read_text()
+    assert "reusing the figures measured with the same photos" in capsys.readouterr().err
 
 
 def test_unknown_attribute_names_the_valid_ones(tiny_model_dir: Path, sample_faces: Path, tmp_path: Path,
@@ -360,11 +396,15 @@ def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model
             raise audit.InvalidInputError(f"{label}: stopped on purpose")
         return real(label, *args, **kwargs)
 
-    monkeypatch.setattr(audit, "audit_release", failing_second)
+    import audit.harness as harness
+
+    monkeypatch.setattr(audit, "audit_release", failing_second)  # the models
+    monkeypatch.setattr(harness, "audit_release", failing_second)  # the baselines (--jobs 1: in this process)
     out = tmp_path / "o"
 
     rc = main(["--model", str(tiny_model_dir / "tiny"), "--baselines", "blur:5", "--data", str(sample_faces),
-               "--private", "Male", "--attacks", "linear", "--out", str(out), "--cache-dir", str(tmp_path / "c"), *FAST])
+               "--private", "Male", "--attacks", "linear", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+               "--jobs", "1", *FAST])
 
     assert rc == 2
     partial = json.loads((out / "report.json").read_text())
@@ -373,9 +413,12 @@ def test_an_audit_that_fails_late_keeps_the_releases_already_measured(tiny_model
 
     # --resume measures only what is missing; other settings are refused
     calls.clear()
-    monkeypatch.setattr(audit, "audit_release", lambda label, *a, **k: (calls.append(label), real(label, *a, **k))[1])
+    counting = lambda label, *a, **k: (calls.append(label), real(label, *a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(audit, "audit_release", counting)
+    monkeypatch.setattr(harness, "audit_release", counting)
     argv = ["--model", str(tiny_model_dir / "tiny"), "--baselines", "blur:5", "--data", str(sample_faces),
-            "--private", "Male", "--attacks", "linear", "--out", str(out), "--cache-dir", str(tmp_path / "c"), *FAST]
+            "--private", "Male", "--attacks", "linear", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+            "--jobs", "1", *FAST]
     assert main([*argv, "--seed", "1", "--resume"]) == 2
     assert main([*argv, "--resume"]) == 0
     assert calls == ["blur:5"]

@@ -4,6 +4,7 @@ the runner skips what cannot fit and reports it as not measured; the yardsticks.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -191,3 +192,45 @@ def test_attack_names_are_checked_before_anything_runs() -> None:
         _cfg("--attacks", "linear,qda")
     with pytest.raises(InvalidInputError, match="at least one of linear, mlp, cnn"):
         _cfg("--attacks", "hgb,knn")
+
+
+def test_quick_is_the_small_configuration_the_auditors_guide_states() -> None:
+    from audit.config import QUICK_EPOCHS, QUICK_PHOTOS, QUICK_RECON_EPOCHS, QUICK_REFERENCE_EPOCHS
+
+    quick, full = _cfg("--quick"), _cfg()
+    assert (quick.epochs, quick.recon_epochs, quick.reference_epochs) == (3, 2, 3) == \
+        (QUICK_EPOCHS, QUICK_RECON_EPOCHS, QUICK_REFERENCE_EPOCHS)
+    assert quick.attacks == ("linear", "mlp", "cnn") and QUICK_PHOTOS == {0: 1500, 1: 300, 2: 600}
+    assert (full.epochs, full.recon_epochs, full.reference_epochs) == (15, 8, 20)
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "auditor.md").read_text()
+    assert ("`--quick` (a smoke run, never for verdicts): at most 1,500 / 300 / 600 photos of the train / "
+            "validation / test splits, drawn as whole persons; the attackers `linear,mlp,cnn`, 3 attacker "
+            "epochs, 2 decoder epochs") in " ".join(guide.split())
+
+
+def _faces(identities: list[int], splits: list[int]):
+    from protocol.datasets import FaceData
+
+    n = len(identities)
+    return FaceData(pixels=np.zeros((n, 2, 2, 3), np.uint8), labels=np.zeros((n, 1), np.uint8), attr_names=["A"],
+                    identities=np.asarray(identities, np.int64), filenames=[f"{i}.jpg" for i in range(n)],
+                    splits=np.asarray(splits, np.int8), root=Path("."))
+
+
+def test_the_quick_subsample_takes_whole_persons_up_to_the_cap_per_split() -> None:
+    from audit.releases import quick_subset
+
+    rng = np.random.default_rng(0)
+    ident = rng.integers(0, 60, 400).tolist() + [-1] * 40  # 40 photos without an identity
+    splits = [i % 3 for i in ident[:400]] + [0] * 40  # identity-disjoint splits
+    data = _faces(ident, splits)
+
+    sub = quick_subset(data, {0: 100, 1: 30, 2: 1000}, seed=1)
+
+    for split, cap in ((0, 100), (1, 30)):
+        got = sub.identities[sub.splits == split]
+        assert 0.8 * cap <= len(got) <= cap
+        for person in set(got[got >= 0].tolist()):  # every photo of a chosen person is kept
+            assert (got == person).sum() == (data.identities[data.splits == split] == person).sum()
+    assert (sub.splits == 2).sum() == (data.splits == 2).sum()  # under the cap: the split is kept whole
+    assert quick_subset(data, {0: 100, 1: 30, 2: 1000}, seed=1).filenames == sub.filenames  # seeded

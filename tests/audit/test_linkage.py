@@ -213,3 +213,27 @@ def test_auc_and_tpr_of_a_perfect_and_a_useless_score() -> None:
 
     assert auc_and_tpr(member.astype(float), member) == (1.0, 1.0)
     assert auc_and_tpr(np.zeros(100), member)[0] == 0.5
+
+
+@pytest.mark.slow
+def test_the_private_attributes_fitted_mlp_is_reused_and_gives_the_same_linkage(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from audit import attacks
+    from audit.attacks import strongest_attack
+
+    x, data, sp, cfg = _faces(200, 3, signal=0.5)
+    y = data.attr("Male")
+    models: dict = {}
+    strongest_attack(x[sp.tr], y[sp.tr], x[sp.va], y[sp.va], x[sp.te], y[sp.te], kinds=("linear", "mlp"), seed=0,
+                     epochs=2, progress=False, models_out=models)
+
+    fresh = linkage.per_person_leakage(x, data, sp, cfg)
+    trained: list[str] = []
+    train = attacks.train_attack
+    monkeypatch.setattr(attacks, "train_attack", lambda kind, *a, **k: trained.append(kind) or train(kind, *a, **k))
+    reused = linkage.per_person_leakage(x, data, sp, cfg, prefit=models)
+
+    assert set(models) == {"linear", "mlp"} and trained == []  # nothing trained again
+    # the audit's own MLP is the linkage candidate trained the same way: reusing it changes nothing
+    assert reused["attacker"]["candidates"] == fresh["attacker"]["candidates"]
+    assert reused["accuracy"] == fresh["accuracy"]

@@ -106,3 +106,16 @@ def test_keys_are_never_overwritten_and_a_readable_private_key_is_refused(signed
     (tmp_path / "a.key").chmod(0o644)
     with pytest.raises(Exception, match="readable by other users"):
         load_private_key(tmp_path / "a.key")
+
+
+def test_a_broken_signature_does_not_hide_a_valid_one_in_the_same_envelope(signed, tmp_path: Path) -> None:
+    _, _, pub, env = signed
+    other = generate_key(tmp_path / "b.key", tmp_path / "b.pub.json", "Second Auditor")
+    good = env["signatures"][0]
+    forged = {"keyid": other.keyid, "sig": base64.b64encode(b"\0" * 64).decode()}
+    both = {**env, "signatures": [forged, good]}
+    trusted = {pub.keyid: pub, other.keyid: other}
+
+    assert verify(both, trusted).key == pub  # the forged signature comes first and is skipped
+    with pytest.raises(AttestationError, match="Second Auditor: the signature does not verify"):
+        verify({**env, "signatures": [forged]}, trusted)  # alone it still fails, naming the key
