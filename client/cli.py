@@ -291,6 +291,14 @@ def cmd_withdraw(args: argparse.Namespace, home: Home, con: Console) -> int:
 
 
 # --- upload ------------------------------------------------------------------------------
+def _photos_held(home: Home, config: ParticipantConfig, files: Sequence[str | os.PathLike[str]]) -> int:
+    """Photos of this participant the collector would hold after this upload: those the
+    journal says it acknowledged (under any model) and these, each counted once."""
+    with Journal(home.journal_path, config.server, config.participant_id) as journal:
+        sent = set(journal.paths())
+    return len(sent | {os.fsdecode(os.fspath(f)) for f in files})
+
+
 class Uploader:
     """Streams photos through the extractor and sends acknowledged-once batches."""
 
@@ -446,8 +454,10 @@ def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
     if not files:
         con.say(f"0 stored, 0 already there, {len(skipped)} skipped (errors)")
         return EXIT_NOTHING
-    # nothing runs the model, opens the journal or sends anything before this passes
-    approve(home, card, model_dir, api.model_attestations(card.model_id), photos=len(files), say=con.say,
+    # nothing runs the model or sends anything before this passes; the collector links all of a
+    # participant's uploads, so the per-person bound is checked at the photos it would then hold
+    approve(home, card, model_dir, api.model_attestations(card.model_id), photos=_photos_held(home, config, files),
+            say=con.say,
             ask=con.ask, yes=args.yes, dry_run=cfg.dry_run)
     up = Uploader(cfg, home, con, api, config, card, model_dir)
     up.counts.skipped += len(skipped)

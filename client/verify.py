@@ -116,7 +116,8 @@ POLICY_HELP = {
     "max_psnr": "reconstruction from what is uploaded: PSNR at most this many dB",
     "max_reid_rank1": "re-identification: rank-1 accuracy at most this (a measurement is required)",
     "per_person_margin": "an attacker pooling your photos (when the audit measured it): accuracy at the "
-                         "number of photos you upload at most chance plus this",
+                         "number of your photos the collector would hold (those already sent included) at "
+                         "most chance plus this",
 }
 
 
@@ -179,8 +180,9 @@ def check_policy(policy: Policy, measured: Mapping[str, Any], photos: int, what:
     if got is not None and got[1] > floor + policy.per_person_margin:
         raise PolicyRefusedError(f"{what}: pooling {got[0]} photos of one person, an attacker guesses {attr} right "
                                  f"{got[1]:.3f} of the time, above your bound {floor + policy.per_person_margin:.3f} "
-                                 f"for {photos} photos (chance {floor:.3f} + per_person_margin "
-                                 f"{policy.per_person_margin:g}); upload fewer photos at a time or not at all")
+                                 f"for {photos} photos of yours at this collector, those already sent included (chance {floor:.3f} + "
+                                 f"per_person_margin {policy.per_person_margin:g}); send fewer photos, or use a model "
+                                 "whose attestation passes (see `pric-client policy show`)")
 
 
 def check_ambiguation_floor(card: ModelCard) -> None:
@@ -319,6 +321,11 @@ def approve(home: Home, card: ModelCard, model_dir: Path, envelopes: Sequence[An
     check_ambiguation_floor(card)
     policy = Policy.load(home)
     for v in good:
+        data = v.predicate.get("data")
+        if isinstance(data, Mapping) and data.get("quick"):
+            raise PolicyRefusedError(f"model {card.model_id}: the attestation by {v.key.name or v.key.keyid[:16]} "
+                                     "signs a smoke run (pric-audit --quick), not an audit; its figures come from "
+                                     "weakened attackers on a subsample")
         check_policy(policy, v.predicate["measured"], photos,
                      f"model {card.model_id} (audited by {v.key.name or v.key.keyid[:16]})")
     if store:

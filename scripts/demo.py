@@ -1,15 +1,16 @@
 """`make demo`: the whole system on one machine, end to end.
 
-1. an auditor makes a key, audits the shipped features model on celeba-10k (a quick
-   audit: fresh attackers on the held-out split) and signs what it measured on the model's
-   exact files. Without celeba-10k (the bundled thumbnails are far too few to audit on)
-   the demo relies on the attestation the model ships with, signed by the project's
-   release key, which participants trust by default;
-2. starts a collector (SQLite in a temporary folder) on 127.0.0.1 that trusts that auditor
+1. takes the shipped Smiling-decision release (`pric-male-decision`) with the attestation
+   it ships with, signed by the project's release key, which participants trust by default.
+   (The anonymized-features release `pric-male` passes a participant's default policy for
+   a few photos only: pooled over 10 photos of one person its features give gender away
+   0.883 of the time, so an album is refused; the decision release stays near chance.)
+2. starts a collector (SQLite in a temporary folder) on 127.0.0.1 that trusts that key
    and so publishes the signed model;
-3. registers three participants, each with its own client home, who trust the auditor's
-   key, read the consent summary of the model's attestation (printed) and upload shares of
-   the sample photos with Smiling labels — only features leave the "device";
+3. registers three participants, each with its own client home, who read the consent
+   summary of the model's attestation (printed) and upload shares of the photos (celeba-10k
+   when present, else 48 bundled thumbnails) with Smiling labels: only the model's
+   outputs leave the "device";
 4. trains the collector's Smiling classifier on what was uploaded, prints its accuracy and
    stops the server.
 """
@@ -29,7 +30,7 @@ from typing import Sequence
 
 from client.auditors import RELEASE_KEY_FILE
 from collector.launch import start_collector, stop
-from protocol.model_card import CARD_FILE, load_card
+from protocol.model_card import load_card
 from protocol.datasets import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,11 +56,8 @@ def _pick_photos(data_dir: Path, per_participant: int) -> tuple[list[Path], dict
     return photos, labels
 
 
-def _features_model(models_dir: Path) -> Path:
-    for d in sorted(models_dir.iterdir()):
-        if (d / CARD_FILE).is_file() and load_card(d, verify=False).kind == "features":
-            return d
-    raise SystemExit(f"{models_dir}: no exported `features` model found")
+# the release a participant's default policy accepts for a whole album (see step 1)
+DEMO_MODEL = "pric-male-decision"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,27 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, lab in labels.items():
                 w.writerow([name, lab["Smiling"]])
 
-        # the auditor: a key of its own, a quick audit of the anonymized-features model (a
-        # copy, so the demo never writes into --models-dir), and a signature over its files
-        shipped = _features_model(args.models_dir)
+        shipped = args.models_dir / DEMO_MODEL
         models = work / "models"
         model_dir = models / shipped.name
         trusted = work / "trusted-auditors"  # what the collector's operator trusts: public keys only
         trusted.mkdir()
-        if data_dir.resolve() != SAMPLE_FACES.resolve():
-            shutil.copytree(shipped, model_dir, ignore=shutil.ignore_patterns("attestations"))
-            keys = work / "auditor"
-            _run([BIN / "pric-audit", "keygen", "--out", keys / "demo-auditor", "--name", "Demo auditor"])
-            audit_dir = work / "audit"
-            _run([BIN / "pric-audit", "--model", model_dir, "--data", data_dir, "--private", "Male",
-                  "--primary", "Smiling", "--out", audit_dir, "--quick", "--no-progress",
-                  "--sign-key", keys / "demo-auditor.key"])  # prints its one-line summary per model
-            auditor_key: Path | None = keys / "demo-auditor.pub.json"
-        else:
-            print("celeba-10k is not here: the model's own attestation (the project's release key) is used", flush=True)
-            shutil.copytree(shipped, model_dir)
-            auditor_key = None  # the participants' default trust store holds the release key
-        shutil.copy(auditor_key or RELEASE_KEY_FILE, trusted)
+        shutil.copytree(shipped, model_dir)  # a copy: the demo never writes into --models-dir
+        shutil.copy(RELEASE_KEY_FILE, trusted)
         model_id = load_card(model_dir).model_id
 
         data = work / "collector"
@@ -118,8 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             home = work / f"participant-{n + 1}"
             mine = photos[n * share:(n + 1) * share] if n < 2 else photos[2 * share:]
             _run([BIN / "pric-client", "--home", home, "register", "--server", url])
-            if auditor_key is not None:
-                _run([BIN / "pric-client", "--home", home, "trust", "add", auditor_key])
             # each participant's photos sit in an album folder that the client walks
             album = work / f"album-{n + 1}"
             album.mkdir()
@@ -133,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "--model-id", model_id, "--json"],
                       capture_output=True, text=True)
         trained = json.loads(result.stdout)
-        print(f"\nSmiling classifier trained by the collector on uploaded features: "
+        print(f"\nSmiling classifier trained by the collector on uploaded Smiling decisions: "
               f"held-out accuracy {trained['accuracy']:.3f} (majority rate {trained['majority_rate']:.3f}, "
               f"{trained['n_train']} train / {trained['n_test']} held-out items)", flush=True)
 

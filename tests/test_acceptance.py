@@ -48,7 +48,9 @@ def test_forty_photos_and_a_corrupt_file_end_to_end(celeba_dir: Path, tmp_path: 
     good = (album / "000001.jpg").read_bytes()
     (album / "zz_corrupt.jpg").write_bytes(good[: len(good) // 3])
     home = tmp_path / "home"
-    server, url = start_collector(tmp_path / "collector", EXPORTED)
+    # the decision release: the features release's attestation refuses 41 photos of one person
+    # under the default policy (test below)
+    server, url = start_collector(tmp_path / "collector", EXPORTED, "--current-model", "pric-male-decision@2")
     try:
         assert client(home, "register", "--server", url).returncode == 0
 
@@ -68,5 +70,33 @@ def test_forty_photos_and_a_corrupt_file_end_to_end(celeba_dir: Path, tmp_path: 
         withdrawn = client(home, "withdraw", "--keep-token")
         assert withdrawn.returncode == 0 and "40" in withdrawn.stdout
         assert json.loads(client(home, "status", "--json").stdout)["items"] == 0
+    finally:
+        stop(server)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_the_per_person_bound_counts_every_photo_already_sent(celeba_dir: Path, tmp_path: Path):
+    """pric-male@6's signed linkage figures: 3 photos of one person pass the default policy
+    (pooled 0.804 <= 0.600 + 0.25), 6 would not (0.883 at 10): three more photos in a second
+    upload are refused, because the collector links both uploads to one participant."""
+    photos = sorted((celeba_dir / "images").glob("*.jpg"))[:6]
+    first_album, second_album = tmp_path / "a", tmp_path / "b"
+    for album, part in ((first_album, photos[:3]), (second_album, photos[3:])):
+        album.mkdir()
+        for photo in part:
+            shutil.copy(photo, album / photo.name)
+    home = tmp_path / "home"
+    server, url = start_collector(tmp_path / "collector", EXPORTED, "--current-model", "pric-male@6")
+    try:
+        assert client(home, "register", "--server", url).returncode == 0
+        first = client(home, "upload", str(first_album), "--yes")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.strip().splitlines()[-1].startswith("3 stored")
+        again = client(home, "upload", str(first_album), "--yes")  # a rerun adds no photo
+        assert again.returncode == 0, again.stderr
+        second = client(home, "upload", str(second_album), "--yes")
+        assert second.returncode == 13, second.stdout + second.stderr
+        assert "for 6 photos of yours at this collector" in second.stderr
     finally:
         stop(server)

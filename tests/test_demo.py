@@ -15,4 +15,4 @@ def test_demo_runs_end_to_end_on_bundled_thumbnails(sample_faces, capfd):
     # each of the three participants sees the consent summary of the shipped model's attestation
     assert out.count("Audited by PRIC project release key") == 3
     assert out.count("16 stored, 0 already there, 0 skipped (errors)") == 3
-    assert "Smiling classifier trained by the collector on uploaded features: held-out accuracy" in out
+    assert "Smiling classifier trained by the collector on uploaded Smiling decisions: held-out accuracy" in out

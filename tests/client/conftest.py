@@ -66,7 +66,7 @@ class Auditor:
     public_file: Path
 
     def sign(self, model_dir: Path, measured: dict[str, Any] | None = None, card: Any = None,
-             save: bool = True, **statement: Any) -> dict[str, Any]:
+             save: bool = True, data: dict[str, Any] | None = None, **statement: Any) -> dict[str, Any]:
         """Sign the model in `model_dir` (its card unless `card`), store the envelope there."""
         from protocol.attestation import build_statement, save_envelope, sign
         from protocol.model_card import load_card
@@ -75,7 +75,8 @@ class Auditor:
         m = dict(measured or GOOD_MEASURED)
         m["kind"] = card.kind
         st = build_statement(card, model_dir, measured=m, thresholds={"max_psnr": 20.0},
-                             data={"name": "celeba-10k", "split": "test", "n_test": 1989}, auditor=self.public,
+                             data={"name": "celeba-10k", "split": "test", "n_test": 1989, **(data or {})},
+                             auditor=self.public,
                              date="2025-01-02")
         st.update(statement)
         env = sign(st, self.private)

@@ -354,6 +354,15 @@ def test_a_policy_failure_uploads_nothing(home: Path, fake: Fake, photos: Path, 
     _refused(home, fake, photos, 13, needle)
 
 
+def test_an_attested_smoke_run_is_refused(home: Path, fake: Fake, photos: Path, auditor: Auditor,
+                                          features_model_dir: Path) -> None:
+    """pric-audit --quick marks its attestation: weakened attackers on a subsample are no audit."""
+    env = auditor.sign(features_model_dir, data={"quick": True}, save=False)
+    fake.serve(features_model_dir, attestations=[env])
+    _register(home, fake)
+    _refused(home, fake, photos, 13, "smoke run")
+
+
 def test_per_person_uses_the_nearest_count_at_or_above_else_the_largest() -> None:
     from client.verify import per_person_at
 

@@ -79,7 +79,7 @@ def live() -> Iterator[Callable[..., Live]]:
 
     def start(**config: Any) -> Live:
         cfg = {"DATA_DIR": str(tmp / f"data{len(running)}"), "MODELS_DIR": str(ROOT / "exported_models"),
-               "CURRENT_MODEL": "pric-male@6", "RATE_LIMIT_PER_MIN": 0, "READ_LIMIT_PER_MIN": 0,
+               "CURRENT_MODEL": "pric-male-decision@2", "RATE_LIMIT_PER_MIN": 0, "READ_LIMIT_PER_MIN": 0,
                "REGISTER_LIMIT_PER_MIN": 0, **config}
         app = create_app(cfg)
         server = make_server("127.0.0.1", 0, app, threaded=True)

@@ -23,7 +23,7 @@ from protocol.wire import decode_batch_binary
 from .conftest import screenshot
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = ROOT / "exported_models" / "pric-male"
+MODEL_DIR = ROOT / "exported_models" / "pric-male-decision"
 SECRET = "enrol-" + "x" * 20
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -99,7 +99,7 @@ def test_participant_flow_and_what_leaves_the_page(live, page_of, tmp_path):
     page.click("#join-btn")
     page.wait_for_selector("#agree-btn:not([hidden])")
     summary = page.text_content("#summary")
-    assert "Model pric-male@6" in summary and "Audited by PRIC project release key" in summary and "hides: Male" in summary
+    assert "Model pric-male-decision@2" in summary and "Audited by PRIC project release key" in summary and "hides: Male" in summary
     assert page.is_hidden("#photos")  # nothing can be picked before consent
     screenshot(page, "consent")
     page.click("#agree-btn")

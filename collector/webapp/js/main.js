@@ -63,8 +63,12 @@ async function checkModel() {
     if (digest !== card.sha256) throw new TrustError(`model ${card.model_id}: the served file's sha256 ${digest.slice(0, 12)}… is not the card's`);
     const key = await loadKey(anchor);
     const good = await verifiedAttestations(card, envs.attestations || [], new Map([[key.keyid, key]]), { [card.file]: digest });
-    for (const v of good) checkPolicy(v.predicate.measured, 1, `model ${card.model_id} (audited by ${v.key.name || v.key.keyid.slice(0, 16)})`);
-    state.card = card;
+    for (const v of good) {
+      const by = `model ${card.model_id} (audited by ${v.key.name || v.key.keyid.slice(0, 16)})`;
+      if (v.predicate.data && v.predicate.data.quick) throw new TrustError(`${by}: the attestation signs a smoke run (pric-audit --quick), not an audit`);
+      checkPolicy(v.predicate.measured, 1, by);
+    }
+    state.card = card; state.good = good;
     state.model = await Model.load(card, file.data);
     $('summary').textContent = summary(card, good, 1).join('\n');
     show('summary'); show('trust-note');
@@ -165,6 +169,10 @@ async function upload() {
   const prog = $('progress'); prog.max = total; prog.value = 0;
   let sent = 0, stored = 0, dups = 0;
   try {
+    // the collector links all of a participant's uploads: the per-person bound is checked at
+    // the photos it would then hold (those acknowledged before included), as pric-client does
+    const held = (await journal.count('done')) + total;
+    for (const v of state.good) checkPolicy(v.predicate.measured, held, `model ${card.model_id} (audited by ${v.key.name || v.key.keyid.slice(0, 16)})`);
     while (state.pending.length) {
       const batch = state.pending.slice(0, batchSize);
       const got = await api.upload(state.me.token, encodeBatch(card, batch));

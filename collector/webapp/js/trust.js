@@ -137,7 +137,7 @@ export function checkPolicy(m, photos, what, policy = POLICY) {
   const r1 = need(reid, 'rank1', what);
   if (r1 > policy.max_reid_rank1) throw new TrustError(`${what}: re-identification rank-1 ${r1.toFixed(3)} is above the bound ${policy.max_reid_rank1}`);
   const got = perPersonAt(m, photos, what);
-  if (got && got[1] > floor + policy.per_person_margin) throw new TrustError(`${what}: pooling ${got[0]} photos of one person, an attacker guesses ${attr} right ${got[1].toFixed(3)} of the time, above the bound ${(floor + policy.per_person_margin).toFixed(3)}; upload fewer photos at a time or not at all`);
+  if (got && got[1] > floor + policy.per_person_margin) throw new TrustError(`${what}: pooling ${got[0]} photos of one person, an attacker guesses ${attr} right ${got[1].toFixed(3)} of the time, above the bound ${(floor + policy.per_person_margin).toFixed(3)} for ${photos} photos of yours at this collector, those already sent included; send fewer photos, or use a model whose attestation passes`);
 }
 
 const f = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? v.toFixed(d) : 'n/a');
