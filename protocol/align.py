@@ -43,7 +43,7 @@ MIN_EYE_PX = 6.0
 MAX_ANGLE = 75.0
 # ... or when the landmarks do not fit the template's shape: RMS residual (frame pixels)
 # above this fraction of the template's eye distance
-MAX_RESIDUAL = 0.25
+MAX_RESIDUAL = 0.4
 FRAME_RANGE = (16, 1024)
 
 
@@ -225,6 +225,16 @@ class Aligner:
 
     def align(self, img: Image.Image, face: Face, where: str = "face") -> Image.Image:
         return warp(img, face_transform(face.landmarks, self.spec, where), tuple(self.spec.frame))
+
+    def centre_face(self, img: Image.Image, name: str = "photo") -> Image.Image:
+        """The aligned face nearest the centre of an upright image (a data set's crop, whose
+        labels describe that face); FaceError when there is none or it cannot be aligned."""
+        faces = self.detector.detect(img)
+        if not faces:
+            raise FaceError(f"{name}: no face found")
+        c = np.array(img.size, np.float64)
+        face = min(faces, key=lambda f: float(np.abs(f.box[:2] + f.box[2:] - c).sum()))
+        return self.align(img, face, name)
 
     def photo(self, source: str | Path | bytes | BinaryIO, name: str | None = None, *,
               max_pixels: int | None = None, which: str = "all", min_face: float = 0.0) -> PhotoFaces:

@@ -83,3 +83,43 @@ def test_shipped_detector_finds_every_sample_face_with_plausible_landmarks():
         # CelebA's aligned crops: eyes level, left of right, above the nose, above the mouth
         assert lx < nx < rx and abs(ly - ry) < 6 and max(ly, ry) < ny < min(mly, mry), path.name
         assert 12 < rx - lx < 30, path.name
+
+
+def test_training_loader_aligns_exactly_as_the_client_does(tmp_path, sample_faces):
+    """One owner for alignment: the pixels the model builder trains on are, byte for byte,
+    the pixels the client sends for the same photo."""
+    from protocol.align import Aligner, attach, default_alignment
+    from protocol.datasets import load_faces
+    from tests.conftest import write_tiny_features_model
+    from client.pipeline import Extractor
+
+    spec = default_alignment(SHIPPED)
+    data = load_faces(sample_faces, limit=6, cache_dir=tmp_path / "cache", progress=False, announce=False,
+                      aligner=Aligner(spec, SHIPPED))
+    card = attach(write_tiny_features_model(tmp_path / "m"), spec, SHIPPED, tmp_path / "m")
+    ex = Extractor(card, tmp_path / "m", faces="largest")
+    plain = load_faces(sample_faces, limit=6, cache_dir=tmp_path / "cache", progress=False, announce=False)
+    assert len(data.pixels) == 6
+    for name, pixels, unaligned in zip(data.filenames, data.pixels, plain.pixels):
+        path = sample_faces / "images" / name
+        items = ex.decode_items(path.read_bytes(), path, "00" * 32)
+        assert len(items) == 1
+        assert np.array_equal(items[0][1][1], pixels)
+        assert not np.array_equal(pixels, unaligned)  # and alignment did something
+
+
+@pytest.mark.slow
+def test_pric_train_align_records_the_alignment_on_the_card(tmp_path, sample_faces):
+    from protocol.model_card import load_card
+    from training.export import main as export_main
+    from training.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--out", str(run), "--data", str(sample_faces), "--epochs", "1", "--max-batches", "1",
+                       "--method", "entropy", "--min-class-photos", "1", "--align", str(SHIPPED),
+                       "--no-progress"]) == 0
+    out = tmp_path / "export"
+    assert export_main([str(run), "--out", str(out), "--name", "aligned"]) == 0
+    card = load_card(out)  # verifies every file, the detector's included
+    assert card.alignment is not None and card.alignment.detector.files == DetectorCard.load(SHIPPED).spec.files
+    assert set(card.alignment.detector.files) <= set(card.extra_files)
