@@ -39,6 +39,11 @@ def test_nms_keeps_the_best_of_overlapping_boxes_and_separate_ones():
     # "min": box 3 lies inside box 1, so it overlaps it fully by the smaller area
     assert nms(boxes, scores, 0.5, method="min").tolist() == [3, 2]
     assert nms(np.zeros((0, 4)), np.zeros(0), 0.5).size == 0
+    # a small face inside a large face's box (a photo of a face in the background) is kept
+    # with a nesting bound, dropped without
+    big_small = np.array([[0, 0, 299, 299], [100, 100, 139, 139]], np.float32)
+    assert nms(big_small, np.array([0.99, 0.9]), 0.7, method="min").tolist() == [0]
+    assert nms(big_small, np.array([0.99, 0.9]), 0.7, method="min", nested=1 / 9).tolist() == [0, 1]
 
 
 def test_pyramid_reaches_the_smallest_and_the_largest_face():
