@@ -211,7 +211,7 @@ def releases(model_dir: Path, files: Sequence[Path]) -> tuple[dict[str, np.ndarr
     return out, len(files) - len(out)
 
 
-def accuracy(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str) -> list[dict]:
+def accuracy(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str, train_n: int = 2000) -> list[dict]:
     from collector.train_job import LabelledSet, TrainConfig, fit_and_score
 
     data = load_faces(data_dir, RAW, progress=False, announce=False)
@@ -220,7 +220,7 @@ def accuracy(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str)
     col = data.attr_index(task)
     with open(scenes_dir / "labels.csv") as fh:
         scene_rows = list(csv.DictReader(fh))
-    train_files = [images / data.filenames[i] for i in np.flatnonzero(data.splits == 0)]
+    train_files = [images / data.filenames[i] for i in np.flatnonzero(data.splits == 0)[:train_n]]
     y_train = np.array([data.labels[labels[p.name], col] for p in train_files], np.int64)
     crops = [images / r["source"] for r in scene_rows]
     scenes = [scenes_dir / "images" / r["filename"] for r in scene_rows]
@@ -248,6 +248,21 @@ def accuracy(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str)
     return out
 
 
+def attach_alignment(model: Path, out: Path) -> dict:
+    import shutil
+
+    from protocol.align import attach, default_alignment
+    from protocol.model_card import load_card
+
+    card = load_card(model)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in [card.file, *card.extra_files]:
+        shutil.copyfile(model / name, out / name)
+    new = attach(card, default_alignment(DETECTOR), DETECTOR, out)
+    new.save(out)
+    return {"model": new.model_id, "out": str(out), "files": sorted(new.extra_files)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m research.scenes", description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(default_data_dir()))
@@ -265,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--model", nargs="+", required=True)
     s.add_argument("--scenes", required=True)
     s.add_argument("--task", default="Smiling")
+    s.add_argument("--train-n", type=int, default=2000, help="train-split photos the classifier is fitted on")
+    s = sub.add_parser("attach", help="a copy of a model folder with the CelebA alignment on its card (the same "
+                                      "model.onnx: a model trained on crops, fed aligned faces)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
         if a.cmd == "template":
@@ -274,8 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = make(a.data, Path(a.out), a.n, (int(lo), int(hi or lo)), a.seed)
         elif a.cmd == "detect":
             result = detect(a.data, Path(a.scenes))
+        elif a.cmd == "attach":
+            result = attach_alignment(Path(a.model), Path(a.out))
         else:
-            result = accuracy(a.data, [Path(m) for m in a.model], Path(a.scenes), a.task)
+            result = accuracy(a.data, [Path(m) for m in a.model], Path(a.scenes), a.task, a.train_n)
     except PricError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
