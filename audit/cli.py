@@ -77,7 +77,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     t0 = time.time()
     card = models[0][1] if models else None
     spec = card.input if card else InputSpec()
-    data = load_data(cfg.data, spec, cfg)
+    data = load_data(cfg.data, spec, cfg, card, models[0][0] if models else None)
     sp = Splits.of(data, str(cfg.data))
     check_classes(data, sp, cfg)
     report: dict[str, Any] = {
@@ -169,9 +169,10 @@ def _load_models(cfg: AuditConfig) -> list[tuple[Path, ModelCard]]:
                                 "and add them with --compare)")
     for model_dir, c in models[1:]:
         first_dir, first = models[0]
-        if asdict(c.input) != asdict(first.input):
+        if asdict(c.input) != asdict(first.input) or c.alignment != first.alignment:
             raise InvalidInputError(
-                f"--model {model_dir}: its card's input ({c.input.width}x{c.input.height}, crop {c.input.crop_box}) "
+                f"--model {model_dir}: its card's input ({c.input.width}x{c.input.height}, crop {c.input.crop_box}, "
+                f"alignment {'yes' if c.alignment else 'no'}) "
                 f"differs from {first_dir}'s; audit it separately and add its report with --compare")
     return models
 
