@@ -12,8 +12,11 @@
         error on the scenes, and on the test crops themselves
     python -m research.scenes accuracy --model M [M ...] --scenes DIR [--task Smiling]
         each model through the client's pipeline (client.pipeline.Extractor.stream: what
-        `pric-client transform` runs) on one-face scenes and on their source crops; the
+        `pric-client transform` runs, every face) on one-face scenes and on their source
+        crops; the labelled face's release is the one whose detection matches the ground
+        truth (the blurred background is itself a face photo, often the largest face); the
         collector's logistic classifier fitted on train-crop releases, scored on both
+    python -m research.scenes attach --model M --out DIR    a copy of M with the alignment
 
 Landmark error = mean distance of the 5 landmarks / the ground truth's eye distance (NME).
 A face counts as found when a detection's NME to it is below 0.5.
@@ -196,22 +199,51 @@ def detect(data_dir: str, scenes_dir: Path) -> dict:
 
 
 # --- downstream accuracy through the client -----------------------------------------------
-def releases(model_dir: Path, files: Sequence[Path]) -> tuple[dict[str, np.ndarray], int]:
-    """photo path → the model's release of its first (largest) face (or of the photo, for a
-    card without alignment), through the client's stream; and how many photos gave none."""
+def releases(model_dir: Path, files: Sequence[Path]) -> dict[str, dict[int, np.ndarray]]:
+    """photo path → {face index: the model's release} through the client's stream (every
+    face; index -1 for a card without alignment: the whole photo)."""
     from client.models import open_model_dir
     from client.pipeline import Extractor
 
-    ex = Extractor(open_model_dir(model_dir), model_dir, threads=1, faces="largest")
-    out: dict[str, np.ndarray] = {}
-    skipped = []
-    for rows in ex.stream(files, 64, lambda p, r: skipped.append(p)):
+    ex = Extractor(open_model_dir(model_dir), model_dir, threads=1, faces="all")
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for rows in ex.stream(files, 64, lambda p, r: None):
         for r in rows:
-            out.setdefault(str(r.path), np.asarray(r.output, np.float32).reshape(-1))
-    return out, len(files) - len(out)
+            out.setdefault(str(r.path), {})[-1 if r.face is None else r.face] = \
+                np.asarray(r.output, np.float32).reshape(-1)
+    return out
+
+
+def target_faces(model_dir: Path, files: Sequence[Path], truth: Sequence[np.ndarray | None]) -> list[int | None]:
+    """The index (as the client numbers faces) of the face each photo's label is about: the
+    detection nearest its ground-truth landmarks (NME < FOUND_NME), or for a crop (no
+    ground truth) the one nearest the centre; None where it was not found."""
+    from protocol.align import Aligner
+    from protocol.model_card import load_card
+
+    card = load_card(model_dir, verify=False)
+    if card.alignment is None:
+        return [-1] * len(files)
+    aligner = Aligner(card.alignment, model_dir)
+    out: list[int | None] = []
+    for path, t in zip(files, truth):
+        faces = [f for f in aligner.photo(path.read_bytes(), str(path)).faces if f.error is None]
+        if t is None:
+            with Image.open(path) as im:
+                c = np.array(im.size, float)
+            best = min(faces, key=lambda f: float(np.abs(f.face.box[:2] + f.face.box[2:] - c).sum()), default=None)
+            out.append(None if best is None else best.index)
+        else:
+            best = min(faces, key=lambda f: nme(f.face.landmarks, t), default=None)
+            out.append(best.index if best is not None and nme(best.face.landmarks, t) < FOUND_NME else None)
+    return out
 
 
 def accuracy(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str, train_n: int = 2000) -> list[dict]:
+    """The collector's logistic classifier fitted on the releases of train crops (their
+    labelled face), scored on the releases of the one-face scenes' labelled face and of the
+    same faces' crops. A labelled face the device released nothing for counts as wrong in
+    accuracy_all (the collector never gets it)."""
     from collector.train_job import LabelledSet, TrainConfig, fit_and_score
 
     data = load_faces(data_dir, RAW, progress=False, announce=False)
@@ -220,23 +252,31 @@ def accuracy(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str,
     col = data.attr_index(task)
     with open(scenes_dir / "labels.csv") as fh:
         scene_rows = list(csv.DictReader(fh))
+    meta = {s["file"]: s for s in json.loads((scenes_dir / "scenes.json").read_text())["scenes"]}
     train_files = [images / data.filenames[i] for i in np.flatnonzero(data.splits == 0)[:train_n]]
     y_train = np.array([data.labels[labels[p.name], col] for p in train_files], np.int64)
     crops = [images / r["source"] for r in scene_rows]
     scenes = [scenes_dir / "images" / r["filename"] for r in scene_rows]
+    scene_truth = [np.asarray(meta[r["filename"]]["faces"][0]["landmarks"]) for r in scene_rows]
     y_test = np.array([int(r[task]) for r in scene_rows], np.int64)
     out = []
     for m in models:
         t0 = time.process_time()
-        tr, tr_missing = releases(m, train_files)
-        keep = [i for i, p in enumerate(train_files) if str(p) in tr]
-        x_tr, y_tr = np.stack([tr[str(train_files[i])] for i in keep]), y_train[keep]
-        row: dict = {"model": str(m), "task": task, "train_photos_without_release": tr_missing}
-        for what, files in (("crops", crops), ("scenes", scenes)):
-            rel, missing = releases(m, files)
-            # a photo the device releases nothing for counts as wrong (the collector never gets it)
-            have = [i for i, p in enumerate(files) if str(p) in rel]
-            x = np.concatenate([x_tr, np.stack([rel[str(files[i])] for i in have])])
+        row: dict = {"model": str(m), "task": task}
+
+        def labelled(files: Sequence[Path], truth: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
+            rel = releases(m, files)
+            which = target_faces(m, files, truth)
+            return [None if k is None else rel.get(str(p), {}).get(k) for p, k in zip(files, which)]
+
+        tr = labelled(train_files, [None] * len(train_files))
+        keep = [i for i, v in enumerate(tr) if v is not None]
+        row["train_photos_without_release"] = len(train_files) - len(keep)
+        x_tr, y_tr = np.stack([tr[i] for i in keep]), y_train[keep]
+        for what, files, truth in (("crops", crops, [None] * len(crops)), ("scenes", scenes, scene_truth)):
+            rel = labelled(files, truth)
+            have = [i for i, v in enumerate(rel) if v is not None]
+            x = np.concatenate([x_tr, np.stack([rel[i] for i in have])])
             y = np.concatenate([y_tr, y_test[have]])
             is_test = np.r_[np.zeros(len(y_tr), bool), np.ones(len(have), bool)]
             acc, _, _ = fit_and_score(LabelledSet(x, y, is_test, set()), TrainConfig(kind="logistic"))
