@@ -51,6 +51,13 @@ def export_net(name: str, net: torch.nn.Module, path: Path) -> None:
                                         input_names=["pixels"], output_names=["out"], dynamic_shapes=(dims,),
                                         opset_version=OPSET, external_data=False, verbose=False)
         program.save(str(path))
+        # the exporter's per-node metadata holds stack traces with this machine's source
+        # paths and line numbers: dropped, so the file's bytes (and sha256) depend only on
+        # the weights and the graph, and anyone can re-make them from the same wheel
+        model = onnx.load(str(path))
+        for node in model.graph.node:
+            del node.metadata_props[:]
+        onnx.save(model, str(path))
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     except Exception as exc:  # the exporter raises many kinds; name it in one line
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
