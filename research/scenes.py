@@ -289,6 +289,7 @@ def accuracy(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str,
 
 
 def attach_alignment(model: Path, out: Path) -> dict:
+    import dataclasses
     import shutil
 
     from protocol.align import attach, default_alignment
@@ -298,6 +299,8 @@ def attach_alignment(model: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name in [card.file, *card.extra_files]:
         shutil.copyfile(model / name, out / name)
+    # another card is another model: its own version, so no id names two cards
+    card = dataclasses.replace(card, version=f"{card.version}+aligned")
     new = attach(card, default_alignment(DETECTOR), DETECTOR, out)
     new.save(out)
     return {"model": new.model_id, "out": str(out), "files": sorted(new.extra_files)}
