@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup web-setup test test-fast demo clean
+.PHONY: setup web-setup test test-fast demo detector clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,15 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
+
+# The face detector's weights ship inside the facenet-pytorch wheel: downloaded without its
+# dependencies (they would pull another torch), read as a zip (never installed or imported),
+# exported to ONNX; the same wheel gives the same files as the shipped ones.
+detector: $(STAMP)
+	mkdir -p .cache/wheels
+	$(BIN)/pip download -q --no-deps facenet-pytorch==2.6.0 -d .cache/wheels
+	$(BIN)/python -m training.detector.export --wheel .cache/wheels/facenet_pytorch-2.6.0-py3-none-any.whl \
+		--out exported_models/face-detector
 
 clean:
 	rm -rf $(VENV) .pytest_cache node_modules

@@ -94,7 +94,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     card = models[0][1] if models else None
     spec = card.input if card else InputSpec()
     with watch.stage("setup", "load the photos"):
-        data = load_data(cfg.data, spec, cfg)
+        data = load_data(cfg.data, spec, cfg, card, models[0][0] if models else None)
         if cfg.quick:  # a smoke run: a small subsample of whole persons (config.QUICK_PHOTOS)
             n_all = len(data)
             data = quick_subset(data, QUICK_PHOTOS, cfg.seed)
@@ -224,9 +224,10 @@ def _load_models(cfg: AuditConfig) -> list[tuple[Path, ModelCard]]:
                                 "and add them with --compare)")
     for model_dir, c in models[1:]:
         first_dir, first = models[0]
-        if asdict(c.input) != asdict(first.input):
+        if asdict(c.input) != asdict(first.input) or c.alignment != first.alignment:
             raise InvalidInputError(
-                f"--model {model_dir}: its card's input ({c.input.width}x{c.input.height}, crop {c.input.crop_box}) "
+                f"--model {model_dir}: its card's input ({c.input.width}x{c.input.height}, crop {c.input.crop_box}, "
+                f"alignment {'yes' if c.alignment else 'no'}) "
                 f"differs from {first_dir}'s; audit it separately and add its report with --compare")
     return models
 

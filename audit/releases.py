@@ -76,9 +76,17 @@ class Splits:
         return s
 
 
-def load_data(path: str, spec: InputSpec, cfg: AuditConfig) -> FaceData:
+def load_data(path: str, spec: InputSpec, cfg: AuditConfig, card: ModelCard | None = None,
+              model_dir: Path | None = None) -> FaceData:
+    """The audit's photos, prepared as the card says: with an alignment section, each photo's
+    face aligned by protocol.align with the detector files beside the model (as the client does)."""
+    aligner = None
+    if card is not None and card.alignment is not None and model_dir is not None:
+        from protocol.align import Aligner
+
+        aligner = Aligner(card.alignment, model_dir)
     data = load_faces(path, spec=spec, split_file=cfg.split_file, cache_dir=cfg.cache_dir, limit=cfg.limit,
-                      progress=cfg.progress)
+                      progress=cfg.progress, aligner=aligner)
     for name in (cfg.private, *cfg.primary):
         data.attr_index(name)
     return data

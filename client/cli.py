@@ -93,6 +93,8 @@ from client.keystore import KeyStore, read_key_file
 from client.labels import read_labels
 from client.models import OnnxModel, fetch_model, find_cached_model, open_model_dir
 from client.pipeline import (
+    DEFAULT_MIN_FACE,
+    FACE_CHOICES,
     LEGACY_ITEM_ID_HEX,
     Extractor,
     NpyStreamWriter,
@@ -170,6 +172,8 @@ class UploadConfig:
     dry_run: bool = False
     save_codes: str | None = None
     workers: int = 1
+    faces: str = "all"
+    min_face: float = DEFAULT_MIN_FACE
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "UploadConfig":
@@ -177,7 +181,7 @@ class UploadConfig:
             raise InvalidInputError(f"--batch-size {a.batch_size}: must be between 1 and {MAX_BATCH_ITEMS}")
         return cls(paths=tuple(a.paths), labels=a.labels, tasks=tuple(_split_csv(a.tasks)), mode=a.mode,
                    batch_size=a.batch_size, dry_run=a.dry_run, save_codes=a.save_codes,
-                   workers=_workers(a))
+                   workers=_workers(a), faces=a.faces, min_face=a.min_face)
 
 
 @dataclass
@@ -309,7 +313,8 @@ class Uploader:
         self.journal = Journal(home.journal_path, config.server, config.participant_id)
         self.keystore = KeyStore(home.keys_path) if card.kind == "sparse_code" else None
         try:
-            self.extractor = Extractor(card, model_dir, item_id=self._item_id_function(home.item_key()))
+            self.extractor = Extractor(card, model_dir, item_id=self._item_id_function(home.item_key()),
+                                       faces=cfg.faces, min_face=cfg.min_face)
         except BaseException:
             self.close()
             raise
@@ -468,14 +473,23 @@ def cmd_upload(args: argparse.Namespace, home: Home, con: Console) -> int:
             con.say(f"{n} ambiguated codes written to {cfg.save_codes}")
     finally:
         up.close()
+    small = _small_faces(card, up.extractor, cfg.min_face)
     if cfg.dry_run:
         con.say(
             f"dry run: {counts.would_send} items would be sent ({counts.bytes} bytes) to {config.server} "
-            f"with model {card.model_id}; {counts.already} already there, {counts.skipped} skipped (errors); nothing sent"
+            f"with model {card.model_id}; {counts.already} already there, {counts.skipped} skipped (errors){small}; "
+            "nothing sent"
         )
         return EXIT_OK if counts.would_send + counts.already else EXIT_NOTHING
-    con.say(f"{counts.stored} stored, {counts.already} already there, {counts.skipped} skipped (errors)")
+    con.say(f"{counts.stored} stored, {counts.already} already there, {counts.skipped} skipped (errors){small}")
     return EXIT_OK if counts.stored + counts.already else EXIT_NOTHING
+
+
+def _small_faces(card: ModelCard, extractor: Extractor, min_face: float) -> str:
+    """', N faces below --min-face P px' for a card with alignment (else nothing)."""
+    if card.alignment is None:
+        return ""
+    return f", {extractor.small_faces} faces below --min-face {min_face:g} px"
 
 
 # --- transform (offline) -----------------------------------------------------------------
@@ -503,9 +517,11 @@ def cmd_transform(args: argparse.Namespace, home: Home, con: Console) -> int:
                 yes=args.yes, store=False)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    extractor = Extractor(card, model_dir, item_id=item_ids(home.item_key(), card.sha256))
+    extractor = Extractor(card, model_dir, item_id=item_ids(home.item_key(), card.sha256), faces=args.faces,
+                          min_face=args.min_face)
     names: list[str] = []
     ids: list[str] = []
+    face_index: list[int] = []
     fd, tmp = tempfile.mkstemp(prefix=".pric-transform-", dir=out.parent)
     os.close(fd)
     writer = NpyStreamWriter(Path(tmp), extractor.out_shape, card.output.dtype)
@@ -515,10 +531,12 @@ def cmd_transform(args: argparse.Namespace, home: Home, con: Console) -> int:
             writer.append(np.stack([r.output for r in rows]))
             names.extend(str(r.path) for r in rows)
             ids.extend(r.item_id for r in rows)
+            face_index.extend(-1 if r.face is None else r.face for r in rows)
         bar.close()
+        small = _small_faces(card, extractor, args.min_face)
         if not names:
             writer.discard()
-            con.say(f"0 photos transformed, {skipped} skipped (errors); nothing written")
+            con.say(f"0 photos transformed, {skipped} skipped (errors){small}; nothing written")
             return EXIT_NOTHING
         part = out.with_name(out.name + ".part")
         with zipfile.ZipFile(part, "w", allowZip64=True) as zf:
@@ -526,12 +544,15 @@ def cmd_transform(args: argparse.Namespace, home: Home, con: Console) -> int:
             write_npz_member(zf, "file_names", np.array(names))
             write_npz_member(zf, "item_ids", np.array(ids))
             write_npz_member(zf, "model_id", np.array(card.model_id))
+            if card.alignment is not None:  # which face of its photo each row is (0: the largest)
+                write_npz_member(zf, "face_index", np.array(face_index, dtype=np.int32))
         part.replace(out)
     except BaseException:
         bar.close()
         writer.discard()
         raise
-    con.say(f"{len(names)} photos transformed with {card.model_id}, {skipped} skipped (errors); written to {out}")
+    what = "faces" if card.alignment is not None else "photos"
+    con.say(f"{len(names)} {what} transformed with {card.model_id}, {skipped} skipped (errors){small}; written to {out}")
     return EXIT_OK
 
 
@@ -671,6 +692,16 @@ def cmd_policy_reset(args: argparse.Namespace, home: Home, con: Console) -> int:
 
 
 # --- argument parsing --------------------------------------------------------------------
+def _face_options(s: argparse.ArgumentParser) -> None:
+    """--faces and --min-face: used by a model whose card has an alignment section."""
+    s.add_argument("--faces", choices=FACE_CHOICES, default="all",
+                   help="a model that finds faces (its card has alignment): one item per face found (all, the "
+                        "default) or only the largest; a photo without a face is skipped with one line")
+    s.add_argument("--min-face", type=float, default=DEFAULT_MIN_FACE, metavar="PX",
+                   help=f"faces whose box is smaller than PX photo pixels are left out and counted (default "
+                        f"{DEFAULT_MIN_FACE})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="PRIC participant client: transform photos on this device, upload only features.",
@@ -704,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64, help=f"photos per upload request (1..{MAX_BATCH_ITEMS})")
     s.add_argument("--dry-run", action="store_true", help="show counts, bytes and model; send nothing")
     s.add_argument("--save-codes", metavar="FILE", help="ambiguated mode: also write the uploaded codes to FILE.npz")
+    _face_options(s)
     s.add_argument("--yes", action="store_true", help="consent to a verified model that passes your policy without "
                    "being asked (scripts); the attestation and policy checks still apply")
     s.add_argument("--workers", type=int, help="threads working on photos: 1 does all; N > 1: this one reads, "
@@ -712,7 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("transform", help="offline: write features of photos to an .npz")
     s.add_argument("paths", nargs="+", metavar="PATH")
-    s.add_argument("--out", required=True, help="output .npz (features, file_names, item_ids, model_id)")
+    s.add_argument("--out", required=True, help="output .npz (features, file_names, item_ids, model_id; face_index "
+                   "for a model with alignment)")
+    _face_options(s)
     s.add_argument("--model-dir", help="folder with model_card.json + model (default: the cached model, which is "
                    "checked like upload does; a folder you give is used as it is)")
     s.add_argument("--batch-size", type=int, default=64)

@@ -10,6 +10,15 @@
          ─► features: {"feature": (…)}  |  sparse_code: ambiguate each (L, m) code
                                                         → {"indices": (L, k'), "values": (L, k')}
 
+A card with an alignment section (protocol.align) turns each photo into its faces instead:
+
+    file ─► read, sha256 ─► protocol.align.Aligner: decode (EXIF, reduced scale), detect,
+            per face: align into the card's frame (cut from the best resolution available)
+         ─► prepare (crop_box, resize) each face    → one item per face (or the largest),
+            item id = HMAC(secret, sha256(photo sha256 ‖ face index) ‖ model sha256)
+    no face: skipped with one line; a face below min_face px: counted; a face that cannot
+    be aligned (too small, degenerate transform): one line, nothing sent for it.
+
 Only one batch of photos is held in memory at a time.
 """
 
@@ -32,7 +41,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 
 from protocol.runtime import OnnxModel, model_input
-from protocol.errors import ImageError, ImageTooLargeError, ModelIntegrityError
+from protocol.errors import FaceError, ImageError, ImageTooLargeError, InvalidInputError, ModelIntegrityError
 from protocol.model_card import ModelCard
 from protocol.preprocess import MAX_FILE_BYTES, MAX_PIXELS, load_image, prepare
 from protocol.sparse_code import AmbiguatedCode, ambiguate, os_rng
@@ -58,6 +67,13 @@ ORT_THREADS = 1
 MODEL_AHEAD = 2
 T = TypeVar("T")
 _heif_registered = False
+FACE_CHOICES = ("all", "largest")
+# faces whose box is smaller than this (photo pixels) are left out and counted: the
+# detector's own smallest face (protocol.faces.DetectorSpec.min_face)
+DEFAULT_MIN_FACE = 20
+# a decoded item: (item id, prepared pixels), or (None, why the photo or face is skipped),
+# or (None, SMALL_FACE) for a face left out for its size
+SMALL_FACE = "small"
 
 
 def client_max_pixels() -> int:
@@ -102,6 +118,13 @@ def item_id_for(item_key: bytes, photo_sha256: str, model_sha256: str) -> str:
     photo, and the same photo gets unrelated ids from two participants or registrations."""
     msg = bytes.fromhex(photo_sha256) + bytes.fromhex(model_sha256)
     return hmac.digest(item_key, msg, "sha256").hex()
+
+
+def face_digest(photo_sha256: str, index: int) -> str:
+    """What stands for the photo in a face's item id: sha256(photo sha256 ‖ face index), so
+    each face of a photo has its own id, the same on every run (the detector is
+    deterministic and faces come largest first), and resume skips exactly the faces sent."""
+    return hashlib.sha256(bytes.fromhex(photo_sha256) + b"pric-face" + index.to_bytes(4, "big")).hexdigest()
 
 
 def legacy_item_id(photo_sha256: str, model_sha256: str) -> str:
@@ -158,17 +181,27 @@ class Row(NamedTuple):
     path: Path
     item_id: str
     output: np.ndarray
+    face: int | None = None  # the face's index in its photo (cards with alignment)
 
 
 class Extractor:
     """The card's model on this device: preprocessing from the card, onnxruntime."""
 
     def __init__(self, card: ModelCard, model_dir: Path, threads: int | None = None,
-                 item_id: Callable[[str], str] | None = None) -> None:
+                 item_id: Callable[[str], str] | None = None, faces: str = "all",
+                 min_face: float = DEFAULT_MIN_FACE) -> None:
         """`threads`: onnxruntime intra-op threads (0: one per core; None: ORT_THREADS).
         `item_id`: photo sha256 → item id (default: keyed with a secret of this Extractor
-        alone, so ids mean nothing outside it; the client passes the participant's)."""
+        alone, so ids mean nothing outside it; the client passes the participant's).
+        `faces`, `min_face`: for a card with alignment, every face or the largest, and the
+        smallest face box (photo pixels) sent."""
         threads = ORT_THREADS if threads is None else threads
+        if faces not in FACE_CHOICES:
+            raise InvalidInputError(f"--faces {faces!r}: expected one of {', '.join(FACE_CHOICES)}")
+        if not (isinstance(min_face, (int, float)) and 0 <= min_face <= 100_000):
+            raise InvalidInputError(f"--min-face {min_face!r}: must be a number of pixels in 0..100000")
+        self.faces, self.min_face = faces, float(min_face)
+        self.small_faces = 0  # faces left out for their size (counted as they are settled)
         self.item_id = item_id or item_ids(secrets.token_bytes(32), card.sha256)
         register_heif()
         quiet_bomb_warnings()
@@ -183,12 +216,59 @@ class Extractor:
             raise ModelIntegrityError(f"{path}: sha256 differs from the card's; refusing to use model {card.model_id}")
         # the card's graph runs as it is: what the auditor ran, byte for byte
         self.model = OnnxModel(path, card.input.name, card.output.name, threads=threads, graph=self._graph)
+        self.aligner = None
+        if card.alignment is not None:
+            from protocol.align import Aligner
+
+            # the detector's files are checked against the card's sha256 (which the
+            # attestation binds) as they are read, before onnxruntime sees them
+            self.aligner = Aligner(card.alignment, model_dir, threads=threads)
 
     def decode(self, data: bytes, path: Path) -> np.ndarray:
         """Photo bytes → uint8 (H, W, 3), cropped and resized per the card's input spec
         (normalised later, a batch at a time: same values, a quarter of the bytes held)."""
         spec = self.card.input
         return prepare(load_image(data, spec, max_pixels=self.max_pixels, name=str(path)), spec)
+
+    def decode_items(self, data: bytes, path: Path, key: str) -> list[tuple[str | None, object]]:
+        """Photo bytes → its items: [(item id, uint8 (H, W, 3))], or (None, ImageError) for
+        what is skipped with a line, (None, SMALL_FACE) for a face left out for its size.
+        `key` is the photo's item id, or with alignment the photo's sha256."""
+        try:
+            if self.aligner is None:
+                return [(key, self.decode(data, path))]
+            got = self.aligner.photo(data, str(path), max_pixels=self.max_pixels, which=self.faces,
+                                     min_face=self.min_face)
+        except ImageError as exc:
+            return [(None, exc)]
+        items: list[tuple[str | None, object]] = [(None, SMALL_FACE)] * got.small
+        if not got.faces and not got.small:
+            items.append((None, FaceError(f"{path}: no face found")))
+        spec = self.card.input
+        for f in got.faces:
+            if f.error is not None:
+                items.append((None, FaceError(f"{path}: {f.error.message}")))
+            else:
+                items.append((self.item_id(face_digest(key, f.index)), (f.index, prepare(f.image, spec))))
+        return items
+
+    def _settle(self, path: Path, items: list[tuple[str | None, object]], on_skip: Callable[[str, str], None],
+                skip_known: Callable[[Path, str], bool], ready: list[tuple[Path, str, np.ndarray, int | None]]) -> None:
+        """A photo's decoded items into `ready`, in this (the calling) thread: skips reported,
+        small faces counted, and with alignment each face's id checked against skip_known
+        (which the client's journal answers; not thread-safe)."""
+        for item_id, out in items:
+            if isinstance(out, ImageError):
+                on_skip(str(path), _reason(out.message, path))
+            elif isinstance(out, str):
+                self.small_faces += 1
+            elif isinstance(out, tuple):
+                assert item_id is not None
+                if not skip_known(path, item_id):
+                    ready.append((path, item_id, out[1], out[0]))
+            else:
+                assert item_id is not None
+                ready.append((path, item_id, out, None))  # type: ignore[arg-type]
 
     def transform(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) → model output (B, *card.output.shape): the pixels go into the
@@ -230,32 +310,29 @@ class Extractor:
         photos, and no hand-offs for thumbnails. At most 2·window+1 chunks' bytes are held."""
         photos = self._to_decode(files, on_skip, skip_known, tick)
         if workers <= 1:
-            yield from self._stream_here(photos, batch_size, on_skip)
+            yield from self._stream_here(photos, batch_size, on_skip, skip_known)
             return
         pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="pric-decode")
         # the model runs in a thread of its own (onnxruntime releases the GIL), one batch at
         # a time, while this thread reads and decodes the next photos
         model_pool = ThreadPoolExecutor(1, thread_name_prefix="pric-model")
         # batches handed to the model, in order: (their photos, the model's future output)
-        finished: deque[tuple[list[tuple[Path, str, np.ndarray]], Future[np.ndarray]]] = deque()
+        finished: deque[tuple[list[_Ready], Future[np.ndarray]]] = deque()
         window = 2 * workers + 2  # chunks handed to the decoding threads at most
         # (chunk, its bytes): decoded or being decoded, in input order
-        inflight: deque[tuple[Future[list[tuple[Path, str, np.ndarray | ImageError]]], int]] = deque()
+        inflight: deque[tuple[Future[list[tuple[Path, list[tuple[str | None, object]]]]], int]] = deque()
         chunk: list[tuple[Path, str, bytes]] = []
         chunk_bytes = 0
-        ready: list[tuple[Path, str, np.ndarray]] = []
+        ready: list[_Ready] = []
 
         def settle_one() -> None:
-            for path, item_id, out in inflight.popleft()[0].result():
-                if isinstance(out, ImageError):
-                    on_skip(str(path), _reason(out.message, path))
-                else:
-                    ready.append((path, item_id, out))
+            for path, items in inflight.popleft()[0].result():
+                self._settle(path, items, on_skip, skip_known, ready)
 
-        def to_model(pending: list[tuple[Path, str, np.ndarray]]) -> None:
+        def to_model(pending: list[_Ready]) -> None:
             # stacked here: the model thread then needs the GIL only around each
             # onnxruntime call, not for numpy and Python work that would contend with this one
-            x = np.stack([x for _, _, x in pending])
+            x = np.stack([x for _, _, x, _ in pending])
             finished.append((pending, model_pool.submit(self.transform, x)))
 
         def submit_chunk() -> None:
@@ -274,7 +351,7 @@ class Extractor:
                     chunk_bytes = 0
                 while inflight and (inflight[0][0].done() or len(inflight) > 2 * window):
                     settle_one()
-                if len(ready) >= batch_size:
+                while len(ready) >= batch_size:
                     to_model(ready[:batch_size])
                     del ready[:batch_size]
                 while finished and (finished[0][1].done() or len(finished) > MODEL_AHEAD):
@@ -302,7 +379,9 @@ class Extractor:
         tick: Callable[[], None],
     ) -> Iterator[tuple[Path, str, bytes]]:
         """(path, item id, file bytes) of each photo to decode: read and hashed here;
-        unreadable files go to on_skip, known ones are left out; tick() once per file."""
+        unreadable files go to on_skip, known ones are left out; tick() once per file.
+        With alignment the photo's sha256 stands in for the item id: each face has its
+        own, known only after detection (Extractor._settle asks skip_known then)."""
         id_of = self.item_id
         for path in files:
             try:
@@ -312,46 +391,44 @@ class Extractor:
                 tick()
                 continue
             tick()
+            if self.aligner is not None:
+                yield path, sha, data
+                continue
             item_id = id_of(sha)
             if not skip_known(path, item_id):
                 yield path, item_id, data
 
     def _stream_here(
         self, photos: Iterable[tuple[Path, str, bytes]], batch_size: int, on_skip: Callable[[str, str], None],
+        skip_known: Callable[[Path, str], bool],
     ) -> Iterator[list[Row]]:
         """stream() with one thread: decode each photo as it comes, no hand-over
         (the bookkeeping of the threaded path cost ~30 µs per small photo here)."""
-        ready: list[tuple[Path, str, np.ndarray]] = []
-        for path, item_id, data in photos:
-            try:
-                ready.append((path, item_id, self.decode(data, path)))
-            except ImageError as exc:
-                on_skip(str(path), _reason(exc.message, path))
-                continue
-            if len(ready) >= batch_size:
-                yield self._finish(ready)
-                ready = []
+        ready: list[_Ready] = []
+        for path, key, data in photos:
+            self._settle(path, self.decode_items(data, path, key), on_skip, skip_known, ready)
+            while len(ready) >= batch_size:
+                yield self._finish(ready[:batch_size])
+                del ready[:batch_size]
         if ready:
             yield self._finish(ready)
 
-    def _decode_chunk(self, chunk: list[tuple[Path, str, bytes]]) -> list[tuple[Path, str, np.ndarray | ImageError]]:
+    def _decode_chunk(self, chunk: list[tuple[Path, str, bytes]]) -> list[tuple[Path, list[tuple[str | None, object]]]]:
         """Decode several photos in one pool task (one hand-over per chunk, not per photo);
         a bad photo's ImageError is returned in its place, the others go on."""
-        out: list[tuple[Path, str, np.ndarray | ImageError]] = []
-        for path, item_id, data in chunk:
-            try:
-                out.append((path, item_id, self.decode(data, path)))
-            except ImageError as exc:
-                out.append((path, item_id, exc))
-        return out
+        return [(path, self.decode_items(data, path, key)) for path, key, data in chunk]
 
-    def _finish(self, pending: list[tuple[Path, str, np.ndarray]]) -> list[Row]:
-        return _rows(pending, self.transform(np.stack([x for _, _, x in pending])))
+    def _finish(self, pending: list[_Ready]) -> list[Row]:
+        return _rows(pending, self.transform(np.stack([x for _, _, x, _ in pending])))
 
 
-def _rows(pending: list[tuple[Path, str, np.ndarray]], y: np.ndarray) -> list[Row]:
+# a decoded item waiting for the model: (path, item id, uint8 (H, W, 3), face index or None)
+_Ready = tuple[Path, str, np.ndarray, "int | None"]
+
+
+def _rows(pending: list[_Ready], y: np.ndarray) -> list[Row]:
     """Rows of a batch of photos from their model outputs."""
-    return [Row(path=p, item_id=i, output=y[n]) for n, (p, i, _) in enumerate(pending)]
+    return [Row(path=p, item_id=i, output=y[n], face=f) for n, (p, i, _, f) in enumerate(pending)]
 
 
 def _submit(pool: ThreadPoolExecutor | None, fn: Callable[..., T], *args: object) -> "Future[T]":

@@ -16,7 +16,10 @@ given (identity-disjoint), else of the file name. The labels are checked before 
 is decoded: non-binary columns, duplicate or missing files and unknown split values fail
 with one line naming the file, row and column.
 Photos go through protocol.preprocess (the same code the client runs), and the prepared
-uint8 pixels are cached on disk so a second run does not decode 10,000 JPEGs again.
+uint8 pixels are cached on disk so a second run does not decode 10,000 JPEGs again. With an
+alignment (protocol.align, a model card's section), each photo's face (the one nearest the
+centre) is found and aligned first, as the client does; a photo where none is found or it
+cannot be aligned is left out with one line.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from protocol.errors import ImageError, InvalidInputError
 from protocol.model_card import InputSpec
 from protocol.preprocess import load_image, prepare
+
+if TYPE_CHECKING:
+    from protocol.align import Aligner
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = {"train": TRAIN, "val": VAL, "test": TEST}
@@ -332,21 +338,27 @@ def check_class_counts(data: FaceData, names: Sequence[str], split: int | str, m
                     f"(need at least {minimum}; class counts {list(counts)} of {int(sel.sum())} photos)")
 
 
-def _cache_key(root: Path, spec: InputSpec, files: Sequence[str]) -> str:
+def _cache_key(root: Path, spec: InputSpec, files: Sequence[str], aligner: "Aligner | None" = None) -> str:
     h = hashlib.sha256()
     h.update(str(root.resolve()).encode())
     h.update(json.dumps(asdict(spec), sort_keys=True).encode())
     h.update("\n".join(files).encode())
+    if aligner is not None:  # keys without alignment stay as they were
+        h.update(json.dumps(aligner.spec.to_dict(), sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def _prepare_all(root: Path, files: Sequence[str], spec: InputSpec, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _prepare_all(root: Path, files: Sequence[str], spec: InputSpec, progress: bool,
+                 aligner: "Aligner | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode and prepare every photo; returns pixels (N, H, W, 3) and an ok-mask (N,)."""
     out = np.zeros((len(files), spec.height, spec.width, 3), dtype=np.uint8)
     ok = np.ones(len(files), dtype=bool)
 
     def work(i: int) -> None:
         try:
+            if aligner is not None:
+                out[i] = prepare(aligner.centre_face(load_image(root / "images" / files[i]), files[i]), spec)
+                return
             out[i] = prepare(load_image(root / "images" / files[i], spec), spec)
         except ImageError as exc:
             ok[i] = False
@@ -373,8 +385,10 @@ def load_faces(
     limit: int | None = None,
     progress: bool = True,
     announce: bool = True,
+    aligner: "Aligner | None" = None,
 ) -> FaceData:
-    """Load a face folder in either layout, prepared with `spec` (default InputSpec()).
+    """Load a face folder in either layout, prepared with `spec` (default InputSpec()),
+    with `aligner` each photo's centre face aligned first (protocol.align).
 
     A derived split is printed in one line unless `announce` is False (callers that load a
     few photos for a parity check, or print the split themselves)."""
@@ -413,13 +427,13 @@ def load_faces(
     files = [files[i] for i in keep]
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _cache_key(root, spec, files)
+    key = _cache_key(root, spec, files, aligner)
     pix_path, ok_path = cache / f"faces-{key}.npy", cache / f"faces-{key}.ok.npy"
     if pix_path.is_file() and ok_path.is_file():
         pixels = np.load(pix_path, allow_pickle=False)
         ok = np.load(ok_path, allow_pickle=False)
     else:
-        pixels, ok = _prepare_all(root, files, spec, progress)
+        pixels, ok = _prepare_all(root, files, spec, progress, aligner)
         try:
             cache.mkdir(parents=True, exist_ok=True)
             tmp = pix_path.with_suffix(".tmp.npy")

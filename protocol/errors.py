@@ -43,6 +43,13 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
+class FaceError(ImageError):
+    """A photo's face cannot be used: none found, too small to align, or landmarks that give
+    a degenerate alignment transform (protocol.faces, protocol.align)."""
+
+    code = "bad_face"
+
+
 class WireFormatError(PricError):
     """An upload body or array does not follow the wire format."""
 

@@ -12,9 +12,12 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.errors import ModelIntegrityError
+
+if TYPE_CHECKING:
+    from protocol.align import AlignmentSpec
 
 CARD_FILE = "model_card.json"
 CARD_SCHEMA_VERSION = 1
@@ -119,6 +122,10 @@ class ModelCard:
     audit: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     card_schema_version: int = CARD_SCHEMA_VERSION
+    # optional (protocol.align): photos are turned into faces found by the named detector and
+    # aligned to the template's frame before crop_box and resize; its files are extra_files
+    # (so the attestation binds them). None: the relative crop_box of the whole photo.
+    alignment: "AlignmentSpec | None" = None
 
     @property
     def model_id(self) -> str:
@@ -162,6 +169,8 @@ class ModelCard:
             problems.append(f"description must be text of at most {MAX_TEXT} characters")
         if not _is_int(self.card_schema_version):
             problems.append("card_schema_version must be an integer")
+        if self.alignment is not None:
+            problems += _alignment_problems(self.alignment, self.extra_files)
         if problems:
             raise ModelIntegrityError(f"model card {_short(self.name)}: " + "; ".join(problems))
         return self
@@ -172,6 +181,10 @@ class ModelCard:
         d["model_id"] = self.model_id
         if d.get("sparse") and d["sparse"].get("value_bits") is None:
             del d["sparse"]["value_bits"]  # cards without quantised values read as before
+        if self.alignment is None:
+            del d["alignment"]  # cards without alignment read, hash and attest as before
+        else:
+            d["alignment"] = self.alignment.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -185,6 +198,11 @@ class ModelCard:
             inp = d.pop("input", {}) or {}
             out = d.pop("output", {}) or {}
             sp = d.pop("sparse", None)
+            al = d.pop("alignment", None)
+            if al is not None:
+                from protocol.align import AlignmentSpec
+
+                d["alignment"] = AlignmentSpec.from_dict(al)
             card = cls(
                 input=InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in inp.items()}),
                 output=OutputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}),
@@ -254,6 +272,20 @@ def _input_problems(i: object) -> list[str]:
         problems.append("input name must be 1-128 characters")
     if i.dtype not in INPUT_DTYPES:
         problems.append(f"input dtype {_short(i.dtype)} not in {INPUT_DTYPES}")
+    return problems
+
+
+def _alignment_problems(a: object, extra_files: object) -> list[str]:
+    from protocol.align import AlignmentSpec
+
+    if not isinstance(a, AlignmentSpec):
+        return ["alignment must be an object"]
+    problems = a.problems()
+    if not problems and isinstance(extra_files, dict):
+        for name, digest in a.detector.files.items():
+            # the detector's files travel, are verified and are attested as the model's own
+            if extra_files.get(name) != digest:
+                problems.append(f"alignment: detector file {name} must be in extra_files with the same sha256")
     return problems
 
 

@@ -145,6 +145,12 @@ def export_run(cfg: ExportConfig) -> Path:
             "section (fresh attackers), not by the co-trained adversary."
         ),
     ).validate()
+    if tcfg.align:
+        # trained on aligned faces: the card states the alignment, and the detector's files
+        # ship (and are attested) with the model
+        from protocol.align import attach, default_alignment
+
+        card = attach(card, default_alignment(tcfg.align), tcfg.align, out)
     card.save(out)
     (out / "export_config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
     (out / "train_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")

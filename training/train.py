@@ -151,6 +151,9 @@ class TrainConfig:
                                         "face box for the CelebA layout; for images/+labels.csv the crop_box of "
                                         "dataset.json beside it, else the whole photo 0,0,1,1)")
     size: int = option(64, "input height and width in pixels", type=int)
+    align: str | None = option(None, "face detector folder (e.g. exported_models/face-detector): train on each "
+                                     "photo's face found and aligned to the CelebA template (protocol.align), as "
+                                     "the client sends it; the exported card states the alignment")
     min_class_photos: int = option(5, "fewest photos of each class of a private or primary attribute in the "
                                       "train split (the private attribute also needs 2 in validation)", type=int)
     audit: bool = option(False, "after training, a quick fresh-attacker check of the private attribute on the "
@@ -397,8 +400,13 @@ def prepare_data(cfg: TrainConfig, data: FaceData | None = None, progress: bool 
     """The run's photos, their split printed and checked before any training: train and
     validation photos exist and every class of the private and primary attributes is seen."""
     if data is None:
+        aligner = None
+        if cfg.align:
+            from protocol.align import Aligner, default_alignment
+
+            aligner = Aligner(default_alignment(cfg.align), cfg.align)
         data = load_faces(cfg.data, cfg.input, split_file=cfg.split_file, limit=cfg.limit or None, progress=progress,
-                          announce=False)
+                          announce=False, aligner=aligner)
     print(data.split_summary(), flush=True)
     for name in (*cfg.private, *cfg.primary):
         data.attr_index(name)

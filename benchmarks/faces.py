@@ -1,0 +1,104 @@
+"""Client throughput with face detection and alignment, ratios measured in one run.
+
+    python benchmarks/faces.py --model-dir MODEL_WITH_ALIGNMENT [--n 20] [--thumbs 200]
+
+1. 12-MP photos (4000x3000 JPEGs, one face of about 300 px and one of about 100 px pasted
+   on a blurred photo): the client's pipeline with detection (Extractor.stream, one thread)
+   vs decoding alone: photos/s and the ratio, against a full-resolution decode and against
+   the reduced-scale (draft) decode the client starts with. Goal: >= 0.5 of decode alone.
+2. Thumbnails (356x436 scenes of research/scenes.py's kind): the pipeline with detection vs
+   decode + resize (what a card without alignment does per photo). Goal: >= 0.5.
+CPU seconds per photo of each (process time: steadier than wall time on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from client.models import open_model_dir  # noqa: E402
+from client.pipeline import Extractor  # noqa: E402
+from protocol.preprocess import load_image, prepare  # noqa: E402
+
+
+def photo(face: Image.Image, bg: Image.Image, size: tuple[int, int], faces: list[tuple[float, tuple[int, int]]],
+          quality: int = 90) -> bytes:
+    img = bg.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(4))
+    for scale, at in faces:
+        img.paste(face.resize((round(face.width * scale), round(face.height * scale)), Image.Resampling.BICUBIC), at)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def timed(fn) -> tuple[float, float]:
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--n", type=int, default=20, help="12-MP photos")
+    p.add_argument("--thumbs", type=int, default=200)
+    p.add_argument("--out", default="runs/bench-faces")
+    a = p.parse_args(argv)
+    model_dir = Path(a.model_dir)
+    card = open_model_dir(model_dir)
+    if card.alignment is None:
+        print(f"{model_dir}: its card has no alignment section", file=sys.stderr)
+        return 2
+    samples = sorted((REPO / "scripts" / "sample_faces" / "images").glob("*.jpg"))
+    out = Path(a.out)
+    big_dir, thumb_dir = out / "12mp", out / "thumbs"
+    big_dir.mkdir(parents=True, exist_ok=True)
+    thumb_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(a.n):
+        face, bg = (Image.open(samples[j]).convert("RGB") for j in rng.choice(len(samples), 2, replace=False))
+        (big_dir / f"{i:03d}.jpg").write_bytes(photo(face, bg, (4000, 3000), [(5.0, (800, 900)), (1.6, (2800, 1400))]))
+    for i in range(a.thumbs):
+        face, bg = (Image.open(samples[j]).convert("RGB") for j in rng.choice(len(samples), 2, replace=False))
+        (thumb_dir / f"{i:03d}.jpg").write_bytes(photo(face, bg, (356, 436), [(1.0, (int(rng.integers(0, 260)),
+                                                                                     int(rng.integers(0, 320))))]))
+    ex = Extractor(card, model_dir, threads=1)
+    result: dict[str, object] = {"model": card.model_id}
+    for name, folder in (("12mp", big_dir), ("thumbnails", thumb_dir)):
+        files = sorted(folder.glob("*.jpg"))
+        datas = [f.read_bytes() for f in files]
+        skipped: list[str] = []
+        items: list[int] = []
+        pipe = timed(lambda: [items.append(len(rows)) for rows in ex.stream(files, 64, lambda p_, r: skipped.append(p_),
+                                                                              workers=1)])
+        full = timed(lambda: [load_image(d) for d in datas])
+        limits = {"decode (full resolution)": full}
+        if name == "12mp":
+            limits["decode (reduced scale, as the client starts)"] = timed(
+                lambda: [load_image(d, card.input) for d in datas])
+        else:
+            limits["decode + resize (a card without alignment)"] = timed(
+                lambda: [prepare(load_image(d, card.input), card.input) for d in datas])
+        n = len(files)
+        row: dict[str, object] = {"photos": n, "faces_sent": sum(items), "skipped": len(skipped),
+                                  "pipeline_photos_per_s": n / pipe[0], "pipeline_cpu_ms_per_photo": 1e3 * pipe[1] / n}
+        for what, (wall, cpu) in limits.items():
+            row[what] = {"photos_per_s": n / wall, "cpu_ms_per_photo": 1e3 * cpu / n,
+                         "pipeline_ratio_wall": (n / pipe[0]) / (n / wall), "pipeline_ratio_cpu": cpu / pipe[1]}
+        result[name] = row
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
