@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         card = load_card(Path(args.model))
         cfg = AuditConfig(out=str(out), private=args.private, data=args.data, seed=args.seed, quick=args.quick,
                           progress=False).resolved()
-        data = load_data(cfg.data, card.input, cfg)
+        data = load_data(cfg.data, card.input, cfg, card, Path(args.model))
         sp = Splits.of(data, cfg.data)
         t0 = time.time()
         pp = per_person_leakage(OnnxRelease(Path(args.model), card)(data.pixels), data, sp, cfg)

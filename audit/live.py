@@ -78,7 +78,7 @@ def run_live_audit(cfg: AuditConfig) -> dict[str, Any]:
     card = load_card(model_dir)
     if card.kind != "features":
         raise InvalidInputError(f"model {card.model_id}: live audits cover 'features' models (card kind {card.kind!r})")
-    probe = load_data(cfg.probe, card.input, cfg)
+    probe = load_data(cfg.probe, card.input, cfg, card, model_dir)
     sp = Splits.of(probe, str(cfg.probe))
     check_classes(probe, sp, cfg)
     release = OnnxRelease(model_dir, card)
