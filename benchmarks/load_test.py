@@ -1,5 +1,5 @@
 """Load test of the collector: N concurrent simulated clients upload M items in total to a
-real `pric-collector serve` (waitress, SQLite WAL) on 127.0.0.1.
+real `pric-collector serve` (gunicorn gthread workers, SQLite WAL) on 127.0.0.1.
 
 Prints items/s, p50/p99 request latency, errors and retries, then counts the database:
 zero lost (every acknowledged item stored) and zero duplicated (one row per item id).
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=LoadConfig.items)
     p.add_argument("--clients", type=int, default=LoadConfig.clients)
     p.add_argument("--batch", type=int, default=LoadConfig.batch)
-    p.add_argument("--threads", type=int, default=LoadConfig.threads, help="waitress threads per worker process")
+    p.add_argument("--threads", type=int, default=LoadConfig.threads, help="threads per collector worker process")
     p.add_argument("--workers", type=int, default=LoadConfig.workers, help="collector worker processes")
     p.add_argument("--max-seconds", type=float, default=LoadConfig.max_seconds)
     p.add_argument("--wire", choices=sorted(WIRE_FORMATS), default=LoadConfig.wire,
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duplicated": rows - distinct,
     }
     print(f"load test: {cfg.clients} clients, {cfg.items} items in batches of {cfg.batch}, "
-          f"{cfg.wire} bodies, waitress {cfg.workers} x {cfg.threads} threads, SQLite WAL synchronous=FULL")
+          f"{cfg.wire} bodies, gunicorn {cfg.workers} x {cfg.threads} threads, SQLite WAL synchronous=FULL")
     print(f"  {result['items_per_s']} items/s over {result['wall_s']} s; {result['requests']} requests, "
           f"latency p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
     print(f"  errors {result['errors']}, retries {result['retries']}; stored {rows} of {cfg.items}: "

@@ -209,6 +209,7 @@ def create_app(config: dict | None = None) -> Flask:
     )
     _install_error_handlers(app)
     app.before_request(_start_timer)
+    app.before_request(_bound_body)
     app.after_request(_log_request)
     return app
 
@@ -271,6 +272,32 @@ def _start_timer() -> None:
     g.t0 = time.perf_counter()
 
 
+def _bound_body() -> None:
+    """Every body is bounded before anything else (token included) looks at the request:
+    a Content-Length over the route's limit is answered 413 unread, and a body without one
+    (chunked) is cut at the same limit while it is read (413 too)."""
+    limit = _body_limit()
+    # one byte more than the limit is read at most: werkzeug stops there without an error,
+    # and _body() tells a body of limit + 1 bytes (too large) from one of `limit` bytes
+    request.max_content_length = limit + 1
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLargeError(f"body of {length} bytes exceeds the limit of {limit} bytes")
+
+
+def _body_limit() -> int:
+    return int(current_app.config["MAX_BODY_BYTES"]) if request.endpoint == "api.upload" \
+        else routes.MAX_CONTROL_BODY_BYTES
+
+
+def _body(cache: bool = True) -> bytes:
+    """The request body, read at most to its route's limit (413 beyond it)."""
+    data = request.get_data(cache=cache)
+    if len(data) > _body_limit():
+        raise PayloadTooLargeError(f"body exceeds the limit of {_body_limit()} bytes")
+    return data
+
+
 def _log_request(response: Response) -> Response:
     if not access_log.isEnabledFor(logging.INFO):
         return response
@@ -328,6 +355,7 @@ def _json_body() -> dict[str, Any]:
     if (request.content_length or 0) > routes.MAX_CONTROL_BODY_BYTES:
         raise PayloadTooLargeError(f"body of {request.content_length} bytes exceeds the limit of "
                                    f"{routes.MAX_CONTROL_BODY_BYTES} bytes")
+    _body()  # bounded read (413 past the limit), which get_json(silent=True) would hide
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise WireFormatError("body must be a JSON object")
@@ -465,7 +493,7 @@ def upload() -> Response:
     if state().upload_limiter is not None:
         state().upload_limiter.take(g.token_key)
     require_storage()
-    batch = decode_upload(request.get_data(cache=False), request.mimetype)
+    batch = decode_upload(_body(cache=False), request.mimetype)
     reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)
     store.validate_batch(batch, reg.card, store.label_schema(reg.card, state().labels))
     stored, duplicates = state().items_store.store(who.participant_id, batch, state().quota)

@@ -39,6 +39,11 @@ MAX_BATCH_ITEMS = 256
 MAX_ITEM_ID_LEN = 64
 MAX_LABELS_PER_ITEM = 64
 DEFAULT_TIMEOUT_S = 30.0
+# The request line and headers the collector's server reads before the app sees anything
+# (gunicorn's limit_request_line, limit_request_fields, limit_request_field_size).
+MAX_REQUEST_LINE_BYTES = 4094
+MAX_REQUEST_HEADERS = 50
+MAX_REQUEST_HEADER_BYTES = 8190
 # The attestations answer: at most MAX_ATTESTATIONS envelopes of MAX_ATTESTATION_BYTES each
 # (as stored), plus the JSON around them.
 MAX_ATTESTATIONS_RESPONSE_BYTES = MAX_ATTESTATIONS * MAX_ATTESTATION_BYTES + 64 * 1024
