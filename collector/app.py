@@ -30,14 +30,13 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from collector import store
+from collector import limits, store
 from collector.auth import (
     AUDITOR,
     OPERATOR,
     PARTICIPANT,
     Principal,
     PrincipalCache,
-    TokenBucket,
     authenticate,
     bearer_token,
     create_participant,
@@ -56,6 +55,7 @@ from protocol.errors import (
     InvalidInputError,
     PayloadTooLargeError,
     PricError,
+    ServerUnavailableError,
     WireFormatError,
 )
 from protocol.wire import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, LABEL_NAME_RE, decode_upload
@@ -88,9 +88,9 @@ DEFAULTS: dict[str, Any] = {
     "AUDITOR_KEYS": None,
     # Publish models without a valid attestation (each logged as a warning at start).
     "ALLOW_UNATTESTED": False,
-    "UPLOAD_LIMITER": None,  # a TokenBucket shared by forked workers (default: one per app)
-    "REGISTER_LIMITER": None,
-    "READ_LIMITER": None,
+    # Where rate-limit counts live (collector.limits): memory:// (this process) or a Redis URI
+    # shared by every worker and host.
+    "RATE_LIMIT_STORAGE": "memory://",
     # Below this much free space in DATA_DIR, registrations and uploads are answered 507 and
     # health reports it, rather than filling the disk's last bytes.
     "MIN_FREE_BYTES": 32 * 1024 * 1024,
@@ -117,9 +117,6 @@ class CollectorState:
 
     db: Database
     registry: ModelRegistry
-    upload_limiter: TokenBucket | None
-    register_limiter: TokenBucket | None
-    read_limiter: TokenBucket | None
     pseudonym_secret: str
     train_lock: threading.Lock
     classifiers_dir: Path
@@ -185,16 +182,10 @@ def create_app(config: dict | None = None) -> Flask:
     db.create_all()
     with db.write() as conn:
         store.count_usage_of_existing_items(conn)
-    rate = float(app.config["RATE_LIMIT_PER_MIN"] or 0)
-    reg_rate = float(app.config["REGISTER_LIMIT_PER_MIN"] or 0)
-    read_rate = float(app.config["READ_LIMIT_PER_MIN"] or 0)
     app.extensions["pric"] = CollectorState(
         db=db,
         registry=ModelRegistry(db, app.config["MODELS_DIR"], app.config["CURRENT_MODEL"], trusted=trusted,
                                allow_unattested=bool(app.config["ALLOW_UNATTESTED"])),
-        upload_limiter=app.config["UPLOAD_LIMITER"] or upload_limiter(rate),
-        register_limiter=app.config["REGISTER_LIMITER"] or register_limiter(reg_rate),
-        read_limiter=app.config["READ_LIMITER"] or read_limiter(read_rate),
         pseudonym_secret=db.secret("pseudonym_secret"),
         train_lock=threading.Lock(),
         classifiers_dir=data_dir / "classifiers",
@@ -211,19 +202,17 @@ def create_app(config: dict | None = None) -> Flask:
     app.before_request(_start_timer)
     app.before_request(_bound_body)
     app.after_request(_log_request)
+    limits.install(app, RATE_BUDGETS, _pric_error_response)  # after _bound_body: a 413 costs no budget
     return app
 
 
-def upload_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
-    return bucket(rate_per_min) if rate_per_min > 0 else None
-
-
-def register_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
-    return bucket(rate_per_min, burst=max(1.0, rate_per_min / 4)) if rate_per_min > 0 else None
-
-
-def read_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
-    return bucket(rate_per_min) if rate_per_min > 0 else None
+# endpoint -> the rate-limit budget it draws on (collector.limits)
+RATE_BUDGETS = {
+    "api.register": routes.RATE_REGISTER, "api.upload": routes.RATE_UPLOAD, "api.me": routes.RATE_READ,
+    "api.model_card": routes.RATE_READ, "api.model_card_by_id": routes.RATE_READ,
+    "api.model_attestations": routes.RATE_READ, "api.model_file": routes.RATE_READ, "api.stats": routes.RATE_READ,
+    "api.export": routes.RATE_READ,
+}
 
 
 def issue_token(app: Flask, role: str) -> str:
@@ -243,8 +232,6 @@ def authorize(*roles: str) -> Principal:
     g.principal = principal
     g.token_key = hash_token(token)  # type: ignore[arg-type]  # authenticate refused None
     require_role(principal, *roles)
-    if request.method == "GET" and state().read_limiter is not None:
-        state().read_limiter.take("read:" + g.token_key)
     return principal
 
 
@@ -324,14 +311,16 @@ def _error_response(status: int, body: dict[str, str]) -> Response:
     return resp
 
 
+def _pric_error_response(exc: PricError) -> Response:
+    resp = _error_response(exc.http_status, exc.to_json())
+    retry_after = getattr(exc, "retry_after", None)
+    if exc.http_status == 429 and retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return resp
+
+
 def _install_error_handlers(app: Flask) -> None:
-    @app.errorhandler(PricError)
-    def _pric(exc: PricError) -> Response:
-        resp = _error_response(exc.http_status, exc.to_json())
-        retry_after = getattr(exc, "retry_after", None)
-        if exc.http_status == 429 and retry_after is not None:
-            resp.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-        return resp
+    _pric = app.errorhandler(PricError)(_pric_error_response)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
@@ -340,6 +329,9 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _other(exc: Exception) -> Response:
+        if limits.storage_failed(exc):  # fail closed: no request goes uncounted
+            log.error(json.dumps({"event": "rate_limit_storage_failed", "reason": type(exc).__name__}))
+            return _pric(ServerUnavailableError("the collector's rate-limit storage is unreachable; try again later"))
         if _is_storage_full(exc):
             state().storage_full_at = time.monotonic()
             log.error(json.dumps({"event": "storage_full", "route": request.url_rule.rule if request.url_rule
@@ -377,9 +369,7 @@ def health() -> Response | tuple[Response, int]:
 
 @api.post(routes.REGISTER)
 def register() -> tuple[Response, int]:
-    limiter = state().register_limiter
-    if limiter is not None:  # first: also bounds guesses of invite codes and the secret
-        limiter.take(f"register:{request.remote_addr}")
+    # rate-limited per address before this runs: also bounds guesses of invite codes and the secret
     invite = _registration_credential()
     require_storage()
     participant_id, token = create_participant(state().db, invite=invite)
@@ -490,8 +480,6 @@ def upload() -> Response:
         if length > json_limit:
             raise PayloadTooLargeError(f"JSON upload of {length} bytes exceeds the limit of {json_limit} bytes "
                                        f"for JSON; send larger batches as {BINARY_CONTENT_TYPE}")
-    if state().upload_limiter is not None:
-        state().upload_limiter.take(g.token_key)
     require_storage()
     batch = decode_upload(_body(cache=False), request.mimetype)
     reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)

@@ -59,9 +59,11 @@ class ServeConfig:
     auditor_keys: str | None
     trusted_auditors: list[str]
     allow_unattested: bool
+    rate_limit_storage: str  # password masked
 
 
 ENROLMENT_SECRET_ENV = "PRIC_ENROLMENT_SECRET"
+RATE_LIMIT_STORAGE_ENV = "PRIC_RATE_LIMIT_STORAGE"  # collector.limits.STORAGE_ENV
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--read-rate-limit", type=float, default=600, help="GET requests per minute per token (0: off)")
     s.add_argument("--register-rate-limit", type=float, default=120,
                    help="registrations per minute per client address (0: off)")
+    s.add_argument("--rate-limit-storage", default=None, metavar="URI",
+                   help=f"where rate-limit counts live: memory:// (one worker process; the default) or "
+                        f"redis://[:PASSWORD@]HOST:PORT/DB, shared by all workers and hosts (or set ${RATE_LIMIT_STORAGE_ENV}; "
+                        "a password is never printed)")
     s.add_argument("--registration", choices=["open", "invite", "closed"], default=None,
                    help="who may register: open (anyone; the default on a loopback --host without an enrolment "
                         "secret), invite (an invite code or the enrolment secret; the default otherwise), "
@@ -250,9 +256,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from collector.app import create_app, read_limiter, register_limiter, upload_limiter
-    from collector.auth import SharedTokenBucket
+    from collector.app import create_app
     from collector.gunicorn_conf import CollectorServer, ServerOptions, listen
+    from collector.limits import check_storage, masked_uri
 
     for flag, value, lo, hi in (("--workers", args.workers, 1, 64), ("--threads", args.threads, 1, 256),
                                 ("--timeout", args.timeout, 1, 3600), ("--graceful-timeout", args.graceful_timeout, 1, 3600),
@@ -271,6 +277,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.register_rate_limit < float("inf"):
         raise InvalidInputError(f"--register-rate-limit {args.register_rate_limit}: must be a number of registrations "
                                 "per minute, 0 for none")
+    storage = _rate_limit_storage(args)
     secret = _enrolment_secret(args)
     registration = registration_mode(args, secret)
     quota_items = DEFAULT_QUOTA_ITEMS if args.quota_items is None else args.quota_items
@@ -289,20 +296,17 @@ def _serve(args: argparse.Namespace) -> int:
         registration=registration, enrolment_secret_set=secret is not None,
         quota_items=quota_items, quota_bytes=quota_bytes, json_body_limit=json_limit, labels=_labels(args), current_model=args.current_model,
         auditor_keys=auditor_keys, trusted_auditors=[f"{k.keyid[:16]} {k.name}".strip() for k in trusted.values()],
-        allow_unattested=args.allow_unattested,
+        allow_unattested=args.allow_unattested, rate_limit_storage=masked_uri(storage),
     )
+    check_storage(storage)  # before the database: one line, the password masked
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     config = {
         "DATA_DIR": cfg.data_dir, "MODELS_DIR": cfg.models_dir, "DATABASE_URL": cfg.database_url,
         "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "READ_LIMIT_PER_MIN": cfg.read_limit_per_min,
         "REGISTER_LIMIT_PER_MIN": cfg.register_limit_per_min, "REGISTRATION": cfg.registration, "ENROLMENT_SECRET": secret, "QUOTA_ITEMS": cfg.quota_items,
         "QUOTA_BYTES": cfg.quota_bytes, "JSON_BODY_LIMIT": cfg.json_body_limit, "LABELS": cfg.labels, "CURRENT_MODEL": cfg.current_model,
-        "AUDITOR_KEYS": cfg.auditor_keys, "ALLOW_UNATTESTED": cfg.allow_unattested,
+        "AUDITOR_KEYS": cfg.auditor_keys, "ALLOW_UNATTESTED": cfg.allow_unattested, "RATE_LIMIT_STORAGE": storage,
     }
-    if cfg.workers > 1:  # one limit for all workers, in memory they share
-        config["UPLOAD_LIMITER"] = upload_limiter(cfg.rate_limit_per_min, SharedTokenBucket)
-        config["REGISTER_LIMITER"] = register_limiter(cfg.register_limit_per_min, SharedTokenBucket)
-        config["READ_LIMITER"] = read_limiter(cfg.read_limit_per_min, SharedTokenBucket)
 
     def check() -> list[str]:
         """Build the app once in the master (creates the tables, checks models and keys) and
@@ -331,7 +335,8 @@ def _serve(args: argparse.Namespace) -> int:
     # the line collector.launch (and operators' scripts) wait for: the socket listens from here on
     print(f"pric-collector: serving on http://{cfg.host}:{sock.getsockname()[1]} "
           f"(data {cfg.data_dir}, models {', '.join(models) or 'none'}"
-          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''}, registration {cfg.registration}"
+          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''}, registration {cfg.registration}, "
+          f"rate limits in {cfg.rate_limit_storage}"
           f"{', UNATTESTED MODELS ALLOWED' if cfg.allow_unattested else ''})", flush=True)
     try:
         status = server.run()
@@ -342,6 +347,22 @@ def _serve(args: argparse.Namespace) -> int:
               "kept failing; see the log above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _rate_limit_storage(args: argparse.Namespace) -> str:
+    """--rate-limit-storage, else $PRIC_RATE_LIMIT_STORAGE, else memory://; with several
+    workers and any rate limit on, a storage they share."""
+    from collector.limits import DEFAULT_STORAGE, is_shared, masked_uri
+
+    uri = args.rate_limit_storage or os.environ.get(RATE_LIMIT_STORAGE_ENV, "").strip() or DEFAULT_STORAGE
+    limited = any(rate > 0 for rate in (args.rate_limit, args.read_rate_limit, args.register_rate_limit))
+    if args.workers > 1 and limited and not is_shared(uri):
+        raise InvalidInputError(
+            f"--workers {args.workers} with rate-limit storage {masked_uri(uri)}: each worker process would count "
+            "on its own, letting through up to that many times each limit; give a storage they share "
+            f"(--rate-limit-storage redis://HOST:6379/0 or ${RATE_LIMIT_STORAGE_ENV}), or use --workers 1 with "
+            "more --threads, or set every rate limit to 0")
+    return uri
 
 
 def _auditor_keys(args: argparse.Namespace):  # -> tuple[str | None, dict[str, PublicKey]]

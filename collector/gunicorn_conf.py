@@ -111,7 +111,7 @@ class CollectorServer(BaseApplication):
         # The master has logged what the registry refuses or allows; workers stay quiet about it.
         registry_log = logging.getLogger("collector.registry")
         level = registry_log.level
-        registry_log.setLevel(logging.ERROR)
+        registry_log.setLevel(logging.CRITICAL)
         try:
             return self._factory()
         finally:

@@ -22,6 +22,13 @@ STATS = f"{API}/stats"                       # GET: operator only
 TRAIN = f"{API}/train"                       # POST: operator only, {"task": "Smiling"}
 EXPORT = f"{API}/export"                     # GET: auditor/operator, read-only stored items
 
+# Rate-limit budgets a route draws on (collector.limits): uploads and reads per token,
+# registration and the public API description per client address.
+RATE_UPLOAD = "upload"
+RATE_READ = "read"
+RATE_REGISTER = "register"
+RATE_PUBLIC = "public"
+
 AUTH_HEADER = "Authorization"
 BEARER = "Bearer "
 # POST REGISTER on a collector whose registration is not open: an invite code

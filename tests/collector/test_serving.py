@@ -188,3 +188,138 @@ def test_serving_processes_never_load_torch(tmp_path, tiny_model_dir, capsys):
             assert not _loads_torch(pid), f"process {pid} of the served collector loaded torch"
     finally:
         stop(proc)
+
+
+# --- rate limits (Flask-Limiter): storage, workers, Redis -----------------------------------------
+
+REDIS_URL = os.environ.get("PRIC_TEST_REDIS_URL") or None
+needs_redis = pytest.mark.skipif(REDIS_URL is None, reason="set PRIC_TEST_REDIS_URL=redis://127.0.0.1:6379/0 "
+                                                            "(a running Redis) to test shared rate limits")
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("redis://:hunter2secret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+    ("redis://pric:hunter2secret@cache.internal:6379/1", "redis://pric:***@cache.internal:6379/1"),
+    ("rediss://hunter2secret@cache.internal:6380", "rediss://***@cache.internal:6380"),
+    ("redis+sentinel://cache:26379/mymaster?password=hunter2secret&db=0",
+     "redis+sentinel://cache:26379/mymaster?password=%2A%2A%2A&db=0"),
+    ("memory://", "memory://"),
+])
+def test_storage_uri_is_shown_without_its_password(uri, shown):
+    from collector.limits import masked_uri
+
+    assert masked_uri(uri) == shown and "hunter2secret" not in masked_uri(uri)
+
+
+def test_several_workers_with_memory_storage_are_refused_in_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("PRIC_RATE_LIMIT_STORAGE", raising=False)
+    rc = cli_main(["serve", "--data-dir", str(tmp_path / "d"), "--models-dir", str(tiny_model_dir), "--workers", "3",
+                   "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--workers 3 with rate-limit storage memory://: each worker process would count on its own" in err
+    assert "--rate-limit-storage redis://" in err and not (tmp_path / "d").exists()
+
+
+def test_several_workers_take_the_storage_from_the_environment(monkeypatch):
+    from collector.cli import _rate_limit_storage, build_parser
+
+    args = build_parser().parse_args(["serve", "--data-dir", "d", "--workers", "4"])
+    monkeypatch.setenv("PRIC_RATE_LIMIT_STORAGE", "redis://:pw@10.0.0.5:6379/0")
+    assert _rate_limit_storage(args) == "redis://:pw@10.0.0.5:6379/0"
+    monkeypatch.delenv("PRIC_RATE_LIMIT_STORAGE")
+    off = build_parser().parse_args(["serve", "--data-dir", "d", "--workers", "4", "--rate-limit", "0",
+                                     "--read-rate-limit", "0", "--register-rate-limit", "0"])
+    assert _rate_limit_storage(off) == "memory://"  # nothing to count: nothing to share
+
+
+@pytest.mark.parametrize(("uri", "rc", "message"), [
+    ("redis://:hunter2secret@127.0.0.1:1/0", 9, "rate-limit storage redis://:***@127.0.0.1:1/0 is unreachable"),
+    ("nosuch://host", 2, "rate-limit storage nosuch://host: "),
+])
+def test_a_bad_or_unreachable_storage_is_one_line_naming_it(tmp_path, tiny_model_dir, capsys, uri, rc, message):
+    got = cli_main(["serve", "--data-dir", str(tmp_path / "d"), "--models-dir", str(tiny_model_dir),
+                    "--rate-limit-storage", uri, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert got == rc and len(err.splitlines()) == 1 and message in err, err
+    assert "hunter2secret" not in err and not (tmp_path / "d").exists()
+
+
+def test_each_budget_counts_separately_and_registration_per_address(tmp_path, tiny_model_dir, make_kit):
+    from collector.app import create_app
+
+    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir),
+                      "REGISTER_LIMIT_PER_MIN": 4, "READ_LIMIT_PER_MIN": 6, "RATE_LIMIT_PER_MIN": 6})
+    try:
+        kit = make_kit(app, load_card(tiny_model_dir / "tiny"))
+        _, h = kit.register()  # a burst of one registration per address (4/min: one each 15 s)
+        again = kit.client.post(routes.REGISTER)
+        assert_error(again, 429, "rate_limited")
+        assert 1 <= int(again.headers["Retry-After"]) <= 15
+        other = kit.client.post(routes.REGISTER, environ_base={"REMOTE_ADDR": "127.0.0.2"})
+        assert other.status_code == 201  # another address has its own budget
+        assert kit.client.get(routes.ME, headers=h).status_code == 200
+        assert_error(kit.client.get(routes.MODEL_CARD, headers=h), 429, "rate_limited")  # one read budget
+        assert kit.upload(h, _binary_body(kit.card), content_type=BINARY_CONTENT_TYPE).status_code == 200
+        assert kit.client.get(routes.HEALTH).status_code == 200  # liveness is never limited
+    finally:
+        app.extensions["pric"].db.dispose()
+
+
+@needs_redis
+def test_apps_sharing_a_redis_storage_share_each_budget(tmp_path, tiny_model_dir, make_kit):
+    """Two apps (as two workers or hosts would be) over one database and one Redis: a
+    token's burst of one upload holds across both."""
+    from collector.app import create_app
+
+    config = {"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir), "RATE_LIMIT_PER_MIN": 6,
+              "RATE_LIMIT_STORAGE": REDIS_URL}
+    first, second = create_app(config), create_app(config)
+    try:
+        card = load_card(tiny_model_dir / "tiny")
+        a, b = make_kit(first, card), make_kit(second, card)
+        _, h = a.register()
+        assert a.upload(h, _binary_body(card, "x"), content_type=BINARY_CONTENT_TYPE).status_code == 200
+        limited = b.upload(h, _binary_body(card, "y"), content_type=BINARY_CONTENT_TYPE)
+        assert_error(limited, 429, "rate_limited")
+        assert 1 <= int(limited.headers["Retry-After"]) <= 10
+    finally:
+        first.extensions["pric"].db.dispose()
+        second.extensions["pric"].db.dispose()
+
+
+@pytest.mark.slow
+@linux_only
+@needs_redis
+def test_served_workers_share_one_rate_limit_through_redis(tmp_path, tiny_model_dir):
+    """Two gunicorn workers, a fresh connection per request (the kernel hands each to either
+    worker): the token's burst of one holds across them (6/min: the next request is allowed
+    only 10 s later, well after this test's 16 requests)."""
+    card = load_card(tiny_model_dir / "tiny")
+    proc, url = start_collector(tmp_path / "data", tiny_model_dir, "--rate-limit", "6", "--workers", "2",
+                                "--rate-limit-storage", REDIS_URL)
+    try:
+        workers = _wait_for(lambda: len(_children(proc.pid)) == 2 and _children(proc.pid), what="two workers")
+        token = requests.post(url + routes.REGISTER, timeout=10).json()["token"]
+        auth = {"Authorization": "Bearer " + token, "Content-Type": BINARY_CONTENT_TYPE}
+        codes = [requests.post(url + routes.ITEMS, data=_binary_body(card), headers=auth, timeout=10).status_code
+                 for _ in range(16)]
+    finally:
+        stop(proc)
+    assert len(workers) == 2
+    assert codes == [200] + [429] * 15  # per-worker counts would let a second request through
+
+
+def test_a_storage_lost_after_the_start_answers_503_and_counts_nothing(tmp_path, tiny_model_dir, make_kit):
+    from collector.app import create_app
+
+    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MODELS_DIR": str(tiny_model_dir),
+                      "RATE_LIMIT_STORAGE": "redis://127.0.0.1:1/0"})  # nothing listens on port 1
+    try:
+        kit = make_kit(app, load_card(tiny_model_dir / "tiny"))
+        resp = kit.client.post(routes.REGISTER)
+        assert_error(resp, 503, "unavailable")
+        assert "rate-limit storage" in resp.json["message"]
+        assert kit.client.get(routes.HEALTH).status_code == 200
+    finally:
+        app.extensions["pric"].db.dispose()
