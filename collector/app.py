@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
@@ -155,7 +156,7 @@ def create_app(config: dict | None = None) -> Flask:
     # Werkzeug builds each URL rule with ast.parse, which CPython 3.11 cannot run in two
     # threads at once (python/cpython#106905: "AST constructor recursion depth mismatch").
     with _ROUTING_LOCK:
-        app = Flask(__name__)
+        app = Flask(__name__, static_folder=None)  # no route but the described ones
         app.register_blueprint(api)
     app.config.update(DEFAULTS)
     app.config.update(config or {})
@@ -201,18 +202,15 @@ def create_app(config: dict | None = None) -> Flask:
     _install_error_handlers(app)
     app.before_request(_start_timer)
     app.before_request(_bound_body)
+    app.before_request(_known_query)
     app.after_request(_log_request)
     limits.install(app, RATE_BUDGETS, _pric_error_response)  # after _bound_body: a 413 costs no budget
     return app
 
 
-# endpoint -> the rate-limit budget it draws on (collector.limits)
-RATE_BUDGETS = {
-    "api.register": routes.RATE_REGISTER, "api.upload": routes.RATE_UPLOAD, "api.me": routes.RATE_READ,
-    "api.model_card": routes.RATE_READ, "api.model_card_by_id": routes.RATE_READ,
-    "api.model_attestations": routes.RATE_READ, "api.model_file": routes.RATE_READ, "api.stats": routes.RATE_READ,
-    "api.export": routes.RATE_READ,
-}
+# endpoint -> its described operation; the rate-limit budget each draws on (collector.limits)
+OPERATIONS = {f"api.{op.endpoint}": op for op in routes.OPERATIONS}  # the blueprint below
+RATE_BUDGETS = {endpoint: op.rate for endpoint, op in OPERATIONS.items() if op.rate}
 
 
 def issue_token(app: Flask, role: str) -> str:
@@ -272,9 +270,24 @@ def _bound_body() -> None:
         raise PayloadTooLargeError(f"body of {length} bytes exceeds the limit of {limit} bytes")
 
 
+def _known_query() -> None:
+    """400 for a query parameter the operation does not describe (a typo must not be ignored silently)."""
+    op = OPERATIONS.get(request.endpoint or "")
+    if op is None or not request.args:
+        return
+    known = {p["name"] for p in op.params if p["in"] == "query"}
+    unknown = sorted(set(request.args) - known)
+    if unknown:
+        raise InvalidInputError(f"unknown query parameter {unknown[0][:64]!r} for {op.method} {op.path}"
+                                f"{'; known: ' + ', '.join(sorted(known)) if known else ''}")
+
+
 def _body_limit() -> int:
-    return int(current_app.config["MAX_BODY_BYTES"]) if request.endpoint == "api.upload" \
-        else routes.MAX_CONTROL_BODY_BYTES
+    """The route's described body limit (uploads: the app's MAX_BODY_BYTES); unknown routes: the control limit."""
+    op = OPERATIONS.get(request.endpoint or "")
+    if op is None:
+        return routes.MAX_CONTROL_BODY_BYTES
+    return int(current_app.config["MAX_BODY_BYTES"]) if op.max_body == routes.MAX_BODY_BYTES else op.max_body
 
 
 def _body(cache: bool = True) -> bytes:
@@ -325,7 +338,11 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         code = "payload_too_large" if exc.code == 413 else (exc.name or "error").lower().replace(" ", "_")
-        return _error_response(exc.code or 500, {"error": code, "message": exc.description or exc.name})
+        resp = _error_response(exc.code or 500, {"error": code, "message": exc.description or exc.name})
+        for name, value in exc.get_headers():  # e.g. a 405's Allow (RFC 9110), not its HTML Content-Type
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp
 
     @app.errorhandler(Exception)
     def _other(exc: Exception) -> Response:
@@ -359,7 +376,21 @@ def _json_body() -> dict[str, Any]:
 api = Blueprint("api", __name__)
 
 
-@api.get(routes.HEALTH)
+def operation(method: str, path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a view for the operation protocol.routes.OPERATIONS describes (its method,
+    path and name); a view nobody described fails here, at import."""
+    op = routes.operation(method, path)
+
+    def register(view: Callable[..., Any]) -> Callable[..., Any]:
+        if view.__name__ != op.endpoint:
+            raise AssertionError(f"{method} {path}: described as {op.endpoint!r}, served by {view.__name__!r}")
+        api.add_url_rule(op.path, endpoint=op.endpoint, view_func=view, methods=[op.method])
+        return view
+
+    return register
+
+
+@operation("GET", routes.HEALTH)
 def health() -> Response | tuple[Response, int]:
     problem = state().storage_problem()
     if problem is not None:
@@ -367,7 +398,18 @@ def health() -> Response | tuple[Response, int]:
     return jsonify({"status": "ok", "models": state().registry.active_ids()})
 
 
-@api.post(routes.REGISTER)
+@operation("GET", routes.OPENAPI)
+def openapi() -> Response:
+    """This API's description, generated from protocol.routes (public: it holds no secret)."""
+    document = current_app.extensions.get("pric_openapi")
+    if document is None:
+        from collector.openapi import spec
+
+        document = current_app.extensions["pric_openapi"] = json.dumps(spec(), sort_keys=True)
+    return Response(document, mimetype="application/json")
+
+
+@operation("POST", routes.REGISTER)
 def register() -> tuple[Response, int]:
     # rate-limited per address before this runs: also bounds guesses of invite codes and the secret
     invite = _registration_credential()
@@ -400,13 +442,13 @@ def _registration_credential() -> str | None:
     return credential
 
 
-@api.get(routes.ME)
+@operation("GET", routes.ME)
 def me() -> Response:
     who = authorize(PARTICIPANT)
     return jsonify(store.participant_summary(state().db, who.participant_id))
 
 
-@api.delete(routes.ME)
+@operation("DELETE", routes.ME)
 def withdraw() -> Response:
     """Delete the participant's items and revoke their token, unless ?keep_token=1."""
     who = authorize(PARTICIPANT)
@@ -420,13 +462,13 @@ def withdraw() -> Response:
     return jsonify({"deleted": deleted, "token_revoked": revoke})
 
 
-@api.get(routes.MODEL_CARD)
+@operation("GET", routes.MODEL_CARD)
 def model_card() -> Response:
     authorize(PARTICIPANT, OPERATOR, AUDITOR)
     return jsonify(state().registry.current().card.to_dict())
 
 
-@api.get(routes.MODEL_CARD_BY_ID)
+@operation("GET", routes.MODEL_CARD_BY_ID)
 def model_card_by_id(model_id: str) -> Response:
     authorize(PARTICIPANT, OPERATOR, AUDITOR)
     reg = state().registry.get(model_id)
@@ -435,7 +477,7 @@ def model_card_by_id(model_id: str) -> Response:
     return resp
 
 
-@api.get(routes.MODEL_ATTESTATIONS)
+@operation("GET", routes.MODEL_ATTESTATIONS)
 def model_attestations(model_id: str) -> Response:
     """The signed audits stored beside a published model, as stored (each party verifies
     them against the auditor keys it trusts). Kept in memory like the card; re-read when
@@ -447,7 +489,7 @@ def model_attestations(model_id: str) -> Response:
     return Response(body, mimetype="application/json")
 
 
-@api.get(routes.MODEL_FILE)
+@operation("GET", routes.MODEL_FILE)
 def model_file() -> Response:
     authorize(PARTICIPANT, OPERATOR, AUDITOR)
     registry = state().registry
@@ -461,7 +503,7 @@ def model_file() -> Response:
     return resp
 
 
-@api.post(routes.ITEMS)
+@operation("POST", routes.ITEMS)
 def upload() -> Response:
     who = authorize(PARTICIPANT)
     limit = int(current_app.config["MAX_BODY_BYTES"])
@@ -490,13 +532,13 @@ def upload() -> Response:
     return jsonify({"stored": stored, "duplicates": duplicates})
 
 
-@api.get(routes.STATS)
+@operation("GET", routes.STATS)
 def stats() -> Response:
     authorize(OPERATOR)
     return jsonify(store.stats(state().db))
 
 
-@api.post(routes.TRAIN)
+@operation("POST", routes.TRAIN)
 def train() -> Response:
     authorize(OPERATOR)
     body = _json_body()
@@ -522,13 +564,13 @@ def train() -> Response:
     return jsonify(result)
 
 
-@api.get(routes.EXPORT)
+@operation("GET", routes.EXPORT)
 def export() -> Response:
     authorize(AUDITOR, OPERATOR)
     model_id = request.args.get("model_id") or state().registry.current().model_id
     recorded_card(state().db, model_id)
-    offset = _int_arg("offset", 0, 0, 2**62)
-    limit = _int_arg("limit", DEFAULT_EXPORT_LIMIT, 1, store.MAX_EXPORT_LIMIT)
+    offset = _int_arg("offset", 0, 0, routes.MAX_EXPORT_OFFSET)
+    limit = _int_arg("limit", DEFAULT_EXPORT_LIMIT, 1, routes.MAX_EXPORT_LIMIT)
     return jsonify(store.export_items(state().db, model_id, offset, limit, state().pseudonym))
 
 
