@@ -10,12 +10,17 @@ zero lost (every acknowledged item stored) and zero duplicated (one row per item
 Bodies are encoded before the clock starts so the figures measure the server, not the
 simulated clients' encoding. Clients honour 429 Retry-After and retry connection errors
 (uploads are idempotent). Exit status 1 when anything was lost or duplicated.
+
+With `--workers` above 1 the rate limits need a storage the workers share: set
+PRIC_RATE_LIMIT_STORAGE=redis://HOST:PORT/DB (the server inherits it); without it the
+limits are turned off for the run (the collector refuses several workers counting apart).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -173,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         card = synthetic_model(root / "models", cfg.feature_shape)
         bodies = make_bodies(card, cfg.items, cfg.clients, cfg.batch, wire=cfg.wire)
-        proc, url = start_collector(root / "data", root / "models", "--workers", str(cfg.workers),
+        limits_off = ["--rate-limit", "0", "--read-rate-limit", "0", "--register-rate-limit", "0"] \
+            if cfg.workers > 1 and not os.environ.get("PRIC_RATE_LIMIT_STORAGE") else []
+        proc, url = start_collector(root / "data", root / "models", "--workers", str(cfg.workers), *limits_off,
                                     "--allow-unattested", threads=cfg.threads)  # a synthetic, unsigned model
         try:
             tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]

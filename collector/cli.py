@@ -1,7 +1,7 @@
 """`pric-collector`: run the collector and administer its data folder.
 
     pric-collector serve --data-dir DIR --models-dir exported_models [--host 127.0.0.1] [--port 8080]
-                         [--auditor-keys DIR] [--allow-unattested]
+                         [--workers N --threads T] [--rate-limit-storage URI] [--auditor-keys DIR] [--allow-unattested]
     pric-collector token create --role operator|auditor --data-dir DIR
     pric-collector stats --data-dir DIR [--json]
     pric-collector train --task Smiling --data-dir DIR [--model-id ID] [--kind logistic|mlp] [--json]
@@ -15,7 +15,7 @@ the SQLite file under `--data-dir`. stats, train, token and model work on the da
 directly, with or without a running server.
 
 Exit codes: 0 ok; 1 other error; 2 bad argument or input; 3 invalid payload; 4 unknown
-or damaged model; 6 forbidden; 7 not found; 9 database unreachable; 10 the database holds
+or damaged model; 6 forbidden; 7 not found; 9 database or rate-limit storage unreachable; 10 the database holds
 less than the collector acknowledged (lost or damaged WAL): restore a backup.
 """
 
