@@ -271,7 +271,8 @@ def _bound_body() -> None:
 
 
 def _known_query() -> None:
-    """400 for a query parameter the operation does not describe (a typo must not be ignored silently)."""
+    """400 for a query parameter the operation does not describe (a typo must not be ignored
+    silently), or one given without a value."""
     op = OPERATIONS.get(request.endpoint or "")
     if op is None or not request.args:
         return
@@ -280,6 +281,9 @@ def _known_query() -> None:
     if unknown:
         raise InvalidInputError(f"unknown query parameter {unknown[0][:64]!r} for {op.method} {op.path}"
                                 f"{'; known: ' + ', '.join(sorted(known)) if known else ''}")
+    for name, value in request.args.items(multi=True):
+        if value == "":  # not a value, and not the same as leaving the parameter out
+            raise InvalidInputError(f"query parameter {name} is empty; give a value or leave it out")
 
 
 def _body_limit() -> int:

@@ -86,6 +86,7 @@ ROLE_AUDITOR = "auditor"
 STAFF_AND_PARTICIPANTS = (ROLE_PARTICIPANT, ROLE_OPERATOR, ROLE_AUDITOR)
 
 _STR = {"type": "string"}
+_NONEMPTY = {"type": "string", "minLength": 1}
 _INT = {"type": "integer"}
 _COUNT = {"type": "integer", "minimum": 0}
 ERROR_SCHEMA = {"type": "object", "required": ["error", "message"],
@@ -178,8 +179,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", MODEL_FILE, "model_file", "A file of a published model (default: the current model's ONNX file)",
               STAFF_AND_PARTICIPANTS, RATE_READ, 200, {"application/octet-stream": {"type": "string", "format": "binary"}},
               (*_AUTH_ERRORS, 404, 409),
-              params=({"name": "model_id", "in": "query", "required": False, "schema": _STR},
-                      {"name": "file", "in": "query", "required": False, "schema": _STR})),
+              params=({"name": "model_id", "in": "query", "required": False, "schema": _NONEMPTY},
+                      {"name": "file", "in": "query", "required": False, "schema": _NONEMPTY})),
     Operation("GET", MODEL_CARD_BY_ID, "model_card_by_id", "A published model's card", STAFF_AND_PARTICIPANTS,
               RATE_READ, 200, _json(MODEL_CARD_SCHEMA), (*_AUTH_ERRORS, 404), params=(_MODEL_ID_PARAM,)),
     Operation("GET", MODEL_ATTESTATIONS, "model_attestations", "The signed audits stored beside a published model",
@@ -214,7 +215,7 @@ OPERATIONS: tuple[Operation, ...] = (
                      "properties": {"model_id": _STR, "items": {"type": "array", "items": {"type": "object"}},
                                     "next_offset": {"type": "integer", "nullable": True}}}),
               (400, *_AUTH_ERRORS, 404),
-              params=({"name": "model_id", "in": "query", "required": False, "schema": _STR},
+              params=({"name": "model_id", "in": "query", "required": False, "schema": _NONEMPTY},
                       {"name": "offset", "in": "query", "required": False,
                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EXPORT_OFFSET}},
                       {"name": "limit", "in": "query", "required": False,
