@@ -1,5 +1,5 @@
 """Collector ingestion: items/s of the upload endpoint vs a bare Flask endpoint that only
-reads the body. Same server (waitress, same thread count), same concurrency, same
+reads the body. Same server (gunicorn gthread, same workers, threads and settings), same concurrency, same
 bodies, measured in one run; prints the ratio (goal ≥ 0.5) and the p99 latency of
 uploads under 16 clients.
 
@@ -35,23 +35,23 @@ BARE_PATH = "/bare"
 
 def serve_bare(threads: int, workers: int) -> int:
     """A Flask app with one endpoint that reads the whole body and answers its length,
-    served exactly as the collector is (waitress, same threads and worker processes)."""
+    served exactly as the collector is (gunicorn: the same ServerOptions, threads and workers)."""
     from flask import Flask, jsonify, request
 
-    from collector.prefork import listen, run_workers, serve_socket
+    from collector.gunicorn_conf import CollectorServer, ServerOptions, listen
 
-    app = Flask("bare")
+    def factory() -> Flask:
+        app = Flask("bare")
 
-    @app.post(BARE_PATH)
-    def bare():
-        return jsonify({"bytes": len(request.get_data(cache=False))})
+        @app.post(BARE_PATH)
+        def bare():
+            return jsonify({"bytes": len(request.get_data(cache=False))})
+
+        return app
 
     sock = listen("127.0.0.1", 0)
     print(f"bare flask: serving on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
-    if workers == 1:
-        serve_socket(app, sock, threads)
-        return 0
-    return run_workers(lambda: serve_socket(app, sock, threads), workers)
+    return CollectorServer(factory, sock, ServerOptions(workers=workers, threads=threads, quiet=True)).run()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,7 +77,8 @@ def measure_collector(root: Path, card, bodies, threads: int, workers: int, run:
                       content_type: str) -> dict:
     data = root / f"data-{run}"
     # a synthetic model that no auditor signed: the benchmark publishes it explicitly
-    proc, url = start_collector(data, root / "models", "--rate-limit", "0", "--workers", str(workers),
+    proc, url = start_collector(data, root / "models", "--rate-limit", "0", "--read-rate-limit", "0",
+                                "--register-rate-limit", "0", "--workers", str(workers),
                                 "--allow-unattested", threads=threads)
     try:
         tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=8000)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--batch", type=int, default=25)
-    p.add_argument("--threads", type=int, default=16, help="waitress threads per worker process (both servers)")
+    p.add_argument("--threads", type=int, default=16, help="threads per worker process (both servers)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (both servers)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=300.0)
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = {k: max(v, key=lambda s: s["items_per_s"]) for k, v in runs.items()}
     ratio = best["collector"]["items_per_s"] / best["bare"]["items_per_s"]
     print(f"collector ingestion: {args.clients} clients, {args.items} items in batches of {args.batch} "
-          f"({args.wire}, {body_bytes / len(bodies[0]) / args.clients / 1024:.0f} KiB per request), waitress "
+          f"({args.wire}, {body_bytes / len(bodies[0]) / args.clients / 1024:.0f} KiB per request), gunicorn "
           f"{args.workers} x {args.threads} threads, best of {args.repeats}")
     for name in ("bare", "collector"):
         s = best[name]

@@ -1,5 +1,5 @@
 """Load test of the collector: N concurrent simulated clients upload M items in total to a
-real `pric-collector serve` (waitress, SQLite WAL) on 127.0.0.1.
+real `pric-collector serve` (gunicorn gthread workers, SQLite WAL) on 127.0.0.1.
 
 Prints items/s, p50/p99 request latency, errors and retries, then counts the database:
 zero lost (every acknowledged item stored) and zero duplicated (one row per item id).
@@ -10,12 +10,17 @@ zero lost (every acknowledged item stored) and zero duplicated (one row per item
 Bodies are encoded before the clock starts so the figures measure the server, not the
 simulated clients' encoding. Clients honour 429 Retry-After and retry connection errors
 (uploads are idempotent). Exit status 1 when anything was lost or duplicated.
+
+With `--workers` above 1 the rate limits need a storage the workers share: set
+PRIC_RATE_LIMIT_STORAGE=redis://HOST:PORT/DB (the server inherits it); without it the
+limits are turned off for the run (the collector refuses several workers counting apart).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -159,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=LoadConfig.items)
     p.add_argument("--clients", type=int, default=LoadConfig.clients)
     p.add_argument("--batch", type=int, default=LoadConfig.batch)
-    p.add_argument("--threads", type=int, default=LoadConfig.threads, help="waitress threads per worker process")
+    p.add_argument("--threads", type=int, default=LoadConfig.threads, help="threads per collector worker process")
     p.add_argument("--workers", type=int, default=LoadConfig.workers, help="collector worker processes")
     p.add_argument("--max-seconds", type=float, default=LoadConfig.max_seconds)
     p.add_argument("--wire", choices=sorted(WIRE_FORMATS), default=LoadConfig.wire,
@@ -173,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         card = synthetic_model(root / "models", cfg.feature_shape)
         bodies = make_bodies(card, cfg.items, cfg.clients, cfg.batch, wire=cfg.wire)
-        proc, url = start_collector(root / "data", root / "models", "--workers", str(cfg.workers),
+        limits_off = ["--rate-limit", "0", "--read-rate-limit", "0", "--register-rate-limit", "0"] \
+            if cfg.workers > 1 and not os.environ.get("PRIC_RATE_LIMIT_STORAGE") else []
+        proc, url = start_collector(root / "data", root / "models", "--workers", str(cfg.workers), *limits_off,
                                     "--allow-unattested", threads=cfg.threads)  # a synthetic, unsigned model
         try:
             tokens = [requests.post(url + routes.REGISTER, timeout=routes.DEFAULT_TIMEOUT_S).json()["token"]
@@ -207,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duplicated": rows - distinct,
     }
     print(f"load test: {cfg.clients} clients, {cfg.items} items in batches of {cfg.batch}, "
-          f"{cfg.wire} bodies, waitress {cfg.workers} x {cfg.threads} threads, SQLite WAL synchronous=FULL")
+          f"{cfg.wire} bodies, gunicorn {cfg.workers} x {cfg.threads} threads, SQLite WAL synchronous=FULL")
     print(f"  {result['items_per_s']} items/s over {result['wall_s']} s; {result['requests']} requests, "
           f"latency p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
     print(f"  errors {result['errors']}, retries {result['retries']}; stored {rows} of {cfg.items}: "

@@ -25,19 +25,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from collector import jobs, store
+from collector import jobs, limits, store
 from collector.auth import (
     AUDITOR,
     OPERATOR,
     PARTICIPANT,
     Principal,
     PrincipalCache,
-    TokenBucket,
     authenticate,
     bearer_token,
     create_participant,
@@ -57,6 +57,7 @@ from protocol.errors import (
     NotFoundError,
     PayloadTooLargeError,
     PricError,
+    ServerUnavailableError,
     WireFormatError,
 )
 from protocol.wire import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, LABEL_NAME_RE, decode_upload
@@ -89,9 +90,9 @@ DEFAULTS: dict[str, Any] = {
     "AUDITOR_KEYS": None,
     # Publish models without a valid attestation (each logged as a warning at start).
     "ALLOW_UNATTESTED": False,
-    "UPLOAD_LIMITER": None,  # a TokenBucket shared by forked workers (default: one per app)
-    "REGISTER_LIMITER": None,
-    "READ_LIMITER": None,
+    # Where rate-limit counts live (collector.limits): memory:// (this process) or a Redis URI
+    # shared by every worker and host.
+    "RATE_LIMIT_STORAGE": "memory://",
     # Below this much free space in DATA_DIR, registrations and uploads are answered 507 and
     # health reports it, rather than filling the disk's last bytes.
     "MIN_FREE_BYTES": 32 * 1024 * 1024,
@@ -118,11 +119,7 @@ class CollectorState:
 
     db: Database
     registry: ModelRegistry
-    upload_limiter: TokenBucket | None
-    register_limiter: TokenBucket | None
-    read_limiter: TokenBucket | None
     pseudonym_secret: str
-    train_lock: threading.Lock
     classifiers_dir: Path
     items_store: store.GroupCommitStore
     principals: PrincipalCache
@@ -159,7 +156,7 @@ def create_app(config: dict | None = None) -> Flask:
     # Werkzeug builds each URL rule with ast.parse, which CPython 3.11 cannot run in two
     # threads at once (python/cpython#106905: "AST constructor recursion depth mismatch").
     with _ROUTING_LOCK:
-        app = Flask(__name__)
+        app = Flask(__name__, static_folder=None)  # no route but the described ones
         app.register_blueprint(api)
         app.register_blueprint(web_page)  # the participant's page (collector.web)
     app.config.update(DEFAULTS)
@@ -187,18 +184,11 @@ def create_app(config: dict | None = None) -> Flask:
     db.create_all()
     with db.write() as conn:
         store.count_usage_of_existing_items(conn)
-    rate = float(app.config["RATE_LIMIT_PER_MIN"] or 0)
-    reg_rate = float(app.config["REGISTER_LIMIT_PER_MIN"] or 0)
-    read_rate = float(app.config["READ_LIMIT_PER_MIN"] or 0)
     app.extensions["pric"] = CollectorState(
         db=db,
         registry=ModelRegistry(db, app.config["MODELS_DIR"], app.config["CURRENT_MODEL"], trusted=trusted,
                                allow_unattested=bool(app.config["ALLOW_UNATTESTED"])),
-        upload_limiter=app.config["UPLOAD_LIMITER"] or upload_limiter(rate),
-        register_limiter=app.config["REGISTER_LIMITER"] or register_limiter(reg_rate),
-        read_limiter=app.config["READ_LIMITER"] or read_limiter(read_rate),
         pseudonym_secret=db.secret("pseudonym_secret"),
-        train_lock=threading.Lock(),
         classifiers_dir=data_dir / "classifiers",
         items_store=store.GroupCommitStore(db),
         principals=PrincipalCache(),
@@ -211,20 +201,16 @@ def create_app(config: dict | None = None) -> Flask:
     )
     _install_error_handlers(app)
     app.before_request(_start_timer)
+    app.before_request(_bound_body)
+    app.before_request(_known_query)
     app.after_request(_log_request)
+    limits.install(app, RATE_BUDGETS, _pric_error_response)  # after _bound_body: a 413 costs no budget
     return app
 
 
-def upload_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
-    return bucket(rate_per_min) if rate_per_min > 0 else None
-
-
-def register_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
-    return bucket(rate_per_min, burst=max(1.0, rate_per_min / 4)) if rate_per_min > 0 else None
-
-
-def read_limiter(rate_per_min: float, bucket: type[TokenBucket] = TokenBucket) -> TokenBucket | None:
-    return bucket(rate_per_min) if rate_per_min > 0 else None
+# endpoint -> its described operation; the rate-limit budget each draws on (collector.limits)
+OPERATIONS = {f"api.{op.endpoint}": op for op in routes.OPERATIONS}  # the blueprint below
+RATE_BUDGETS = {endpoint: op.rate for endpoint, op in OPERATIONS.items() if op.rate}
 
 
 def issue_token(app: Flask, role: str) -> str:
@@ -244,8 +230,6 @@ def authorize(*roles: str) -> Principal:
     g.principal = principal
     g.token_key = hash_token(token)  # type: ignore[arg-type]  # authenticate refused None
     require_role(principal, *roles)
-    if request.method == "GET" and state().read_limiter is not None:
-        state().read_limiter.take("read:" + g.token_key)
     return principal
 
 
@@ -271,6 +255,51 @@ def _is_storage_full(exc: BaseException) -> bool:
 
 def _start_timer() -> None:
     g.t0 = time.perf_counter()
+
+
+def _bound_body() -> None:
+    """Every body is bounded before anything else (token included) looks at the request:
+    a Content-Length over the route's limit is answered 413 unread, and a body without one
+    (chunked) is cut at the same limit while it is read (413 too)."""
+    limit = _body_limit()
+    # one byte more than the limit is read at most: werkzeug stops there without an error,
+    # and _body() tells a body of limit + 1 bytes (too large) from one of `limit` bytes
+    request.max_content_length = limit + 1
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLargeError(f"body of {length} bytes exceeds the limit of {limit} bytes")
+
+
+def _known_query() -> None:
+    """400 for a query parameter the operation does not describe (a typo must not be ignored
+    silently), or one given without a value."""
+    op = OPERATIONS.get(request.endpoint or "")
+    if op is None or not request.args:
+        return
+    known = {p["name"] for p in op.params if p["in"] == "query"}
+    unknown = sorted(set(request.args) - known)
+    if unknown:
+        raise InvalidInputError(f"unknown query parameter {unknown[0][:64]!r} for {op.method} {op.path}"
+                                f"{'; known: ' + ', '.join(sorted(known)) if known else ''}")
+    for name, value in request.args.items(multi=True):
+        if value == "":  # not a value, and not the same as leaving the parameter out
+            raise InvalidInputError(f"query parameter {name} is empty; give a value or leave it out")
+
+
+def _body_limit() -> int:
+    """The route's described body limit (uploads: the app's MAX_BODY_BYTES); unknown routes: the control limit."""
+    op = OPERATIONS.get(request.endpoint or "")
+    if op is None:
+        return routes.MAX_CONTROL_BODY_BYTES
+    return int(current_app.config["MAX_BODY_BYTES"]) if op.max_body == routes.MAX_BODY_BYTES else op.max_body
+
+
+def _body(cache: bool = True) -> bytes:
+    """The request body, read at most to its route's limit (413 beyond it)."""
+    data = request.get_data(cache=cache)
+    if len(data) > _body_limit():
+        raise PayloadTooLargeError(f"body exceeds the limit of {_body_limit()} bytes")
+    return data
 
 
 def _log_request(response: Response) -> Response:
@@ -299,22 +328,31 @@ def _error_response(status: int, body: dict[str, str]) -> Response:
     return resp
 
 
+def _pric_error_response(exc: PricError) -> Response:
+    resp = _error_response(exc.http_status, exc.to_json())
+    retry_after = getattr(exc, "retry_after", None)
+    if exc.http_status == 429 and retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return resp
+
+
 def _install_error_handlers(app: Flask) -> None:
-    @app.errorhandler(PricError)
-    def _pric(exc: PricError) -> Response:
-        resp = _error_response(exc.http_status, exc.to_json())
-        retry_after = getattr(exc, "retry_after", None)
-        if exc.http_status == 429 and retry_after is not None:
-            resp.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-        return resp
+    _pric = app.errorhandler(PricError)(_pric_error_response)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         code = "payload_too_large" if exc.code == 413 else (exc.name or "error").lower().replace(" ", "_")
-        return _error_response(exc.code or 500, {"error": code, "message": exc.description or exc.name})
+        resp = _error_response(exc.code or 500, {"error": code, "message": exc.description or exc.name})
+        for name, value in exc.get_headers():  # e.g. a 405's Allow (RFC 9110), not its HTML Content-Type
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp
 
     @app.errorhandler(Exception)
     def _other(exc: Exception) -> Response:
+        if limits.storage_failed(exc):  # fail closed: no request goes uncounted
+            log.error(json.dumps({"event": "rate_limit_storage_failed", "reason": type(exc).__name__}))
+            return _pric(ServerUnavailableError("the collector's rate-limit storage is unreachable; try again later"))
         if _is_storage_full(exc):
             state().storage_full_at = time.monotonic()
             log.error(json.dumps({"event": "storage_full", "route": request.url_rule.rule if request.url_rule
@@ -330,6 +368,7 @@ def _json_body() -> dict[str, Any]:
     if (request.content_length or 0) > routes.MAX_CONTROL_BODY_BYTES:
         raise PayloadTooLargeError(f"body of {request.content_length} bytes exceeds the limit of "
                                    f"{routes.MAX_CONTROL_BODY_BYTES} bytes")
+    _body()  # bounded read (413 past the limit), which get_json(silent=True) would hide
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise WireFormatError("body must be a JSON object")
@@ -341,7 +380,21 @@ def _json_body() -> dict[str, Any]:
 api = Blueprint("api", __name__)
 
 
-@api.get(routes.HEALTH)
+def operation(method: str, path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a view for the operation protocol.routes.OPERATIONS describes (its method,
+    path and name); a view nobody described fails here, at import."""
+    op = routes.operation(method, path)
+
+    def register(view: Callable[..., Any]) -> Callable[..., Any]:
+        if view.__name__ != op.endpoint:
+            raise AssertionError(f"{method} {path}: described as {op.endpoint!r}, served by {view.__name__!r}")
+        api.add_url_rule(op.path, endpoint=op.endpoint, view_func=view, methods=[op.method])
+        return view
+
+    return register
+
+
+@operation("GET", routes.HEALTH)
 def health() -> Response | tuple[Response, int]:
     problem = state().storage_problem()
     if problem is not None:
@@ -349,11 +402,20 @@ def health() -> Response | tuple[Response, int]:
     return jsonify({"status": "ok", "models": state().registry.active_ids()})
 
 
-@api.post(routes.REGISTER)
+@operation("GET", routes.OPENAPI)
+def openapi() -> Response:
+    """This API's description, generated from protocol.routes (public: it holds no secret)."""
+    document = current_app.extensions.get("pric_openapi")
+    if document is None:
+        from collector.openapi import spec
+
+        document = current_app.extensions["pric_openapi"] = json.dumps(spec(), sort_keys=True)
+    return Response(document, mimetype="application/json")
+
+
+@operation("POST", routes.REGISTER)
 def register() -> tuple[Response, int]:
-    limiter = state().register_limiter
-    if limiter is not None:  # first: also bounds guesses of invite codes and the secret
-        limiter.take(f"register:{request.remote_addr}")
+    # rate-limited per address before this runs: also bounds guesses of invite codes and the secret
     invite = _registration_credential()
     require_storage()
     participant_id, token = create_participant(state().db, invite=invite)
@@ -384,13 +446,13 @@ def _registration_credential() -> str | None:
     return credential
 
 
-@api.get(routes.ME)
+@operation("GET", routes.ME)
 def me() -> Response:
     who = authorize(PARTICIPANT)
     return jsonify(store.participant_summary(state().db, who.participant_id))
 
 
-@api.delete(routes.ME)
+@operation("DELETE", routes.ME)
 def withdraw() -> Response:
     """Delete the participant's items and revoke their token, unless ?keep_token=1."""
     who = authorize(PARTICIPANT)
@@ -404,13 +466,13 @@ def withdraw() -> Response:
     return jsonify({"deleted": deleted, "token_revoked": revoke})
 
 
-@api.get(routes.MODEL_CARD)
+@operation("GET", routes.MODEL_CARD)
 def model_card() -> Response:
     authorize(PARTICIPANT, OPERATOR, AUDITOR)
     return jsonify(state().registry.current().card.to_dict())
 
 
-@api.get(routes.MODEL_CARD_BY_ID)
+@operation("GET", routes.MODEL_CARD_BY_ID)
 def model_card_by_id(model_id: str) -> Response:
     authorize(PARTICIPANT, OPERATOR, AUDITOR)
     reg = state().registry.get(model_id)
@@ -419,7 +481,7 @@ def model_card_by_id(model_id: str) -> Response:
     return resp
 
 
-@api.get(routes.MODEL_ATTESTATIONS)
+@operation("GET", routes.MODEL_ATTESTATIONS)
 def model_attestations(model_id: str) -> Response:
     """The signed audits stored beside a published model, as stored (each party verifies
     them against the auditor keys it trusts). Kept in memory like the card; re-read when
@@ -431,7 +493,7 @@ def model_attestations(model_id: str) -> Response:
     return Response(body, mimetype="application/json")
 
 
-@api.get(routes.MODEL_FILE)
+@operation("GET", routes.MODEL_FILE)
 def model_file() -> Response:
     authorize(PARTICIPANT, OPERATOR, AUDITOR)
     registry = state().registry
@@ -445,7 +507,7 @@ def model_file() -> Response:
     return resp
 
 
-@api.post(routes.ITEMS)
+@operation("POST", routes.ITEMS)
 def upload() -> Response:
     who = authorize(PARTICIPANT)
     limit = int(current_app.config["MAX_BODY_BYTES"])
@@ -464,10 +526,8 @@ def upload() -> Response:
         if length > json_limit:
             raise PayloadTooLargeError(f"JSON upload of {length} bytes exceeds the limit of {json_limit} bytes "
                                        f"for JSON; send larger batches as {BINARY_CONTENT_TYPE}")
-    if state().upload_limiter is not None:
-        state().upload_limiter.take(g.token_key)
     require_storage()
-    batch = decode_upload(request.get_data(cache=False), request.mimetype)
+    batch = decode_upload(_body(cache=False), request.mimetype)
     reg = state().registry.accept_upload(batch.model_id, batch.model_sha256)
     store.validate_batch(batch, reg.card, store.label_schema(reg.card, state().labels))
     stored, duplicates = state().items_store.store(who.participant_id, batch, state().quota)
@@ -476,13 +536,13 @@ def upload() -> Response:
     return jsonify({"stored": stored, "duplicates": duplicates})
 
 
-@api.get(routes.STATS)
+@operation("GET", routes.STATS)
 def stats() -> Response:
     authorize(OPERATOR)
     return jsonify(store.stats(state().db))
 
 
-@api.post(routes.TRAIN)
+@operation("POST", routes.TRAIN)
 def train() -> tuple[Response, int]:
     """Queue a training job (run by `pric-collector worker`, never in this process): 202."""
     authorize(OPERATOR)
@@ -495,7 +555,7 @@ def train() -> tuple[Response, int]:
     return resp, 202
 
 
-@api.get(routes.JOB)
+@operation("GET", routes.JOB)
 def job(job_id: str) -> Response:
     authorize(OPERATOR)
     if not (job_id.isascii() and job_id.isdigit()) or len(job_id) > 18:  # str.isdigit alone takes "١"
@@ -503,13 +563,13 @@ def job(job_id: str) -> Response:
     return jsonify(jobs.get_job(state().db, int(job_id)))
 
 
-@api.get(routes.EXPORT)
+@operation("GET", routes.EXPORT)
 def export() -> Response:
     authorize(AUDITOR, OPERATOR)
     model_id = request.args.get("model_id") or state().registry.current().model_id
     recorded_card(state().db, model_id)
-    offset = _int_arg("offset", 0, 0, 2**62)
-    limit = _int_arg("limit", DEFAULT_EXPORT_LIMIT, 1, store.MAX_EXPORT_LIMIT)
+    offset = _int_arg("offset", 0, 0, routes.MAX_EXPORT_OFFSET)
+    limit = _int_arg("limit", DEFAULT_EXPORT_LIMIT, 1, routes.MAX_EXPORT_LIMIT)
     return jsonify(store.export_items(state().db, model_id, offset, limit, state().pseudonym))
 
 

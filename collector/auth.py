@@ -16,12 +16,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from sqlalchemy import delete, select, update
 
 from collector.db import Database, invites, participants, tokens
-from protocol.errors import AuthError, ForbiddenError, InvalidInputError, RateLimitedError
+from protocol.errors import AuthError, ForbiddenError, InvalidInputError
 
 PARTICIPANT = "participant"
 OPERATOR = "operator"
@@ -176,75 +174,3 @@ def require_role(principal: Principal, *roles: str) -> None:
 def pseudonym(secret: str, participant_id: str) -> str:
     """A stable keyed hash of a participant id: links items of one person, names no one."""
     return hmac.new(secret.encode(), participant_id.encode(), hashlib.sha256).hexdigest()[:16]
-
-
-class TokenBucket:
-    """In-memory token bucket per key: `rate_per_min` requests a minute, bursts of `burst`."""
-
-    def __init__(self, rate_per_min: float, burst: float | None = None) -> None:
-        self.rate = rate_per_min / 60.0
-        self.capacity = burst if burst is not None else max(1.0, rate_per_min / 6.0)
-        self._state: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, key: str) -> None:
-        """Spend one request for `key`; raise RateLimitedError with a Retry-After if none left."""
-        now = time.monotonic()
-        with self._lock:
-            level, last = self._load(key, now)
-            level = min(self.capacity, level + (now - last) * self.rate)
-            if level < 1.0:
-                self._save(key, level, now)
-                wait = (1.0 - level) / self.rate
-                raise RateLimitedError(f"rate limit of {self.rate * 60:g} requests/min exceeded; retry later",
-                                       retry_after=wait)
-            self._save(key, level - 1.0, now)
-
-    def _load(self, key: str, now: float) -> tuple[float, float]:
-        return self._state.get(key, (self.capacity, now))
-
-    def _save(self, key: str, level: float, now: float) -> None:
-        self._state[key] = (level, now)
-        if len(self._state) > 100_000:  # forget idle keys rather than grow without bound
-            self._state = {k: v for k, v in self._state.items() if now - v[1] < 120}
-
-
-class SharedTokenBucket(TokenBucket):
-    """The same buckets kept in anonymous shared memory under a process-shared lock, so
-    that worker processes forked after its creation enforce one limit per key together.
-
-    A fixed table of `slots` entries (key hash, level, last time), open addressing over
-    `PROBE` slots; when those are all taken the least recently used one is reused (that
-    key starts again with a full bucket). time.monotonic() is system-wide on Linux.
-    """
-
-    PROBE = 16
-
-    def __init__(self, rate_per_min: float, burst: float | None = None, slots: int = 1 << 15) -> None:
-        import mmap
-        import multiprocessing
-
-        super().__init__(rate_per_min, burst)
-        row = np.dtype([("key", "<u8"), ("level", "<f8"), ("last", "<f8")])
-        self._mem = mmap.mmap(-1, slots * row.itemsize)  # MAP_SHARED | MAP_ANONYMOUS: survives fork
-        self._table = np.frombuffer(self._mem, dtype=row)
-        self._lock = multiprocessing.get_context("fork").Lock()  # type: ignore[assignment]
-
-    def _slots(self, key: str) -> tuple[int, list[int]]:
-        h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") | 1  # 0 = empty
-        n = len(self._table)
-        return h, [(h + i) % n for i in range(self.PROBE)]
-
-    def _load(self, key: str, now: float) -> tuple[float, float]:
-        h, slots = self._slots(key)
-        for i in slots:
-            if int(self._table["key"][i]) == h:
-                return float(self._table["level"][i]), float(self._table["last"][i])
-        return self.capacity, now
-
-    def _save(self, key: str, level: float, now: float) -> None:
-        h, slots = self._slots(key)
-        keys = self._table["key"][slots]
-        hit = [i for i, k in zip(slots, keys) if int(k) in (h, 0)]
-        i = hit[0] if hit else slots[int(np.argmin(self._table["last"][slots]))]
-        self._table[i] = (h, level, now)

@@ -1,7 +1,7 @@
 """`pric-collector`: run the collector and administer its data folder.
 
     pric-collector serve --data-dir DIR --models-dir exported_models [--host 127.0.0.1] [--port 8080]
-                         [--auditor-keys DIR] [--allow-unattested]
+                         [--workers N --threads T] [--rate-limit-storage URI] [--auditor-keys DIR] [--allow-unattested]
     pric-collector token create --role operator|auditor --data-dir DIR
     pric-collector stats --data-dir DIR [--json]
     pric-collector train --task Smiling --data-dir DIR [--model-id ID] [--kind logistic|mlp] [--json]
@@ -18,7 +18,7 @@ the SQLite file under `--data-dir`. stats, train, token and model work on the da
 directly, with or without a running server.
 
 Exit codes: 0 ok; 1 other error; 2 bad argument or input; 3 invalid payload; 4 unknown
-or damaged model; 6 forbidden; 7 not found; 9 database unreachable; 10 the database holds
+or damaged model; 6 forbidden; 7 not found; 9 database or rate-limit storage unreachable; 10 the database holds
 less than the collector acknowledged (lost or damaged WAL): restore a backup; 13 the
 database's schema is older than this release's (run `pric-collector db upgrade`) or newer;
 14 a schema migration failed (rolled back: the database is as it was). `worker --once`
@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -57,6 +56,7 @@ class ServeConfig:
     database_url: str | None
     rate_limit_per_min: float
     read_limit_per_min: float
+    register_limit_per_min: float
     registration: str
     enrolment_secret_set: bool
     quota_items: int
@@ -67,9 +67,11 @@ class ServeConfig:
     auditor_keys: str | None
     trusted_auditors: list[str]
     allow_unattested: bool
+    rate_limit_storage: str  # password masked
 
 
 ENROLMENT_SECRET_ENV = "PRIC_ENROLMENT_SECRET"
+RATE_LIMIT_STORAGE_ENV = "PRIC_RATE_LIMIT_STORAGE"  # collector.limits.STORAGE_ENV
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,19 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--allow-unattested", action="store_true",
                             help="also publish models without a valid attestation (each logged as a warning)")
 
-    s = sub.add_parser("serve", help="serve the HTTP API on waitress")
+    s = sub.add_parser("serve", help="serve the HTTP API on gunicorn (gthread workers)")
     storage(s, models=True)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--threads", type=int, default=8, help="waitress threads (per worker process)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    s.add_argument("--threads", type=int, default=8, help="threads per worker process")
     s.add_argument("--workers", type=int, default=1,
-                   help="worker processes sharing the port (Python runs one core per process; "
-                        "rate limits are shared by all workers)")
+                   help="worker processes sharing the port (Python runs one core per process); more than one "
+                        "needs a shared --rate-limit-storage (Redis) unless every rate limit is 0")
+    s.add_argument("--timeout", type=int, default=60,
+                   help="seconds a worker may stay silent before the master restarts it")
+    s.add_argument("--graceful-timeout", type=int, default=30,
+                   help="seconds requests in flight get to finish on stop, reload or recycling")
+    s.add_argument("--keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
+    s.add_argument("--max-requests", type=int, default=10_000,
+                   help="recycle a worker after this many requests (0: never)")
+    s.add_argument("--max-requests-jitter", type=int, default=1_000,
+                   help="up to this many more requests, drawn per worker, so that workers do not restart together")
     s.add_argument("--rate-limit", type=float, default=600, help="uploads per minute per token (0: off)")
     s.add_argument("--json-body-limit", type=int, default=None,
                    help="largest JSON upload body in bytes (0: JSON uploads off; default %d); the client sends "
                         "the binary format" % MAX_JSON_BODY_BYTES)
     s.add_argument("--read-rate-limit", type=float, default=600, help="GET requests per minute per token (0: off)")
+    s.add_argument("--register-rate-limit", type=float, default=120,
+                   help="registrations per minute per client address (0: off)")
+    s.add_argument("--rate-limit-storage", default=None, metavar="URI",
+                   help=f"where rate-limit counts live: memory:// (one worker process; the default) or "
+                        f"redis://[:PASSWORD@]HOST:PORT/DB, shared by all workers and hosts (or set ${RATE_LIMIT_STORAGE_ENV}; "
+                        "a password is never printed)")
     s.add_argument("--registration", choices=["open", "invite", "closed"], default=None,
                    help="who may register: open (anyone; the default on a loopback --host without an enrolment "
                         "secret), invite (an invite code or the enrolment secret; the default otherwise), "
@@ -291,21 +308,28 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from collector.app import DEFAULTS, create_app, read_limiter, register_limiter, upload_limiter
-    from collector.auth import SharedTokenBucket
-    from collector.prefork import listen, run_workers, serve_socket
+    from collector.app import create_app
+    from collector.gunicorn_conf import CollectorServer, ServerOptions, listen
+    from collector.limits import check_storage, masked_uri
 
-    if not 1 <= args.workers <= 64:
-        raise InvalidInputError(f"--workers {args.workers}: must be between 1 and 64")
+    for flag, value, lo, hi in (("--workers", args.workers, 1, 64), ("--threads", args.threads, 1, 256),
+                                ("--timeout", args.timeout, 1, 3600), ("--graceful-timeout", args.graceful_timeout, 1, 3600),
+                                ("--keep-alive", args.keep_alive, 0, 600),
+                                ("--max-requests", args.max_requests, 0, 10**9),
+                                ("--max-requests-jitter", args.max_requests_jitter, 0, 10**9)):
+        if not lo <= value <= hi:
+            raise InvalidInputError(f"{flag} {value}: must be between {lo} and {hi}")
     if not 0 <= args.port <= 65535:
         raise InvalidInputError(f"--port {args.port}: must be between 0 (any free port) and 65535")
-    if not 1 <= args.threads <= 256:
-        raise InvalidInputError(f"--threads {args.threads}: must be between 1 and 256")
     if not 0 <= args.rate_limit < float("inf"):  # also refuses nan
         raise InvalidInputError(f"--rate-limit {args.rate_limit}: must be a number of uploads per minute, 0 for none")
     if not 0 <= args.read_rate_limit < float("inf"):
         raise InvalidInputError(f"--read-rate-limit {args.read_rate_limit}: must be a number of requests per minute, "
                                 "0 for none")
+    if not 0 <= args.register_rate_limit < float("inf"):
+        raise InvalidInputError(f"--register-rate-limit {args.register_rate_limit}: must be a number of registrations "
+                                "per minute, 0 for none")
+    storage = _rate_limit_storage(args)
     secret = _enrolment_secret(args)
     registration = registration_mode(args, secret)
     quota_items = DEFAULT_QUOTA_ITEMS if args.quota_items is None else args.quota_items
@@ -320,56 +344,77 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(
         data_dir=args.data_dir, models_dir=args.models_dir, host=args.host, port=args.port, threads=args.threads,
         workers=args.workers, database_url=args.database_url, rate_limit_per_min=args.rate_limit,
-        read_limit_per_min=args.read_rate_limit, registration=registration, enrolment_secret_set=secret is not None,
+        read_limit_per_min=args.read_rate_limit, register_limit_per_min=args.register_rate_limit,
+        registration=registration, enrolment_secret_set=secret is not None,
         quota_items=quota_items, quota_bytes=quota_bytes, json_body_limit=json_limit, labels=_labels(args), current_model=args.current_model,
         auditor_keys=auditor_keys, trusted_auditors=[f"{k.keyid[:16]} {k.name}".strip() for k in trusted.values()],
-        allow_unattested=args.allow_unattested,
+        allow_unattested=args.allow_unattested, rate_limit_storage=masked_uri(storage),
     )
+    check_storage(storage)  # before the database: one line, the password masked
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
     config = {
         "DATA_DIR": cfg.data_dir, "MODELS_DIR": cfg.models_dir, "DATABASE_URL": cfg.database_url,
         "RATE_LIMIT_PER_MIN": cfg.rate_limit_per_min, "READ_LIMIT_PER_MIN": cfg.read_limit_per_min,
-        "REGISTRATION": cfg.registration, "ENROLMENT_SECRET": secret, "QUOTA_ITEMS": cfg.quota_items,
+        "REGISTER_LIMIT_PER_MIN": cfg.register_limit_per_min, "REGISTRATION": cfg.registration, "ENROLMENT_SECRET": secret, "QUOTA_ITEMS": cfg.quota_items,
         "QUOTA_BYTES": cfg.quota_bytes, "JSON_BODY_LIMIT": cfg.json_body_limit, "LABELS": cfg.labels, "CURRENT_MODEL": cfg.current_model,
-        "AUDITOR_KEYS": cfg.auditor_keys, "ALLOW_UNATTESTED": cfg.allow_unattested,
+        "AUDITOR_KEYS": cfg.auditor_keys, "ALLOW_UNATTESTED": cfg.allow_unattested, "RATE_LIMIT_STORAGE": storage,
     }
-    if cfg.workers > 1:  # one limit for all workers, in memory they share
-        config["UPLOAD_LIMITER"] = upload_limiter(cfg.rate_limit_per_min, SharedTokenBucket)
-        config["REGISTER_LIMITER"] = register_limiter(float(DEFAULTS["REGISTER_LIMIT_PER_MIN"]), SharedTokenBucket)
-        config["READ_LIMITER"] = read_limiter(cfg.read_limit_per_min, SharedTokenBucket)
-    app = create_app(config)  # creates the tables once, before any worker starts
+
+    def check() -> list[str]:
+        """Build the app once in the master (creates the tables, checks models and keys) and
+        let it go: workers build their own after the fork."""
+        app = create_app(config)
+        try:
+            return app.extensions["pric"].registry.active_ids()
+        finally:
+            app.extensions["pric"].db.dispose()
+
+    models = check()
     saved = asdict(cfg)
     if saved["database_url"]:
         saved["database_url"] = _redact(args)
     (Path(cfg.data_dir) / "serve_config.json").write_text(json.dumps(saved, indent=2) + "\n")
-    # waitress reads a whole body before the app runs, but refuses (413) one whose
-    # Content-Length is over its max_request_body_size right after the headers, unread: set
-    # it to the upload limit (waitress refuses from that size on, hence the + 1). Bodies it
-    # accepts are held in memory only up to 512 KiB (inbuf_overflow), then in a temp file.
-    body_cap = int(app.config["MAX_BODY_BYTES"]) + 1
     try:
         sock = listen(cfg.host, cfg.port)
     except OSError as exc:
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
         raise InvalidInputError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({reason})") from None
+    options = ServerOptions(workers=cfg.workers, threads=cfg.threads, timeout_s=args.timeout,
+                            graceful_timeout_s=args.graceful_timeout, keepalive_s=args.keep_alive,
+                            max_requests=args.max_requests, max_requests_jitter=args.max_requests_jitter,
+                            quiet=args.quiet)
+    server = CollectorServer(lambda: create_app(config), sock, options, on_reload=check)
+    # the line collector.launch (and operators' scripts) wait for: the socket listens from here on
     print(f"pric-collector: serving on http://{cfg.host}:{sock.getsockname()[1]} "
-          f"(data {cfg.data_dir}, models {', '.join(app.extensions['pric'].registry.active_ids()) or 'none'}"
-          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''}, registration {cfg.registration}"
+          f"(data {cfg.data_dir}, models {', '.join(models) or 'none'}"
+          f"{f', {cfg.workers} workers' if cfg.workers > 1 else ''}, registration {cfg.registration}, "
+          f"rate limits in {cfg.rate_limit_storage}"
           f"{', UNATTESTED MODELS ALLOWED' if cfg.allow_unattested else ''})", flush=True)
-    db = app.extensions["pric"].db
-    if cfg.workers == 1:
-        signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: waitress closes, then the checkpoint below
-        try:
-            serve_socket(app, sock, cfg.threads, max_request_body_size=body_cap)
-        finally:
-            db.dispose()  # checkpoints the WAL into the database file and truncates it
-        return 0
-    db.dispose()  # no connection crosses the fork
-    status = run_workers(lambda: serve_socket(create_app(config), sock, cfg.threads, max_request_body_size=body_cap),
-                         cfg.workers)
-    db.dispose()  # the workers are gone: checkpoint what they wrote
-    return status
+    try:
+        status = server.run()
+    finally:
+        sock.close()
+    if status != 0:
+        print(f"pric-collector: error: the server stopped with status {status} (workers failed to start or "
+              "kept failing; see the log above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _rate_limit_storage(args: argparse.Namespace) -> str:
+    """--rate-limit-storage, else $PRIC_RATE_LIMIT_STORAGE, else memory://; with several
+    workers and any rate limit on, a storage they share."""
+    from collector.limits import DEFAULT_STORAGE, is_shared, masked_uri
+
+    uri = args.rate_limit_storage or os.environ.get(RATE_LIMIT_STORAGE_ENV, "").strip() or DEFAULT_STORAGE
+    limited = any(rate > 0 for rate in (args.rate_limit, args.read_rate_limit, args.register_rate_limit))
+    if args.workers > 1 and limited and not is_shared(uri):
+        raise InvalidInputError(
+            f"--workers {args.workers} with rate-limit storage {masked_uri(uri)}: each worker process would count "
+            "on its own, letting through up to that many times each limit; give a storage they share "
+            f"(--rate-limit-storage redis://HOST:6379/0 or ${RATE_LIMIT_STORAGE_ENV}), or use --workers 1 with "
+            "more --threads, or set every rate limit to 0")
+    return uri
 
 
 def _auditor_keys(args: argparse.Namespace):  # -> tuple[str | None, dict[str, PublicKey]]
@@ -474,10 +519,6 @@ def _token(db, args: argparse.Namespace) -> int:
         raise NotFoundError(f"--token-file {args.token_file}: no such token (already revoked?)")
     print("revoked 1 token")
     return 0
-
-
-def _interrupt(_signum, _frame) -> None:  # noqa: ANN001 - signal handler
-    raise KeyboardInterrupt
 
 
 def _print_stats(s: dict, as_json: bool) -> None:

@@ -30,9 +30,8 @@ from collector.db import (
 from protocol.errors import InvalidInputError, QuotaExceededError, ValidationError
 from protocol.model_card import ModelCard, wire_arrays
 from protocol.sparse_code import validate_code
+from protocol.routes import MAX_EXPORT_LIMIT  # noqa: F401 - the limit is the route's (one owner)
 from protocol.wire import UploadBatch, array_to_npy, check_item_against
-
-MAX_EXPORT_LIMIT = 1000
 
 # The label schema when the operator declares none and a model's card states no tasks
 # (`training.primary`): the 40 CelebA attribute names.
