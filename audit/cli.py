@@ -59,7 +59,6 @@ from audit.releases import (
     load_data,
     normalized_images,
     quick_subset,
-    unit_images,
 )
 from audit.report import REPORT_JSON, checkpoint, finish, save_config, summary_lines
 from audit.verdicts import compare_points, dominance, headline, verdicts

@@ -64,9 +64,11 @@ def train_params(body: dict[str, Any], default_model: Callable[[], str]) -> dict
     task = body.get("task")
     if not isinstance(task, str) or not LABEL_NAME_RE.match(task):
         raise InvalidInputError("task must be a label name such as 'Smiling'")
-    model_id = body.get("model_id") or default_model()
-    if not isinstance(model_id, str):
-        raise InvalidInputError("model_id must be a string")
+    model_id = body.get("model_id", None)
+    if model_id is None:
+        model_id = default_model()
+    if not isinstance(model_id, str) or not model_id:
+        raise InvalidInputError("model_id must be a non-empty string (leave it out for the current model)")
     kind = body.get("kind", "logistic")
     if kind not in TRAIN_KINDS:
         raise InvalidInputError("kind must be 'logistic' or 'mlp'")

@@ -241,7 +241,6 @@ class Aligner:
         """Every face of a photo (or the largest: which="largest"), aligned. Faces whose box
         is smaller than min_face photo pixels are counted, not aligned. ImageError for a
         photo that cannot be decoded (protocol.preprocess.load_image)."""
-        from protocol.model_card import InputSpec
         from protocol.preprocess import MAX_PIXELS, load_image
 
         label = name or (str(source) if isinstance(source, (str, Path)) else "<bytes>")

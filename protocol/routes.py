@@ -222,7 +222,8 @@ OPERATIONS: tuple[Operation, ...] = (
                      "properties": {"job_id": _INT, "status": _STR, "status_url": _STR}}),
               (400, 401, 403, 404, 409, 413, 415, 422),
               request=_json({"type": "object", "required": ["task"], "additionalProperties": False,
-                             "properties": {"task": _NAME, "model_id": {"type": "string", "minLength": 1},
+                             "properties": {"task": _NAME,  # model_id absent or null: the current model
+                                            "model_id": {"type": "string", "minLength": 1, "nullable": True},
                                             "kind": {"enum": ["logistic", "mlp"]},
                                             "epochs": {"type": "integer", "minimum": 1, "maximum": 100000}}})),
     Operation("GET", JOB, "job", "A training job: status (queued, running, done, failed), attempts, result or error",

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from protocol.align import CELEBA_FRAME, CELEBA_TEMPLATE, Similarity, umeyama, warp
+from protocol.align import CELEBA_FRAME, CELEBA_TEMPLATE, Similarity, warp
 from protocol.datasets import default_data_dir, load_faces
 from protocol.errors import PricError
 from protocol.faces import DetectorCard, Face, FaceDetector
