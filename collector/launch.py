@@ -13,9 +13,12 @@ from pathlib import Path
 SERVING_RE = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 
 
-def start_process(argv: Sequence[str], timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Run `argv`, wait for its 'serving on http://127.0.0.1:PORT' line: (process, base URL)."""
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def start_process(argv: Sequence[str], timeout_s: float = 60.0,
+                  new_session: bool = False) -> tuple[subprocess.Popen, str]:
+    """Run `argv`, wait for its 'serving on http://127.0.0.1:PORT' line: (process, base URL).
+    `new_session`: the server and its workers in a process group of their own (os.killpg)."""
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=new_session)
     deadline = time.monotonic() + timeout_s
     line = ""
     while time.monotonic() < deadline:

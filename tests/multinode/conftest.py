@@ -149,14 +149,15 @@ class Node:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "Node":
-        self.proc, url = start_process(self.argv, timeout_s=START_TIMEOUT_S)
+        self.proc, url = start_process(self.argv, timeout_s=START_TIMEOUT_S, new_session=True)
         assert url == self.url, (url, self.url)
         return self
 
     def kill(self) -> None:
-        """SIGKILL: no clean stop, requests in flight are cut."""
+        """SIGKILL to the whole node (gunicorn's master and its workers, as a crash of the host
+        or the OOM killer would): no clean stop, requests in flight are cut."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:

@@ -115,10 +115,12 @@ def test_a_training_job_queued_on_one_node_is_seen_and_finished_from_the_other(e
     the shared database); `pric-collector worker` runs it, and node1 then reports it done."""
     with mn.cluster(engines, tmp_path, 2) as c:
         operator = c.operator_token()
-        participant = CollectorAPI(c.nodes[0].url)
-        participant.token = participant.register()["token"]
-        for _ids, body in mn.make_bodies(c.card, 400, 1, 100)[0]:
-            participant.upload(body, c.card.model_id)
+        # two participants: the collector holds out whole participants (collector.train_job)
+        for bodies in mn.make_bodies(c.card, 400, 2, 100):
+            participant = CollectorAPI(c.nodes[0].url)
+            participant.token = participant.register()["token"]
+            for _ids, body in bodies:
+                participant.upload(body, c.card.model_id)
 
         resp = requests.post(c.nodes[0].url + routes.TRAIN, json={"task": "Smiling"}, headers=bearer(operator),
                              timeout=30)
@@ -146,7 +148,8 @@ def test_a_training_job_queued_on_one_node_is_seen_and_finished_from_the_other(e
             except subprocess.TimeoutExpired:
                 worker.kill()
                 _, err = worker.communicate(timeout=10)
-        assert status in JOB_DONE, f"job {job_id} ended {status!r}; worker said: {err[-500:]}"
+        job = requests.get(f"{c.nodes[1].url}{JOB_API}/{job_id}", headers=bearer(operator), timeout=30).json()
+        assert status in JOB_DONE, f"job {job_id} ended {status!r} ({str(job.get('error'))[:300]}); worker: {err[-300:]}"
 
 
 def test_pg_dump_while_serving_then_pg_restore_keeps_every_item_and_token(engines, tmp_path, mn):
