@@ -113,6 +113,13 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def _log(msg: str) -> None:
+    """Progress of the (long) learned attack on stderr."""
+    import sys
+
+    print(f"sparse attack: {msg}", file=sys.stderr, flush=True)
+
+
 def _fit_trees(x: np.ndarray, y: np.ndarray, seed: int, max_rows: int, quick: bool) -> Any:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -120,7 +127,7 @@ def _fit_trees(x: np.ndarray, y: np.ndarray, seed: int, max_rows: int, quick: bo
     if len(x) > max_rows:
         keep = rng.choice(len(x), max_rows, replace=False)
         x, y = x[keep], y[keep]
-    return HistGradientBoostingClassifier(max_iter=30 if quick else 200, learning_rate=0.1, max_leaf_nodes=63,
+    return HistGradientBoostingClassifier(max_iter=30 if quick else 150, learning_rate=0.1, max_leaf_nodes=63,
                                           early_stopping=not quick and len(x) > 10000,
                                           random_state=seed).fit(x, y)
 
@@ -251,7 +258,7 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
         return {"measured": False, "reason": f"{len(train_pixels)} training photos (need 6)"}
     order = rng.permutation(len(train_pixels))[:n]
     codes = models.encode(train_pixels[order])
-    a_end, b_end = (3 * n) // 5, (4 * n) // 5  # A: statistics + whole-code net, B: stage 1, C: stage 2
+    a_end, b_end = (2 * n) // 5, (3 * n) // 5  # A: statistics + whole-code net, B: stage 1, C: stage 2
     reps_a = 1 if quick else 3  # set A is ambiguated several times: fresh fakes, same photos
     a_pairs = [amb_fn(c, rng) for _ in range(reps_a) for c in codes[:a_end]]
     rest = [amb_fn(c, rng) for c in codes[a_end:]]
@@ -261,12 +268,13 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
     b_n = b_end - a_end
     stats = PositionStats(a_ambs, a_masks, L, m, chance)
     shape = (L, kp)
-    max_rows = 200_000 if quick else 1_500_000
+    max_rows = 200_000 if quick else 800_000
 
-    net = WholeCodeNet(L, m, seed, hidden=128 if quick else 1024).fit(
+    net = WholeCodeNet(L, m, seed, hidden=128 if quick else 512).fit(
         _code_inputs(a_ambs, m), _code_targets(a_ambs, a_masks, m),
-        epochs=net_epochs if net_epochs is not None else (3 if quick else 12), seed=seed)
+        epochs=net_epochs if net_epochs is not None else (3 if quick else 5), seed=seed)
     t_net = time.time()
+    _log(f"whole-code net fitted on {len(a_ambs)} codes: {t_net - t_start:.0f} s")
 
     def stage1_features(amb_list: Sequence[AmbiguatedCode]) -> list[np.ndarray]:
         return [np.concatenate([stats.features(a), s.reshape(-1, 1)], axis=1)
@@ -274,25 +282,39 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
 
     xb_list = stage1_features(ambs[:b_n])
     stage1 = _fit_trees(np.concatenate(xb_list), np.concatenate([t.ravel() for t in masks[:b_n]]), seed, max_rows, quick)
+    _log(f"stage 1 fitted: {time.time() - t_start:.0f} s")
 
-    def loop(amb_list: Sequence[AmbiguatedCode], s: list[np.ndarray]) -> np.ndarray:
-        """Decode each code's current top-k guess, re-encode: (N, L, m)."""
-        dense = np.stack([dense_from_mask(a, top_k_mask(x, k), m) for a, x in zip(amb_list, s)])
-        imgs = models.decode(dense)
-        return models.encode(np.clip(imgs * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    def loop(amb_list: Sequence[AmbiguatedCode], s: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Decode each code's current guess, hard (its top k) and soft (values weighted by
+        their probability), and re-encode both: two (N, L, m)."""
+        out = []
+        for dense in (np.stack([dense_from_mask(a, top_k_mask(x, k), m) for a, x in zip(amb_list, s)]),
+                      np.stack([soft_dense(a, x, k, m) for a, x in zip(amb_list, s)])):
+            imgs = models.decode(dense)
+            out.append(models.encode(np.clip(imgs * 255.0 + 0.5, 0, 255).astype(np.uint8)))
+        return out[0], out[1]
 
     def stage2_x(f1: list[np.ndarray], s: list[np.ndarray], amb_list: Sequence[AmbiguatedCode],
-                 re: np.ndarray) -> list[np.ndarray]:
-        return [np.concatenate([f, x.reshape(-1, 1), _loop_features(a, r)], axis=1)
-                for f, x, a, r in zip(f1, s, amb_list, re)]
+                 cur: list[np.ndarray]) -> list[np.ndarray]:
+        hard, soft = loop(amb_list, cur)
+        return [np.concatenate([f, x.reshape(-1, 1), c.reshape(-1, 1), _loop_features(a, h), _loop_features(a, o)],
+                               axis=1)
+                for f, x, c, a, h, o in zip(f1, s, cur, amb_list, hard, soft)]
 
     c_ambs = ambs[b_n:]
     c_f1 = stage1_features(c_ambs)
     c_s1 = [_scores(stage1, f, shape) for f in c_f1]
-    xc = stage2_x(c_f1, c_s1, c_ambs, loop(c_ambs, c_s1))
-    stage2 = _fit_trees(np.concatenate(xc), np.concatenate([t.ravel() for t in masks[b_n:]]), seed + 1, max_rows,
-                        quick)
+    # stage 2 learns from its first round (guesses of stage 1) and, refitted, from its own
+    # guesses: the loop it will be iterated in
+    yc = np.concatenate([t.ravel() for t in masks[b_n:]])
+    xc1 = np.concatenate(stage2_x(c_f1, c_s1, c_ambs, c_s1))
+    stage2 = _fit_trees(xc1, yc, seed + 1, max_rows, quick)
+    if rounds > 1:
+        c_s2 = [_scores(stage2, x, shape) for x in np.split(xc1, len(c_ambs))]
+        xc2 = np.concatenate(stage2_x(c_f1, c_s1, c_ambs, c_s2))
+        stage2 = _fit_trees(np.concatenate([xc1, xc2]), np.concatenate([yc, yc]), seed + 2, max_rows, quick)
     t_fit = time.time()
+    _log(f"stage 2 fitted: {t_fit - t_start:.0f} s")
 
     # the test codes
     truth = [unpack_key(key)[0] for key in test_keys]
@@ -301,7 +323,7 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
     t_s1 = [_scores(stage1, f, shape) for f in t_f1]
     s = t_s1
     for _ in range(max(1, rounds)):  # the decoder loop, iterated on its own guess
-        s = [_scores(stage2, x, shape) for x in stage2_x(t_f1, t_s1, test_ambs, loop(test_ambs, s))]
+        s = [_scores(stage2, x, shape) for x in stage2_x(t_f1, t_s1, test_ambs, s)]
     t_s2 = s
     lm = np.arange(L)[:, None]
     guesses = {
@@ -342,8 +364,8 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
         features={"stage1": ["map", "position", "|value|/scale", "sign", "rank in map", "position frequency (logit)",
                              "sign agreement", "magnitude z at position", "log-likelihood ratio at position",
                              "whole-code net logit"],
-                  "stage2": ["stage 1", "stage-1 score", "re-encoded value × sign", "re-encoded rank",
-                             "|value − re-encoded value|"]})
+                  "stage2": ["stage 1", "stage-1 score", "current score", "re-encoded value × sign, re-encoded "
+                             "rank, |value − re-encoded value| for the hard and the soft decode of the current guess"]})
     if out_dir is not None and "images" in baseline:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_attack_grid([ref, *baseline["images"], *(recon[n] for n in recon)], Path(out_dir) / ATTACK_GRID)

@@ -626,3 +626,29 @@ def unpack_ambiguated(data: bytes, spec: SparseSpec) -> AmbiguatedCode:
     sign = np.where(words >> (vb - 1), -1.0, 1.0).astype(np.float32)
     values = (sign * level_values(words & ((1 << (vb - 1)) - 1), scale, vb)).astype(VALUE_DTYPE)
     return AmbiguatedCode(indices=indices, values=values)
+
+
+def code_to_arrays(code: AmbiguatedCode, spec: SparseSpec) -> dict[str, np.ndarray]:
+    """The arrays one uploaded item carries (protocol.model_card.wire_arrays): the compact
+    form as one uint8 array `code` for a card with sparse.wire "compact", else `indices`
+    and `values`."""
+    if spec.wire == "compact":
+        return {"code": np.frombuffer(pack_ambiguated(code, spec), dtype=np.uint8).copy()}
+    return {"indices": code.indices, "values": code.values}
+
+
+def code_from_arrays(arrays: dict[str, np.ndarray], spec: SparseSpec) -> AmbiguatedCode:
+    """Collector side: an uploaded item's arrays → its checked AmbiguatedCode. Raises
+    SparseCodeError (HTTP 400, one line) on anything malformed, out-of-range positions included."""
+    if spec.wire == "compact":
+        data = arrays.get("code")
+        if data is None or data.dtype != np.uint8 or data.ndim != 1:
+            raise SparseCodeError("a compact sparse code must be one uint8 array 'code'")
+        return validate_code(*_fields(unpack_ambiguated(data.tobytes(), spec)), spec)
+    if "indices" not in arrays or "values" not in arrays:
+        raise SparseCodeError("a sparse code needs the arrays 'indices' and 'values'")
+    return validate_code(arrays["indices"], arrays["values"], spec)
+
+
+def _fields(code: AmbiguatedCode) -> tuple[np.ndarray, np.ndarray]:
+    return code.indices, code.values
