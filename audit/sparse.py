@@ -47,7 +47,7 @@ from protocol.runtime import OnnxModel, model_input
 from audit.attacks import train_attack
 from audit.quality import channels_last, image_quality, unit
 from protocol.sparse_code import (
-    AmbiguatedCode, ambiguate, ambiguated_size, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, quantise_levels, released_scale,
+    AmbiguatedCode, DecoyBank, ambiguate, ambiguated_size, bank_fakes, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, quantise_levels, released_scale,
     top_k,
     unpack_compact,
     unpack_key,
@@ -212,8 +212,9 @@ def jpeg_multires_at_budget(pixels: np.ndarray, budget: int,
 
 def wire_size(spec: Any) -> int:
     """Bytes of one ambiguated photo on the wire: the compact ambiguated code
-    (`pack_ambiguated`) for a card with value_bits, else uint16 index + float16 value per entry."""
-    if spec.value_bits is not None:
+    (`pack_ambiguated`) for a card with sparse.wire "compact", else uint16 index + float16
+    value per entry."""
+    if getattr(spec, "wire", None) == "compact":
         return ambiguated_size(spec)
     return spec.L * spec.k_prime * 4
 
@@ -323,9 +324,17 @@ def _grid(rows: list[np.ndarray], path: Path, n: int = 8) -> None:
     Image.fromarray((np.concatenate(tiles, axis=0) * 255).round().astype(np.uint8)).save(path)
 
 
-def _ambiguate_all(codes: np.ndarray, card: ModelCard, rng: np.random.Generator):
+def card_sampler(model_dir: Path, card: ModelCard) -> Any:
+    """The client's own ambiguation for this card, as `fn(code, rng) → (code, key)`: fakes
+    from the card's decoy bank when it ships one (sparse.decoys), else uniform fakes."""
     spec = card.sparse
-    out = [ambiguate(c, spec, rng) for c in codes]
+    fakes = bank_fakes(DecoyBank.load(Path(model_dir) / spec.decoys, spec)) if spec.decoys else None
+    return lambda c, rng: ambiguate(c, spec, rng, fakes=fakes)
+
+
+def _ambiguate_all(codes: np.ndarray, card: ModelCard, rng: np.random.Generator, sampler: Any = None):
+    sampler = sampler or (lambda c, r: ambiguate(c, card.sparse, r))
+    out = [sampler(c, rng) for c in codes]
     return [a for a, _ in out], [k for _, k in out]
 
 
@@ -336,7 +345,7 @@ def ambiguated_codes(model_dir: Path, card: ModelCard, pixels: np.ndarray, seed:
     if card.sparse is None:
         raise InvalidInputError(f"{model_dir}: the card has no 'sparse' section")
     codes = OnnxPair(model_dir, card, batch_size).encode(pixels)
-    ambs, _ = _ambiguate_all(codes, card, np.random.default_rng(seed))
+    ambs, _ = _ambiguate_all(codes, card, np.random.default_rng(seed), card_sampler(model_dir, card))
     return np.stack([a.to_dense(card.sparse.m) for a in ambs]).astype(np.float32)
 
 
@@ -362,7 +371,8 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     ref = unit(test.pixels)
 
     codes = models.encode(test.pixels)
-    ambs, keys = _ambiguate_all(codes, card, rng)
+    sampler = card_sampler(model_dir, card)
+    ambs, keys = _ambiguate_all(codes, card, rng, sampler)
     true = np.stack([disambiguate(a, key, sp.m) for a, key in zip(ambs, keys)])  # float16-rounded values, as uploaded
     # what a key holder keeps: the compact true code on the grid its released values lie on
     compact = [pack_compact(c, sp.k, sp.value_bits, released_scale(a) if sp.value_bits else None)
@@ -386,7 +396,7 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     from audit.sparse_attacks import learned_support_attack  # the learned no-key attacker
 
     learned = learned_support_attack(
-        models, card, train.pixels, ambs, keys, ref, rng, quick=quick, seed=seed, out_dir=out_dir,
+        models, card, train.pixels, ambs, keys, ref, rng, quick=quick, seed=seed, out_dir=out_dir, ambiguate_fn=sampler,
         baseline={"random": results["guess_random"], "authorised": results["authorised_k"],
                   "images": [recon["authorised_k"], recon["ambiguated_as_is"], recon["guess_random"]],
                   "image_names": ["authorised", "ambiguated as is", "random guess"]})
@@ -444,7 +454,7 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     names = [a for a in dict.fromkeys([*ATTRIBUTES, *([private] if private else []), *primary]) if a in data.attr_names]
     if names and len(train) > 0:
         tr_codes = models.encode(train.pixels)
-        tr_ambs, _ = _ambiguate_all(tr_codes, card, rng)
+        tr_ambs, _ = _ambiguate_all(tr_codes, card, rng, sampler)
         feats = {
             "true_code": (tr_codes.reshape(len(tr_codes), -1), true.reshape(len(true), -1)),
             "ambiguated_code": (np.stack([a.to_dense(sp.m) for a in tr_ambs]).reshape(len(tr_ambs), -1),

@@ -270,9 +270,9 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
     shape = (L, kp)
     max_rows = 200_000 if quick else 800_000
 
-    net = WholeCodeNet(L, m, seed, hidden=128 if quick else 512).fit(
+    net = WholeCodeNet(L, m, seed, hidden=128 if quick else 256).fit(
         _code_inputs(a_ambs, m), _code_targets(a_ambs, a_masks, m),
-        epochs=net_epochs if net_epochs is not None else (3 if quick else 5), seed=seed)
+        epochs=net_epochs if net_epochs is not None else 3, seed=seed)
     t_net = time.time()
     _log(f"whole-code net fitted on {len(a_ambs)} codes: {t_net - t_start:.0f} s")
 
