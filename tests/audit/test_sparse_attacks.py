@@ -118,8 +118,8 @@ def test_the_whole_code_network_finds_supports_that_co_occur_across_maps() -> No
     guess = [support_guess(a, spec.k, "random", rng) for a in ambs]
     random_rec = pair.decode(np.stack([dense_from_mask(a, g, spec.m) for a, g in zip(ambs, guess)]))
     base = {"random": image_quality(ref, random_rec), "authorised": image_quality(ref, ref)}
-    att = learned_support_attack(pair, SimpleNamespace(sparse=spec), _photos(1500, 3), list(ambs), list(keys), ref,
-                                 rng, baseline=base, quick=True, net_epochs=15)
+    att = learned_support_attack(pair, SimpleNamespace(sparse=spec), _photos(2500, 3), list(ambs), list(keys), ref,
+                                 rng, baseline=base, quick=True, net_epochs=20)
 
     chance = spec.k / spec.k_prime
     assert att["precision"]["position_prior"] < chance + 0.1
