@@ -340,7 +340,7 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
         "decoder_in_the_loop": [top_k_mask(x, k) for x in t_s2],
     }
     out: dict[str, Any] = {"measured": True, "chance": chance, "n_train_codes": n,
-                           "sets": {"statistics_and_net": a_end, "ambiguations_per_photo_in_set_a": reps_a,
+                           "sets": {"statistics": a_end, "whole_code_net": a_end, "ambiguations_per_photo_in_set_a": reps_a,
                                     "stage1": b_n, "stage2": n - b_end},
                            "n_test": len(test_ambs), "rounds": max(1, rounds),
                            "precision": {}, "precision_ci95": {}, "reconstruction": {}, "psnr_ci95": {}}
