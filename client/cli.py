@@ -385,7 +385,7 @@ class Uploader:
     def _items(self, rows) -> list[tuple[Path, str, dict[str, np.ndarray]]]:
         if self.card.kind != "sparse_code":
             return [(r.path, r.item_id, wire_arrays_of(self.card, r.output, None)) for r in rows]
-        drawn = [(r, *ambiguate_output(self.card, r.output)) for r in rows]
+        drawn = [(r, *ambiguate_output(self.card, r.output, self.extractor.decoys)) for r in rows]
         if not self.cfg.dry_run:
             # keys are committed before anything is sent: a stored code always has its key
             assert self.keystore is not None

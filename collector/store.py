@@ -29,8 +29,8 @@ from collector.db import (
 )
 from protocol.errors import InvalidInputError, QuotaExceededError, ValidationError
 from protocol.model_card import ModelCard, wire_arrays
-from protocol.sparse_code import validate_code
 from protocol.routes import MAX_EXPORT_LIMIT  # noqa: F401 - the limit is the route's (one owner)
+from protocol.sparse_code import code_from_arrays
 from protocol.wire import UploadBatch, array_to_npy, check_item_against
 
 # The label schema when the operator declares none and a model's card states no tasks
@@ -71,7 +71,7 @@ def validate_batch(batch: UploadBatch, card: ModelCard, labels: frozenset[str] |
                                           f"(one of {', '.join(sorted(labels))})")
         if card.kind == "sparse_code":
             assert card.sparse is not None
-            validate_code(item.arrays["indices"], item.arrays["values"], card.sparse)
+            code_from_arrays(item.arrays, card.sparse)
 
 
 @dataclass(frozen=True)

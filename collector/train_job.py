@@ -25,7 +25,7 @@ from collector.db import Database, classifier_participants, classifiers, items, 
 from collector.registry import recorded_card
 from protocol.errors import ValidationError
 from protocol.model_card import ModelCard
-from protocol.sparse_code import AmbiguatedCode
+from protocol.sparse_code import code_from_arrays
 
 MIN_TRAIN = 8
 MIN_TEST = 2
@@ -85,7 +85,7 @@ def item_vector(arrays: dict[str, np.ndarray], card: ModelCard) -> np.ndarray:
     """One stored item → flat float32 (D,); a sparse code is decoded 'as is' to (L, m)."""
     if card.kind == "sparse_code":
         assert card.sparse is not None
-        dense = AmbiguatedCode(indices=arrays["indices"], values=arrays["values"]).to_dense(card.sparse.m)
+        dense = code_from_arrays(arrays, card.sparse).to_dense(card.sparse.m)
         return dense.reshape(-1)
     return arrays[card.output.name].astype(np.float32).reshape(-1)
 

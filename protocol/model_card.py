@@ -100,6 +100,12 @@ class SparseSpec:
     k: int
     k_fake: int
     value_bits: int | None = None
+    # optional (absent in older cards): `decoys` names the decoy bank shipped in extra_files
+    # (protocol.sparse_code.DecoyBank; the client draws fakes from it instead of uniform
+    # positions); `wire` "compact" sends the ambiguated code as one uint8 array `code`
+    # (protocol.sparse_code.pack_ambiguated, needs value_bits) instead of indices + values
+    decoys: str | None = None
+    wire: str | None = None
 
     @property
     def k_prime(self) -> int:
@@ -152,6 +158,9 @@ class ModelCard:
             problems.append("kind 'sparse_code' needs a 'sparse' section")
         if self.sparse is not None:
             problems += _sparse_problems(self.sparse)
+            decoys = getattr(self.sparse, "decoys", None)
+            if decoys is not None and (not isinstance(decoys, str) or decoys not in (self.extra_files or {})):
+                problems.append(f"sparse.decoys {_short(decoys)} must name one of the card's extra_files")
         problems += _input_problems(self.input) + _output_problems(self.output)
         if not isinstance(self.file, str) or not FILE_RE.fullmatch(self.file):
             problems.append(f"file {_short(self.file)} must be a bare file name")
@@ -179,8 +188,9 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["model_id"] = self.model_id
-        if d.get("sparse") and d["sparse"].get("value_bits") is None:
-            del d["sparse"]["value_bits"]  # cards without quantised values read as before
+        for opt in ("value_bits", "decoys", "wire"):
+            if d.get("sparse") and d["sparse"].get(opt) is None:
+                del d["sparse"][opt]  # cards without these fields read (and hash) as before
         if self.alignment is None:
             del d["alignment"]  # cards without alignment read, hash and attest as before
         else:
@@ -320,7 +330,15 @@ def _sparse_problems(sp: object) -> list[str]:
     vb, (lo, hi) = sp.value_bits, VALUE_BITS_RANGE
     if vb is not None and (not _is_int(vb) or not lo <= vb <= hi):
         problems.append(f"sparse.value_bits {vb!r} must be an integer in [{lo}, {hi}] or absent")
+    wire = getattr(sp, "wire", None)
+    if wire is not None and wire not in SPARSE_WIRE_FORMATS:
+        problems.append(f"sparse.wire {_short(wire)} must be one of {SPARSE_WIRE_FORMATS} or absent")
+    elif wire == "compact" and vb is None:
+        problems.append("sparse.wire 'compact' needs sparse.value_bits")
     return problems
+
+
+SPARSE_WIRE_FORMATS = ("compact",)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -365,6 +383,10 @@ def wire_arrays(card: ModelCard) -> dict[str, tuple[tuple[int, ...], str]]:
     """Names, shapes and dtypes of the arrays one uploaded item carries for this model."""
     if card.kind == "sparse_code":
         assert card.sparse is not None
+        if card.sparse.wire == "compact":
+            from protocol.sparse_code import ambiguated_size  # sparse_code imports this module
+
+            return {"code": ((ambiguated_size(card.sparse),), "uint8")}
         shape = (card.sparse.L, card.sparse.k_prime)
         return {"indices": (shape, "uint16"), "values": (shape, "float16")}
     return {card.output.name: (tuple(card.output.shape), card.output.dtype)}

@@ -147,7 +147,7 @@ FakeSampler = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
 def ambiguate(
     code: np.ndarray, spec: SparseSpec, rng: np.random.Generator | None = None,
-    fake_values: FakeSampler | None = None,
+    fake_values: FakeSampler | None = None, fakes: "FakeEntries | None" = None,
 ) -> tuple[AmbiguatedCode, bytes]:
     """Dense code (L, m) → (public ambiguated code, secret key bytes).
 
@@ -162,7 +162,9 @@ def ambiguate(
     A key holder recovers the compact true code with
     `pack_compact(disambiguate(code, key, m), k, value_bits, scale=released_scale(code))`.
     `fake_values(true_values, n, rng)` draws a map's fake values (default and on every
-    device: `sample_fake_values`; research runners compare other samplers through it)."""
+    device: `sample_fake_values`; research runners compare other samplers through it).
+    `fakes(code, spec, rng)` → (positions, values), each (L, k_fake), replaces both the
+    uniform fake positions and `fake_values` (e.g. `bank_fakes(bank)`)."""
     rng = rng or os_rng()
     fake_values = fake_values or sample_fake_values
     code = np.asarray(code, dtype=np.float32)
@@ -173,12 +175,16 @@ def ambiguate(
     values = np.empty((spec.L, kp), dtype=np.float32)
     mask = np.empty((spec.L, kp), dtype=bool)
     true_pos = _true_support(code, spec.k)
+    drawn = fakes(code, spec, rng) if fakes is not None else None
     for l in range(spec.L):
         t = true_pos[l]
-        free = np.setdiff1d(np.arange(spec.m), t, assume_unique=True)
-        f = rng.choice(free, size=spec.k_fake, replace=False)
         tv = code[l, t]
-        fv = fake_values(tv, spec.k_fake, rng)
+        if drawn is not None:
+            f, fv = drawn[0][l], drawn[1][l]
+        else:
+            free = np.setdiff1d(np.arange(spec.m), t, assume_unique=True)
+            f = rng.choice(free, size=spec.k_fake, replace=False)
+            fv = fake_values(tv, spec.k_fake, rng)
         pos = np.concatenate([t, f])
         val = np.concatenate([tv, fv])
         is_true = np.concatenate([np.ones(spec.k, bool), np.zeros(spec.k_fake, bool)])
@@ -188,6 +194,110 @@ def ambiguate(
         values = snap_to_grid(values, _scale(values), spec.value_bits)
     amb = AmbiguatedCode(indices=indices.astype(INDEX_DTYPE), values=values.astype(VALUE_DTYPE))
     return amb, pack_key(mask, spec.k, amb.fingerprint())
+
+
+@dataclass(frozen=True)
+class DecoyBank:
+    """What the true entries of real photos look like, per (map, position), built from the
+    public training split and shipped with a model (`decoys.npz`):
+
+    freq    float32 (L, m): share of training codes whose true support holds the position
+    values  float16 (L, m, S): signed values of true entries seen there, over their photo's
+            largest true magnitude (up to S per position; `count` of them valid)
+    count   uint16 (L, m)
+
+    `bank_fakes` draws fakes from it so that, position by position, a released entry is
+    true with the same probability k/k' everywhere and its value follows the law of true
+    values at that position (the uniform sampler put fakes on every free position alike,
+    and the per-position frequency of true entries alone then picked 3.5x chance)."""
+
+    freq: np.ndarray
+    values: np.ndarray
+    count: np.ndarray
+
+    def save(self, path: "str | object") -> None:
+        np.savez(path, freq=self.freq.astype(np.float32), values=self.values.astype(np.float16),
+                 count=self.count.astype(np.uint16))
+
+    @classmethod
+    def load(cls, path: "str | object", spec: SparseSpec) -> "DecoyBank":
+        """Read a bank (allow_pickle=False); SparseCodeError (one line) if it does not fit `spec`."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                bank = cls(freq=np.asarray(z["freq"], np.float32), values=np.asarray(z["values"], np.float16),
+                           count=np.asarray(z["count"], np.uint16))
+        except (OSError, KeyError, ValueError) as exc:
+            raise SparseCodeError(f"{path}: not a decoy bank (npz with freq, values, count): {exc}") from None
+        L, m = spec.L, spec.m
+        if bank.freq.shape != (L, m) or bank.count.shape != (L, m) or bank.values.ndim != 3 \
+                or bank.values.shape[:2] != (L, m):
+            raise SparseCodeError(f"{path}: decoy bank shapes {bank.freq.shape}/{bank.values.shape}/"
+                                  f"{bank.count.shape} do not fit L={L}, m={m}")
+        if not (np.all(np.isfinite(bank.freq)) and np.all((bank.freq >= 0) & (bank.freq <= 1))
+                and np.all(np.isfinite(bank.values.astype(np.float32)))
+                and np.all(np.abs(bank.values.astype(np.float32)) <= 1)
+                and np.all(bank.count <= bank.values.shape[2])):
+            raise SparseCodeError(f"{path}: decoy bank has frequencies outside [0, 1], values outside [-1, 1] "
+                                  "or counts beyond its sample size")
+        return bank
+
+
+def build_decoy_bank(codes: np.ndarray, k: int, samples: int = 64, seed: int = 0) -> DecoyBank:
+    """Dense training codes (N, L, m) → their DecoyBank (top-k support per map; up to
+    `samples` values per position, chosen uniformly by a seeded generator)."""
+    codes = np.asarray(codes, dtype=np.float32)
+    n, L, m = codes.shape
+    rng = np.random.default_rng(seed)
+    freq = np.zeros((L, m), np.float64)
+    values = np.zeros((L, m, samples), np.float16)
+    count = np.zeros((L, m), np.int64)
+    seen = np.zeros((L, m), np.int64)
+    for i in rng.permutation(n):
+        c = codes[i]
+        scale = max(float(np.abs(c).max()), 1e-12)
+        pos = _true_support(c, k)
+        for l in range(L):
+            for p in pos[l]:
+                freq[l, p] += 1
+                seen[l, p] += 1
+                slot = count[l, p] if count[l, p] < samples else rng.integers(0, seen[l, p])  # reservoir
+                if slot < samples:
+                    values[l, p, slot] = c[l, p] / scale
+                    count[l, p] = min(count[l, p] + 1, samples)
+    return DecoyBank(freq=(freq / max(n, 1)).astype(np.float32), values=values, count=count.astype(np.uint16))
+
+
+def bank_fakes(bank: DecoyBank) -> "Callable[[np.ndarray, SparseSpec, np.random.Generator], tuple[np.ndarray, np.ndarray]]":
+    """A fake-entry sampler for `ambiguate(..., fakes=bank_fakes(bank))`: per map, the
+    k_fake fake positions are drawn among the free positions with weights
+    f_p / (1 - f_p) (f_p: the bank's frequency of true entries at p), so that a position
+    holds a fake about k_fake/k times as often as it holds a true entry, and each fake's
+    value is one of the true values seen at its position, times the photo's largest true
+    magnitude (positions never seen true get a true value of the map, resampled)."""
+
+    def draw(code: np.ndarray, spec: SparseSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        true_pos = _true_support(code, spec.k)
+        scale = float(np.abs(code).max())
+        pos_out = np.empty((spec.L, spec.k_fake), np.int64)
+        val_out = np.empty((spec.L, spec.k_fake), np.float32)
+        for l in range(spec.L):
+            free = np.setdiff1d(np.arange(spec.m), true_pos[l], assume_unique=True)
+            f = np.clip(bank.freq[l, free].astype(np.float64), 1e-4, 0.9)
+            w = f / (1.0 - f)
+            p = rng.choice(free, size=spec.k_fake, replace=False, p=w / w.sum())
+            cnt = bank.count[l, p].astype(np.int64)
+            pick = (rng.random(p.size) * np.maximum(cnt, 1)).astype(np.int64)
+            v = bank.values[l, p, pick].astype(np.float32) * scale
+            none = cnt == 0
+            if np.any(none):
+                v[none] = rng.choice(code[l, true_pos[l]], size=int(none.sum()))
+            pos_out[l], val_out[l] = p, v
+        return pos_out, val_out
+
+    return draw
+
+
+FakeEntries = Callable[[np.ndarray, SparseSpec, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 def pack_key(mask: np.ndarray, k: int, fingerprint: bytes) -> bytes:
@@ -429,3 +539,116 @@ def unpack_compact(data: bytes, spec: SparseSpec) -> np.ndarray:
             vals = sign * level_values(words[l] & ((1 << (vb - 1)) - 1), scale, vb)
         dense[l, pos] = vals
     return dense
+
+
+# --- compact ambiguated code (the wire form) ------------------------------------------------
+AMBIGUATED_VERSION = 2  # first byte; differs from COMPACT_VERSION so the two are never confused
+
+
+def _ambiguated_layout(spec: SparseSpec) -> tuple[int, int, int]:
+    """(support bits, bits per value, total bytes) of a compact ambiguated code."""
+    if spec.value_bits is None:
+        raise SparseCodeError("the compact ambiguated format needs a card with sparse.value_bits")
+    _check_value_bits(spec.value_bits)
+    support_bits = (math.comb(spec.m, spec.k_prime) ** spec.L - 1).bit_length()
+    return support_bits, spec.value_bits, 3 + math.ceil((support_bits + spec.L * spec.k_prime * spec.value_bits) / 8)
+
+
+def ambiguated_size(spec: SparseSpec) -> int:
+    """Bytes of one compact ambiguated code for `spec` (fixed length)."""
+    return _ambiguated_layout(spec)[2]
+
+
+def pack_ambiguated(code: AmbiguatedCode, spec: SparseSpec) -> bytes:
+    """An ambiguated code whose values lie on the value_bits grid of its released scale
+    (what `ambiguate` makes for a card with value_bits) → compact bytes:
+
+        version u8 (2) | scale float16 big-endian (the largest released magnitude)
+        | bit-packed, MSB first, zero-padded: the L supports of k' positions as ONE
+          integer Σ_l rank_l · C(m, k')^l; then per map, per entry in increasing position,
+          a sign bit and a (value_bits - 1)-bit level (as in `pack_compact`)
+
+    The same photo as uint16 index + float16 value per entry would take 4·L·k' bytes."""
+    support_bits, vb, total = _ambiguated_layout(spec)
+    idx = np.asarray(code.indices).astype(np.int64)
+    if idx.shape != (spec.L, spec.k_prime):
+        raise SparseCodeError(f"ambiguated code has shape {idx.shape}, expected {(spec.L, spec.k_prime)}")
+    vals = np.asarray(code.values).astype(np.float32)
+    scale = _scale(vals)
+    levels = quantise_levels(np.abs(vals), scale, vb)
+    words = ((vals < 0).astype(np.int64) << (vb - 1)) | levels
+    c = math.comb(spec.m, spec.k_prime)
+    acc = 0
+    for l in range(spec.L - 1, -1, -1):
+        acc = acc * c + support_rank(idx[l], spec.m, spec.k_prime)
+    for w in words.ravel().tolist():
+        acc = (acc << vb) | w
+    n_body = total - 3
+    acc <<= n_body * 8 - support_bits - spec.L * spec.k_prime * vb
+    return bytes([AMBIGUATED_VERSION]) + struct.pack(">e", scale) + acc.to_bytes(n_body, "big")
+
+
+def unpack_ambiguated(data: bytes, spec: SparseSpec) -> AmbiguatedCode:
+    """Compact bytes → AmbiguatedCode (uint16 sorted indices, float16 grid values). Hostile
+    input gets a one-line SparseCodeError (HTTP 400): wrong length or version, a scale
+    that is not finite and >= 0, non-zero padding, or a support number >= C(m, k')^L
+    (which would decode to positions outside the code maps)."""
+    support_bits, vb, total = _ambiguated_layout(spec)
+    data = bytes(data)
+    if len(data) != total:
+        raise SparseCodeError(f"ambiguated code is {len(data)} bytes, expected {total} for L={spec.L}, m={spec.m}, "
+                              f"k'={spec.k_prime}, value_bits={vb}")
+    if data[0] != AMBIGUATED_VERSION:
+        raise SparseCodeError(f"ambiguated code version {data[0]} is not supported (expected {AMBIGUATED_VERSION})")
+    scale = float(np.frombuffer(data[1:3], dtype=">f2")[0])
+    if not (np.isfinite(scale) and scale >= 0):
+        raise SparseCodeError(f"ambiguated code has scale {scale}, expected a finite value >= 0")
+    acc = int.from_bytes(data[3:], "big")
+    pad = (total - 3) * 8 - support_bits - spec.L * spec.k_prime * vb
+    if acc & ((1 << pad) - 1):
+        raise SparseCodeError("ambiguated code has non-zero padding bits")
+    acc >>= pad
+    n = spec.L * spec.k_prime
+    mask = (1 << vb) - 1
+    words = np.empty(n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        words[i] = acc & mask
+        acc >>= vb
+    c = math.comb(spec.m, spec.k_prime)
+    if acc >= c ** spec.L:
+        raise SparseCodeError("ambiguated code's support number is out of range: its positions would fall "
+                              f"outside code maps of length {spec.m}")
+    indices = np.empty((spec.L, spec.k_prime), dtype=INDEX_DTYPE)
+    for l in range(spec.L):
+        acc, rank = divmod(acc, c)
+        indices[l] = support_unrank(rank, spec.m, spec.k_prime)
+    words = words.reshape(spec.L, spec.k_prime)
+    sign = np.where(words >> (vb - 1), -1.0, 1.0).astype(np.float32)
+    values = (sign * level_values(words & ((1 << (vb - 1)) - 1), scale, vb)).astype(VALUE_DTYPE)
+    return AmbiguatedCode(indices=indices, values=values)
+
+
+def code_to_arrays(code: AmbiguatedCode, spec: SparseSpec) -> dict[str, np.ndarray]:
+    """The arrays one uploaded item carries (protocol.model_card.wire_arrays): the compact
+    form as one uint8 array `code` for a card with sparse.wire "compact", else `indices`
+    and `values`."""
+    if spec.wire == "compact":
+        return {"code": np.frombuffer(pack_ambiguated(code, spec), dtype=np.uint8).copy()}
+    return {"indices": code.indices, "values": code.values}
+
+
+def code_from_arrays(arrays: dict[str, np.ndarray], spec: SparseSpec) -> AmbiguatedCode:
+    """Collector side: an uploaded item's arrays → its checked AmbiguatedCode. Raises
+    SparseCodeError (HTTP 400, one line) on anything malformed, out-of-range positions included."""
+    if spec.wire == "compact":
+        data = arrays.get("code")
+        if data is None or data.dtype != np.uint8 or data.ndim != 1:
+            raise SparseCodeError("a compact sparse code must be one uint8 array 'code'")
+        return validate_code(*_fields(unpack_ambiguated(data.tobytes(), spec)), spec)
+    if "indices" not in arrays or "values" not in arrays:
+        raise SparseCodeError("a sparse code needs the arrays 'indices' and 'values'")
+    return validate_code(arrays["indices"], arrays["values"], spec)
+
+
+def _fields(code: AmbiguatedCode) -> tuple[np.ndarray, np.ndarray]:
+    return code.indices, code.values

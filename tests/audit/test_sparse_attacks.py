@@ -91,3 +91,39 @@ def test_top_k_mask_keeps_k_per_map() -> None:
     s = np.array([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
 
     assert top_k_mask(s, 2).tolist() == [[False, True, True, False], [True, True, False, False]]
+
+
+class TwinMapsPair:
+    """Every map holds the same code: the true supports coincide across maps while each
+    map's positions are uniform. Only a model over the whole code can see it; the
+    per-position frequency is at chance."""
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels.reshape(len(pixels), -1)[:, :SPEC.m].astype(np.float32) / 255.0 - 0.5
+        return np.repeat(x[:, None, :], SPEC.L, axis=1).astype(np.float32)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        y = codes.reshape(len(codes), -1)
+        reps = -(-H * W * 3 // y.shape[1])
+        return np.tile(1 / (1 + np.exp(-y)), reps)[:, :H * W * 3].reshape(len(codes), H, W, 3).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_the_whole_code_network_finds_supports_that_co_occur_across_maps() -> None:
+    pair, spec = TwinMapsPair(), SparseSpec(L=2, m=32, k=4, k_fake=4)
+    rng = np.random.default_rng(1)
+    test = _photos(40, 2)
+    ambs, keys = zip(*(ambiguate(c, spec, rng) for c in pair.encode(test)))
+    ref = test.astype(np.float32) / 255.0
+    guess = [support_guess(a, spec.k, "random", rng) for a in ambs]
+    random_rec = pair.decode(np.stack([dense_from_mask(a, g, spec.m) for a, g in zip(ambs, guess)]))
+    base = {"random": image_quality(ref, random_rec), "authorised": image_quality(ref, ref)}
+    att = learned_support_attack(pair, SimpleNamespace(sparse=spec), _photos(2500, 3), list(ambs), list(keys), ref,
+                                 rng, baseline=base, quick=True, net_epochs=20)
+
+    chance = spec.k / spec.k_prime
+    assert att["precision"]["position_prior"] < chance + 0.1
+    assert att["precision"]["whole_code_net"] > chance + 0.15
+    lo, hi = att["precision_ci95"]["whole_code_net"]
+    assert lo <= att["precision"]["whole_code_net"] <= hi
+    assert "| network over the whole code |" in format_attack_table(att)

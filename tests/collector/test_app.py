@@ -584,3 +584,39 @@ def test_tokens_are_random_prefixed_and_never_read_as_a_command_line_option() ->
 
     assert len(set(tokens)) == len(tokens)
     assert all(t.startswith(TOKEN_PREFIX) and len(t) >= len(TOKEN_PREFIX) + 43 for t in tokens)
+
+
+def test_compact_sparse_codes_are_validated_and_trainable(tmp_path, make_kit, auditor):
+    """A card with sparse.wire "compact": items carry one uint8 array `code`; a support
+    number beyond the code maps, a wrong length or a wrong array is a 400, nothing stored."""
+    from protocol.sparse_code import ambiguated_size, pack_ambiguated
+
+    spec = SparseSpec(L=4, m=64, k=8, k_fake=8, value_bits=6, wire="compact")
+    mdir = tmp_path / "models" / "csparse"
+    mdir.mkdir(parents=True)
+    (mdir / "model.onnx").write_bytes(b"placeholder graph: the collector never runs models")
+    ModelCard(name="csparse", version="1", sha256=sha256_file(mdir / "model.onnx"), kind="sparse_code",
+              output=OutputSpec(name="code", shape=(4, 64)), sparse=spec).save(mdir)
+    auditor.sign(mdir)
+    kit = make_kit(create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(tmp_path / "models")}),
+                   load_card(mdir))
+    _, h = kit.register()
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(60):
+        code = rng.standard_normal((spec.L, spec.m)).astype(np.float32)
+        y = i % 2
+        code[0, :8] += 4.0 if y else -4.0
+        amb, _key = ambiguate(code, spec, rng)
+        wire = np.frombuffer(pack_ambiguated(amb, spec), np.uint8)
+        assert wire.size == ambiguated_size(spec)
+        items.append(UploadItem(f"c{i}", {"code": wire}, {"Smiling": y}))
+    assert kit.upload(h, kit.body(items)).json == {"stored": 60, "duplicates": 0}
+    beyond = items[0].arrays["code"].copy()
+    beyond[3:] = 255  # support number >= C(m, k')^L: positions outside the maps
+    assert_error(kit.upload(h, kit.body([UploadItem("oor", {"code": beyond}, {})])), 400, "bad_sparse_code")
+    old_style = UploadItem("old", {"indices": amb.indices, "values": amb.values}, {})
+    assert kit.upload(h, kit.body([old_style])).status_code == 422  # not the arrays the card names
+    assert kit.count() == 60
+    result = kit.client.post(routes.TRAIN, json={"task": "Smiling"}, headers=kit.staff("operator")).json
+    assert result["accuracy"] > result["majority_rate"]

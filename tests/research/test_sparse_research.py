@@ -75,3 +75,42 @@ def test_rate_table_refuses_a_bad_k(tiny_run: Path, sample_faces: Path, tmp_path
     assert rc == 2
     assert "--k" in capsys.readouterr().err
 
+
+
+@pytest.mark.slow
+def test_decoy_model_folder_is_a_valid_compact_card_that_the_audit_reads(tiny_export: Path, sample_faces: Path,
+                                                                       tmp_path: Path) -> None:
+    from audit import sparse as sparse_audit
+    from protocol.sparse_code import DecoyBank, ambiguated_size
+    from research import sparse_decoys
+    from types import SimpleNamespace
+
+    card0 = load_card(tiny_export)
+    if card0.sparse.value_bits is None:  # the tiny export has float16 values: give it a grid first
+        from dataclasses import replace
+
+        import shutil
+
+        src = tmp_path / "vb"
+        src.mkdir()
+        for name in [card0.file, *card0.extra_files]:
+            shutil.copyfile(tiny_export / name, src / name)
+        replace(card0, sparse=replace(card0.sparse, value_bits=6)).save(src)
+    else:
+        src = tiny_export
+    k = card0.sparse.k
+    out = sparse_decoys.make(src, sample_faces, tmp_path / "m", k_fake=k, version="9")
+    card = load_card(out)
+    assert card.version == "9" and card.sparse.wire == "compact" and card.sparse.decoys == "decoys.npz"
+    assert card.sha256 == card0.sha256  # the same network
+    bank = DecoyBank.load(out / "decoys.npz", card.sparse)
+    assert bank.freq.sum(axis=1) == pytest.approx(np.full(card.sparse.L, k), rel=1e-5)
+
+    report = sparse_audit.audit_sparse(out, sample_faces, tmp_path / "audit", SimpleNamespace(seed=1, quick=True))
+    assert report["rate"]["wire_bytes_per_image"] == ambiguated_size(card.sparse)
+    assert report["goals"]["wire_at_most_2x_true_code"] == (
+        ambiguated_size(card.sparse) <= 2 * report["rate"]["true_code_bytes_per_image"])
+    assert [r["wire_bytes"] for r in report["comparison"]] == [ambiguated_size(card.sparse),
+                                                               report["rate"]["true_code_bytes_per_image"],
+                                                               ambiguated_size(card.sparse)]
+    assert report["webp_aead"]["no_key_party_gets"].startswith("nothing")

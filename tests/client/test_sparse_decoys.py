@@ -1,0 +1,63 @@
+"""On device: a card with a decoy bank (sparse.decoys) and the compact wire form
+(sparse.wire = "compact"): the bank is read only when its sha256 matches the card, fakes
+come from it, and an item carries one uint8 array `code` that decodes to the drawn code."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.pipeline import Extractor, ambiguate_output, wire_arrays_of
+from protocol.errors import ModelIntegrityError
+from protocol.model_card import load_card, sha256_file, wire_arrays
+from protocol.sparse_code import build_decoy_bank, code_from_arrays, disambiguate, unpack_key
+
+from tests.client.conftest import write_tiny_sparse_model
+
+
+def _decoy_model(model_dir: Path) -> None:
+    card = write_tiny_sparse_model(model_dir)
+    sp = card.sparse
+    codes = np.zeros((200, sp.L, sp.m), np.float32)
+    codes[:, :, :20] = np.random.default_rng(0).normal(size=(200, sp.L, 20)) + 3.0  # true entries: first 20 positions
+    build_decoy_bank(codes, sp.k, samples=8).save(model_dir / "decoys.npz")
+    replace(card, sparse=replace(sp, value_bits=6, k_fake=8, decoys="decoys.npz", wire="compact"),
+            extra_files={**card.extra_files, "decoys.npz": sha256_file(model_dir / "decoys.npz")}).validate().save(model_dir)
+
+
+def test_fakes_come_from_the_bank_and_travel_compact(tmp_path: Path) -> None:
+    _decoy_model(tmp_path / "m")
+    card = load_card(tmp_path / "m")
+    ext = Extractor(card, tmp_path / "m")
+    assert ext.decoys is not None
+    code = np.random.default_rng(1).normal(size=(card.sparse.L, card.sparse.m)).astype(np.float32)
+    amb, key = ambiguate_output(card, code, ext.decoys)
+    fakes = amb.indices[~unpack_key(key)[0]].astype(int)
+    assert fakes.max() < 20  # only where the bank saw true entries
+
+    arrays = wire_arrays_of(card, None, amb)
+    (shape, dtype), = wire_arrays(card).values()
+    assert set(arrays) == {"code"} and arrays["code"].shape == shape and str(arrays["code"].dtype) == dtype
+    back = code_from_arrays(arrays, card.sparse)
+    assert np.array_equal(disambiguate(back, key, card.sparse.m), disambiguate(amb, key, card.sparse.m))
+
+
+def test_a_card_with_a_bank_never_falls_back_to_uniform_fakes(tmp_path: Path) -> None:
+    _decoy_model(tmp_path / "m")
+    card = load_card(tmp_path / "m")
+    with pytest.raises(ModelIntegrityError, match="draws fakes from decoys.npz"):
+        ambiguate_output(card, np.ones((card.sparse.L, card.sparse.m), np.float32))
+
+
+def test_a_tampered_bank_is_refused(tmp_path: Path) -> None:
+    _decoy_model(tmp_path / "m")
+    card = load_card(tmp_path / "m")
+    with np.load(tmp_path / "m" / "decoys.npz") as z:
+        parts = dict(z)
+    parts["freq"] = parts["freq"] * 0 + 0.5
+    np.savez(tmp_path / "m" / "decoys.npz", **parts)
+    with pytest.raises(ModelIntegrityError, match="sha256 differs"):
+        Extractor(card, tmp_path / "m")
