@@ -601,6 +601,7 @@ def test_compact_sparse_codes_are_validated_and_trainable(tmp_path, make_kit, au
     kit = make_kit(create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(tmp_path / "models")}),
                    load_card(mdir))
     _, h = kit.register()
+    _, h2 = kit.register()  # the collector holds out whole participants: two of them
     rng = np.random.default_rng(0)
     items = []
     for i in range(60):
@@ -611,12 +612,13 @@ def test_compact_sparse_codes_are_validated_and_trainable(tmp_path, make_kit, au
         wire = np.frombuffer(pack_ambiguated(amb, spec), np.uint8)
         assert wire.size == ambiguated_size(spec)
         items.append(UploadItem(f"c{i}", {"code": wire}, {"Smiling": y}))
-    assert kit.upload(h, kit.body(items)).json == {"stored": 60, "duplicates": 0}
+    assert kit.upload(h, kit.body(items[:30])).json == {"stored": 30, "duplicates": 0}
+    assert kit.upload(h2, kit.body(items[30:])).json == {"stored": 30, "duplicates": 0}
     beyond = items[0].arrays["code"].copy()
     beyond[3:] = 255  # support number >= C(m, k')^L: positions outside the maps
     assert_error(kit.upload(h, kit.body([UploadItem("oor", {"code": beyond}, {})])), 400, "bad_sparse_code")
     old_style = UploadItem("old", {"indices": amb.indices, "values": amb.values}, {})
     assert kit.upload(h, kit.body([old_style])).status_code == 422  # not the arrays the card names
     assert kit.count() == 60
-    result = kit.client.post(routes.TRAIN, json={"task": "Smiling"}, headers=kit.staff("operator")).json
+    result = run_training(kit, {"task": "Smiling"})["result"]
     assert result["accuracy"] > result["majority_rate"]
