@@ -253,6 +253,27 @@ def _is_storage_full(exc: BaseException) -> bool:
     return False
 
 
+DATABASE_RETRY_AFTER_S = 5  # what a 503 for a lost database asks clients to wait
+
+
+def _is_database_lost(exc: BaseException) -> bool:
+    """The database cannot be reached (a dropped or refused connection, an exhausted pool, a
+    locked or unreadable SQLite file): the request may succeed later, on this or another node."""
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, (sa.DisconnectionError, sa.TimeoutError)):
+        return True
+    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, (sa.OperationalError, sa.InterfaceError)):
+        orig = exc.orig
+        if isinstance(orig, sqlite3.OperationalError):
+            text = str(orig).lower()
+            return any(t in text for t in ("unable to open", "locked", "disk i/o"))
+        return type(orig).__module__.split(".")[0] == "psycopg"  # connection-level failures
+    return False
+
+
 def _start_timer() -> None:
     g.t0 = time.perf_counter()
 
@@ -331,7 +352,7 @@ def _error_response(status: int, body: dict[str, str]) -> Response:
 def _pric_error_response(exc: PricError) -> Response:
     resp = _error_response(exc.http_status, exc.to_json())
     retry_after = getattr(exc, "retry_after", None)
-    if exc.http_status == 429 and retry_after is not None:
+    if exc.http_status in (429, 503) and retry_after is not None:
         resp.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return resp
 
@@ -358,6 +379,13 @@ def _install_error_handlers(app: Flask) -> None:
             log.error(json.dumps({"event": "storage_full", "route": request.url_rule.rule if request.url_rule
                                   else request.path, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}))
             return _pric(InsufficientStorageError("the collector's storage is full; nothing was stored, try again later"))
+        if _is_database_lost(exc):  # 503 + Retry-After: clients retry, a balancer may try another node
+            log.error(json.dumps({"event": "database_unavailable", "route": request.url_rule.rule if request.url_rule
+                                  else request.path, "reason": type(getattr(exc, "orig", None) or exc).__name__}))
+            lost = ServerUnavailableError("the collector's database is unreachable; nothing was stored, "
+                                          "try again later")
+            lost.retry_after = DATABASE_RETRY_AFTER_S
+            return _pric(lost)
         log.exception("unhandled error on %s", request.url_rule.rule if request.url_rule else request.path)
         return _error_response(500, {"error": "internal", "message": "internal error; see the collector's log"})
 

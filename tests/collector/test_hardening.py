@@ -284,3 +284,31 @@ def test_a_body_over_the_limit_is_refused_by_the_server_before_it_is_sent(tmp_pa
         assert answer.startswith(b"HTTP/1.1 413"), answer
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("orig", ["psycopg", "sqlite"])
+def test_a_lost_database_is_503_with_retry_after_and_the_client_retries(kit, monkeypatch, orig):
+    """A node whose database is unreachable answers 503 with Retry-After (clients retry, a
+    balancer may try another node), not a 500; nothing is stored meanwhile."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    from collector import store
+
+    if orig == "psycopg":
+        psycopg = pytest.importorskip("psycopg")
+        cause: Exception = psycopg.OperationalError("connection to server at 127.0.0.1 failed: Connection refused")
+    else:
+        cause = sqlite3.OperationalError("unable to open database file")
+
+    def lost(*_a, **_k):
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, cause)
+
+    monkeypatch.setattr(store, "stats", lost)
+    resp = kit.client.get(routes.STATS, headers=kit.staff("operator"))
+    assert resp.status_code == 503
+    assert resp.json["error"] == "unavailable" and "database is unreachable" in resp.json["message"]
+    assert int(resp.headers["Retry-After"]) >= 1
+    monkeypatch.undo()
+    assert kit.client.get(routes.STATS, headers=kit.staff("operator")).status_code == 200
