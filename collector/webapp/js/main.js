@@ -2,7 +2,7 @@
 // here, upload only the model's outputs, resume after a reload, status, withdraw.
 import * as api from './api.js';
 import * as journal from './journal.js';
-import { itemId, itemKey, sha256 } from './ids.js';
+import { itemId, itemKey, sha256, unhex } from './ids.js';
 import { Model } from './model.js';
 import { PhotoError, modelInputs } from './photos.js';
 import * as R from './routes.js';
@@ -42,8 +42,48 @@ async function join() {
   } catch (err) { alertMsg(err.message); }
 }
 
+// client/cli.py PAGE_KEY_FORMAT: the file `pric-client page-key` writes
+const PAGE_KEY_FORMAT = 'pric-page-key/1';
+const MAX_PAGE_KEY_BYTES = 16 * 1024;
+
+/** pric-client's registration and item-id secret (`pric-client page-key`) → this page's
+ * registration: the page then uploads as that participant, with the ids pric-client computes.
+ * The token is sent to nobody before the file is known to be for this collector. */
+async function parsePageKey(bytes) {
+  const bad = (why) => { throw new Error(`the chosen file is not a pric-client page key: ${why}`); };
+  if (bytes.length > MAX_PAGE_KEY_BYTES) bad(`larger than ${MAX_PAGE_KEY_BYTES} bytes`);
+  let doc;
+  try { doc = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes)); } catch { bad('not JSON'); }
+  if (!doc || typeof doc !== 'object' || doc.format !== PAGE_KEY_FORMAT) bad(`its format is not ${PAGE_KEY_FORMAT}`);
+  for (const f of ['server', 'participant_id', 'token', 'item_key']) if (typeof doc[f] !== 'string' || !doc[f]) bad(`no ${f}`);
+  if (!/^[0-9a-f]{64}$/.test(doc.item_key)) bad('item_key is not 32 bytes in lowercase hex');
+  let origin;
+  try { origin = new URL(doc.server).origin; } catch { bad(`server ${doc.server.slice(0, 100)} is not a URL`); }
+  if (origin !== location.origin) {
+    throw new Error(`the chosen file is pric-client's registration at ${origin.slice(0, 200)}, not at this collector (${location.origin}): nothing was sent`);
+  }
+  return { participant_id: doc.participant_id, token: doc.token, item_key: unhex(doc.item_key) };
+}
+
+async function importKey(ev) {
+  alertMsg('');
+  const f = ev.target.files && ev.target.files[0];
+  ev.target.value = '';
+  if (!f) return;
+  try {
+    const me = await parsePageKey(new Uint8Array(await f.slice(0, MAX_PAGE_KEY_BYTES + 1).arrayBuffer()));
+    try { await api.me(me.token); }
+    catch (err) { throw new Error(err.status === 401 ? `the collector does not accept this registration any more (withdrawn?); join anew or run pric-client register --force` : err.message); }
+    state.me = { ...me, imported: true };
+    await journal.put('config', 'me', state.me);
+    show('join', false);
+    await joined();
+  } catch (err) { alertMsg(err.message); }
+  finally { document.body.dataset.imported = String(Date.now()); }
+}
+
 async function joined() {
-  $('who').textContent = `Joined as participant ${state.me.participant_id}`;
+  $('who').textContent = `Joined as participant ${state.me.participant_id}${state.me.imported ? ' (pric-client\'s registration)' : ''}`;
   state.key = await itemKey(state.me.item_key);
   show('model'); show('status');
   refreshStatus();
@@ -215,6 +255,7 @@ async function withdraw() {
 }
 
 $('join-btn').addEventListener('click', join);
+$('keyfile').addEventListener('change', importKey);
 $('agree-btn').addEventListener('click', agree);
 $('files').addEventListener('change', pick);
 $('folder').addEventListener('change', pick);
