@@ -2,7 +2,10 @@
 //   bytes ─► sniff (HEIC and non-images refused by name) ─► size guards
 //         ─► decode: createImageBitmap with the file's own colours and EXIF orientation
 //            (colorSpaceConversion 'none', imageOrientation 'from-image'): Chromium's
-//            libjpeg-turbo gives Pillow's pixels
+//            libjpeg-turbo gives Pillow's pixels. A JPEG much larger than the model's
+//            input is decoded at reduced scale, as the Python client's draft mode does
+//            (protocol.preprocess.load_image): WebCodecs' ImageDecoder with the size of
+//            Pillow's draft makes libjpeg-turbo scale in its IDCT, the same pixels again
 //         ─► faces (findFaces: the seam for the on-device detector and alignment)
 //         ─► crop box + Pillow's resize (resize.js)            → uint8 (H, W, 3)
 import { prepare } from './resize.js';
@@ -45,8 +48,50 @@ export function dimensions(bytes, kind) {
   return null;
 }
 
-/** Photo bytes → upright RGBA pixels {w, h, data}, or PhotoError naming what is wrong. */
-export async function decode(bytes) {
+/** protocol.preprocess._needed_size: the smallest whole-image size whose crop box still
+ * covers the model's input at 1:1. */
+export function neededSize(spec) {
+  const [left, top, right, bottom] = spec.crop_box;
+  return [Math.ceil(spec.width / (right - left)), Math.ceil(spec.height / (bottom - top))];
+}
+
+/** Pillow's JpegImageFile.draft: the largest of 1/8, 1/4, 1/2 (else 1) that keeps the
+ * stored (not yet EXIF-turned) w×h at least `need`; the decoded size is ceil(w/s)×ceil(h/s). */
+export function draftScale(w, h, need) {
+  const scale = Math.min(Math.floor(w / need[0]), Math.floor(h / need[1]));
+  for (const s of [8, 4, 2]) if (scale >= s) return s;
+  return 1;
+}
+
+
+/** A JPEG at 1/s scale, upright, as Pillow's draft + exif_transpose gives it; null when this
+ * browser cannot (no ImageDecoder) or does not decode at exactly that size (the caller then
+ * decodes every pixel: a measured, bounded difference, see docs/participant.md). */
+async function decodeScaled(bytes, w, h, s) {
+  if (typeof ImageDecoder !== 'function') return null;
+  const sw = Math.ceil(w / s), sh = Math.ceil(h / s);
+  let dec = null, frame = null;
+  try {
+    dec = new ImageDecoder({ data: bytes, type: 'image/jpeg', colorSpaceConversion: 'none', desiredWidth: sw, desiredHeight: sh });
+    frame = (await dec.decode()).image;
+    const fw = frame.displayWidth, fh = frame.displayHeight;
+    // the decoder turns the frame upright (EXIF orientation); a quarter turn swaps the sides
+    if (!((fw === sw && fh === sh) || (fw === sh && fh === sw))) return null;
+    const canvas = new OffscreenCanvas(fw, fh);
+    const ctx = canvas.getContext('2d', { willReadFrequently: true, colorSpace: 'srgb' });
+    ctx.drawImage(frame, 0, 0);
+    return { w: fw, h: fh, data: ctx.getImageData(0, 0, fw, fh, { colorSpace: 'srgb' }).data, scale: s };
+  } catch {
+    return null; // a broken file is named by the full decode below
+  } finally {
+    if (frame) frame.close();
+    if (dec) dec.close();
+  }
+}
+
+/** Photo bytes → upright RGBA pixels {w, h, data}, or PhotoError naming what is wrong.
+ * With the card's input `spec`, a large JPEG is decoded at Pillow's draft scale. */
+export async function decode(bytes, spec = null) {
   if (bytes.length === 0) throw new PhotoError('empty file');
   if (bytes.length > R.MAX_FILE_BYTES) throw new PhotoError(`file is larger than ${R.MAX_FILE_BYTES / 2 ** 20} MiB`);
   const kind = sniff(bytes);
@@ -54,6 +99,13 @@ export async function decode(bytes) {
   if (kind === null) throw new PhotoError('not a recognised image format');
   const dims = dimensions(bytes, kind);
   if (dims && dims[0] * dims[1] > R.MAX_PIXELS) throw new PhotoError(`${dims[0]}x${dims[1]} pixels exceeds the limit of ${R.MAX_PIXELS} (too large to decode safely)`);
+  if (kind === 'jpeg' && spec && dims) {
+    const s = draftScale(dims[0], dims[1], neededSize(spec));
+    if (s > 1) {
+      const img = await decodeScaled(bytes, dims[0], dims[1], s);
+      if (img) return img;
+    }
+  }
   let bitmap;
   try {
     bitmap = await createImageBitmap(new Blob([bytes]), { colorSpaceConversion: 'none', imageOrientation: 'from-image', premultiplyAlpha: 'none' });
@@ -90,6 +142,6 @@ export async function findFaces(img, card) {
 
 /** Photo bytes → [uint8 (H, W, 3) model input per face]. */
 export async function modelInputs(bytes, card) {
-  const img = await decode(bytes);
+  const img = await decode(bytes, card.input);
   return (await findFaces(img, card)).map((face) => prepare(face, card.input));
 }
