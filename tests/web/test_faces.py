@@ -73,7 +73,12 @@ def aligned_model(models: Path) -> Path:
 
 def sign(model_dir: Path, keys: Path) -> Path:
     """A throw-away auditor signs the card; the collector and the page trust its key."""
-    from protocol.attestation import build_statement, generate_key, load_private_key, save_envelope
+    from protocol.attestation import (
+        build_statement,
+        generate_key,
+        load_private_key,
+        save_envelope,
+    )
     from protocol.attestation import sign as sign_statement
 
     keys.mkdir(parents=True)
