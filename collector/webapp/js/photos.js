@@ -6,7 +6,7 @@
 //            input is decoded at reduced scale, as the Python client's draft mode does
 //            (protocol.preprocess.load_image): WebCodecs' ImageDecoder with the size of
 //            Pillow's draft makes libjpeg-turbo scale in its IDCT, the same pixels again
-//         ─► faces (findFaces: the seam for the on-device detector and alignment)
+//         ─► faces, for a card with alignment (faces.js: the card's detector and aligner)
 //         ─► crop box + Pillow's resize (resize.js)            → uint8 (H, W, 3)
 import { DETECTOR_FILES, FaceDetector, photoFaces } from './faces.js';
 import { sha256 } from './ids.js';
