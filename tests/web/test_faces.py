@@ -48,8 +48,10 @@ PAGE = """async ([token]) => {
   for (const n of ['pnet.onnx', 'rnet.onnx', 'onet.onnx']) files[n] = (await api.modelFile(token, card.model_id, n)).data;
   let refused = '';
   try { await P.loadDetector(card, { ...files, 'rnet.onnx': files['pnet.onnx'] }); } catch (e) { refused = e.message; }
+  let badCard = '';
+  try { await P.loadDetector({ ...card, alignment: { ...card.alignment, detector: { ...card.alignment.detector, factor: 1 } } }, files); } catch (e) { badCard = e.message; }
   const detector = await P.loadDetector(card, files);
-  const out = { refused, photos: {} };
+  const out = { refused, badCard, photos: {} };
   for (const f of Array.from(document.getElementById('faces').files)) {
     const got = await P.photoItems(new Uint8Array(await f.arrayBuffer()), card, detector);
     out.photos[f.name] = got.items.map((it) => { let s = ''; for (let i = 0; i < it.pixels.length; i += 0x8000) s += String.fromCharCode(...it.pixels.subarray(i, i + 0x8000)); return [it.face, btoa(s)]; });
@@ -157,6 +159,7 @@ def test_page_finds_and_aligns_faces_as_the_client(live, page_of, tmp_path, alig
     page.set_input_files("#faces", [str(p) for p in files])
     got = page.evaluate(PAGE, [me["token"]])
     assert "rnet.onnx" in got["refused"] and "not the card's" in got["refused"]
+    assert "factor must be a number in [0.3, 0.9]" in got["badCard"]  # a pyramid that would never end
     ext = Extractor(card, model_dir)
     n = compare(got["photos"], files, ext)
     assert n >= 2 * len(files)  # the two pasted faces of each scene at least

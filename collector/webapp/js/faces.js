@@ -183,6 +183,25 @@ function crops(img, rows, size) {
   return out;
 }
 
+/** AlignmentSpec.problems / DetectorSpec.problems: the bounds a card's alignment section must
+ * keep (a card comes from the collector; a factor of 1 would never end the pyramid). */
+export function alignmentProblems(al) {
+  const out = [], num = (v) => typeof v === 'number' && Number.isFinite(v);
+  const d = al && al.detector;
+  if (!d || typeof d !== 'object') return ['alignment: detector must be an object'];
+  if (!Array.isArray(d.thresholds) || d.thresholds.length !== 3 || !d.thresholds.every((v) => num(v) && v > 0 && v < 1)) out.push('detector thresholds must be 3 numbers in (0, 1)');
+  if (!(num(d.factor) && d.factor >= 0.3 && d.factor <= 0.9)) out.push('detector factor must be a number in [0.3, 0.9]');
+  if (!(Number.isInteger(d.min_face) && d.min_face >= 12 && d.min_face <= 4096)) out.push('detector min_face must be an integer in [12, 4096]');
+  const fr = al.frame;
+  const frameOk = Array.isArray(fr) && fr.length === 2 && fr.every((v) => Number.isInteger(v) && v >= 16 && v <= 1024);
+  if (!frameOk) out.push('alignment frame must be 2 integers (width, height) in [16, 1024]');
+  const t = al.template;
+  if (!(Array.isArray(t) && t.length === 5 && t.every((p) => Array.isArray(p) && p.length === 2 && p.every(num)))) out.push('alignment template must be 5 points (x, y) of finite numbers');
+  else if (frameOk && !t.every(([x, y]) => x >= 0 && x <= fr[0] && y >= 0 && y <= fr[1])) out.push('alignment template points must lie inside the frame');
+  if (al.method !== 'similarity-5pt') out.push(`alignment method must be 'similarity-5pt'`);
+  return out;
+}
+
 /** protocol.faces.FaceDetector: sessions {pnet, rnet, onet} (Model-like: run(Float32Array, dims)). */
 export class FaceDetector {
   constructor(spec, nets) { this.spec = spec; this.nets = nets; }

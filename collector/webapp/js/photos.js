@@ -8,7 +8,7 @@
 //            Pillow's draft makes libjpeg-turbo scale in its IDCT, the same pixels again
 //         ─► faces, for a card with alignment (faces.js: the card's detector and aligner)
 //         ─► crop box + Pillow's resize (resize.js)            → uint8 (H, W, 3)
-import { DETECTOR_FILES, FaceDetector, photoFaces } from './faces.js';
+import { DETECTOR_FILES, FaceDetector, alignmentProblems, photoFaces } from './faces.js';
 import { sha256 } from './ids.js';
 import { loadNet } from './model.js';
 import { prepare } from './resize.js';
@@ -145,7 +145,9 @@ export async function decode(bytes, spec = null) {
  * card binds both) before onnxruntime sees them. */
 export async function loadDetector(card, files) {
   const al = card.alignment;
-  if (!al || !al.detector || typeof al.detector.files !== 'object') throw new PhotoError('the card has no face detector');
+  if (!al || !al.detector || typeof al.detector.files !== 'object' || al.detector.files === null) throw new PhotoError('the card has no face detector');
+  const problems = alignmentProblems(al);
+  if (problems.length) throw new PhotoError(`the card's alignment section: ${problems.join('; ')}`);
   const nets = {};
   for (const name of DETECTOR_FILES) {
     const want = al.detector.files[name];
