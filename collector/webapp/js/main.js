@@ -222,7 +222,7 @@ async function transformPicked(ev) {
   await flush();
   const faceNote = card.alignment ? ` ${faces} face(s) found${small ? `, ${small} too small left out` : ''}.` : '';
   $('photo-state').textContent = `${state.pending.length} to send, ${known} already sent, ${bad} skipped (see below).${faceNote} Nothing has left this device yet.`;
-  $('upload-btn').textContent = `Upload ${state.pending.length} photos' model outputs`;
+  $('upload-btn').textContent = `Upload ${state.pending.length} ${card.alignment ? 'faces' : 'photos'}' model outputs`;
   show('upload-btn', state.pending.length > 0);
 }
 
@@ -251,7 +251,7 @@ async function upload() {
       prog.value = sent;
       $('photo-state').textContent = `Uploaded ${sent} of ${total}`;
     }
-    alertMsg(`Uploaded ${sent} photos' model outputs (${stored} new, ${dups} the collector already had).`, true);
+    alertMsg(`Uploaded ${sent} ${card.alignment ? 'faces' : 'photos'}' model outputs (${stored} new, ${dups} the collector already had).`, true);
   } catch (err) {
     alertMsg(`${err.message} (${state.pending.length} photos wait; press Upload again)`);
     $('upload-btn').textContent = `Upload the remaining ${state.pending.length}`;
