@@ -11,6 +11,7 @@
     pric-client [--home DIR] status [--json]
     pric-client [--home DIR] withdraw
     pric-client [--home DIR] keys export --out FILE [--items ID ...] [--model MODEL_ID]
+    pric-client [--home DIR] page-key --out FILE [--force]
     pric-client [--home DIR] decode --key-file K --codes FILE.npz --out DIR [--model-dir DIR]
 
 `--home` defaults to $PRIC_CLIENT_HOME, else the per-user config folder (platformdirs).
@@ -556,6 +557,33 @@ def cmd_transform(args: argparse.Namespace, home: Home, con: Console) -> int:
     return EXIT_OK
 
 
+# --- page-key: this registration for the participant's page -----------------------------
+# the file's format tag; the page (collector/webapp/js/main.js) accepts exactly this one
+PAGE_KEY_FORMAT = "pric-page-key/1"
+
+
+def cmd_page_key(args: argparse.Namespace, home: Home, con: Console) -> int:
+    """Write this registration and its item-id secret to a file (mode 0600) that the
+    participant's page imports, so the page uploads as this participant with the ids this
+    client computes: the same photo gets the same id from both and is stored once. The
+    secret goes from this device to the participant's browser only; the collector never
+    sees it (the page checks the file names the collector that serves it before it sends
+    the token anywhere)."""
+    config = home.load_config()
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise InvalidInputError(f"{out}: already exists; pass --force to replace it")
+    doc = {"format": PAGE_KEY_FORMAT, "server": config.server, "participant_id": config.participant_id,
+           "token": config.token, "item_key": home.item_key().hex()}
+    from client.home import write_private
+
+    write_private(out, (json.dumps(doc, indent=1) + "\n").encode())
+    con.say(f"registration of participant {config.participant_id} at {config.server} and its item-id secret written "
+            f"to {out} (mode 0600): choose it in the page ({config.server}/app/) under \"Join\"; whoever holds "
+            "this file can upload and withdraw as you: delete it once imported")
+    return EXIT_OK
+
+
 # --- keys and decode (authorised data user) ------------------------------------------
 def cmd_keys_export(args: argparse.Namespace, home: Home, con: Console) -> int:
     if not home.keys_path.exists():
@@ -763,6 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "the collector also revokes your token unless --keep-token")
     s.add_argument("--keep-token", action="store_true", help="stay registered (the token keeps working)")
     s.set_defaults(func=cmd_withdraw)
+
+    s = sub.add_parser("page-key", help="write this registration and its item-id secret for the participant's page "
+                       "(JSON, mode 0600), so the page and this client give a photo the same item id")
+    s.add_argument("--out", required=True, help="the file to write (imported in the page's Join step)")
+    s.add_argument("--force", action="store_true", help="replace an existing file")
+    s.set_defaults(func=cmd_page_key)
 
     keys = sub.add_parser("keys", help="ambiguation keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

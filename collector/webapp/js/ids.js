@@ -20,3 +20,13 @@ export async function itemId(key, photoSha256, modelSha256) {
   msg.set(unhex(modelSha256), 32);
   return hex(await crypto.subtle.sign('HMAC', key, msg));
 }
+
+/** client.pipeline.face_digest: what stands for the photo in a face's item id,
+ * sha256(photo sha256 ‖ "pric-face" ‖ face index as 4 bytes big-endian), hex. */
+export async function faceDigest(photoSha256, index) {
+  const msg = new Uint8Array(32 + 9 + 4);
+  msg.set(unhex(photoSha256), 0);
+  msg.set(new TextEncoder().encode('pric-face'), 32);
+  new DataView(msg.buffer).setUint32(41, index);
+  return sha256(msg);
+}

@@ -2,9 +2,10 @@
 // here, upload only the model's outputs, resume after a reload, status, withdraw.
 import * as api from './api.js';
 import * as journal from './journal.js';
-import { itemId, itemKey, sha256 } from './ids.js';
+import { faceDigest, itemId, itemKey, sha256, unhex } from './ids.js';
 import { Model } from './model.js';
-import { PhotoError, modelInputs } from './photos.js';
+import { DETECTOR_FILES } from './faces.js';
+import { PhotoError, loadDetector, photoItems } from './photos.js';
 import * as R from './routes.js';
 import { TrustError, cardDigest, checkPolicy, loadKey, summary, verifiedAttestations } from './trust.js';
 import { encodeBatch } from './wire.js';
@@ -42,8 +43,48 @@ async function join() {
   } catch (err) { alertMsg(err.message); }
 }
 
+// client/cli.py PAGE_KEY_FORMAT: the file `pric-client page-key` writes
+const PAGE_KEY_FORMAT = 'pric-page-key/1';
+const MAX_PAGE_KEY_BYTES = 16 * 1024;
+
+/** pric-client's registration and item-id secret (`pric-client page-key`) → this page's
+ * registration: the page then uploads as that participant, with the ids pric-client computes.
+ * The token is sent to nobody before the file is known to be for this collector. */
+async function parsePageKey(bytes) {
+  const bad = (why) => { throw new Error(`the chosen file is not a pric-client page key: ${why}`); };
+  if (bytes.length > MAX_PAGE_KEY_BYTES) bad(`larger than ${MAX_PAGE_KEY_BYTES} bytes`);
+  let doc;
+  try { doc = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes)); } catch { bad('not JSON'); }
+  if (!doc || typeof doc !== 'object' || doc.format !== PAGE_KEY_FORMAT) bad(`its format is not ${PAGE_KEY_FORMAT}`);
+  for (const f of ['server', 'participant_id', 'token', 'item_key']) if (typeof doc[f] !== 'string' || !doc[f]) bad(`no ${f}`);
+  if (!/^[0-9a-f]{64}$/.test(doc.item_key)) bad('item_key is not 32 bytes in lowercase hex');
+  let origin;
+  try { origin = new URL(doc.server).origin; } catch { bad(`server ${doc.server.slice(0, 100)} is not a URL`); }
+  if (origin !== location.origin) {
+    throw new Error(`the chosen file is pric-client's registration at ${origin.slice(0, 200)}, not at this collector (${location.origin}): nothing was sent`);
+  }
+  return { participant_id: doc.participant_id, token: doc.token, item_key: unhex(doc.item_key) };
+}
+
+async function importKey(ev) {
+  alertMsg('');
+  const f = ev.target.files && ev.target.files[0];
+  ev.target.value = '';
+  if (!f) return;
+  try {
+    const me = await parsePageKey(new Uint8Array(await f.slice(0, MAX_PAGE_KEY_BYTES + 1).arrayBuffer()));
+    try { await api.me(me.token); }
+    catch (err) { throw new Error(err.status === 401 ? `the collector does not accept this registration any more (withdrawn?); join anew or run pric-client register --force` : err.message); }
+    state.me = { ...me, imported: true };
+    await journal.put('config', 'me', state.me);
+    show('join', false);
+    await joined();
+  } catch (err) { alertMsg(err.message); }
+  finally { document.body.dataset.imported = String(Date.now()); }
+}
+
 async function joined() {
-  $('who').textContent = `Joined as participant ${state.me.participant_id}`;
+  $('who').textContent = `Joined as participant ${state.me.participant_id}${state.me.imported ? ' (pric-client\'s registration)' : ''}`;
   state.key = await itemKey(state.me.item_key);
   show('model'); show('status');
   refreshStatus();
@@ -56,13 +97,22 @@ async function checkModel() {
     const tok = state.me.token;
     const card = await api.modelCard(tok);
     if (card.kind !== 'features') throw new TrustError(`model ${card.model_id} is a ${card.kind} model: ambiguation is not in the page yet; use the Python client`);
-    const [envs, file, anchor] = await Promise.all([
+    // a card that finds faces brings its detector's three files (extra_files): fetched and
+    // hashed with the model, bound by the same attestation, checked again before use
+    const detectorNames = card.alignment ? DETECTOR_FILES : [];
+    const [envs, file, anchor, ...detFiles] = await Promise.all([
       api.attestations(tok, card.model_id), api.modelFile(tok, card.model_id, card.file),
-      api.call(R.WEB_TRUST_KEY, { what: 'trust anchor' })]);
+      api.call(R.WEB_TRUST_KEY, { what: 'trust anchor' }),
+      ...detectorNames.map((n) => api.modelFile(tok, card.model_id, n))]);
     const digest = await sha256(file.data);
     if (digest !== card.sha256) throw new TrustError(`model ${card.model_id}: the served file's sha256 ${digest.slice(0, 12)}… is not the card's`);
+    const held = { [card.file]: digest };
+    for (const [i, n] of detectorNames.entries()) {
+      held[n] = await sha256(detFiles[i].data);
+      if (held[n] !== (card.extra_files || {})[n]) throw new TrustError(`model ${card.model_id}: the served detector file ${n} has sha256 ${held[n].slice(0, 12)}…, not the card's`);
+    }
     const key = await loadKey(anchor);
-    const good = await verifiedAttestations(card, envs.attestations || [], new Map([[key.keyid, key]]), { [card.file]: digest });
+    const good = await verifiedAttestations(card, envs.attestations || [], new Map([[key.keyid, key]]), held);
     for (const v of good) {
       const by = `model ${card.model_id} (audited by ${v.key.name || v.key.keyid.slice(0, 16)})`;
       if (v.predicate.data && v.predicate.data.quick) throw new TrustError(`${by}: the attestation signs a smoke run (pric-audit --quick), not an audit`);
@@ -70,6 +120,8 @@ async function checkModel() {
     }
     state.card = card; state.good = good;
     state.model = await Model.load(card, file.data);
+    state.detector = card.alignment
+      ? await loadDetector(card, Object.fromEntries(detectorNames.map((n, i) => [n, detFiles[i].data]))) : null;
     $('summary').textContent = summary(card, good, 1).join('\n');
     show('summary'); show('trust-note');
     const consent = await journal.get('consent', card.model_id);
@@ -119,7 +171,7 @@ async function transformPicked(ev) {
   pickers(false); // one pick at a time
   const files = Array.from(ev.target.files || []);
   state.pending = [];
-  let known = 0, bad = 0, done = 0;
+  let known = 0, bad = 0, done = 0, faces = 0, small = 0;
   const seen = new Set(); // item ids of this pick: a photo picked twice is sent once
   const prog = $('progress'); prog.max = files.length || 1; prog.value = 0; show('progress');
   const card = state.card;
@@ -134,15 +186,31 @@ async function transformPicked(ev) {
     const name = f.webkitRelativePath || f.name;
     try {
       const bytes = new Uint8Array(await f.arrayBuffer());
-      const id = await itemId(state.key, await sha256(bytes), card.sha256);
-      if (seen.has(id) || await journal.isDone(card.model_id, id)) { known++; }
-      else {
-        seen.add(id);
-        const faces = await modelInputs(bytes, card);
-        // one item per photo, as the Python client: its first face
-        chunk.push({ id, name, pixels: faces[0] });
-        if (chunk.length >= RUN_CHUNK) await flush();
+      const photoSha = await sha256(bytes);
+      if (!card.alignment) {
+        // one item per photo, as the Python client
+        const id = await itemId(state.key, photoSha, card.sha256);
+        if (seen.has(id) || await journal.isDone(card.model_id, id)) { known++; }
+        else {
+          seen.add(id);
+          chunk.push({ id, name, pixels: (await photoItems(bytes, card)).items[0].pixels });
+        }
+      } else {
+        // one item per face, with the Python client's per-face ids (client.pipeline.face_digest)
+        const got = await photoItems(bytes, card, state.detector);
+        for (const line of got.problems) problem(name, line);
+        small += got.small;
+        let fresh = 0;
+        for (const it of got.items) {
+          const id = await itemId(state.key, await faceDigest(photoSha, it.face), card.sha256);
+          if (seen.has(id) || await journal.isDone(card.model_id, id)) continue;
+          seen.add(id); fresh++;
+          chunk.push({ id, name: `${name} (face ${it.face + 1})`, pixels: it.pixels });
+        }
+        if (!fresh && got.items.length) known++;
+        faces += got.items.length;
       }
+      if (chunk.length >= RUN_CHUNK) await flush();
     } catch (err) {
       if (!(err instanceof PhotoError)) { alertMsg(`${name}: ${err.message}`); }
       else problem(name, err.message);
@@ -152,8 +220,9 @@ async function transformPicked(ev) {
     $('photo-state').textContent = `${done} of ${files.length} photos looked at here`;
   }
   await flush();
-  $('photo-state').textContent = `${state.pending.length} to send, ${known} already sent, ${bad} skipped (see below). Nothing has left this device yet.`;
-  $('upload-btn').textContent = `Upload ${state.pending.length} photos' model outputs`;
+  const faceNote = card.alignment ? ` ${faces} face(s) found${small ? `, ${small} too small left out` : ''}.` : '';
+  $('photo-state').textContent = `${state.pending.length} to send, ${known} already sent, ${bad} skipped (see below).${faceNote} Nothing has left this device yet.`;
+  $('upload-btn').textContent = `Upload ${state.pending.length} ${card.alignment ? 'faces' : 'photos'}' model outputs`;
   show('upload-btn', state.pending.length > 0);
 }
 
@@ -182,7 +251,7 @@ async function upload() {
       prog.value = sent;
       $('photo-state').textContent = `Uploaded ${sent} of ${total}`;
     }
-    alertMsg(`Uploaded ${sent} photos' model outputs (${stored} new, ${dups} the collector already had).`, true);
+    alertMsg(`Uploaded ${sent} ${card.alignment ? 'faces' : 'photos'}' model outputs (${stored} new, ${dups} the collector already had).`, true);
   } catch (err) {
     alertMsg(`${err.message} (${state.pending.length} photos wait; press Upload again)`);
     $('upload-btn').textContent = `Upload the remaining ${state.pending.length}`;
@@ -215,6 +284,7 @@ async function withdraw() {
 }
 
 $('join-btn').addEventListener('click', join);
+$('keyfile').addEventListener('change', importKey);
 $('agree-btn').addEventListener('click', agree);
 $('files').addEventListener('change', pick);
 $('folder').addEventListener('change', pick);

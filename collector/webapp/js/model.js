@@ -45,3 +45,14 @@ export class Model {
     return inputs.map((_, i) => data.subarray(i * this.per, (i + 1) * this.per));
   }
 }
+
+/** One of the face detector's nets (protocol.faces): float32 NCHW in, its one output out.
+ * bytes: the file whose sha256 was checked against the attested card. */
+export async function loadNet(bytes) {
+  const session = await ort.InferenceSession.create(bytes, { executionProviders: ['wasm'], graphOptimizationLevel: 'all' });
+  const input = session.inputNames[0], output = session.outputNames[0];
+  return async (x, dims) => {
+    const out = (await session.run({ [input]: new ort.Tensor('float32', x, dims) }))[output];
+    return { data: out.data, dims: out.dims.map(Number) };
+  };
+}

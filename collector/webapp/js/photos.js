@@ -2,9 +2,15 @@
 //   bytes ─► sniff (HEIC and non-images refused by name) ─► size guards
 //         ─► decode: createImageBitmap with the file's own colours and EXIF orientation
 //            (colorSpaceConversion 'none', imageOrientation 'from-image'): Chromium's
-//            libjpeg-turbo gives Pillow's pixels
-//         ─► faces (findFaces: the seam for the on-device detector and alignment)
+//            libjpeg-turbo gives Pillow's pixels. A JPEG much larger than the model's
+//            input is decoded at reduced scale, as the Python client's draft mode does
+//            (protocol.preprocess.load_image): WebCodecs' ImageDecoder with the size of
+//            Pillow's draft makes libjpeg-turbo scale in its IDCT, the same pixels again
+//         ─► faces, for a card with alignment (faces.js: the card's detector and aligner)
 //         ─► crop box + Pillow's resize (resize.js)            → uint8 (H, W, 3)
+import { DETECTOR_FILES, FaceDetector, alignmentProblems, photoFaces } from './faces.js';
+import { sha256 } from './ids.js';
+import { loadNet } from './model.js';
 import { prepare } from './resize.js';
 import * as R from './routes.js';
 
@@ -45,15 +51,70 @@ export function dimensions(bytes, kind) {
   return null;
 }
 
-/** Photo bytes → upright RGBA pixels {w, h, data}, or PhotoError naming what is wrong. */
-export async function decode(bytes) {
+/** protocol.preprocess._needed_size: the smallest whole-image size whose crop box still
+ * covers the model's input at 1:1. */
+export function neededSize(spec) {
+  const [left, top, right, bottom] = spec.crop_box;
+  return [Math.ceil(spec.width / (right - left)), Math.ceil(spec.height / (bottom - top))];
+}
+
+/** Pillow's JpegImageFile.draft: the largest of 1/8, 1/4, 1/2 (else 1) that keeps the
+ * stored (not yet EXIF-turned) w×h at least `need`; the decoded size is ceil(w/s)×ceil(h/s). */
+export function draftScale(w, h, need) {
+  const scale = Math.min(Math.floor(w / need[0]), Math.floor(h / need[1]));
+  for (const s of [8, 4, 2]) if (scale >= s) return s;
+  return 1;
+}
+
+
+/** A JPEG at 1/s scale, upright, as Pillow's draft + exif_transpose gives it; null when this
+ * browser cannot (no ImageDecoder) or does not decode at exactly that size (the caller then
+ * decodes every pixel: a measured, bounded difference, see docs/participant.md). */
+async function decodeScaled(bytes, w, h, s) {
+  if (typeof ImageDecoder !== 'function') return null;
+  const sw = Math.ceil(w / s), sh = Math.ceil(h / s);
+  let dec = null, frame = null;
+  try {
+    dec = new ImageDecoder({ data: bytes, type: 'image/jpeg', colorSpaceConversion: 'none', desiredWidth: sw, desiredHeight: sh });
+    frame = (await dec.decode()).image;
+    const fw = frame.displayWidth, fh = frame.displayHeight;
+    // the decoder turns the frame upright (EXIF orientation); a quarter turn swaps the sides
+    if (!((fw === sw && fh === sh) || (fw === sh && fh === sw))) return null;
+    const canvas = new OffscreenCanvas(fw, fh);
+    const ctx = canvas.getContext('2d', { willReadFrequently: true, colorSpace: 'srgb' });
+    ctx.drawImage(frame, 0, 0);
+    return { w: fw, h: fh, data: ctx.getImageData(0, 0, fw, fh, { colorSpace: 'srgb' }).data, scale: s };
+  } catch {
+    return null; // a broken file is named by the full decode below
+  } finally {
+    if (frame) frame.close();
+    if (dec) dec.close();
+  }
+}
+
+/** Photo bytes → upright RGBA pixels {w, h, data}, or PhotoError naming what is wrong.
+ * With the card's input `spec`, a large JPEG is decoded at Pillow's draft scale. */
+/** The checks before decoding: size, and a format the page can decode. */
+function checkBytes(bytes) {
   if (bytes.length === 0) throw new PhotoError('empty file');
   if (bytes.length > R.MAX_FILE_BYTES) throw new PhotoError(`file is larger than ${R.MAX_FILE_BYTES / 2 ** 20} MiB`);
   const kind = sniff(bytes);
   if (kind === 'heic') throw new PhotoError('HEIC photo: browsers cannot decode HEIC; use the Python client (pric-client), which reads it');
   if (kind === null) throw new PhotoError('not a recognised image format');
+  return kind;
+}
+
+export async function decode(bytes, spec = null) {
+  const kind = checkBytes(bytes);
   const dims = dimensions(bytes, kind);
   if (dims && dims[0] * dims[1] > R.MAX_PIXELS) throw new PhotoError(`${dims[0]}x${dims[1]} pixels exceeds the limit of ${R.MAX_PIXELS} (too large to decode safely)`);
+  if (kind === 'jpeg' && spec && dims) {
+    const s = draftScale(dims[0], dims[1], neededSize(spec));
+    if (s > 1) {
+      const img = await decodeScaled(bytes, dims[0], dims[1], s);
+      if (img) return img;
+    }
+  }
   let bitmap;
   try {
     bitmap = await createImageBitmap(new Blob([bytes]), { colorSpaceConversion: 'none', imageOrientation: 'from-image', premultiplyAlpha: 'none' });
@@ -79,17 +140,47 @@ export async function decode(bytes) {
   }
 }
 
-/** The faces of a photo as images to prepare. The seam for on-device face finding and
- * alignment (issue 18's detector and aligner, the same ONNX files as the Python client):
- * until a card asks for them, the whole upright photo is the one face, and the card's crop
- * box picks the face region (celeba-aligned photos). */
-export async function findFaces(img, card) {
-  if (card.input && card.input.face) throw new PhotoError('this model asks for face alignment, which the page cannot do yet; use the Python client');
-  return [img];
+/** A card's face detector in the page: its three ONNX files (name → bytes), each checked
+ * against the sha256 the card's alignment section and its extra_files state (the attested
+ * card binds both) before onnxruntime sees them. */
+export async function loadDetector(card, files) {
+  const al = card.alignment;
+  if (!al || !al.detector || typeof al.detector.files !== 'object' || al.detector.files === null) throw new PhotoError('the card has no face detector');
+  const problems = alignmentProblems(al);
+  if (problems.length) throw new PhotoError(`the card's alignment section: ${problems.join('; ')}`);
+  const nets = {};
+  for (const name of DETECTOR_FILES) {
+    const want = al.detector.files[name];
+    if (!want || (card.extra_files || {})[name] !== want) throw new PhotoError(`detector file ${name}: the card's alignment and extra_files disagree`);
+    const got = await sha256(files[name]);
+    if (got !== want) throw new PhotoError(`detector file ${name}: its sha256 ${got.slice(0, 12)}… is not the card's; refusing to use the detector`);
+    nets[name.replace('.onnx', '')] = await loadNet(files[name]);
+  }
+  return new FaceDetector(al.detector, nets);
+}
+
+/** Photo bytes → its items, as client.pipeline.Extractor.decode_items: without alignment
+ * one item (face null); with it one per face found (face: its index, largest first), a
+ * problem line per face that cannot be aligned, `small` faces left out for their size.
+ * PhotoError for a photo that cannot be decoded or has no face. */
+export async function photoItems(bytes, card, detector = null, options = {}) {
+  if (!card.alignment) return { items: [{ face: null, pixels: prepare(await decode(bytes, card.input), card.input) }], problems: [], small: 0 };
+  if (!detector) throw new PhotoError('this model finds faces, and its detector is not loaded');
+  checkBytes(bytes);
+  const kind = sniff(bytes);
+  const dims = dimensions(bytes, kind);
+  const dec = (b, need) => decode(b, need ? { crop_box: [0, 0, 1, 1], width: need[0], height: need[1] } : null);
+  const got = await photoFaces(bytes, kind, dims, card.alignment, detector, dec, options);
+  if (!got.faces.length && !got.small) throw new PhotoError('no face found');
+  const out = { items: [], problems: [], small: got.small };
+  for (const f of got.faces) {
+    if (f.error) out.problems.push(f.error.message);
+    else out.items.push({ face: f.index, pixels: prepare(f.image, card.input) });
+  }
+  return out;
 }
 
 /** Photo bytes → [uint8 (H, W, 3) model input per face]. */
-export async function modelInputs(bytes, card) {
-  const img = await decode(bytes);
-  return (await findFaces(img, card)).map((face) => prepare(face, card.input));
+export async function modelInputs(bytes, card, detector = null) {
+  return (await photoItems(bytes, card, detector)).items.map((it) => it.pixels);
 }
