@@ -143,14 +143,14 @@ def one_face_scene(crop: Image.Image, background: Image.Image, rng: np.random.Ge
 
 def celeba_scenes(data_dir: str, out: Path, seed: int, limit: int | None = None) -> dict:
     """Every photo of the data set (or the first `limit`) as a one-face scene, in the
-    CelebA layout: the same file names under out/images, the label, identity and split
+    data set's layout (CelebA, or images/ + labels.csv): the same file names under out/images, the label, identity and split
     files copied, so a tool reading the data set reads the scenes instead."""
     import shutil
 
     data = load_faces(data_dir, RAW, progress=False, announce=False, limit=limit)
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for name in ("list_attr_celeba.txt", "identity_CelebA.txt", "list_eval_partition.txt"):
+    for name in ("list_attr_celeba.txt", "identity_CelebA.txt", "list_eval_partition.txt", "labels.csv"):
         if (Path(data_dir) / name).is_file():
             shutil.copyfile(Path(data_dir) / name, out / name)
     n = len(data.filenames)
