@@ -8,7 +8,10 @@
    the reduced-scale (draft) decode the client starts with. Goal: >= 0.5 of decode alone.
 2. Thumbnails (356x436 scenes of research/scenes.py's kind): the pipeline with detection vs
    decode + resize (what a card without alignment does per photo). Goal: >= 0.5.
-CPU seconds per photo of each (process time: steadier than wall time on a shared machine).
+CPU seconds per photo of each (process time: steadier than wall time on a shared machine),
+and where the pipeline's CPU goes: the detector's three networks (calls and crops per
+photo), the crops cut for R- and O-Net, and the rest (decode, pyramid resizes, NMS, warp,
+the model).
 """
 
 from __future__ import annotations
@@ -47,6 +50,35 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
+class StageClock:
+    """CPU time and inputs of each detector stage, by wrapping the detector's callables."""
+
+    def __init__(self, detector) -> None:
+        import protocol.faces as faces
+
+        self.ms: dict[str, float] = {}
+        self.items: dict[str, int] = {}
+        for net in ("pnet", "rnet", "onet"):
+            setattr(detector, net, self._wrap(net, getattr(detector, net)))
+        faces.crops = self._wrap("crops", faces.crops)
+
+    def _wrap(self, name: str, fn):
+        def timed_call(*args):
+            c = time.process_time()
+            out = fn(*args)
+            self.ms[name] = self.ms.get(name, 0.0) + 1e3 * (time.process_time() - c)
+            self.items[name] = self.items.get(name, 0) + (len(args[0]) if name != "crops" else len(args[1]))
+            return out
+        return timed_call
+
+    def reset(self) -> None:
+        self.ms.clear()
+        self.items.clear()
+
+    def per_photo(self, n: int) -> dict[str, dict[str, float]]:
+        return {k: {"cpu_ms": self.ms[k] / n, "inputs": self.items[k] / n} for k in self.ms}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", required=True)
@@ -73,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         (thumb_dir / f"{i:03d}.jpg").write_bytes(photo(face, bg, (356, 436), [(1.0, (int(rng.integers(0, 260)),
                                                                                      int(rng.integers(0, 320))))]))
     ex = Extractor(card, model_dir, threads=1)
+    clock = StageClock(ex.aligner.detector)
     result: dict[str, object] = {"model": card.model_id}
     for name, folder in (("12mp", big_dir), ("thumbnails", thumb_dir)):
         files = sorted(folder.glob("*.jpg"))
         datas = [f.read_bytes() for f in files]
         skipped: list[str] = []
+        clock.reset()
         items: list[int] = []
         pipe = timed(lambda: [items.append(len(rows)) for rows in ex.stream(files, 64, lambda p_, r: skipped.append(p_),
                                                                               workers=1)])
@@ -92,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         n = len(files)
         row: dict[str, object] = {"photos": n, "faces_sent": sum(items), "skipped": len(skipped),
                                   "pipeline_photos_per_s": n / pipe[0], "pipeline_cpu_ms_per_photo": 1e3 * pipe[1] / n}
+        row["detector_stages_per_photo"] = clock.per_photo(n)
         for what, (wall, cpu) in limits.items():
             row[what] = {"photos_per_s": n / wall, "cpu_ms_per_photo": 1e3 * cpu / n,
                          "pipeline_ratio_wall": (n / pipe[0]) / (n / wall), "pipeline_ratio_cpu": cpu / pipe[1]}

@@ -17,6 +17,11 @@
         truth (the blurred background is itself a face photo, often the largest face); the
         collector's logistic classifier fitted on train-crop releases, scored on both
     python -m research.scenes attach --model M --out DIR    a copy of M with the alignment
+    python -m research.scenes celeba --out DIR [--seed 0] [--limit N]   the whole data set
+        as one-face scenes in the CelebA layout (same file names, labels, identities and
+        split): each photo's crop pasted as `make` does over a faceless background (another
+        photo's tiles shuffled and blurred), so pric-audit can audit scene features (the
+        audit aligns the face nearest the centre: the background must hold none)
 
 Landmark error = mean distance of the 5 landmarks / the ground truth's eye distance (NME).
 A face counts as found when a detection's NME to it is below 0.5.
@@ -103,6 +108,61 @@ def paste_transform(rng: np.random.Generator, scene: tuple[int, int], taken: lis
     return None
 
 
+def faceless_background(photo: Image.Image, size: tuple[int, int], rng: np.random.Generator,
+                        tiles: int = 6) -> Image.Image:
+    """A photo's colours and textures without its face: cut into tiles x tiles pieces,
+    shuffled, resized to `size` and blurred."""
+    w, h = photo.size
+    xs, ys = np.linspace(0, w, tiles + 1).astype(int), np.linspace(0, h, tiles + 1).astype(int)
+    pieces = [photo.crop((xs[i], ys[j], xs[i + 1], ys[j + 1])) for j in range(tiles) for i in range(tiles)]
+    out = Image.new("RGB", (xs[1] * tiles, ys[1] * tiles))
+    for k, idx in enumerate(rng.permutation(len(pieces))):
+        out.paste(pieces[idx].resize((xs[1], ys[1])), ((k % tiles) * xs[1], (k // tiles) * ys[1]))
+    return out.resize(size, Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(6))
+
+
+def paste_face(scene: Image.Image, crop: Image.Image, sim: Similarity) -> None:
+    """The crop warped by `sim` into the scene, in place."""
+    face = warp(crop, sim, scene.size)
+    mask = warp(Image.new("L", crop.size, 255), sim, scene.size)
+    scene.paste(face, (0, 0), mask)
+
+
+def one_face_scene(crop: Image.Image, background: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A scene SCENE_SCALE times the crop's size: the crop (an 89x109 aligned face) at a
+    random position, scale and turn over a faceless background made from another photo."""
+    size = (CELEBA_FRAME[0] * SCENE_SCALE, CELEBA_FRAME[1] * SCENE_SCALE)
+    if crop.size != CELEBA_FRAME:
+        crop = crop.resize(CELEBA_FRAME, Image.Resampling.BICUBIC)
+    scene = faceless_background(background, size, rng)
+    sim = paste_transform(rng, size, [])
+    assert sim is not None  # one face always fits a scene 4x its size
+    paste_face(scene, crop, sim)
+    return scene
+
+
+def celeba_scenes(data_dir: str, out: Path, seed: int, limit: int | None = None) -> dict:
+    """Every photo of the data set (or the first `limit`) as a one-face scene, in the
+    data set's layout (CelebA, or images/ + labels.csv): the same file names under out/images, the label, identity and split
+    files copied, so a tool reading the data set reads the scenes instead."""
+    import shutil
+
+    data = load_faces(data_dir, RAW, progress=False, announce=False, limit=limit)
+    rng = np.random.default_rng(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("list_attr_celeba.txt", "identity_CelebA.txt", "list_eval_partition.txt", "labels.csv"):
+        if (Path(data_dir) / name).is_file():
+            shutil.copyfile(Path(data_dir) / name, out / name)
+    n = len(data.filenames)
+    for i in range(n):
+        # the background from a photo of another person (another index; identities differ
+        # almost always, and its face is shuffled away in any case)
+        j = (i + 1 + int(rng.integers(n - 1))) % n
+        scene = one_face_scene(Image.fromarray(data.pixels[i]), Image.fromarray(data.pixels[j]), rng)
+        scene.save(out / "images" / data.filenames[i], quality=92)
+    return {"scenes": n, "out": str(out), "seed": seed}
+
+
 def make(data_dir: str, out: Path, n: int, faces: tuple[int, int], seed: int) -> dict:
     data = load_faces(data_dir, RAW, progress=False, announce=False)
     det = detector()
@@ -135,9 +195,7 @@ def make(data_dir: str, out: Path, n: int, faces: tuple[int, int], seed: int) ->
             sim = paste_transform(rng, size, taken)
             if sim is None:
                 break
-            face = warp(crop, sim, size)
-            mask = warp(Image.new("L", crop.size, 255), sim, size)
-            scene.paste(face, (0, 0), mask)
+            paste_face(scene, crop, sim)
             items.append({"source": data.filenames[i], "scale": sim.scale, "angle": sim.angle,
                           "landmarks": sim.apply(f.landmarks).round(3).tolist(),
                           "Smiling": int(data.labels[i, smiling]), "Male": int(data.labels[i, male])})
@@ -328,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "model.onnx: a model trained on crops, fed aligned faces)")
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
+    s = sub.add_parser("celeba", help="the data set as one-face scenes in the CelebA layout (for pric-audit)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--limit", type=int, default=None, help="the first N photos only")
     a = p.parse_args(argv)
     try:
         if a.cmd == "template":
@@ -337,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = make(a.data, Path(a.out), a.n, (int(lo), int(hi or lo)), a.seed)
         elif a.cmd == "detect":
             result = detect(a.data, Path(a.scenes))
+        elif a.cmd == "celeba":
+            result = celeba_scenes(a.data, Path(a.out), a.seed, a.limit)
         elif a.cmd == "attach":
             result = attach_alignment(Path(a.model), Path(a.out))
         else:

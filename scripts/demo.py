@@ -1,16 +1,21 @@
 """`make demo`: the whole system on one machine, end to end.
 
-1. takes the shipped Smiling-decision release (`pric-male-decision`) with the attestation
-   it ships with, signed by the project's release key, which participants trust by default.
+1. takes the shipped Smiling-decision release for real photos (`pric-male-decision-aligned`:
+   its card has an alignment section, so the client finds each face with the shipped
+   detector and aligns it before the model sees it) with the attestation it ships with,
+   signed by the project's release key, which participants trust by default.
    (The anonymized-features release `pric-male` passes a participant's default policy for
    a few photos only: pooled over 10 photos of one person its features give gender away
    0.883 of the time, so an album is refused; the decision release stays near chance.)
 2. starts a collector (SQLite in a temporary folder) on 127.0.0.1 that trusts that key
    and so publishes the signed model;
 3. registers three participants, each with its own client home, who read the consent
-   summary of the model's attestation (printed) and upload shares of the photos (celeba-10k
-   when present, else 48 bundled thumbnails) with Smiling labels: only the model's
-   outputs leave the "device";
+   summary of the model's attestation (printed) and upload shares of the photos with
+   Smiling labels: only the model's outputs leave the "device". The photos are scenes
+   made from face crops (celeba-10k when present, else 48 bundled thumbnails; see
+   research/scenes.py): each face pasted at a random place, size and turn into a photo
+   four times its size, plus one photo without a face per album, which the client skips
+   with one line;
 4. trains the collector's Smiling classifier on what was uploaded, prints its accuracy and
    stops the server.
 """
@@ -56,8 +61,26 @@ def _pick_photos(data_dir: Path, per_participant: int) -> tuple[list[Path], dict
     return photos, labels
 
 
-# the release a participant's default policy accepts for a whole album (see step 1)
-DEMO_MODEL = "pric-male-decision"
+# the release a participant's default policy accepts for a whole album, with alignment (see step 1)
+DEMO_MODEL = "pric-male-decision-aligned"
+NO_FACE = "no-face.jpg"
+
+
+def _album(album: Path, mine: list[Path], backgrounds: list[Path], seed: int) -> None:
+    """Scene photos of `mine` (same file names, so the labels apply) and one photo without
+    a face, written into `album`."""
+    import numpy as np
+    from PIL import Image
+
+    from research.scenes import faceless_background, one_face_scene
+
+    rng = np.random.default_rng(seed)
+    album.mkdir()
+    for k, photo in enumerate(mine):
+        with Image.open(photo) as crop, Image.open(backgrounds[(k + 1) % len(backgrounds)]) as bg:
+            one_face_scene(crop.convert("RGB"), bg.convert("RGB"), rng).save(album / photo.name, quality=92)
+    with Image.open(backgrounds[0]) as bg:
+        faceless_background(bg.convert("RGB"), (356, 436), rng).save(album / NO_FACE, quality=92)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,11 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             home = work / f"participant-{n + 1}"
             mine = photos[n * share:(n + 1) * share] if n < 2 else photos[2 * share:]
             _run([BIN / "pric-client", "--home", home, "register", "--server", url])
-            # each participant's photos sit in an album folder that the client walks
+            # each participant's photos sit in an album folder that the client walks: scenes
+            # in which the client has to find the face (and a photo with none)
             album = work / f"album-{n + 1}"
-            album.mkdir()
-            for photo in mine:
-                shutil.copy(photo, album / photo.name)
+            _album(album, mine, photos, seed=n)
+            print(f"album {n + 1}: {len(mine)} scene photos with one face each, 1 without a face", flush=True)
             # --yes: the demo consents for its participants; the summary they would be asked about is printed
             _run([BIN / "pric-client", "--home", home, "upload", album, "--labels", labels_csv, "--yes"])
 
