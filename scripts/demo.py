@@ -130,8 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             album = work / f"album-{n + 1}"
             _album(album, mine, photos, seed=n)
             print(f"album {n + 1}: {len(mine)} scene photos with one face each, 1 without a face", flush=True)
-            # --yes: the demo consents for its participants; the summary they would be asked about is printed
-            _run([BIN / "pric-client", "--home", home, "upload", album, "--labels", labels_csv, "--yes"])
+            # --yes: the demo consents for its participants; the summary they would be asked about is printed.
+            # --faces largest: each scene holds one person, whose photo's label is the face's label
+            _run([BIN / "pric-client", "--home", home, "upload", album, "--labels", labels_csv, "--yes",
+                  "--faces", "largest"])
 
         _run([BIN / "pric-collector", "stats", "--data-dir", data])
         result = _run([BIN / "pric-collector", "train", "--task", "Smiling", "--data-dir", data,

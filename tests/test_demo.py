@@ -25,5 +25,5 @@ def test_demo_runs_end_to_end_on_scenes_of_the_bundled_thumbnails(sample_faces, 
     assert len(re.findall(rf"skipped \S*{NO_FACE}: no face found", err)) == 3
     stored = [int(n) for n in re.findall(r"(\d+) stored, 0 already there, 1 skipped \(errors\), 0 faces below "
                                          r"--min-face 20 px", out)]
-    assert len(stored) == 3 and all(n >= 16 for n in stored), out[-3000:]
+    assert len(stored) == 3 and all(n == 16 for n in stored), out[-3000:]  # one face per scene (--faces largest)
     assert "Smiling classifier trained by the collector on uploaded Smiling decisions: held-out accuracy" in out
