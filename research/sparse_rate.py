@@ -7,7 +7,7 @@ reconstruction, the measured bytes, and plain and best-of-resolutions JPEG at th
 (`audit.sparse._jpeg_row`). No training, no ambiguation: it answers "which k and
 value_bits put the most quality into the bytes a key holder keeps".
 
-    python -m research.sparse_rate --run /work/runs/sparse-celeba-v3ft --data DIR \
+    python -m research.sparse_rate --run runs/sparse-celeba-v3ft --data DIR \
         --k 15,20,24,28 --value-bits 5,6,7,8 --n 400 --out DIR
 
 Writes OUT/sparse_rate.json and prints a markdown table.
