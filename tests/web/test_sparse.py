@@ -155,3 +155,44 @@ def test_the_page_key_and_compact_code_are_the_protocols_bytes(live, page_of):
     back = code_from_arrays({"code": np.frombuffer(bytes(got["code"]), np.uint8)}, sp)
     assert (back.indices == amb.indices).all() and (back.values == amb.values).all()
     assert isinstance(back, AmbiguatedCode) and Path(MODEL_DIR).is_dir()
+
+
+def test_the_pages_fakes_are_not_told_apart_by_magnitude_and_decoy_cards_are_refused(live, page_of):
+    """protocol.sparse_code.sample_fake_values' property, on the page's draws: keeping the
+    k largest (or smallest) released magnitudes recovers the true support only at chance
+    k/k'; each page code decodes with its key to the top-k of its input."""
+    sp = load_card(MODEL_DIR).sparse
+    rng = np.random.default_rng(5)
+    n = 60
+    codes = rng.laplace(size=(n, sp.L, sp.m)).astype(np.float32)
+    lv = live()
+    page = page_of(lv)
+    page.goto(lv.url + routes.WEB_APP)
+    got = page.evaluate("""async ([L, m, k, kFake, vb, flat, n]) => {
+      const s = await import('./static/js/sparse.js');
+      const card = {model_id: 't@1', sparse: {L, m, k, k_fake: kFake, value_bits: vb}, output: {shape: [L, m], dtype: 'float32'}};
+      const spec = s.sparseSpec(card), data = Float32Array.from(flat), out = [];
+      for (let i = 0; i < n; i++) {
+        const c = await s.ambiguate(data.subarray(i * L * m, (i + 1) * L * m), spec);
+        out.push({idx: Array.from(c.indices), vals: Array.from(c.values), key: Array.from(c.key)});
+      }
+      let decoy = '';
+      try { s.sparseSpec({...card, sparse: {...card.sparse, decoys: 'decoys.npz'}}); } catch (e) { decoy = e.message; }
+      return {out, decoy};
+    }""", [sp.L, sp.m, sp.k, sp.k_fake, sp.value_bits, codes.ravel().tolist(), n])
+    assert "decoy bank" in got["decoy"] and "pric-client" in got["decoy"]
+    largest, smallest = [], []
+    for dense, c in zip(codes, got["out"]):
+        amb = AmbiguatedCode(indices=np.array(c["idx"], np.uint16).reshape(sp.L, sp.k_prime),
+                             values=np.array(c["vals"], np.float16).reshape(sp.L, sp.k_prime))
+        key = bytes(c["key"])
+        true = disambiguate(amb, key, sp.m)
+        want = quantise_code(dense, sp.k, sp.value_bits, scale=released_scale(amb)).astype(np.float16).astype(np.float32)
+        assert (true == want).all()  # the page's grid, support and key, exactly the protocol's
+        mask = unpack_key(key)[0]
+        order = np.argsort(np.abs(amb.values.astype(np.float32)), axis=1, kind="stable")
+        largest.append(np.take_along_axis(mask, order[:, -sp.k:], axis=1).mean())
+        smallest.append(np.take_along_axis(mask, order[:, :sp.k], axis=1).mean())
+    chance = sp.k / sp.k_prime
+    assert abs(np.mean(largest) - chance) < 0.03 and abs(np.mean(smallest) - chance) < 0.03, \
+        (np.mean(largest), np.mean(smallest), chance)

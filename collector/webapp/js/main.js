@@ -158,7 +158,7 @@ function preview(name, pixels, out) {
   c.getContext('2d').putImageData(img, 0, 0);
   const fig = document.createElement('figure');
   const cap = document.createElement('figcaption');
-  cap.textContent = `sends ${out.length} numbers`;
+  cap.textContent = state.sparse ? `sends ${state.sparse.kPrime} per map, ${state.sparse.kFake} fake` : `sends ${out.length} numbers`;
   cap.title = `${name}: stays here; sent: ${Array.from(out.slice(0, 6), (v) => v.toFixed(3)).join(', ')}…`;
   fig.append(c, cap);
   $('previews').append(fig);
