@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -645,11 +646,13 @@ def model_audit_file(model_id: str, name: str) -> Response:
     folder = _audit_folder(model_id)
     if folder is None or name not in {e.name for e in _audit_entries(folder)}:
         raise missing
-    try:
-        fd = os.open(folder / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:  # no link followed, and a file swapped for a FIFO since the listing neither blocks nor is read
+        fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         raise missing from None
     with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise missing
         data = f.read(routes.MAX_AUDIT_FILE_BYTES + 1)
     suffix = Path(name).suffix
     if len(data) > routes.MAX_AUDIT_FILE_BYTES or (suffix == ".png" and not data.startswith(_PNG_MAGIC)):

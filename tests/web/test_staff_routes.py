@@ -4,6 +4,7 @@ only .json/.md/.png within the size limit. No browser needed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -69,6 +70,26 @@ def test_traversal_links_and_other_files_are_refused(kit, name):
     resp = client.get(routes.model_audit_url("pric-male@6", name), headers=auth[OPERATOR])
     assert resp.status_code == 404, (name, resp.status_code)
     assert b"secret" not in resp.data and b"model_id" not in resp.data
+
+
+def test_a_fifo_is_neither_listed_nor_read(kit):
+    _app, client, auth, audit = kit
+    os.mkfifo(audit / "pipe.json")
+    names = [f["name"] for f in client.get(routes.model_audit_url("pric-male@6"), headers=auth[OPERATOR]).json["files"]]
+    assert "pipe.json" not in names
+    assert client.get(routes.model_audit_url("pric-male@6", "pipe.json"), headers=auth[OPERATOR]).status_code == 404
+
+
+def test_a_file_swapped_for_a_fifo_after_the_listing_is_not_read(kit, monkeypatch):
+    """The race: listed as a plain file, a FIFO when opened; answered 404 at once, not blocking."""
+    import types
+
+    import collector.app as app_module
+
+    _app, client, auth, audit = kit
+    os.mkfifo(audit / "pipe.json")
+    monkeypatch.setattr(app_module, "_audit_entries", lambda folder: [types.SimpleNamespace(name="pipe.json")])
+    assert client.get(routes.model_audit_url("pric-male@6", "pipe.json"), headers=auth[OPERATOR]).status_code == 404
 
 
 def test_a_file_over_the_limit_is_not_served(kit, monkeypatch):
