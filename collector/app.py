@@ -19,8 +19,11 @@ import hmac
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -589,6 +592,78 @@ def job(job_id: str) -> Response:
     if not (job_id.isascii() and job_id.isdigit()) or len(job_id) > 18:  # str.isdigit alone takes "١"
         raise NotFoundError(f"job {job_id[:40]!r}: no such job")
     return jsonify(jobs.get_job(state().db, int(job_id)))
+
+
+@operation("GET", routes.JOBS)
+def jobs_list() -> Response:
+    authorize(OPERATOR)
+    status = request.args.get("status")
+    if status is not None and status not in jobs.STATUSES:
+        raise InvalidInputError(f"query parameter status must be one of {', '.join(jobs.STATUSES)}")
+    limit = _int_arg("limit", 50, 1, routes.MAX_JOBS_LIMIT)
+    return jsonify({"jobs": jobs.list_jobs(state().db, status=status, limit=limit)})
+
+
+# A model's audit report lives in <model dir>/audit/ (docs/collector.md): plain files whose
+# names match routes.AUDIT_FILE_NAME_RE, no links, each at most routes.MAX_AUDIT_FILE_BYTES.
+AUDIT_DIR = "audit"
+_AUDIT_NAME = re.compile(routes.AUDIT_FILE_NAME_RE)
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _audit_folder(model_id: str) -> Path | None:
+    folder = state().registry.get(model_id).directory / AUDIT_DIR  # NotFoundError: not served
+    return folder if folder.is_dir() and not folder.is_symlink() else None
+
+
+def _audit_entries(folder: Path | None) -> list[os.DirEntry]:
+    """The servable files of an audit folder, by name: regular files (not links) of an
+    allowed name and kind, within the size limit."""
+    if folder is None:
+        return []
+    with os.scandir(folder) as it:
+        found = [e for e in it if _AUDIT_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+                 and e.stat(follow_symlinks=False).st_size <= routes.MAX_AUDIT_FILE_BYTES]
+    return sorted(found, key=lambda e: e.name)[:routes.MAX_AUDIT_FILES]
+
+
+@operation("GET", routes.MODEL_AUDIT)
+def model_audit(model_id: str) -> Response:
+    authorize(OPERATOR, AUDITOR)
+    entries = _audit_entries(_audit_folder(model_id))
+    return jsonify({"model_id": model_id, "files": [
+        {"name": e.name, "bytes": e.stat(follow_symlinks=False).st_size,
+         "type": routes.AUDIT_FILE_TYPES[Path(e.name).suffix]} for e in entries]})
+
+
+@operation("GET", routes.MODEL_AUDIT_FILE)
+def model_audit_file(model_id: str, name: str) -> Response:
+    """One listed file, read without following links and bounded while read; a PNG must be one."""
+    authorize(OPERATOR, AUDITOR)
+    missing = NotFoundError(f"model {model_id!r} has no audit file {name[:80]!r}")
+    if not _AUDIT_NAME.fullmatch(name):
+        raise missing
+    folder = _audit_folder(model_id)
+    if folder is None or name not in {e.name for e in _audit_entries(folder)}:
+        raise missing
+    try:  # no link followed, and a file swapped for a FIFO since the listing neither blocks nor is read
+        fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise missing from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise missing
+        data = f.read(routes.MAX_AUDIT_FILE_BYTES + 1)
+    suffix = Path(name).suffix
+    if len(data) > routes.MAX_AUDIT_FILE_BYTES or (suffix == ".png" and not data.startswith(_PNG_MAGIC)):
+        raise missing
+    resp = Response(data, mimetype=routes.AUDIT_FILE_TYPES[suffix])
+    # shown by the staff page only (fetched with the token, shown as a blob): never run as a page
+    resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    if suffix != ".png":
+        resp.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return resp
 
 
 @operation("GET", routes.EXPORT)

@@ -24,6 +24,10 @@ STATS = f"{API}/stats"                       # GET: operator only
 TRAIN = f"{API}/train"                       # POST: operator only, {"task": "Smiling"}
 EXPORT = f"{API}/export"                     # GET: auditor/operator, read-only stored items
 JOB = f"{API}/jobs/<job_id>"                 # GET: operator, a queued job's status and result (POST TRAIN's answer)
+JOBS = f"{API}/jobs"                         # GET: operator, recent jobs newest first (?status=&limit=)
+# GET: operator/auditor, the files of a model's audit report (<model dir>/audit/: .json, .md, .png)
+MODEL_AUDIT = f"{API}/models/<model_id>/audit"
+MODEL_AUDIT_FILE = f"{API}/models/<model_id>/audit/<name>"  # GET: operator/auditor, one of those files
 
 # Rate-limit budgets a route draws on (collector.limits): uploads and reads per token,
 # registration and the public API description per client address.
@@ -51,6 +55,14 @@ MAX_LABELS_PER_ITEM = 64
 MAX_EXPORT_LIMIT = 1000  # items per GET EXPORT page
 MAX_EXPORT_OFFSET = 2**62
 DEFAULT_TIMEOUT_S = 30.0
+MAX_JOBS_LIMIT = 200  # jobs per GET JOBS answer
+JOB_STATUSES = ("queued", "running", "done", "failed")
+# A model's audit report as served: at most MAX_AUDIT_FILES files of these kinds, each at
+# most MAX_AUDIT_FILE_BYTES; a name is AUDIT_FILE_NAME_RE (no folder, no dot first).
+MAX_AUDIT_FILES = 64
+MAX_AUDIT_FILE_BYTES = 8 * 1024 * 1024
+AUDIT_FILE_TYPES = {".json": "application/json", ".md": "text/markdown; charset=utf-8", ".png": "image/png"}
+AUDIT_FILE_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}(\.[A-Za-z0-9_-]{1,16})*\.(json|md|png)$"
 # The request line and headers the collector's server reads before the app sees anything
 # (gunicorn's limit_request_line, limit_request_fields, limit_request_field_size).
 MAX_REQUEST_LINE_BYTES = 4094
@@ -243,6 +255,40 @@ OPERATIONS: tuple[Operation, ...] = (
                       {"name": "limit", "in": "query", "required": False,
                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_EXPORT_LIMIT}})),
 )
+
+
+OPERATIONS += (
+    Operation("GET", JOBS, "jobs_list", "Recent jobs, newest first: status, attempts, result or error",
+              (ROLE_OPERATOR,), RATE_READ, 200,
+              _json({"type": "object", "required": ["jobs"],
+                     "properties": {"jobs": {"type": "array", "maxItems": MAX_JOBS_LIMIT,
+                                             "items": {"type": "object", "required": ["id", "status"]}}}}),
+              (400, *_AUTH_ERRORS),
+              params=({"name": "status", "in": "query", "required": False,
+                       "schema": {"type": "string", "enum": list(JOB_STATUSES)}},
+                      {"name": "limit", "in": "query", "required": False,
+                       "schema": {"type": "integer", "minimum": 1, "maximum": MAX_JOBS_LIMIT}})),
+    Operation("GET", MODEL_AUDIT, "model_audit", "The files of a published model's audit report (operators and "
+              "auditors)", (ROLE_OPERATOR, ROLE_AUDITOR), RATE_READ, 200,
+              _json({"type": "object", "required": ["model_id", "files"],
+                     "properties": {"model_id": _STR, "files": {
+                         "type": "array", "maxItems": MAX_AUDIT_FILES, "items": {
+                             "type": "object", "required": ["name", "bytes", "type"],
+                             "properties": {"name": _STR, "bytes": _COUNT, "type": _STR}}}}}),
+              (*_AUTH_ERRORS, 404), params=(_MODEL_ID_PARAM,)),
+    Operation("GET", MODEL_AUDIT_FILE, "model_audit_file", "One file of a published model's audit report "
+              "(.json, .md or .png)", (ROLE_OPERATOR, ROLE_AUDITOR), RATE_READ, 200,
+              {"application/json": {}, "text/markdown": {"type": "string"},
+               "image/png": {"type": "string", "format": "binary"}},
+              (*_AUTH_ERRORS, 404),
+              params=(_MODEL_ID_PARAM, {"name": "name", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": AUDIT_FILE_NAME_RE}})),
+)
+
+
+def model_audit_url(model_id: str, name: str | None = None) -> str:
+    url = MODEL_AUDIT.replace("<model_id>", model_id)
+    return url if name is None else f"{url}/{name}"
 
 
 def operation(method: str, path: str) -> Operation:

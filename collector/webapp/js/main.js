@@ -8,7 +8,8 @@ import { DETECTOR_FILES } from './faces.js';
 import { PhotoError, loadDetector, photoItems } from './photos.js';
 import * as R from './routes.js';
 import { TrustError, cardDigest, checkPolicy, loadKey, summary, verifiedAttestations } from './trust.js';
-import { encodeBatch } from './wire.js';
+import { encodeArrays, encodeBatch } from './wire.js';
+import { ambiguate, codeArrays, keyFile, sparseSpec, wireArrays } from './sparse.js';
 
 const $ = (id) => document.getElementById(id);
 const UPLOAD_BATCH = 64; // items per upload at most (and within MAX_BATCH_ITEMS and MAX_BODY_BYTES)
@@ -96,7 +97,9 @@ async function checkModel() {
   try {
     const tok = state.me.token;
     const card = await api.modelCard(tok);
-    if (card.kind !== 'features') throw new TrustError(`model ${card.model_id} is a ${card.kind} model: ambiguation is not in the page yet; use the Python client`);
+    if (card.kind !== 'features' && card.kind !== 'sparse_code') throw new TrustError(`model ${card.model_id} is a ${String(card.kind).slice(0, 40)} model, which this page does not know; use the Python client`);
+    // a sparse card: its ambiguation checked against the page's own floor before anything is fetched
+    const spec = card.kind === 'sparse_code' ? sparseSpec(card) : null;
     // a card that finds faces brings its detector's three files (extra_files): fetched and
     // hashed with the model, bound by the same attestation, checked again before use
     const detectorNames = card.alignment ? DETECTOR_FILES : [];
@@ -118,11 +121,15 @@ async function checkModel() {
       if (v.predicate.data && v.predicate.data.quick) throw new TrustError(`${by}: the attestation signs a smoke run (pric-audit --quick), not an audit`);
       checkPolicy(v.predicate.measured, 1, by);
     }
-    state.card = card; state.good = good;
+    state.card = card; state.good = good; state.sparse = spec;
     state.model = await Model.load(card, file.data);
     state.detector = card.alignment
       ? await loadDetector(card, Object.fromEntries(detectorNames.map((n, i) => [n, detFiles[i].data]))) : null;
-    $('summary').textContent = summary(card, good, 1).join('\n');
+    const lines = summary(card, good, 1);
+    if (spec) lines.splice(lines.length - 1, 0, `Each code map is sent with ${spec.k} true and ${spec.kFake} fake values; only holders of your keys can tell them apart. The keys stay in this browser (save them below to share them).`);
+    $('summary').textContent = lines.join('\n');
+    show('keys', Boolean(spec));
+    if (spec) refreshKeys();
     show('summary'); show('trust-note');
     const consent = await journal.get('consent', card.model_id);
     const agreed = Boolean(consent && consent.sha256 === card.sha256 && consent.card === await cardDigest(card));
@@ -151,7 +158,7 @@ function preview(name, pixels, out) {
   c.getContext('2d').putImageData(img, 0, 0);
   const fig = document.createElement('figure');
   const cap = document.createElement('figcaption');
-  cap.textContent = `sends ${out.length} numbers`;
+  cap.textContent = state.sparse ? `sends ${state.sparse.kPrime} per map, ${state.sparse.kFake} fake` : `sends ${out.length} numbers`;
   cap.title = `${name}: stays here; sent: ${Array.from(out.slice(0, 6), (v) => v.toFixed(3)).join(', ')}…`;
   fig.append(c, cap);
   $('previews').append(fig);
@@ -179,7 +186,22 @@ async function transformPicked(ev) {
   const flush = async () => {
     if (!chunk.length) return;
     const outs = await state.model.run(chunk.map((c) => c.pixels));
-    chunk.forEach((c, i) => { state.pending.push({ item_id: c.id, array: outs[i] }); preview(c.name, c.pixels, outs[i]); });
+    if (!state.sparse) {
+      chunk.forEach((c, i) => { state.pending.push({ item_id: c.id, array: outs[i] }); preview(c.name, c.pixels, outs[i]); });
+    } else {
+      // ambiguated here; the keys (with their codes) are kept before anything is sent, and a
+      // code drawn before (an upload cut short, a reload) is sent again as it was
+      const fresh = [];
+      for (const [i, c] of chunk.entries()) {
+        const kept = await journal.getKey(card.model_id, c.id);
+        const code = kept ? { indices: kept.indices, values: new Float16Array(kept.values.buffer.slice(0)) }
+          : await ambiguate(outs[i], state.sparse);
+        if (!kept) fresh.push({ item_id: c.id, model_id: card.model_id, key: code.key, indices: code.indices, values: new Uint16Array(code.values.buffer.slice(0)) });
+        state.pending.push({ item_id: c.id, arrays: codeArrays(code, state.sparse) });
+        preview(c.name, c.pixels, Float32Array.from(code.values));
+      }
+      await journal.putKeys(fresh);
+    }
     chunk = [];
   };
   for (const f of files) {
@@ -233,7 +255,9 @@ async function upload() {
   show('upload-btn', false);
   pickers(false); // a new pick would replace the photos being sent
   const card = state.card, total = state.pending.length;
-  const perItem = 4 * card.output.shape.reduce((a, b) => a * b, 1) + 200; // values + header share, bytes
+  const specs = state.sparse ? wireArrays(state.sparse) : null;
+  const perItem = (specs ? specs.reduce((a, x) => a + x.shape.reduce((p, q) => p * q, 1) * (x.dtype === 'uint8' ? 1 : 2), 0)
+    : 4 * card.output.shape.reduce((a, b) => a * b, 1)) + 200; // values + header share, bytes
   const batchSize = Math.max(1, Math.min(UPLOAD_BATCH, R.MAX_BATCH_ITEMS, Math.floor(R.MAX_BODY_BYTES / 2 / perItem)));
   const prog = $('progress'); prog.max = total; prog.value = 0;
   let sent = 0, stored = 0, dups = 0;
@@ -244,7 +268,7 @@ async function upload() {
     for (const v of state.good) checkPolicy(v.predicate.measured, held, `model ${card.model_id} (audited by ${v.key.name || v.key.keyid.slice(0, 16)})`);
     while (state.pending.length) {
       const batch = state.pending.slice(0, batchSize);
-      const got = await api.upload(state.me.token, encodeBatch(card, batch));
+      const got = await api.upload(state.me.token, specs ? encodeArrays(card, specs, batch) : encodeBatch(card, batch));
       await journal.markDone(card.model_id, batch.map((b) => b.item_id)); // acknowledged: never sent again
       state.pending.splice(0, batch.length);
       sent += batch.length; stored += got.stored; dups += got.duplicates;
@@ -260,6 +284,23 @@ async function upload() {
   pickers(true);
   document.body.dataset.uploaded = String(Date.now());
   refreshStatus();
+  if (state.sparse) refreshKeys();
+}
+
+async function refreshKeys() {
+  const n = (await journal.allKeys()).filter((r) => r.model_id === state.card.model_id).length;
+  $('keys-text').textContent = `This browser keeps the keys of ${n} ambiguated code(s) of model ${state.card.model_id}: without them nobody, the collector included, can tell your true values from the fakes. They are never uploaded; clearing this site's data loses them.`;
+  $('keys-btn').disabled = n === 0;
+}
+
+/** The keys as client/keystore.py's key file (pric-client decode reads it), saved by the browser. */
+async function saveKeys() {
+  const rows = (await journal.allKeys()).filter((r) => r.model_id === state.card.model_id);
+  const url = URL.createObjectURL(new Blob([keyFile(rows)], { type: 'application/json' }));
+  const a = document.createElement('a');
+  a.href = url; a.download = `pric-keys-${state.card.model_id.replace(/[^A-Za-z0-9_.-]/g, '_')}.json`;
+  document.body.append(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }
 
 async function refreshStatus() {
@@ -291,4 +332,5 @@ $('folder').addEventListener('change', pick);
 $('upload-btn').addEventListener('click', upload);
 $('refresh-btn').addEventListener('click', refreshStatus);
 $('withdraw-btn').addEventListener('click', withdraw);
+$('keys-btn').addEventListener('click', saveKeys);
 start().catch((err) => alertMsg(err.message));
