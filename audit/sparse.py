@@ -94,22 +94,22 @@ class OnnxPair:
         return channels_last(self.dec.run_batched(codes.astype(np.float32), self.batch_size)).clip(0.0, 1.0)
 
 
-def jpeg_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, int]:
-    """Highest Pillow JPEG quality (1..95, optimised tables) whose file fits `budget` bytes.
-
-    pixels uint8 (H, W, 3) → (decoded float image in [0, 1], bytes, quality). When even
-    quality 1 is larger than the budget, quality 1 is returned (JPEG gets more bytes)."""
+def _best_quality_at_budget(pixels: np.ndarray, budget: int, fmt: str, qualities: tuple[int, int],
+                            **save: object) -> tuple[np.ndarray, int, int]:
+    """Binary search for the highest Pillow `fmt` quality in `qualities` whose file fits
+    `budget` bytes: (decoded float image in [0, 1], bytes, quality); the lowest quality when
+    even that is over the budget."""
     from PIL import Image
 
     img = Image.fromarray(pixels)
 
     def encode(q: int) -> bytes:
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=q, optimize=True)
+        img.save(buf, format=fmt, quality=q, **save)
         return buf.getvalue()
 
-    lo, hi, best = 1, 95, encode(1)
-    best_q = 1
+    lo, hi = qualities
+    best, best_q = encode(lo), lo
     while lo <= hi:
         mid = (lo + hi) // 2
         data = encode(mid)
@@ -119,6 +119,14 @@ def jpeg_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, in
             hi = mid - 1
     dec = unit(np.asarray(Image.open(io.BytesIO(best)).convert("RGB")))
     return dec, len(best), best_q
+
+
+def jpeg_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, int]:
+    """Highest Pillow JPEG quality (1..95, optimised tables) whose file fits `budget` bytes.
+
+    pixels uint8 (H, W, 3) → (decoded float image in [0, 1], bytes, quality). When even
+    quality 1 is larger than the budget, quality 1 is returned (JPEG gets more bytes)."""
+    return _best_quality_at_budget(pixels, budget, "JPEG", (1, 95), optimize=True)
 
 
 def webp_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, int]:
@@ -126,25 +134,7 @@ def webp_at_budget(pixels: np.ndarray, budget: int) -> tuple[np.ndarray, int, in
 
     pixels uint8 (H, W, 3) → (decoded float image in [0, 1], bytes, quality). When even
     quality 0 is larger than the budget, quality 0 is returned (over budget)."""
-    from PIL import Image
-
-    img = Image.fromarray(pixels)
-
-    def encode(q: int) -> bytes:
-        buf = io.BytesIO()
-        img.save(buf, format="WEBP", quality=q, method=6)
-        return buf.getvalue()
-
-    lo, hi, best, best_q = 0, 100, encode(0), 0
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        data = encode(mid)
-        if len(data) <= budget:
-            best, best_q, lo = data, mid, mid + 1
-        else:
-            hi = mid - 1
-    dec = unit(np.asarray(Image.open(io.BytesIO(best)).convert("RGB")))
-    return dec, len(best), best_q
+    return _best_quality_at_budget(pixels, budget, "WEBP", (0, 100), method=6)
 
 
 # ChaCha20-Poly1305 (cryptography): a 12-byte nonce sent with the ciphertext and a 16-byte tag
