@@ -140,6 +140,17 @@ def test_audit_writes_report_plots_and_card(tiny_model_dir: Path, sample_faces: 
     assert report["setup"]["quick"].startswith("QUICK SMOKE RUN")
 
 
+def _close(x: object, y: object, rel: float = 1e-5) -> bool:
+    """Equal, floats within `rel` (nested lists and dicts)."""
+    if isinstance(x, float) and isinstance(y, float):
+        return abs(x - y) <= rel * max(abs(x), abs(y), 1e-12)
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_close(x[k], y[k], rel) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_close(u, v, rel) for u, v in zip(x, y))
+    return x == y
+
+
 @pytest.mark.slow
 def test_a_baseline_is_measured_once_per_data_set_settings_and_code(sample_faces: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -157,7 +168,10 @@ def test_a_baseline_is_measured_once_per_data_set_settings_and_code(sample_faces
         assert a["label"] == c["label"] == ("blur:5", "scramble:8")[i]
         assert "cached" not in a and b["cached"] and "cached" not in c and "cached" not in d  # another seed: measured
         for key in ("private", "primary", "attributes", "reconstruction", "reid", "other_attributes"):
-            assert b[key] == a[key] == c[key]  # the same figures, reused, or measured again in a worker
+            assert b[key] == a[key]  # reused: the very same figures
+            # measured again in a worker process: the same up to float reduction order (the
+            # decoder's PSNR/SSIM differed in the 8th digit on one machine)
+            assert _close(c[key], a[key]), (key, c[key], a[key])
     assert {t["stage"] for t in reports["c"]["timing"] if t["release"] == "scramble:8"} >= {
         "release the photos", "reconstruction decoder"}  # the workers' stage times come back
     a, b = reports["a"]["releases"][0], reports["b"]["releases"][0]
