@@ -12,6 +12,7 @@ everything before it in the same run: SQLite and PostgreSQL both have transactio
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,11 @@ BASELINE = "0001"  # the schema 0.7.0 created with metadata.create_all
 # scripts' head.
 HEAD = "0002"
 VERSION_TABLE = "alembic_version"
+
+# Alembic logs every plugin it loads and every revision at INFO, which the collector's CLIs
+# show: a first `serve` would open with a dozen such lines. The CLIs report what was
+# upgraded themselves; Alembic's warnings and errors still show.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _config(connection: Connection | None = None) -> Config:

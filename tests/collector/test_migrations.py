@@ -263,3 +263,25 @@ def test_postgres_release_schema_upgrades_and_a_failing_revision_rolls_back(pg_s
     with app.extensions["pric"].db.read() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     app.extensions["pric"].db.dispose()
+
+
+def test_a_first_serve_does_not_print_alembics_info_log(tmp_path, tiny_model_dir):
+    """`serve` on a new folder creates the schema through Alembic: the operator sees the
+    collector's lines, none of the INFO lines Alembic logs for every plugin and revision
+    (there used to be a dozen before the "serving on" line)."""
+    import subprocess
+    import sys
+
+    from collector.launch import SERVING_RE
+
+    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "serve", "--data-dir", str(tmp_path / "new"),
+                             "--models-dir", str(tiny_model_dir.parent), "--allow-unattested", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert SERVING_RE.search(line), line
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "alembic" not in err and "setup plugin" not in err, err[:2000]
