@@ -234,6 +234,30 @@ def test_the_private_attributes_fitted_mlp_is_reused_and_gives_the_same_linkage(
     reused = linkage.per_person_leakage(x, data, sp, cfg, prefit=models)
 
     assert set(models) == {"linear", "mlp"} and trained == []  # nothing trained again
-    # the audit's own MLP is the linkage candidate trained the same way: reusing it changes nothing
-    assert reused["attacker"]["candidates"] == fresh["attacker"]["candidates"]
-    assert reused["accuracy"] == fresh["accuracy"]
+    # the audit's own MLP is the linkage candidate trained the same way: reusing it changes
+    # nothing; its other families join as candidates
+    cands = reused["attacker"]["candidates"]
+    assert set(cands) == {*fresh["attacker"]["candidates"], "linear"}
+    assert {k: cands[k] for k in fresh["attacker"]["candidates"]} == fresh["attacker"]["candidates"]
+    assert reused["attacker"]["val_log_loss"] == min(cands.values())
+
+
+@pytest.mark.slow
+def test_a_prefit_ensemble_is_a_linkage_candidate_and_wins_when_it_fits_validation_best() -> None:
+    from audit.families import create_family
+
+    x, data, sp, cfg = _faces(200, 3, signal=0.5)
+    y = data.attr("Male")
+    knn_fit = create_family("knn", x.shape[1:], seed=0).fit(x[sp.tr], y[sp.tr], x[sp.va], y[sp.va])
+    label = {r.tobytes(): int(t) for r, t in zip(x, y)}
+
+    class Oracle:  # stands in for the audit's ensemble: a candidate that knows every label
+        def predict_proba(self, z: np.ndarray) -> np.ndarray:
+            p = np.array([0.95 if label[r.tobytes()] else 0.05 for r in z])
+            return np.stack([1 - p, p], axis=1)
+
+    out = linkage.per_person_leakage(x, data, sp, cfg, prefit={"knn": knn_fit, "ensemble": Oracle()})
+
+    assert {"knn", "ensemble"} <= set(out["attacker"]["candidates"])
+    assert out["attacker"]["name"] == "ensemble"
+    assert out["accuracy"][0] > 0.9
