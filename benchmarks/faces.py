@@ -12,6 +12,14 @@ CPU seconds per photo of each (process time: steadier than wall time on a shared
 and where the pipeline's CPU goes: the detector's three networks (calls and crops per
 photo), the crops cut for R- and O-Net, and the rest (decode, pyramid resizes, NMS, warp,
 the model).
+
+    python benchmarks/faces.py --model-dir MODEL_WITH_ALIGNMENT --memory 2000 [--checkpoints 100,500,1000,2000]
+
+3. Memory: N photos of mixed kinds (per 20: one 12-MP photo with two faces, three 2-MP
+   photos with one, one without a face, fifteen 356x436 scenes), each written into a
+   temporary folder just before the pipeline reads it and removed after, streamed through
+   Extractor.stream with detection; the process's peak RSS (VmHWM) and RSS at each
+   checkpoint, one JSON line each. Flat: the client holds one batch, not the photos seen.
 """
 
 from __future__ import annotations
@@ -19,8 +27,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -79,18 +91,95 @@ class StageClock:
         return {k: {"cpu_ms": self.ms[k] / n, "inputs": self.items[k] / n} for k in self.ms}
 
 
+def rss_mib() -> tuple[float, float]:
+    """(peak RSS, RSS) of this process, MiB (VmHWM and VmRSS: Linux)."""
+    status = Path("/proc/self/status").read_text()
+    hwm, rss = (int(re.search(rf"{k}:\s+(\d+)", status).group(1)) for k in ("VmHWM", "VmRSS"))
+    return hwm / 1024, rss / 1024
+
+
+def mixed_photos(folder: Path, n: int, seed: int = 0) -> Iterator[Path]:
+    """n photos of mixed kinds (see the module's 3.), each written just before it is
+    yielded; the one before is removed then (the pipeline has read it by the time it asks
+    for the next), the last when the caller is done."""
+    samples = sorted((REPO / "scripts" / "sample_faces" / "images").glob("*.jpg"))
+    faces = [Image.open(p).convert("RGB") for p in samples]
+    rng = np.random.default_rng(seed)
+    # blurred backgrounds made once per kind (blurring 12 MP costs more than the pipeline)
+    backs = {size: [faces[j].resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(4))
+                    for j in range(3)] for size in ((4000, 3000), (1600, 1200), (356, 436))}
+    prev: Path | None = None
+    try:
+        for i in range(n):
+            kind = i % 20
+            face = faces[int(rng.integers(len(faces)))]
+            if kind == 0:
+                img = backs[(4000, 3000)][i % 3].copy()
+                for scale, at in ((5.0, (800, 900)), (1.6, (2800, 1400))):
+                    img.paste(face.resize((round(face.width * scale), round(face.height * scale))), at)
+            elif kind <= 3:
+                img = backs[(1600, 1200)][i % 3].copy()
+                img.paste(face.resize((178, 218)), (int(rng.integers(0, 1400)), int(rng.integers(0, 950))))
+            elif kind == 4:
+                img = Image.new("RGB", (640, 480), (int(rng.integers(256)), 120, 90))
+            else:
+                img = backs[(356, 436)][i % 3].copy()
+                img.paste(face, (int(rng.integers(0, 260)), int(rng.integers(0, 320))))
+            path = folder / f"{i:06d}.jpg"
+            img.save(path, "JPEG", quality=90)
+            if prev is not None:
+                prev.unlink(missing_ok=True)
+            prev = path
+            yield path
+    finally:
+        if prev is not None:
+            prev.unlink(missing_ok=True)
+
+
+def memory(ex: Extractor, n: int, checkpoints: list[int]) -> list[dict[str, float]]:
+    """Peak RSS and RSS (MiB) after each checkpoint's number of photos through the pipeline."""
+    seen, out = 0, []
+    marks = sorted(set(checkpoints))
+
+    def tick() -> None:
+        nonlocal seen
+        seen += 1
+        if marks and seen >= marks[0]:
+            hwm, rss = rss_mib()
+            out.append({"photos": marks.pop(0), "peak_rss_mib": round(hwm, 1), "rss_mib": round(rss, 1)})
+            print(json.dumps(out[-1]), flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="pric-faces-mem-"))
+    try:
+        items = 0
+        for rows in ex.stream(mixed_photos(tmp, n), 64, lambda _p, _r: None, tick=tick, workers=1):
+            items += len(rows)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if out:
+        out[-1]["faces_sent"] = items
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", required=True)
     p.add_argument("--n", type=int, default=20, help="12-MP photos")
     p.add_argument("--thumbs", type=int, default=200)
     p.add_argument("--out", default="runs/bench-faces")
+    p.add_argument("--memory", type=int, default=0, metavar="N",
+                   help="only the memory check: N mixed photos made on the fly, peak RSS at each checkpoint")
+    p.add_argument("--checkpoints", default="100,500,1000,2000", help="photos after which RSS is printed")
     a = p.parse_args(argv)
     model_dir = Path(a.model_dir)
     card = open_model_dir(model_dir)
     if card.alignment is None:
         print(f"{model_dir}: its card has no alignment section", file=sys.stderr)
         return 2
+    if a.memory:
+        marks = [int(c) for c in a.checkpoints.split(",") if int(c) <= a.memory]
+        memory(Extractor(card, model_dir, threads=1), a.memory, marks)
+        return 0
     samples = sorted((REPO / "scripts" / "sample_faces" / "images").glob("*.jpg"))
     out = Path(a.out)
     big_dir, thumb_dir = out / "12mp", out / "thumbs"

@@ -172,3 +172,73 @@ def test_upload_sends_each_face_once_and_resume_adds_only_the_missing_ones(cli, 
     assert "2 stored, 3 already there" in second.out
     third = cli("--home", home, "upload", str(photos), "--yes")
     assert "0 stored, 5 already there" in third.out
+
+
+SHIPPED_ALIGNED = ROOT / "exported_models" / "pric-male-decision-aligned"
+# released decision, reduced-decode cut vs full-decode cut: largest difference allowed,
+# relative to the decisions' scale (measured: see the test)
+FEATURE_TOLERANCE = 0.05
+# peak RSS growth allowed from 60 to 240 photos (a 12-MP photo's full decode is 34 MiB)
+MEMORY_GROWTH_MIB = 16
+
+
+def photo(face: Image.Image, bg: Image.Image, size: tuple[int, int], faces: list[tuple[float, tuple[int, int]]]) -> bytes:
+    """A JPEG of `size`: a blurred background with `face` pasted at each (scale, position)."""
+    from PIL import ImageFilter
+
+    img = bg.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(4))
+    for scale, at in faces:
+        img.paste(face.resize((round(face.width * scale), round(face.height * scale)), Image.Resampling.BICUBIC), at)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_face_cut_from_the_reduced_decode_releases_what_the_full_decode_would(sample_images: list[Path]):
+    """12-MP photos whose face the 1/2 decode holds at the shipped model's resolution: the
+    client cuts it from that decode (no full decode); its released decision agrees with the
+    one cut from the full decode to FEATURE_TOLERANCE and has the same sign."""
+    from client.models import open_model_dir
+    from client.pipeline import Extractor
+    from protocol.align import face_transform, warp
+    from protocol.preprocess import load_image, prepare
+
+    card = open_model_dir(SHIPPED_ALIGNED)
+    ex = Extractor(card, SHIPPED_ALIGNED, threads=1)
+    assert ex.detail == pytest.approx(64 / 89, rel=1e-3)
+    faces = [Image.open(p).convert("RGB") for p in sample_images]
+    pairs = []
+    for i in range(6):
+        # eyes ~40-55 px apart in the full photo: 1.1-1.5 pixels of the 1/2 decode per model pixel
+        scale = 2.1 + 0.15 * i
+        data = photo(faces[i], faces[-1 - i], (4000, 3000), [(scale, (1000 + 300 * i, 900))])
+        got = [f for f in ex.aligner.photo(data, detail=ex.detail).faces if f.error is None and f.face.size < 1000]
+        assert len(got) == 1
+        sim = face_transform(got[0].face.landmarks, card.alignment)
+        assert 0.5 >= sim.scale * ex.detail  # the 1/2 decode holds it: it was cut from there
+        ref = warp(load_image(data), sim, tuple(card.alignment.frame))
+        pairs.append(ex.transform(np.stack([prepare(got[0].image, card.input), prepare(ref, card.input)])).ravel())
+    y = np.array(pairs)
+    assert np.abs(y[:, 0] - y[:, 1]).max() <= FEATURE_TOLERANCE * max(1.0, float(np.abs(y[:, 1]).max()))
+    assert (np.sign(y[:, 0]) == np.sign(y[:, 1])).all()
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_flat_over_hundreds_of_photos_with_detection():
+    """benchmarks/faces.py --memory in its own process: 240 mixed photos (12-MP ones among
+    them) through the pipeline with detection; the peak RSS after 240 photos is within
+    MEMORY_GROWTH_MIB of the peak after 60 (every photo kind has been seen by then)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faces.py"), "--model-dir", str(SHIPPED_ALIGNED),
+                           "--memory", "240", "--checkpoints", "60,240"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    marks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [m["photos"] for m in marks] == [60, 240]
+    assert marks[1]["faces_sent"] >= 240 - 240 // 20  # every photo with a face sent at least one
+    assert marks[1]["peak_rss_mib"] - marks[0]["peak_rss_mib"] < MEMORY_GROWTH_MIB, marks
