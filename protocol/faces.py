@@ -246,18 +246,14 @@ def square(boxes: np.ndarray) -> np.ndarray:
 def crops(img: Image.Image, boxes: np.ndarray, size: int) -> np.ndarray:
     """float32 (K, 3, size, size): each box's pixels [x1 - 1, x2] x [y1 - 1, y2] (MTCNN's
     1-based corners, truncated to integers), zero outside the image, resized (box filter)."""
-    out = np.empty((len(boxes), size, size, 3), np.uint8)
-    w, h = img.size
-    for k, (x1, y1, x2, y2) in enumerate(np.trunc(boxes[:, :4]).astype(np.int64).tolist()):
-        region = (x1 - 1, y1 - 1, max(x2, x1), max(y2, y1))
-        if region[0] >= 0 and region[1] >= 0 and region[2] <= w and region[3] <= h:
-            # inside the image: resized straight from it, without copying the region first
-            # (the same pixels as crop + resize; a large face's region is ~1 MB)
-            patch = img.resize((size, size), Image.Resampling.BOX, box=region)
-        else:
-            # PIL fills the part of a crop outside the image with zeros, as MTCNN's padding does
-            patch = img.crop(region).resize((size, size), Image.Resampling.BOX)
-        out[k] = np.asarray(patch)
+    out = np.zeros((len(boxes), size, size, 3), np.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(np.trunc(boxes[:, :4]).astype(np.int64)):
+        left, top, right, bottom = x1 - 1, y1 - 1, max(x2, x1), max(y2, y1)
+        # PIL fills the part of a crop outside the image with zeros, as MTCNN's padding does.
+        # (Image.resize(box=...) without the crop is 15% cheaper here but not the same
+        # pixels: up to 110 levels apart on some crops, measured)
+        patch = img.crop((int(left), int(top), int(right), int(bottom)))
+        out[k] = np.asarray(patch.resize((size, size), Image.Resampling.BOX))
     return out.transpose(0, 3, 1, 2).astype(np.float32)
 
 

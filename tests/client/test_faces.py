@@ -175,9 +175,11 @@ def test_upload_sends_each_face_once_and_resume_adds_only_the_missing_ones(cli, 
 
 
 SHIPPED_ALIGNED = ROOT / "exported_models" / "pric-male-decision-aligned"
-# released decision, reduced-decode cut vs full-decode cut: largest difference allowed,
-# relative to the decisions' scale (measured: see the test)
-FEATURE_TOLERANCE = 0.05
+# features of a face cut from a reduced decode (≥ CUT_MARGIN pixels per model pixel) vs from
+# the full decode: distance at most this fraction of the median distance between two faces'
+# features (measured on 63 faces of 12-MP photos, pric-male@: mean 0.15, max 0.27 from 1.25
+# to 2 pixels per model pixel; 0.21 and 0.37 below 1.25; 0.09 above 2)
+FEATURE_TOLERANCE = 0.35
 # peak RSS growth allowed from 60 to 240 photos (a 12-MP photo's full decode is 34 MiB)
 MEMORY_GROWTH_MIB = 16
 
@@ -194,33 +196,58 @@ def photo(face: Image.Image, bg: Image.Image, size: tuple[int, int], faces: list
     return buf.getvalue()
 
 
-def test_a_face_cut_from_the_reduced_decode_releases_what_the_full_decode_would(sample_images: list[Path]):
-    """12-MP photos whose face the 1/2 decode holds at the shipped model's resolution: the
-    client cuts it from that decode (no full decode); its released decision agrees with the
-    one cut from the full decode to FEATURE_TOLERANCE and has the same sign."""
-    from client.models import open_model_dir
+@pytest.mark.slow
+def test_a_face_cut_from_the_reduced_decode_releases_what_the_full_decode_would(sample_images: list[Path],
+                                                                                 tmp_path: Path, monkeypatch):
+    """Faces that the 1/2 decode of a 2000x1500 photo holds at CUT_MARGIN pixels per model
+    pixel are cut from it (no full decode): their features (pric-male with the alignment,
+    4x8x8) lie within FEATURE_TOLERANCE of those cut from the full decode, and the shipped
+    aligned model's decision is the same for all of them."""
+    import shutil
+
+    import protocol.preprocess as pre
     from client.pipeline import Extractor
-    from protocol.align import face_transform, warp
+    from protocol.align import CUT_MARGIN, attach, default_alignment, face_transform, warp
+    from protocol.model_card import load_card
     from protocol.preprocess import load_image, prepare
 
-    card = open_model_dir(SHIPPED_ALIGNED)
-    ex = Extractor(card, SHIPPED_ALIGNED, threads=1)
-    assert ex.detail == pytest.approx(64 / 89, rel=1e-3)
+    src = ROOT / "exported_models" / "pric-male"
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, tmp_path / f.name)
+    card = attach(load_card(src, verify=False), default_alignment(DETECTOR), DETECTOR, tmp_path)
+    feat = Extractor(card, tmp_path, threads=1)
+    dec = Extractor(load_card(SHIPPED_ALIGNED), SHIPPED_ALIGNED, threads=1)
+    assert feat.detail == pytest.approx(64 / 89, rel=1e-3) and dec.detail == feat.detail
+    decodes: list[tuple[int, int]] = []
+    real = pre.load_image
+
+    def spy(*args, **kwargs):
+        img = real(*args, **kwargs)
+        decodes.append(img.size)
+        return img
+
     faces = [Image.open(p).convert("RGB") for p in sample_images]
-    pairs = []
-    for i in range(6):
-        # eyes ~40-55 px apart in the full photo: 1.1-1.5 pixels of the 1/2 decode per model pixel
-        scale = 2.1 + 0.15 * i
-        data = photo(faces[i], faces[-1 - i], (4000, 3000), [(scale, (1000 + 300 * i, 900))])
-        got = [f for f in ex.aligner.photo(data, detail=ex.detail).faces if f.error is None and f.face.size < 1000]
-        assert len(got) == 1
+    pixels = []
+    for i in range(8):
+        data = photo(faces[i], faces[-1 - i], (2000, 1500), [(1.9 + 0.15 * i, (300 + 150 * i, 500))])
+        monkeypatch.setattr(pre, "load_image", spy)
+        decodes.clear()
+        got = [f for f in feat.aligner.photo(data, detail=feat.detail).faces if f.error is None and f.face.size < 600]
+        monkeypatch.setattr(pre, "load_image", real)
+        assert len(got) == 1 and decodes == [(1000, 750)]  # cut from the detection's decode
         sim = face_transform(got[0].face.landmarks, card.alignment)
-        assert 0.5 >= sim.scale * ex.detail  # the 1/2 decode holds it: it was cut from there
+        assert 0.5 / (sim.scale * feat.detail) >= CUT_MARGIN
         ref = warp(load_image(data), sim, tuple(card.alignment.frame))
-        pairs.append(ex.transform(np.stack([prepare(got[0].image, card.input), prepare(ref, card.input)])).ravel())
-    y = np.array(pairs)
-    assert np.abs(y[:, 0] - y[:, 1]).max() <= FEATURE_TOLERANCE * max(1.0, float(np.abs(y[:, 1]).max()))
-    assert (np.sign(y[:, 0]) == np.sign(y[:, 1])).all()
+        pixels.append([prepare(got[0].image, card.input), prepare(ref, card.input)])
+    x = np.array(pixels)  # (faces, reduced | full, H, W, 3)
+    y = feat.transform(x.reshape(-1, *x.shape[2:])).reshape(len(x), 2, -1)
+    full = y[:, 1]
+    between = np.median([np.linalg.norm(a - b) for i, a in enumerate(full) for b in full[i + 1:]])
+    moved = np.linalg.norm(y[:, 0] - y[:, 1], axis=1) / between
+    assert moved.max() <= FEATURE_TOLERANCE, moved
+    d = dec.transform(x.reshape(-1, *x.shape[2:])).reshape(len(x), 2)
+    assert (d[:, 0] == d[:, 1]).all(), d
 
 
 @pytest.mark.slow
@@ -239,6 +266,6 @@ def test_peak_memory_stays_flat_over_hundreds_of_photos_with_detection():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     marks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [m["photos"] for m in marks] == [60, 240]
-    assert marks[1]["faces_sent"] >= 240 - 240 // 20  # every photo with a face sent at least one
-    assert marks[1]["peak_rss_mib"] - marks[0]["peak_rss_mib"] < MEMORY_GROWTH_MIB, marks
+    assert [m["photos"] for m in marks] == [0, 60, 240]
+    assert marks[2]["faces_sent"] >= 240 - 240 // 20  # every photo with a face sent at least one
+    assert marks[2]["peak_rss_mib"] - marks[1]["peak_rss_mib"] < MEMORY_GROWTH_MIB, marks
