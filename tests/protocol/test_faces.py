@@ -244,7 +244,7 @@ def test_large_photos_are_detected_reduced_and_cut_from_full_resolution(aligner,
 
 def test_a_face_is_cut_from_the_smallest_decode_that_holds_it_at_the_models_resolution(aligner, monkeypatch):
     """With the model's detail (64 px of an 89 px wide frame: 0.72), a face whose eyes are
-    ~64 px apart in a 12-MP photo is cut from the 1/4 decode made for detection (no other
+    ~78 px apart in a 12-MP photo is cut from the 1/4 decode made for detection (no other
     decode); a face of ~100 px is still found and cut from the full decode, made once."""
     import protocol.preprocess as pre
     from protocol.align import model_detail
@@ -262,7 +262,7 @@ def test_a_face_is_cut_from_the_smallest_decode_that_holds_it_at_the_models_reso
     detail = model_detail(CELEBA_FRAME, InputSpec(height=64, width=64, crop_box=(0.0, 10 / 109, 1.0, 99 / 109)))
     assert detail == pytest.approx(64 / 89)
     face = Image.open(SAMPLES[3]).convert("RGB")
-    medium = _jpeg(_scene([(face, 5, 6.0, (1200, 900)), (face, 0, 3.3, (3000, 300))], size=(4000, 3000)))
+    medium = _jpeg(_scene([(face, 5, 6.0, (1200, 900)), (face, 0, 4.0, (3000, 300))], size=(4000, 3000)))
     got = aligner.photo(medium, "medium.jpg", detail=detail)
     assert len(got.faces) == 2 and all(f.error is None for f in got.faces)
     assert decodes == [(1000, 750)]
@@ -279,8 +279,8 @@ def test_a_face_is_cut_from_the_smallest_decode_that_holds_it_at_the_models_reso
 
 
 def test_a_draft_between_the_detection_decode_and_the_full_one_is_used_when_it_suffices(aligner, monkeypatch):
-    """A 48-MP photo is detected on its 1/8 decode; a face too small there but large enough
-    at 1/4 is cut from the 1/4 decode, not the full one."""
+    """A 48-MP photo is detected on its 1/8 decode; a face too small there and at 1/4 but
+    large enough at 1/2 is cut from the 1/2 decode, not the full one."""
     import protocol.preprocess as pre
 
     decodes: list[tuple[int, int]] = []
@@ -296,7 +296,7 @@ def test_a_draft_between_the_detection_decode_and_the_full_one_is_used_when_it_s
     photo = _jpeg(_scene([(face, 0, 2.6, (3000, 2000))], size=(8000, 6000)))
     got = aligner.photo(photo, "48mp.jpg", detail=64 / 89)
     assert len(got.faces) == 1 and got.faces[0].error is None
-    assert decodes == [(1000, 750), (2000, 1500)]
+    assert decodes == [(1000, 750), (4000, 3000)]
 
 
 # --- the model card's alignment section ---------------------------------------------------
