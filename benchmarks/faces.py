@@ -166,8 +166,9 @@ def memory(ex: Extractor, n: int, checkpoints: list[int]) -> list[dict[str, floa
             items += len(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if out:
-        out[-1]["faces_sent"] = items
+    hwm, rss = rss_mib()
+    print(json.dumps({"photos_streamed": n, "faces_sent": items, "peak_rss_mib": round(hwm, 1),
+                      "rss_mib": round(rss, 1)}), flush=True)
     return out
 
 
