@@ -317,14 +317,15 @@ def model_detail(frame: tuple[int, int], spec: Any) -> float:
 
 def _draft_spec(size: tuple[int, int] | None, side: int = DETECT_SIDE) -> Any:
     """What load_image's reduced-scale decode is asked for: the longest side ≥ `side`
-    whatever the aspect (None: decode as it is)."""
+    whatever the aspect (None: decode as it is). Asked as a square of the shorter side's
+    share, so that a photo stored turned (EXIF orientation, compared in its stored
+    orientation by the JPEG draft) gets the same scale as an upright one."""
     from protocol.model_card import InputSpec
 
     if size is None or max(size) <= side:
         return None
-    w, h = size
-    k = side / max(w, h)
-    return InputSpec(height=max(1, math.ceil(h * k)), width=max(1, math.ceil(w * k)), crop_box=(0.0, 0.0, 1.0, 1.0))
+    short = max(1, math.ceil(min(size) * side / max(size)))
+    return InputSpec(height=short, width=short, crop_box=(0.0, 0.0, 1.0, 1.0))
 
 
 def _draft_width(size: tuple[int, int], source: bytes, spec: Any) -> int:

@@ -278,6 +278,26 @@ def test_a_face_is_cut_from_the_smallest_decode_that_holds_it_at_the_models_reso
     assert decodes == [(1000, 750), (4000, 3000)]
 
 
+def test_a_photo_stored_turned_gets_the_same_reduced_decodes_as_an_upright_one(aligner, monkeypatch):
+    """A phone's portrait photo is stored landscape with an EXIF orientation: its drafts
+    (compared by libjpeg in the stored orientation) are the upright photo's."""
+    import protocol.preprocess as pre
+
+    decodes: list[tuple[int, int]] = []
+    real = pre.load_image
+
+    def spy(*args, **kwargs):
+        img = real(*args, **kwargs)
+        decodes.append(img.size)
+        return img
+
+    monkeypatch.setattr(pre, "load_image", spy)
+    face = Image.open(SAMPLES[3]).convert("RGB")
+    upright = _scene([(face, 0, 6.0, (900, 1200))], size=(3000, 4000))
+    got = aligner.photo(_jpeg(upright.transpose(Image.Transpose.ROTATE_90), orientation=6), "portrait.jpg")
+    assert len(got.faces) == 1 and decodes == [(750, 1000)]
+
+
 def test_a_draft_between_the_detection_decode_and_the_full_one_is_used_when_it_suffices(aligner, monkeypatch):
     """A 48-MP photo is detected on its 1/8 decode; a face too small there and at 1/4 but
     large enough at 1/2 is cut from the 1/2 decode, not the full one."""
