@@ -80,6 +80,7 @@ class OnnxPair:
         if "decoder.onnx" not in card.extra_files:
             raise InvalidInputError(f"{model_dir}: the card ships no decoder.onnx; cannot audit reconstructions")
         self.enc = OnnxModel(model_dir / card.file, card.input.name, card.output.name)
+        self.enc_path = model_dir / card.file
         self.dec = OnnxModel(model_dir / "decoder.onnx", "code", "image")
         self.card, self.batch_size = card, batch_size
 

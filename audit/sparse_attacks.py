@@ -20,8 +20,15 @@ training photos and learns which of the k' non-zeros of a map are the k true one
                current score and how each re-encoding agrees with each entry (signed
                value, rank, distance). Fitted on stage 1's guesses, then refitted on
                those plus its own guesses, so it can be iterated.
-    test code ─► stage 1 ─► stage 2 × rounds (default 2) ─► top k per map ─► decoder
-                                                    └──► soft decode (probability-weighted values)
+    test code ─► stage 1 ─► stage 2 × rounds (default 2) ─► code model EM ─► top k per map ─► decoder
+                                                                   └──► soft decode (probability-weighted values)
+
+The code model (`CodeModel`) reads the public encoder below its top-k (`dense_code_graph`):
+the dense code of every training photo, fitted as a Gaussian of rank 256 (on sparse-celeba
+the last layer is linear from 8 maps of 8x8 activations, so 2,048 code values span 512
+dimensions). True entries are values of one such code and leave every other position below
+the k-th magnitude; fakes are neither. An EM over each test code, started from stage 2's
+scores, weighs each entry by how well its value fits the code the others imply.
 
 Reported: support precision (true entries among the k kept per map; chance k/k') with a
 95 % interval (photos resampled) for the position prior alone, the network, stage 1 and
@@ -215,6 +222,102 @@ class WholeCodeNet:
         return [np.take_along_axis(g, a.indices.astype(np.int64), axis=1) for g, a in zip(logits, ambs)]
 
 
+# --- the encoder's code as a latent Gaussian (the code model) ----------------------------------
+def dense_code_graph(model_path: Path) -> tuple[bytes, str] | None:
+    """The public encoder with its dense code before the top-k as a second output (the
+    attacker holds the ONNX file and may run any part of it): (serialized graph, output
+    name), or None when the graph has no single TopK to read below."""
+    import onnx
+
+    m = onnx.load(str(model_path))
+    topk = [n for n in m.graph.node if n.op_type == "TopK"]
+    if len(topk) != 1:
+        return None
+    src = topk[0].input[0]
+    below = [n for n in m.graph.node if src in n.output]
+    if below and below[0].op_type == "Abs":  # top-k of magnitudes: read the signed code
+        src = below[0].input[0]
+    m.graph.output.append(onnx.helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, None))
+    return m.SerializeToString(), src
+
+
+class CodeModel:
+    """What the public encoder says about codes it can produce: its dense code c (L·m values
+    before the top-k; on sparse-celeba a linear map of 8 maps of 8x8 activations, so rank
+    512 of 2,048) modelled as a Gaussian of rank `rank` fitted on the attacker's own photos.
+
+    `refine` is an EM over one ambiguated code. Each released entry is either true
+    (released value = c_i, up to the value grid's rounding) or fake (its value drawn like a
+    true one, independent of c, and |c_i| below the map's k-th largest magnitude τ); each
+    position not released has |c_i| < τ. E-step: the probability that an entry is true from
+    the Gaussian posterior of c_i; M-step: the posterior of c given every position, true
+    candidates observed at their value with weight p, the rest observed near 0 (variance
+    τ²/3) with weight 1 − p. The probabilities are rescaled to k per map after each E-step."""
+
+    def __init__(self, dense: np.ndarray, rank: int = 256) -> None:
+        x = np.asarray(dense, dtype=np.float64).reshape(len(dense), -1)
+        self.mu = x.mean(0)
+        ev, vec = np.linalg.eigh(np.cov(x, rowvar=False))
+        ev, vec = np.clip(ev[::-1], 0, None), vec[:, ::-1]
+        r = min(rank, len(ev))
+        self.basis = vec[:, :r] * np.sqrt(ev[:r])  # (L·m, r): c = mu + basis · z, z ~ N(0, I)
+        # the variance left out per coordinate, at least 1e-4 of the mean (a full-rank fit leaves none)
+        self.resid = float(ev[r:].sum() / len(ev)) + 1e-4 * float(ev.mean())
+        self.explained = float(ev[:r].sum() / max(ev.sum(), 1e-30))
+        self.shape = tuple(np.asarray(dense).shape[1:])
+
+    def refine(self, amb: AmbiguatedCode, k: int, value_bits: int | None, prior_logit: np.ndarray,
+               start: np.ndarray, iters: int = 6) -> np.ndarray:
+        """Per released entry the log-odds of being true after `iters` EM steps, (L, k').
+        prior_logit: the attacker's log-odds before looking at the code model (L, k');
+        start: the scores whose probabilities (rescaled to k per map) start the EM."""
+        from scipy.linalg import cho_factor, cho_solve, solve_triangular
+        from scipy.special import ndtr
+
+        L, m = self.shape
+        idx = amb.indices.astype(np.int64)
+        v = amb.values.astype(np.float64)
+        flat = (np.arange(L)[:, None] * m + idx).ravel()
+        step = float(released_scale(amb)) / (2 ** value_bits - 1) if value_bits else 0.0
+        q2 = step ** 2 / 12
+        mag = np.abs(v)
+        tau = np.quantile(mag, 1.0 / (k + 1), axis=1)  # about the smallest true magnitude per map
+        bw = 0.15 * mag.std(axis=1, keepdims=True) + 1e-9  # a fake's value: density of the released ones
+        d = (mag[:, :, None] - mag[:, None, :]) / bw[:, :, None]
+        log_fake = np.log(np.exp(-0.5 * d ** 2).mean(2) / (bw * np.sqrt(2 * np.pi)) * 0.5 + 1e-300)
+        w_low = np.repeat(3.0 / np.maximum(tau, 1e-12) ** 2, m)  # precision of "|c| < τ" as c ~ N(0, τ²/3)
+        var_true = q2 + self.resid
+        B, Bf = self.basis, self.basis[flat]
+
+        def rescale(score: np.ndarray) -> np.ndarray:
+            p = 1.0 / (1.0 + np.exp(-np.clip(score, -30, 30)))
+            return np.clip(p * (k / np.maximum(p.sum(1, keepdims=True), 1e-12)), 1e-4, 1 - 1e-4)
+
+        p = rescale(start)
+        logit = np.log(p / (1 - p))
+        for _ in range(iters):
+            wt = p.ravel() / var_true
+            wf = (1 - p.ravel()) * w_low[flat]
+            w, y = w_low.copy(), np.zeros(L * m)
+            w[flat], y[flat] = wt + wf, wt * v.ravel() / (wt + wf)
+            cf = cho_factor(np.eye(B.shape[1]) + B.T @ (B * w[:, None]))
+            mean = (self.mu[flat] + Bf @ cho_solve(cf, B.T @ (w * (y - self.mu)))).reshape(L, -1)
+            half = solve_triangular(cf[0], Bf.T, lower=cf[1], trans="N" if cf[1] else "T")
+            sd = np.sqrt((half ** 2).sum(0) + self.resid).reshape(L, -1)
+            st = np.sqrt(sd ** 2 + q2)
+            log_true = -0.5 * ((v - mean) / st) ** 2 - np.log(st)
+            below = np.maximum(ndtr((tau[:, None] - mean) / sd) - ndtr((-tau[:, None] - mean) / sd), 1e-300)
+            logit = prior_logit + log_true - 0.5 * np.log(2 * np.pi) - log_fake - np.log(below)
+            p = rescale(logit)
+        return logit
+
+
+def card_input_name(models: Any) -> str | None:
+    """The encoder's input name from the card of an OnnxPair-like object (None: the graph's first)."""
+    card = getattr(models, "card", None)
+    return getattr(getattr(card, "input", None), "name", None)
+
+
 def soft_dense(amb: AmbiguatedCode, scores: np.ndarray, k: int, m: int) -> np.ndarray:
     """The attacker's expected code: every released value weighted by its estimated
     probability of being true, calibrated so each map's weights sum to k, (L, m) float32."""
@@ -339,10 +442,34 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
         "per_entry_trees": [top_k_mask(x, k) for x in t_s1],
         "decoder_in_the_loop": [top_k_mask(x, k) for x in t_s2],
     }
+    soft_from = t_s2
+    code_model = None
+    graph = dense_code_graph(models.enc_path) if getattr(models, "enc_path", None) else None
+    code_note: dict[str, Any] = {"measured": False, "reason": "the encoder has no single TopK to read below"}
+    if graph is None:
+        _log(f"code model: not measured ({code_note['reason']})")
+    else:
+        from protocol.runtime import OnnxModel, model_input
+
+        enc = OnnxModel(models.enc_path, card_input_name(models), graph[1], graph=graph[0])
+        px = train_pixels[order]  # every training photo: a covariance, no labels of the trees' sets
+        dense = np.concatenate([enc(model_input(px[i:i + 256], models.card.input)) for i in range(0, len(px), 256)])
+        code_model = CodeModel(dense.reshape(len(dense), L, m))
+        t_em = time.time()
+        # stage 2's scores are the EM's prior and start: the code model adds what the values say
+        em = [code_model.refine(a, k, sp.value_bits, x, x) for a, x in zip(test_ambs, t_s2)]
+        # one more turn of the loop: stage 2 from the EM's guess, then the EM again
+        s = [_scores(stage2, x, shape) for x in stage2_x(t_f1, t_s1, test_ambs, em)]
+        em = [code_model.refine(a, k, sp.value_bits, x, x) for a, x in zip(test_ambs, s)]
+        guesses["code_model_em"] = [top_k_mask(x, k) for x in em]
+        soft_from = em
+        code_note = {"measured": True, "rank": code_model.basis.shape[1], "variance_explained": code_model.explained,
+                     "fitted_on_photos": int(len(dense)), "seconds": time.time() - t_em}
+        _log(f"code model (rank 256, {code_model.explained:.3f} of the variance) and EM: {time.time() - t_em:.0f} s")
     out: dict[str, Any] = {"measured": True, "chance": chance, "n_train_codes": n,
                            "sets": {"statistics": a_end, "whole_code_net": a_end, "ambiguations_per_photo_in_set_a": reps_a,
                                     "stage1": b_n, "stage2": n - b_end},
-                           "n_test": len(test_ambs), "rounds": max(1, rounds),
+                           "n_test": len(test_ambs), "rounds": max(1, rounds), "code_model": code_note,
                            "precision": {}, "precision_ci95": {}, "reconstruction": {}, "psnr_ci95": {}}
     recon = {}
     for name, g in guesses.items():
@@ -351,7 +478,7 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
         out["precision_ci95"][name] = bootstrap_interval(per, seed)
         recon[name] = models.decode(np.stack([dense_from_mask(a, p, m) for a, p in zip(test_ambs, g)]))
     # what the attacker would show: every value weighted by its estimated probability
-    recon["soft_decode"] = models.decode(np.stack([soft_dense(a, x, k, m) for a, x in zip(test_ambs, t_s2)]))
+    recon["soft_decode"] = models.decode(np.stack([soft_dense(a, x, k, m) for a, x in zip(test_ambs, soft_from)]))
     for name, rec in recon.items():
         out["reconstruction"][name] = image_quality(ref, rec)
         out["psnr_ci95"][name] = bootstrap_interval(_psnr_per_photo(ref, rec), seed)
@@ -397,7 +524,8 @@ def format_attack_table(att: dict[str, Any]) -> str:
              "whole_code_net": "network over the whole code",
              "per_entry_trees": "per-entry gradient boosting + the network's score (stage 1)",
              "decoder_in_the_loop": f"stage 1 + decoder in the loop, {att.get('rounds', 1)} rounds (stage 2)",
-             "soft_decode": "stage 2's probabilities as weights (soft decode)"}
+             "code_model_em": "stage 2 + the encoder's code model (EM over what each value says)",
+             "soft_decode": "the last stage's probabilities as weights (soft decode)"}
     ci = att.get("precision_ci95", {})
     pci = att.get("psnr_ci95", {})
 

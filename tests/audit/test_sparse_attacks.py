@@ -127,3 +127,64 @@ def test_the_whole_code_network_finds_supports_that_co_occur_across_maps() -> No
     lo, hi = att["precision_ci95"]["whole_code_net"]
     assert lo <= att["precision"]["whole_code_net"] <= hi
     assert "| network over the whole code |" in format_attack_table(att)
+
+
+def _low_rank_codes(n: int, rank: int, seed: int) -> np.ndarray:
+    """Codes c = W h (h ~ N(0, I_rank)) of SPEC's shape: what an encoder whose last layer
+    is linear produces before its top-k."""
+    rng = np.random.default_rng(seed)
+    w = np.random.default_rng(99).normal(0, 1, (SPEC.L * SPEC.m, rank))
+    return (rng.normal(0, 1, (n, rank)) @ w.T).reshape(n, SPEC.L, SPEC.m).astype(np.float32)
+
+
+def _em_precision(train: np.ndarray, test: np.ndarray) -> float:
+    from audit.sparse_attacks import CodeModel
+    from protocol.sparse_code import top_k, unpack_key
+
+    model = CodeModel(train, rank=64)
+    rng = np.random.default_rng(5)
+    hits = []
+    for c in test:
+        amb, key = ambiguate(top_k(c, SPEC.k), SPEC, rng)
+        flat = np.zeros(amb.indices.shape)
+        logit = model.refine(amb, SPEC.k, None, prior_logit=flat, start=flat)
+        truth = unpack_key(key)[0]
+        hits.append((top_k_mask(logit, SPEC.k) & truth).sum() / truth.sum())
+    return float(np.mean(hits))
+
+
+def test_the_code_model_finds_the_support_of_a_low_rank_code_and_not_of_a_full_rank_one() -> None:
+    # 4 latent dimensions behind 64 code values (8 of them true): the true values must fit
+    # one latent point and every other position must stay below the k-th magnitude; fakes
+    # break both
+    low = _em_precision(_low_rank_codes(2000, 4, 0), _low_rank_codes(40, 4, 1))
+    # 64 independent values: nothing ties one position to another, the EM is at chance
+    full = _em_precision(_low_rank_codes(2000, 64, 0), _low_rank_codes(40, 64, 1))
+
+    chance = SPEC.k / SPEC.k_prime
+    assert low > 0.75
+    assert full < chance + 0.15
+
+
+def test_the_dense_code_is_read_below_the_encoders_top_k(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from audit.sparse_attacks import dense_code_graph
+    from protocol.runtime import OnnxModel
+
+    w = np.random.default_rng(0).normal(0, 1, (3, 6)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["dense"]), helper.make_node("Abs", ["dense"], ["mag"]),
+             helper.make_node("TopK", ["mag", "k"], ["top", "idx"], axis=-1)]
+    graph = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 2])],
+                              [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel()),
+                               helper.make_tensor("k", TensorProto.INT64, [1], [2])])
+    path = tmp_path / "enc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+    blob, name = dense_code_graph(path)
+    x = np.array([[1.0, -2.0, 0.5]], np.float32)
+
+    assert name == "dense"  # the signed code, not its magnitudes
+    np.testing.assert_allclose(OnnxModel(path, "x", name, graph=blob)(x), x @ w, rtol=1e-5)
