@@ -71,7 +71,8 @@ def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConf
     res_path, state_path = cache / f"audit-rawref-{key}.json", cache / f"audit-rawref-{key}.pt"
     n_attr = len(data.attr_names)
     if res_path.is_file() and state_path.is_file():
-        model = create_attack("cnn", images.shape[1:], n_attr) if cfg.quick else ReferenceResNet(images.shape[1:], n_attr)
+        model = create_attack("cnn", images.shape[1:], n_attr) if cfg.quick else \
+            ReferenceResNet(images.shape[1:], n_attr)
         saved = torch.load(state_path, weights_only=True)
         model.load_state_dict(saved["model"])
         model.eval()
@@ -181,8 +182,8 @@ def _cache_dir(cfg: AuditConfig) -> Path:
 
 # The modules whose code decides a baseline release's figures: their bytes are part of the
 # cache key, so a change to any attacker, decoder or baseline measures the baselines again.
-_RESULT_CODE = ("attacks.py", "families.py", "harness.py", "reconstruction.py", "baselines.py", "reid.py",
-                "quality.py", "releases.py", "linkage.py", "membership.py")
+_RESULT_CODE = ("attacks.py", "families.py", "harness.py", "reconstruction.py", "reference.py", "baselines.py",
+                "reid.py", "quality.py", "releases.py", "linkage.py", "membership.py")
 BASELINE_CACHE_VERSION = "baseline-release-v1"
 
 

@@ -329,7 +329,8 @@ def _other_md(o: dict[str, Any] | None, private: str) -> list[str]:
     thr = o.get("phi_threshold", 0.15)
     return [f"Utility over the attributes neither private nor primary (where the raw-image CNN beats the majority "
             f"rate by ≥ 1 point), as the share of the raw-image reference's gain over the majority rate (the reference "
-            f"of the Setup section) the release keeps: **{_f(o['mean_independent'])}** over the {o['n_independent']} nearly independent of {private} "
+            f"of the Setup section) the release keeps: **{_f(o['mean_independent'])}** over the {o['n_independent']} "
+            f"nearly independent of {private} "
             f"(|phi| < {thr} on train: {', '.join(o['independent']) or '–'}); {_f(o['mean_proxies'])} over its "
             f"{o['n_proxies']} proxies (|phi| ≥ {thr}: {', '.join(o['proxies']) or '–'}), which together predict "
             f"{private}, so a release that hides it cannot keep them; {_f(o['mean'])} over all {o['n']}.", ""]
