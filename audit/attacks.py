@@ -93,34 +93,6 @@ class CNNAttack(nn.Module):
         return self.net(x)
 
 
-class ReferenceCNN(nn.Module):
-    """The raw-image reference classifier: a small VGG-style CNN of ordinary strength
-    (B, 3, H, W) → (B, n_out), trained with flips and shifts (`train_attack(augment=True)`).
-
-    A 5x5 stride-2 stem, then per stage a stride-2 3x3 convolution and a 3x3 one (batch
-    norm, ReLU), widths 32-48-96-192 down to a quarter of 4x4, global average pooling,
-    dropout and a linear head: ~27 M multiply-adds per 64x64 photo, so that it trains to
-    convergence on 2 CPU cores in minutes (it is cached per data set)."""
-
-    def __init__(self, input_shape: Sequence[int], n_out: int) -> None:
-        super().__init__()
-        c = int(input_shape[0])
-
-        def block(i: int, o: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
-            return [nn.Conv2d(i, o, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
-
-        layers = block(c, 32, 5, 2)
-        ch = 32
-        for nxt in (48, 96, 192):
-            layers += block(ch, nxt, 3, 2) + block(nxt, nxt)
-            ch = nxt
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(ch, n_out)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def flip_and_shift(x: torch.Tensor, rng: np.random.Generator, shift: int = 4) -> torch.Tensor:
     """Random horizontal flips and random shifts of up to ±`shift` pixels (zero padding, i.e.
     the train mean after standardisation), drawn per photo: (B, C, H, W) → same shape."""
@@ -136,7 +108,6 @@ _FACTORY: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
     "linear": LinearAttack,
     "mlp": MLPAttack,
     "cnn": CNNAttack,
-    "reference": ReferenceCNN,  # the raw-image reference (audit.harness), not an --attacks name
 }
 
 
@@ -160,7 +131,7 @@ def create_attack(name: str, input_shape: Sequence[int], n_classes: int = 2) -> 
     """
     _check_name(name)
     shape = tuple(int(v) for v in input_shape)
-    if name in ("cnn", "reference") and len(shape) != 3:
+    if name == "cnn" and len(shape) != 3:
         raise ValueError(f"attack 'cnn' needs a (C, h, w) input, got shape {shape}")
     return _FACTORY[name](shape, int(n_classes))
 
@@ -310,7 +281,7 @@ def train_attack(
         perm = rng.permutation(len(x_tr))
         for i in range(0, len(perm), batch_size):
             idx = np.sort(perm[i:i + batch_size])
-            if len(idx) < 2 and kind in ("cnn", "reference"):
+            if len(idx) < 2 and kind == "cnn":
                 continue  # BatchNorm needs more than one sample
             opt.zero_grad(set_to_none=True)
             xb = _batch(x_tr, idx, mean, std)

@@ -26,6 +26,8 @@ ENV_TOKEN = "PRIC_AUDITOR_TOKEN"
 # far less than a full audit and says so in the report: never a verdict.
 QUICK_PHOTOS = {0: 1500, 1: 300, 2: 600}  # at most this many photos per split (train, validation, test), whole persons
 QUICK_EPOCHS, QUICK_RECON_EPOCHS, QUICK_REFERENCE_EPOCHS = 3, 2, 3
+# the raw-image reference's one-cycle schedule (audit.reference), run to its end
+REFERENCE_EPOCHS = 30
 QUICK_NOTE = ("QUICK SMOKE RUN, not an audit: a subsample of at most {n} photos, the cheap networks only, {epochs} "
               "attacker epochs; it underestimates leakage and its figures must not be used for verdicts or "
               "releases")
@@ -63,8 +65,8 @@ class AuditConfig:
     epochs: int | None = option(None, "attacker epochs (default 15, quick 3)", type=int)
     recon_epochs: int | None = option(None, "decoder epochs (default 8, quick 2)", type=int)
     reference_epochs: int | None = option(
-        None, "most epochs of the raw-image reference CNN (early stopping on validation; default 20, quick 3)",
-        type=int)
+        None, f"epochs of the raw-image reference's learning-rate schedule, always run to its end (default "
+              f"{REFERENCE_EPOCHS}; quick: {QUICK_REFERENCE_EPOCHS} epochs of the cheap CNN)", type=int)
     baseline_epochs: int | None = option(None, "attacker epochs for baselines (default: half of --epochs, at least 3)",
                                          type=int)
     baseline_recon_epochs: int | None = option(
@@ -122,7 +124,7 @@ class AuditConfig:
                        recon_epochs=self.recon_epochs if self.recon_epochs is not None
                        else (QUICK_RECON_EPOCHS if q else 8),
                        reference_epochs=self.reference_epochs if self.reference_epochs is not None
-                       else (QUICK_REFERENCE_EPOCHS if q else 20),
+                       else (QUICK_REFERENCE_EPOCHS if q else REFERENCE_EPOCHS),
                        attacks=self.attacks or (QUICK_ATTACKS if self.quick else DEFAULT_ATTACKS))
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +157,10 @@ def config_from_args(ns: argparse.Namespace) -> AuditConfig:
 
         raise InvalidInputError(f"--attacks: name at least one of {', '.join(HEADS)} (they also measure the leakage "
                                 "of every attribute)")
+    if cfg.reference_epochs is not None and cfg.reference_epochs < 1:
+        from protocol.errors import InvalidInputError
+
+        raise InvalidInputError(f"--reference-epochs {cfg.reference_epochs}: must be at least 1")
     return cfg
 
 

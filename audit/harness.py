@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,12 +26,13 @@ from audit.attacks import (
     strongest_attack,
     train_attack,
 )
-from audit.config import AuditConfig, Stopwatch, say
+from audit.config import REFERENCE_EPOCHS, AuditConfig, Stopwatch, say
 from audit.linkage import per_person_leakage
 from audit.membership import membership_inference
 from audit.families import HEADS, wilson_interval
 from audit.quality import channels_last, image_quality
 from audit.reconstruction import train_decoder
+from audit.reference import REFERENCE_MODEL, ReferenceResNet, Schedule, train_reference
 from audit.baselines import Baseline
 from audit.releases import Splits, unit_images
 from audit.reid import reidentification
@@ -41,22 +42,24 @@ from protocol.model_card import InputSpec
 from protocol.preprocess import normalize
 
 
-REFERENCE_VERSION = "reference-cnn-v3"  # part of the cache key: a new reference is trained when this changes
-REFERENCE_PATIENCE = 3
+REFERENCE_VERSION = "reference-resnet-v4"  # part of the cache key: a new reference is trained when this changes
 
 
-def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConfig, spec: InputSpec) -> dict[str, Any]:
-    """The raw-image reference classifier over all attributes: `ReferenceCNN` (multi-label),
-    trained with random flips and ±4-pixel shifts up to `cfg.reference_epochs` epochs with
-    early stopping on validation (patience 3), the epoch chosen per attribute on validation.
-    Trained once per data set: cached by data, normalisation, seed and its epochs. --quick
-    (a smoke run, not for verdicts) uses the attackers' cheap CNN without augmentation.
+def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConfig, spec: InputSpec,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The raw-image reference classifier over all attributes (audit.reference): a small
+    ResNet (multi-label) trained with random flips and ±4-pixel shifts under a one-cycle
+    schedule of `cfg.reference_epochs` epochs that always runs to its end, the epoch chosen
+    per attribute on validation. Trained once per data set: cached by data, normalisation,
+    seed, its epochs and REFERENCE_VERSION. --quick (a smoke run, not for verdicts) uses the
+    attackers' cheap CNN without augmentation. `log` gets one line per epoch.
 
-    Returns {"attributes", "accuracy": [..], "majority_rate": [..], "reid": {..}, "epochs_run",
-    "classifier": TrainedAttack}. The classifier is reused for classify-after-reconstruct.
+    Returns {"attributes", "accuracy": [..], "majority_rate": [..], "reid": {..}, "model",
+    "schedule", "epochs_run", "max_epochs", "converged", "history", "classifier":
+    TrainedAttack}. The classifier is reused for classify-after-reconstruct.
     """
-    epochs = int(cfg.reference_epochs or 20)
-    kind, augment = ("cnn", False) if cfg.quick else ("reference", True)
+    epochs = int(cfg.reference_epochs if cfg.reference_epochs is not None else REFERENCE_EPOCHS)
+    kind = "cnn" if cfg.quick else "reference"
     h = hashlib.sha256()
     h.update(str(Path(data.root).resolve()).encode())
     h.update("\n".join(data.filenames).encode())
@@ -67,8 +70,9 @@ def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConf
     cache = _cache_dir(cfg)
     res_path, state_path = cache / f"audit-rawref-{key}.json", cache / f"audit-rawref-{key}.pt"
     n_attr = len(data.attr_names)
-    model = create_attack(kind, images.shape[1:], n_attr)
     if res_path.is_file() and state_path.is_file():
+        model = create_attack("cnn", images.shape[1:], n_attr) if cfg.quick else \
+            ReferenceResNet(images.shape[1:], n_attr)
         saved = torch.load(state_path, weights_only=True)
         model.load_state_dict(saved["model"])
         model.eval()
@@ -78,18 +82,29 @@ def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConf
         result["cached"], result["key"] = True, key
         return result
     L = data.labels
-    fitted = train_attack(kind, images[sp.tr], L[sp.tr], images[sp.va], L[sp.va], multilabel=True,
-                          seed=cfg.seed, epochs=epochs, patience=REFERENCE_PATIENCE, progress=cfg.progress,
-                          eval_sets={"test": images[sp.te]}, desc="raw images (reference)", augment=augment)
+    if cfg.quick:
+        fitted = train_attack(kind, images[sp.tr], L[sp.tr], images[sp.va], L[sp.va], multilabel=True,
+                              seed=cfg.seed, epochs=epochs, patience=epochs, progress=cfg.progress,
+                              eval_sets={"test": images[sp.te]}, desc="raw images (reference, quick)")
+        about: dict[str, Any] = {"model": "cnn (quick: the attackers' cheap CNN, no augmentation)",
+                                 "schedule": f"Adam, {epochs} epochs", "converged": None, "history": None}
+    else:
+        schedule = Schedule(epochs)
+        fitted, history = train_reference(images[sp.tr], L[sp.tr], images[sp.va], L[sp.va], schedule,
+                                          seed=cfg.seed, augment=True, eval_sets={"test": images[sp.te]},
+                                          progress=cfg.progress, log=log)
+        about = {"model": REFERENCE_MODEL, "schedule": schedule.describe(), "converged": history.converged,
+                 "history": history.to_dict()}
     y_te = L[sp.te].astype(np.int64)
     result = {"attributes": list(data.attr_names),
               "accuracy": [float(v) for v in (fitted.selected["test"] == y_te).mean(0)],
               "majority_rate": [majority_rate(y_te[:, a]) for a in range(n_attr)],
-              "model": "ReferenceCNN, flips and ±4-pixel shifts" if augment else "cnn (quick)", "epochs_run": fitted.epochs_run,
-              "max_epochs": epochs,
+              **about, "epochs_run": fitted.epochs_run, "max_epochs": epochs,
               "reid": reidentification(images[sp.te], data.identities[sp.te],
                                        images[sp.tr].astype(np.float32).mean(0))}
-    say(f"raw-image reference: {fitted.epochs_run} epochs (at most {epochs}, early stopping on validation)")
+    say(f"raw-image reference: {result['model']}; {result['schedule']}: {fitted.epochs_run} of {epochs} epochs run"
+        + ("" if result["converged"] is None else
+           "; converged" if result["converged"] else "; NOT converged (still learning at the schedule's end)"))
     try:
         cache.mkdir(parents=True, exist_ok=True)
         torch.save({"model": fitted.model.state_dict(), "mean": fitted.mean, "std": fitted.std}, state_path)
@@ -167,8 +182,8 @@ def _cache_dir(cfg: AuditConfig) -> Path:
 
 # The modules whose code decides a baseline release's figures: their bytes are part of the
 # cache key, so a change to any attacker, decoder or baseline measures the baselines again.
-_RESULT_CODE = ("attacks.py", "families.py", "harness.py", "reconstruction.py", "baselines.py", "reid.py",
-                "quality.py", "releases.py", "linkage.py", "membership.py")
+_RESULT_CODE = ("attacks.py", "families.py", "harness.py", "reconstruction.py", "reference.py", "baselines.py",
+                "reid.py", "quality.py", "releases.py", "linkage.py", "membership.py")
 BASELINE_CACHE_VERSION = "baseline-release-v1"
 
 

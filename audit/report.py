@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from audit.config import AuditConfig
+from audit.families import wilson_interval
 
 PLANE_PNG = "plane.png"
 
@@ -155,6 +156,7 @@ def render_markdown(report: dict[str, Any]) -> str:
           f"decoder {cfg.get('recon_epochs')} epochs; seed {cfg.get('seed')}" + (" (quick mode)" if cfg.get("quick") else ""),
           "- leakage = the strongest attacker's test accuracy (max over attackers, a conservative upper "
           "estimate) with its 95% interval (Wilson, test split), next to the majority-class rate of the test split",
+          *_reference_md(report.get("raw_reference"), s),
           f"- run time: {report.get('seconds', '–')} s", ""]
     if "sparse" in report:
         L += _sparse_md(report["sparse"])
@@ -172,6 +174,37 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("dominance", {}).get("baselines"):
         L += _dominance_md(report["dominance"])
     return "\n".join(L)
+
+
+def _reference_md(ref: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
+    """What the raw-image reference is and how far it was trained: every "raw-image CNN" figure
+    and the share of the raw-image gain a release keeps are read against it."""
+    if not ref:
+        return []
+    run, most = ref.get("epochs_run"), ref.get("max_epochs")
+    conv = ref.get("converged")
+    if conv is True:
+        tol = (ref.get("history") or {}).get("tolerance")
+        state = (f"converged: its schedule ran to its end and the last epoch's mean validation accuracy is within "
+                 f"{_f(tol)} of the best")
+    elif conv is False:
+        state = "**not converged**: its mean validation accuracy was still rising at the schedule's end"
+    elif "converged" in ref:
+        state = "not trained to convergence (quick)"
+    else:  # a report of an earlier version: early stopping under a cap
+        state = "stopped at its epoch cap" if run is not None and run == most else "early stopping on validation"
+    schedule = f"; {ref['schedule']}" if ref.get("schedule") else ""
+    figures = ""
+    names, acc = s.get("attr_names") or ref.get("attributes") or [], ref.get("accuracy") or []
+    if s.get("private") in names and len(acc) == len(names):
+        j = names.index(s["private"])
+        n = s.get("n_test")
+        ci = " [{}, {}]".format(*map(_f, wilson_interval(acc[j], n))) if n else ""
+        figures = f"; test accuracy {s['private']} {_f(acc[j])}{ci}, mean over the {len(acc)} attributes " \
+                  f"{_f(float(sum(acc)) / len(acc))}"
+    cached = " (trained once per data set and reused from the cache)" if ref.get("cached") else ""
+    return [f"- raw-image reference (the \"raw-image CNN\" columns, and the bar of \"share of the raw-image gain\"): "
+            f"{ref.get('model', '–')}{schedule}; {run} of {most} epochs run, {state}{figures}{cached}"]
 
 
 def _timing_md(rows: Sequence[dict[str, Any]] | None) -> list[str]:
@@ -295,8 +328,9 @@ def _other_md(o: dict[str, Any] | None, private: str) -> list[str]:
         return [f"Utility over the {o['n']} other attributes: {_f(o['mean'])} of the raw-image gain.", ""]
     thr = o.get("phi_threshold", 0.15)
     return [f"Utility over the attributes neither private nor primary (where the raw-image CNN beats the majority "
-            f"rate by ≥ 1 point), as the share of the raw-image classifier's gain over the majority rate the release "
-            f"keeps: **{_f(o['mean_independent'])}** over the {o['n_independent']} nearly independent of {private} "
+            f"rate by ≥ 1 point), as the share of the raw-image reference's gain over the majority rate (the reference "
+            f"of the Setup section) the release keeps: **{_f(o['mean_independent'])}** over the {o['n_independent']} "
+            f"nearly independent of {private} "
             f"(|phi| < {thr} on train: {', '.join(o['independent']) or '–'}); {_f(o['mean_proxies'])} over its "
             f"{o['n_proxies']} proxies (|phi| ≥ {thr}: {', '.join(o['proxies']) or '–'}), which together predict "
             f"{private}, so a release that hides it cannot keep them; {_f(o['mean'])} over all {o['n']}.", ""]

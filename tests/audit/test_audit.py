@@ -126,6 +126,7 @@ def test_audit_writes_report_plots_and_card(tiny_model_dir: Path, sample_faces: 
         assert (out / name).stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "Verdicts" in md and "Eyeglasses" in md and "Male" in md
+    assert "- raw-image reference (" in md and "not trained to convergence (quick)" in md  # says what the bar is
     card = load_card(model)  # sha256 still verifies after --write-card
     assert card.audit["private"]["strongest_accuracy"] == rel["private"]["accuracy"]
     assert list(Path(tmp_path / "cache").glob("audit-rawref-*.pt"))

@@ -201,7 +201,7 @@ def test_quick_is_the_small_configuration_the_auditors_guide_states() -> None:
     assert (quick.epochs, quick.recon_epochs, quick.reference_epochs) == (3, 2, 3) == \
         (QUICK_EPOCHS, QUICK_RECON_EPOCHS, QUICK_REFERENCE_EPOCHS)
     assert quick.attacks == ("linear", "mlp", "cnn") and QUICK_PHOTOS == {0: 1500, 1: 300, 2: 600}
-    assert (full.epochs, full.recon_epochs, full.reference_epochs) == (15, 8, 20)
+    assert (full.epochs, full.recon_epochs, full.reference_epochs) == (15, 8, 30)
     guide = (Path(__file__).resolve().parents[2] / "docs" / "auditor.md").read_text()
     assert ("`--quick` (a smoke run, never for verdicts): at most 1,500 / 300 / 600 photos of the train / "
             "validation / test splits, drawn as whole persons; the attackers `linear,mlp,cnn`, 3 attacker "
