@@ -217,12 +217,17 @@ class Extractor:
         # the card's graph runs as it is: what the auditor ran, byte for byte
         self.model = OnnxModel(path, card.input.name, card.output.name, threads=threads, graph=self._graph)
         self.aligner = None
+        self.detail = 1.0
         if card.alignment is not None:
-            from protocol.align import Aligner
+            from protocol.align import Aligner, model_detail
 
             # the detector's files are checked against the card's sha256 (which the
             # attestation binds) as they are read, before onnxruntime sees them
             self.aligner = Aligner(card.alignment, model_dir, threads=threads)
+            # the model keeps this fraction of the frame's pixels: a face is cut from the
+            # smallest decode that holds it at that resolution (a 12-MP photo's face rarely
+            # needs the full-resolution decode)
+            self.detail = model_detail(tuple(card.alignment.frame), card.input)
         self.decoys = load_decoys(card, model_dir)
 
     def decode(self, data: bytes, path: Path) -> np.ndarray:
@@ -239,7 +244,7 @@ class Extractor:
             if self.aligner is None:
                 return [(key, self.decode(data, path))]
             got = self.aligner.photo(data, str(path), max_pixels=self.max_pixels, which=self.faces,
-                                     min_face=self.min_face)
+                                     min_face=self.min_face, detail=self.detail)
         except ImageError as exc:
             return [(None, exc)]
         items: list[tuple[str | None, object]] = [(None, SMALL_FACE)] * got.small

@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -192,7 +193,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, method: str = "
     return np.asarray(keep, dtype=np.int64)
 
 
-def pyramid_scales(height: int, width: int, min_face: int, factor: float) -> list[float]:
+def pyramid_scales(height: float, width: float, min_face: int, factor: float) -> list[float]:
     """Scales of the image pyramid: at the first, a min_face face is 12 px (P-Net's window);
     each next level is `factor` smaller, down to a shorter side of 12 px."""
     m = 12.0 / min_face
@@ -248,10 +249,24 @@ def crops(img: Image.Image, boxes: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((len(boxes), size, size, 3), np.uint8)
     for k, (x1, y1, x2, y2) in enumerate(np.trunc(boxes[:, :4]).astype(np.int64)):
         left, top, right, bottom = x1 - 1, y1 - 1, max(x2, x1), max(y2, y1)
-        # PIL fills the part of a crop outside the image with zeros, as MTCNN's padding does
+        # PIL fills the part of a crop outside the image with zeros, as MTCNN's padding does.
+        # (Image.resize(box=...) without the crop is 15% cheaper here but not the same
+        # pixels: up to 110 levels apart on some crops, measured)
         patch = img.crop((int(left), int(top), int(right), int(bottom)))
         out[k] = np.asarray(patch.resize((size, size), Image.Resampling.BOX))
     return out.transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def pyramid(img: Image.Image, scales: list[float]) -> Iterator[tuple[float, np.ndarray]]:
+    """(scale, float32 (1, 3, H, W)) of each pyramid level, largest first. Each level is
+    resized (box filter) from the one before it rather than from the photo: a 1024x768
+    detection image's 11 levels read 1.4 M pixels instead of 8.7 M."""
+    w, h = img.size
+    prev = img
+    for scale in scales:
+        prev = prev.resize((int(w * scale + 1), int(h * scale + 1)), Image.Resampling.BOX)
+        # one pass from uint8 HWC to float32 CHW (no float HWC copy in between)
+        yield scale, np.ascontiguousarray(np.asarray(prev).transpose(2, 0, 1)[None], dtype=np.float32)
 
 
 class FaceDetector:
@@ -278,16 +293,17 @@ class FaceDetector:
             nets.append(OnnxModel(path, threads=threads, graph=graph))
         self.pnet, self.rnet, self.onet = nets
 
-    def detect(self, img: Image.Image) -> list[Face]:
-        """Faces in an upright RGB image, largest first (ties: higher score)."""
+    def detect(self, img: Image.Image, zoom: float = 1.0) -> list[Face]:
+        """Faces in an upright RGB image, largest first (ties: higher score). `zoom`: the
+        image is searched as if enlarged this much (its pyramid covers faces from
+        min_face / zoom of its pixels), the faces are given in its own pixels."""
         t1, t2, t3 = self.spec.thresholds
         w, h = img.size
         # stage 1: P-Net over the pyramid
         found = []
-        for scale in pyramid_scales(h, w, self.spec.min_face, self.spec.factor):
-            sw, sh = int(w * scale + 1), int(h * scale + 1)
-            level = np.asarray(img.resize((sw, sh), Image.Resampling.BOX), np.float32)
-            out = self.pnet(np.ascontiguousarray(level.transpose(2, 0, 1)[None]))[0]
+        scales = [s * zoom for s in pyramid_scales(h * zoom, w * zoom, self.spec.min_face, self.spec.factor)]
+        for scale, level in pyramid(img, scales):
+            out = self.pnet(level)[0]
             boxes = windows_to_boxes(out, scale, t1)
             found.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
         boxes = np.concatenate(found) if found else np.zeros((0, 9), np.float32)

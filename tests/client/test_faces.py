@@ -118,7 +118,9 @@ def test_a_face_found_in_a_turned_phone_photo_matches_the_upright_one(cli, photo
     z = _npz(out)
     assert len(z["features"]) == 2
     a, b = z["features"].reshape(2, -1)
-    assert np.corrcoef(a, b)[0, 1] > 0.97
+    # the two JPEGs' landmarks differ by 0.49 px on average over the 48 sample faces (max 1.5),
+    # which moves this tiny model's features a little; a photo left turned finds another face or none
+    assert np.corrcoef(a, b)[0, 1] > 0.95
 
 
 def test_a_detector_file_failing_its_hash_is_one_line_and_nothing_is_written(cli, photos: Path, aligned_dir: Path,
@@ -172,3 +174,106 @@ def test_upload_sends_each_face_once_and_resume_adds_only_the_missing_ones(cli, 
     assert "2 stored, 3 already there" in second.out
     third = cli("--home", home, "upload", str(photos), "--yes")
     assert "0 stored, 5 already there" in third.out
+
+
+SHIPPED_ALIGNED = ROOT / "exported_models" / "pric-male-decision-aligned"
+# features of a face cut from a reduced decode (≥ CUT_MARGIN pixels per model pixel) vs from
+# the full decode: distance at most this fraction of the median distance between two faces'
+# features (measured over 30 faces of 12-MP photos cut from their 1/2 and 1/4 decodes,
+# pric-male: mean 0.15, max 0.27 from 1.25 to 2 pixels per model pixel; mean 0.21, max 0.37
+# from 1 to 1.25; mean 0.09 from 2 to 3)
+FEATURE_TOLERANCE = 0.35
+# peak RSS growth allowed from 60 to 240 photos (a 12-MP photo's full decode is 34 MiB)
+MEMORY_GROWTH_MIB = 16
+
+
+def photo(face: Image.Image, bg: Image.Image, size: tuple[int, int], faces: list[tuple[float, tuple[int, int]]]) -> bytes:
+    """A JPEG of `size`: a blurred background with `face` pasted at each (scale, position)."""
+    from PIL import ImageFilter
+
+    img = bg.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(4))
+    for scale, at in faces:
+        img.paste(face.resize((round(face.width * scale), round(face.height * scale)), Image.Resampling.BICUBIC), at)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_a_face_cut_from_the_reduced_decode_releases_what_the_full_decode_would(sample_images: list[Path],
+                                                                                 tmp_path: Path, monkeypatch):
+    """Faces that the 1/2 decode of a 2000x1500 photo holds at CUT_MARGIN pixels per model
+    pixel are cut from it (no full decode): their features (pric-male with the alignment,
+    4x8x8) lie within FEATURE_TOLERANCE of those cut from the full decode, and the shipped
+    aligned model's decision is the same for all of them but at most one."""
+    import shutil
+
+    import protocol.preprocess as pre
+    from client.pipeline import Extractor
+    from protocol.align import CUT_MARGIN, attach, default_alignment, face_transform, warp
+    from protocol.model_card import load_card
+    from protocol.preprocess import load_image, prepare
+
+    src = ROOT / "exported_models" / "pric-male"
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, tmp_path / f.name)
+    card = attach(load_card(src, verify=False), default_alignment(DETECTOR), DETECTOR, tmp_path)
+    feat = Extractor(card, tmp_path, threads=1)
+    dec = Extractor(load_card(SHIPPED_ALIGNED), SHIPPED_ALIGNED, threads=1)
+    assert feat.detail == pytest.approx(64 / 89, rel=1e-3) and dec.detail == feat.detail
+    decodes: list[tuple[int, int]] = []
+    real = pre.load_image
+
+    def spy(*args, **kwargs):
+        img = real(*args, **kwargs)
+        decodes.append(img.size)
+        return img
+
+    faces = [Image.open(p).convert("RGB") for p in sample_images]
+    pixels = []
+    for i in range(8):
+        data = photo(faces[i], faces[-1 - i], (2000, 1500), [(1.9 + 0.15 * i, (300 + 150 * i, 500))])
+        monkeypatch.setattr(pre, "load_image", spy)
+        decodes.clear()
+        got = [f for f in feat.aligner.photo(data, detail=feat.detail).faces if f.error is None and f.face.size < 600]
+        monkeypatch.setattr(pre, "load_image", real)
+        assert len(got) == 1 and decodes == [(1000, 750)]  # cut from the detection's decode
+        sim = face_transform(got[0].face.landmarks, card.alignment)
+        assert 0.5 / (sim.scale * feat.detail) >= CUT_MARGIN
+        ref = warp(load_image(data), sim, tuple(card.alignment.frame))
+        pixels.append([prepare(got[0].image, card.input), prepare(ref, card.input)])
+    x = np.array(pixels)  # (faces, reduced | full, H, W, 3)
+    y = feat.transform(x.reshape(-1, *x.shape[2:])).reshape(len(x), 2, -1)
+    full = y[:, 1]
+    between = np.median([np.linalg.norm(a - b) for i, a in enumerate(full) for b in full[i + 1:]])
+    moved = np.linalg.norm(y[:, 0] - y[:, 1], axis=1) / between
+    assert moved.max() <= FEATURE_TOLERANCE, moved
+    # a decision near the model's threshold flips under a small change of the input: 46 of 48
+    # faces of 12-MP photos kept theirs when cut from a reduced decode (measured; a JPEG
+    # re-encode at quality 95 of the full decode: 48 of 48)
+    d = dec.transform(x.reshape(-1, *x.shape[2:])).reshape(len(x), 2)
+    assert (d[:, 0] == d[:, 1]).sum() >= len(d) - 1, d
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_flat_over_hundreds_of_photos_with_detection():
+    """benchmarks/faces.py --memory in its own process: 240 mixed photos (12-MP ones among
+    them) through the pipeline with detection; the peak RSS after 240 photos is within
+    MEMORY_GROWTH_MIB of the peak after 60 (every photo kind has been seen by then)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faces.py"), "--model-dir", str(SHIPPED_ALIGNED),
+                           "--memory", "240", "--checkpoints", "60,240"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    marks = [m for m in lines if "photos" in m]
+    assert [m["photos"] for m in marks] == [0, 60, 240]
+    assert lines[-1]["photos_streamed"] == 240
+    assert lines[-1]["faces_sent"] >= 240 - 240 // 20  # every photo with a face sent at least one
+    assert marks[2]["peak_rss_mib"] - marks[1]["peak_rss_mib"] < MEMORY_GROWTH_MIB, marks

@@ -227,8 +227,9 @@ def test_large_photos_are_detected_reduced_and_cut_from_full_resolution(aligner,
     face = Image.open(SAMPLES[3]).convert("RGB")
     big = _scene([(face, 5, 6.0, (1200, 900))], size=(4000, 3000))
     got = aligner.photo(_jpeg(big), "big.jpg")
-    # one reduced-scale decode (JPEG draft, 1/2 here) is enough for a large face ...
-    assert decodes == [(2000, 1500)] and len(got.faces) == 1
+    # one reduced-scale decode (JPEG draft, 1/4 here: 1000 px, detected on as it is) is
+    # enough for a large face ...
+    assert decodes == [(1000, 750)] and len(got.faces) == 1
     # ... which is reported in full-resolution pixels
     assert 1100 < got.faces[0].face.box[0] < 1500 and got.faces[0].face.size > 250
     # a small face has fewer pixels in the reduced decode than the frame needs: it is cut
@@ -238,7 +239,84 @@ def test_large_photos_are_detected_reduced_and_cut_from_full_resolution(aligner,
                  size=(4000, 3000))
     got = aligner.photo(_jpeg(big), "big.jpg")
     assert len(got.faces) == 3 and all(f.error is None for f in got.faces)
-    assert decodes == [(2000, 1500), (4000, 3000)]
+    assert decodes == [(1000, 750), (4000, 3000)]
+
+
+def test_a_face_is_cut_from_the_smallest_decode_that_holds_it_at_the_models_resolution(aligner, monkeypatch):
+    """With the model's detail (64 px of an 89 px wide frame: 0.72), a face whose eyes are
+    ~78 px apart in a 12-MP photo is cut from the 1/4 decode made for detection (no other
+    decode); a face of ~100 px is still found and cut from the full decode, made once."""
+    import protocol.preprocess as pre
+    from protocol.align import model_detail
+    from protocol.model_card import InputSpec
+
+    decodes: list[tuple[int, int]] = []
+    real = pre.load_image
+
+    def spy(*args, **kwargs):
+        img = real(*args, **kwargs)
+        decodes.append(img.size)
+        return img
+
+    monkeypatch.setattr(pre, "load_image", spy)
+    detail = model_detail(CELEBA_FRAME, InputSpec(height=64, width=64, crop_box=(0.0, 10 / 109, 1.0, 99 / 109)))
+    assert detail == pytest.approx(64 / 89)
+    face = Image.open(SAMPLES[3]).convert("RGB")
+    medium = _jpeg(_scene([(face, 5, 6.0, (1200, 900)), (face, 0, 4.0, (3000, 300))], size=(4000, 3000)))
+    got = aligner.photo(medium, "medium.jpg", detail=detail)
+    assert len(got.faces) == 2 and all(f.error is None for f in got.faces)
+    assert decodes == [(1000, 750)]
+    # the same photo for a model that keeps the whole frame: the smaller face needs the 1/2 decode
+    decodes.clear()
+    assert len(aligner.photo(medium, "medium.jpg").faces) == 2 and decodes == [(1000, 750), (2000, 1500)]
+    decodes.clear()
+    small = _jpeg(_scene([(face, 5, 6.0, (1200, 900)), (face, 0, 1.0, (200, 300)), (face, 0, 1.1, (3000, 300))],
+                         size=(4000, 3000)))
+    got = aligner.photo(small, "small.jpg", detail=detail)
+    assert len(got.faces) == 3 and all(f.error is None for f in got.faces)
+    assert min(f.face.size for f in got.faces) < 130  # the ~100 px faces, in full-resolution pixels
+    assert decodes == [(1000, 750), (4000, 3000)]
+
+
+def test_a_photo_stored_turned_gets_the_same_reduced_decodes_as_an_upright_one(aligner, monkeypatch):
+    """A phone's portrait photo is stored landscape with an EXIF orientation: its drafts
+    (compared by libjpeg in the stored orientation) are the upright photo's."""
+    import protocol.preprocess as pre
+
+    decodes: list[tuple[int, int]] = []
+    real = pre.load_image
+
+    def spy(*args, **kwargs):
+        img = real(*args, **kwargs)
+        decodes.append(img.size)
+        return img
+
+    monkeypatch.setattr(pre, "load_image", spy)
+    face = Image.open(SAMPLES[3]).convert("RGB")
+    upright = _scene([(face, 0, 6.0, (900, 1200))], size=(3000, 4000))
+    got = aligner.photo(_jpeg(upright.transpose(Image.Transpose.ROTATE_90), orientation=6), "portrait.jpg")
+    assert len(got.faces) == 1 and decodes == [(750, 1000)]
+
+
+def test_a_draft_between_the_detection_decode_and_the_full_one_is_used_when_it_suffices(aligner, monkeypatch):
+    """A 48-MP photo is detected on its 1/8 decode; a face too small there and at 1/4 but
+    large enough at 1/2 is cut from the 1/2 decode, not the full one."""
+    import protocol.preprocess as pre
+
+    decodes: list[tuple[int, int]] = []
+    real = pre.load_image
+
+    def spy(*args, **kwargs):
+        img = real(*args, **kwargs)
+        decodes.append(img.size)
+        return img
+
+    monkeypatch.setattr(pre, "load_image", spy)
+    face = Image.open(SAMPLES[3]).convert("RGB")
+    photo = _jpeg(_scene([(face, 0, 2.6, (3000, 2000))], size=(8000, 6000)))
+    got = aligner.photo(photo, "48mp.jpg", detail=64 / 89)
+    assert len(got.faces) == 1 and got.faces[0].error is None
+    assert decodes == [(1000, 750), (4000, 3000)]
 
 
 # --- the model card's alignment section ---------------------------------------------------
