@@ -22,7 +22,7 @@ from pathlib import Path
 from flask import Blueprint, Response, current_app, send_file
 from werkzeug.exceptions import NotFound
 
-from protocol import routes
+from protocol import align, faces, routes
 from protocol.model_card import MAX_CARD_BYTES
 from protocol.preprocess import MAX_FILE_BYTES, MAX_PIXELS
 from protocol.wire import BINARY_CONTENT_TYPE
@@ -57,8 +57,9 @@ def _page_max_pixels() -> int:
 
 @lru_cache(maxsize=1)
 def routes_module() -> str:
-    """protocol.routes (and the photo limits of protocol.preprocess) as an ES module, so the
-    page has no second copy of a route or a limit."""
+    """protocol.routes (and the photo limits of protocol.preprocess, the face constants of
+    protocol.align and protocol.faces) as an ES module, so the page has no second copy of a
+    route, a limit or a face constant."""
     values = {
         name: getattr(routes, name) for name in (
             "HEALTH", "REGISTER", "ME", "MODEL_CARD", "MODEL_CARD_BY_ID", "MODEL_FILE", "MODEL_ATTESTATIONS", "ITEMS",
@@ -74,6 +75,11 @@ def routes_module() -> str:
         MAX_JSON_BYTES=PAGE_MAX_JSON_BYTES, MAX_ERROR_BYTES=PAGE_MAX_ERROR_BYTES,
         MAX_MODEL_FILE_BYTES=PAGE_MAX_MODEL_FILE_BYTES, BINARY_CONTENT_TYPE=BINARY_CONTENT_TYPE,
     )
+    # how faces are found, decoded and cut (the page's faces.js ports protocol.faces and
+    # protocol.align: the same numbers, from here)
+    values.update({name: getattr(align, name) for name in (
+        "DETECT_SIDE", "DETECT_DRAFT_MIN", "CUT_MARGIN", "MIN_EYE_PX", "MAX_ANGLE", "MAX_RESIDUAL")})
+    values.update({name: getattr(faces, name) for name in ("MAX_CANDIDATES", "NESTED_FACE")})
     lines = ["// Made by collector.web from protocol.routes: do not edit."]
     lines += [f"export const {k} = {json.dumps(v)};" for k, v in sorted(values.items())]
     return "\n".join(lines) + "\n"

@@ -101,6 +101,25 @@ def test_page_headers_and_generated_routes(tmp_path):
     assert "http" not in CSP and "*" not in CSP and "default-src 'none'" in CSP and "connect-src 'self'" in CSP
 
 
+def test_page_face_constants_are_the_protocol_ones(tmp_path):
+    """faces.js ports protocol.align and protocol.faces: their constants reach it in routes.js,
+    made from the Python ones, and the page declares no copy of its own."""
+    import re
+
+    from protocol import align, faces
+
+    app = create_app({"DATA_DIR": str(tmp_path / "d"), "MODELS_DIR": str(ROOT / "exported_models")})
+    text = app.test_client().get(routes.WEB_ROUTES_JS).get_data(as_text=True)
+    names = {"DETECT_SIDE": align, "DETECT_DRAFT_MIN": align, "CUT_MARGIN": align, "MIN_EYE_PX": align,
+             "MAX_ANGLE": align, "MAX_RESIDUAL": align, "MAX_CANDIDATES": faces, "NESTED_FACE": faces}
+    for name, module in names.items():
+        assert f"export const {name} = {json.dumps(getattr(module, name))};" in text, name
+    page = (ROOT / "collector" / "webapp" / "js" / "faces.js").read_text()
+    imported = re.search(r"import \{([^}]*)\} from './routes.js';", page)
+    assert imported and set(names) <= {n.strip() for n in imported.group(1).split(",")}
+    assert not re.search(rf"\b(const|let|var)\s+({'|'.join(names)})\b", page)
+
+
 def test_page_policy_is_the_client_default():
     from dataclasses import asdict
 

@@ -93,7 +93,10 @@ def sign(model_dir: Path, keys: Path) -> Path:
 
 def scenes(tmp: Path, n: int) -> list[Path]:
     """n scenes of 2 sample faces each (the shipped celeba crops, scaled up) on a blurred
-    background, and one of them as a 12-MP photo (reduced-scale decode, cut from the full one)."""
+    background; one of them as a 12-MP photo (detection on its 1/4 JPEG draft, searched at
+    DETECT_SIDE's scales, its large faces cut from that draft); and a 12-MP photo of two
+    small faces, stored upright and stored turned (EXIF orientation 6): one face cut from
+    the 1/2 draft, the smaller from the full decode."""
     faces = sorted(SAMPLES.glob("*.jpg"))
     rng = np.random.default_rng(1)
     out = []
@@ -109,7 +112,18 @@ def scenes(tmp: Path, n: int) -> list[Path]:
         out.append(path)
     big = tmp / "scene-12mp.jpg"
     Image.open(out[0]).resize((4000, 3077), Image.Resampling.BICUBIC).save(big, quality=90)
-    return [*out, big]
+    noise = rng.integers(60, 200, (30, 40, 3), dtype=np.uint8)
+    bg = Image.fromarray(noise).resize((4000, 3000), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(20))
+    for j, (x, y, s) in enumerate(((600, 900, 2.6), (2600, 1500, 1.5))):
+        face = Image.open(faces[j + 7]).convert("RGB")
+        bg.paste(face.resize((int(89 * s), int(109 * s)), Image.Resampling.BICUBIC), (x, y))
+    small = tmp / "scene-12mp-small.jpg"
+    bg.save(small, quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter: shown upright after a 90° clockwise turn
+    turned = tmp / "scene-12mp-small-turned.jpg"
+    bg.transpose(Image.Transpose.ROTATE_90).save(turned, quality=90, exif=exif)
+    return [*out, big, small, turned]
 
 
 @pytest.fixture

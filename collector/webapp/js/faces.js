@@ -1,26 +1,23 @@
 // Faces in the page, as the Python client finds and aligns them: a port of protocol/faces.py
 // (MTCNN: pyramid, P-/R-/O-Net in onnxruntime-web, NMS, box and landmark regression) and
-// protocol/align.py (reduced-scale decode for detection, Umeyama similarity to the card's
-// template, warp from the best available resolution). The detector's three ONNX files come
-// from the collector with the model and are checked against the attested card's sha256.
+// protocol/align.py (detection on the cheapest JPEG draft near DETECT_SIDE, searched at
+// DETECT_SIDE's scales; Umeyama similarity to the card's template; each face warped from the
+// smallest decode that holds it at CUT_MARGIN pixels per model pixel). The detector's three
+// ONNX files come from the collector with the model and are checked against the attested
+// card's sha256. The constants are protocol.align's and protocol.faces', served in routes.js
+// (collector.web.routes_module), so the page holds no second copy.
 //
 // Numbers follow numpy's: float32 where the Python code holds float32 arrays (Math.fround
 // at every operation), float64 elsewhere; Pillow's box resize (resize.js), crop, reduce and
 // bilinear affine transform are ported with their integer rounding.
 import { pyRound, resize } from './resize.js';
+import { CUT_MARGIN, DETECT_DRAFT_MIN, DETECT_SIDE, MAX_ANGLE, MAX_CANDIDATES, MAX_RESIDUAL, MIN_EYE_PX, NESTED_FACE } from './routes.js';
 
 export class FaceError extends Error {}
 
 const f = Math.fround;
 // protocol.faces
 export const DETECTOR_FILES = ['pnet.onnx', 'rnet.onnx', 'onet.onnx'];
-const MAX_CANDIDATES = 2000;
-const NESTED_FACE = 1 / 9;
-// protocol.align
-const DETECT_SIDE = 1024;
-const MIN_EYE_PX = 6.0;
-const MAX_ANGLE = 75.0;
-const MAX_RESIDUAL = 0.4;
 // client.pipeline.DEFAULT_MIN_FACE: faces whose box is smaller (photo pixels) are left out and counted
 export const DEFAULT_MIN_FACE = 20;
 
@@ -206,14 +203,19 @@ export function alignmentProblems(al) {
 export class FaceDetector {
   constructor(spec, nets) { this.spec = spec; this.nets = nets; }
 
-  /** Faces in an upright RGBA image, largest first: [{box: [4], score, landmarks: [[x, y] × 5]}]. */
-  async detect(img) {
+  /** Faces in an upright RGBA image, largest first: [{box: [4], score, landmarks: [[x, y] × 5]}].
+   * `zoom`: the image is searched as if enlarged this much (its pyramid covers faces from
+   * min_face / zoom of its pixels); the faces are given in its own pixels. */
+  async detect(img, zoom = 1.0) {
     const [t1, t2, t3] = this.spec.thresholds;
     const { w, h } = img;
-    let found = [];
-    for (const scale of pyramidScales(h, w, this.spec.min_face, this.spec.factor)) {
+    let found = [], level = img;
+    const scales = pyramidScales(h * zoom, w * zoom, this.spec.min_face, this.spec.factor).map((s) => s * zoom);
+    for (const scale of scales) {
       const sw = Math.trunc(w * scale + 1), sh = Math.trunc(h * scale + 1);
-      const level = resizeBox(img, sw, sh), n = sw * sh, x = new Float32Array(3 * n);
+      // each level resized from the one before it (protocol.faces.pyramid)
+      level = resizeBox(level, sw, sh);
+      const n = sw * sh, x = new Float32Array(3 * n);
       for (let p = 0; p < n; p++) for (let c = 0; c < 3; c++) x[c * n + p] = level.data[p * 4 + c];
       const { data, dims } = await this.nets.pnet(x, [1, 3, sh, sw]);
       const rows = windowsToBoxes(data, dims[2], dims[3], scale, t1);
@@ -249,7 +251,6 @@ export class FaceDetector {
   }
 }
 
-const scaled = (fc, k) => ({ box: fc.box.map((v) => v * k), score: fc.score, landmarks: fc.landmarks.map(([x, y]) => [x * k, y * k]) });
 export const faceSize = (fc) => Math.max(fc.box[2] - fc.box[0], fc.box[3] - fc.box[1]);
 
 // --- protocol.align -----------------------------------------------------------------------
@@ -350,47 +351,86 @@ export function jpegOrientation(bytes) {
   return 1;
 }
 
+/** Pillow's JpegImageFile.draft: the largest of 1/8, 1/4, 1/2 (else 1) that keeps the
+ * stored (not yet EXIF-turned) w×h at least `need`; the decoded size is ceil(w/s)×ceil(h/s). */
+export function draftScale(w, h, need) {
+  const scale = Math.min(Math.floor(w / need[0]), Math.floor(h / need[1]));
+  for (const s of [8, 4, 2]) if (scale >= s) return s;
+  return 1;
+}
+
+/** align._draft_spec: the size [w, h] a reduced-scale decode is asked for so that its longest
+ * side stays ≥ `side` (null: every pixel). A square of the shorter side's share, so that a
+ * photo stored turned (EXIF orientation; the draft compares stored sides) gets the same
+ * scale as an upright one. */
+export function draftNeed(full, side) {
+  if (!full || Math.max(full[0], full[1]) <= side) return null;
+  const short = Math.max(1, Math.ceil((Math.min(full[0], full[1]) * side) / Math.max(full[0], full[1])));
+  return [short, short];
+}
+
+/** align.model_detail: a card's input pixels per frame pixel (its crop_box of the frame
+ * resized to height × width), the larger of the two axes. */
+export function modelDetail(frame, input) {
+  const [left, top, right, bottom] = input.crop_box;
+  return Math.max(input.width / Math.max((right - left) * frame[0], 1e-9), input.height / Math.max((bottom - top) * frame[1], 1e-9));
+}
+
+// Face coordinates are numpy float32 in the client: k is cast to float32, each product rounded
+const scaledF = (fc, k) => { const kf = f(k); return { box: fc.box.map((v) => f(v * kf)), score: fc.score, landmarks: fc.landmarks.map(([x, y]) => [f(x * kf), f(y * kf)]) }; };
+const sizeF = (fc) => Math.max(f(fc.box[2] - fc.box[0]), f(fc.box[3] - fc.box[1]));
+
 /** Aligner.photo: every face of a photo (or the largest), aligned, from its bytes.
  * decode(bytes, need) → upright RGBA, at Pillow's draft scale for `need` [w, h] (null: every
- * pixel). Returns {faces: [{index, face, image | null, error | null}], small}. */
-export async function photoFaces(bytes, kind, rawDims, alignment, detector, decode, { which = 'all', minFace = DEFAULT_MIN_FACE } = {}) {
+ * pixel). `detail`: the model's input pixels per frame pixel (modelDetail); each face is cut
+ * from the smallest decode that has CUT_MARGIN pixels per pixel the model keeps, each decode
+ * made at most once. Returns {faces: [{index, face, image | null, error | null}], small}. */
+export async function photoFaces(bytes, kind, rawDims, alignment, detector, decode, { which = 'all', minFace = DEFAULT_MIN_FACE, detail = 1.0 } = {}) {
   let full = null;
   if (rawDims) {
     full = [rawDims[0], rawDims[1]];
     if (kind === 'jpeg' && [5, 6, 7, 8].includes(jpegOrientation(bytes))) full = [full[1], full[0]];
   }
-  let need = null;
-  if (full && Math.max(...full) > DETECT_SIDE) {
-    const k = DETECT_SIDE / Math.max(full[0], full[1]);
-    need = [Math.max(1, Math.ceil(full[0] * k)), Math.max(1, Math.ceil(full[1] * k))];
-  }
-  const decoded = await decode(bytes, need);
-  let det = decoded, r = 1.0;
+  // which decode a need gives: Pillow's draft scale of the stored JPEG (other formats whole)
+  const scaleOf = (need) => (need && kind === 'jpeg' && rawDims ? draftScale(rawDims[0], rawDims[1], need) : 1);
+  // detection on the cheapest JPEG draft whose longest side is still ≥ DETECT_DRAFT_MIN
+  const detNeed = draftNeed(full, DETECT_DRAFT_MIN);
+  const decoded = await decode(bytes, detNeed);
+  let det = decoded, r = 1.0, zoom = 1.0;
   if (Math.max(decoded.w, decoded.h) > DETECT_SIDE) {
     r = DETECT_SIDE / Math.max(decoded.w, decoded.h);
     det = resizeBox(decoded, Math.max(1, pyRound(decoded.w * r)), Math.max(1, pyRound(decoded.h * r)));
+  } else if (full && Math.max(full[0], full[1]) > DETECT_SIDE) {
+    // a draft a little smaller than DETECT_SIDE is searched as if it were DETECT_SIDE px
+    zoom = DETECT_SIDE / Math.max(decoded.w, decoded.h);
   }
-  const kx = full ? full[0] / decoded.w : 1.0;
-  let fullImg = null;
+  const kx = full ? full[0] / decoded.w : 1.0; // full photo px per decoded px
+  const decodes = new Map([[scaleOf(detNeed), decoded]]);
+  const keep = Math.min(1.0, Math.max(detail, 1e-3)) * CUT_MARGIN;
   const out = { faces: [], small: 0 };
-  for (let face of await detector.detect(det)) {
+  const rf = f(r);
+  for (let face of await detector.detect(det, zoom)) {
     if (which === 'largest' && out.faces.length) break;
-    face = { box: face.box.map((v) => v / r), score: face.score, landmarks: face.landmarks.map(([x, y]) => [x / r, y / r]) };
-    if (faceSize(face) * kx < minFace) { out.small++; continue; }
+    // in full-photo pixels
+    face = scaledF({ box: face.box.map((v) => f(v / rf)), score: face.score, landmarks: face.landmarks.map(([x, y]) => [f(x / rf), f(y / rf)]) }, kx);
+    if (sizeF(face) < minFace) { out.small++; continue; }
     const where = `face ${out.faces.length + 1}`;
     try {
-      const sim = faceTransform(scaled(face, kx).landmarks, alignment, where);
-      let img = decoded, fc = face;
-      if (sim.scale * kx > 1.0 && kx > 1.0) {
-        // the reduced decode has fewer pixels than the frame needs: cut from the full one
-        if (fullImg === null) fullImg = await decode(bytes, null);
-        img = fullImg; fc = scaled(face, fullImg.w / decoded.w);
+      const sim = faceTransform(face.landmarks, alignment, where); // checked in photo pixels
+      let img = decoded;
+      if (full && sim.scale * keep * full[0] > decoded.w) {
+        // too few pixels in the detection's decode: the smallest draft that has enough
+        const need = draftNeed(full, Math.ceil(sim.scale * keep * Math.max(full[0], full[1])));
+        const s = scaleOf(need);
+        if (!decodes.has(s)) decodes.set(s, await decode(bytes, need));
+        img = decodes.get(s);
       }
-      const aligned = warp(img, faceTransform(fc.landmarks, alignment, where), alignment.frame);
-      out.faces.push({ index: out.faces.length, face: scaled(face, kx), image: aligned, error: null });
+      const k = full ? img.w / full[0] : 1.0; // source px per full-photo px
+      const aligned = warp(img, faceTransform(scaledF(face, k).landmarks, alignment, where), alignment.frame);
+      out.faces.push({ index: out.faces.length, face, image: aligned, error: null });
     } catch (err) {
       if (!(err instanceof FaceError)) throw err;
-      out.faces.push({ index: out.faces.length, face: scaled(face, kx), image: null, error: err });
+      out.faces.push({ index: out.faces.length, face, image: null, error: err });
     }
   }
   return out;

@@ -8,7 +8,7 @@
 //            Pillow's draft makes libjpeg-turbo scale in its IDCT, the same pixels again
 //         ─► faces, for a card with alignment (faces.js: the card's detector and aligner)
 //         ─► crop box + Pillow's resize (resize.js)            → uint8 (H, W, 3)
-import { DETECTOR_FILES, FaceDetector, alignmentProblems, photoFaces } from './faces.js';
+import { DETECTOR_FILES, FaceDetector, alignmentProblems, draftScale, modelDetail, photoFaces } from './faces.js';
 import { sha256 } from './ids.js';
 import { loadNet } from './model.js';
 import { prepare } from './resize.js';
@@ -58,14 +58,7 @@ export function neededSize(spec) {
   return [Math.ceil(spec.width / (right - left)), Math.ceil(spec.height / (bottom - top))];
 }
 
-/** Pillow's JpegImageFile.draft: the largest of 1/8, 1/4, 1/2 (else 1) that keeps the
- * stored (not yet EXIF-turned) w×h at least `need`; the decoded size is ceil(w/s)×ceil(h/s). */
-export function draftScale(w, h, need) {
-  const scale = Math.min(Math.floor(w / need[0]), Math.floor(h / need[1]));
-  for (const s of [8, 4, 2]) if (scale >= s) return s;
-  return 1;
-}
-
+export { draftScale };
 
 /** A JPEG at 1/s scale, upright, as Pillow's draft + exif_transpose gives it; null when this
  * browser cannot (no ImageDecoder) or does not decode at exactly that size (the caller then
@@ -170,7 +163,9 @@ export async function photoItems(bytes, card, detector = null, options = {}) {
   const kind = sniff(bytes);
   const dims = dimensions(bytes, kind);
   const dec = (b, need) => decode(b, need ? { crop_box: [0, 0, 1, 1], width: need[0], height: need[1] } : null);
-  const got = await photoFaces(bytes, kind, dims, card.alignment, detector, dec, options);
+  // each face is cut at the resolution the card's input keeps of the aligned frame
+  const detail = modelDetail(card.alignment.frame, card.input);
+  const got = await photoFaces(bytes, kind, dims, card.alignment, detector, dec, { detail, ...options });
   if (!got.faces.length && !got.small) throw new PhotoError('no face found');
   const out = { items: [], problems: [], small: got.small };
   for (const f of got.faces) {
