@@ -267,7 +267,7 @@ class CodeModel:
         self.shape = tuple(np.asarray(dense).shape[1:])
 
     def refine(self, amb: AmbiguatedCode, k: int, value_bits: int | None, prior_logit: np.ndarray,
-               start: np.ndarray, iters: int = 6) -> np.ndarray:
+               start: np.ndarray, iters: int = 3, var_every: int = 1) -> np.ndarray:
         """Per released entry the log-odds of being true after `iters` EM steps, (L, k').
         prior_logit: the attacker's log-odds before looking at the code model (L, k');
         start: the scores whose probabilities (rescaled to k per map) start the EM."""
@@ -295,15 +295,18 @@ class CodeModel:
 
         p = rescale(start)
         logit = np.log(p / (1 - p))
-        for _ in range(iters):
+        sd = None
+        for it in range(iters):
             wt = p.ravel() / var_true
             wf = (1 - p.ravel()) * w_low[flat]
             w, y = w_low.copy(), np.zeros(L * m)
             w[flat], y[flat] = wt + wf, wt * v.ravel() / (wt + wf)
             cf = cho_factor(np.eye(B.shape[1]) + B.T @ (B * w[:, None]))
             mean = (self.mu[flat] + Bf @ cho_solve(cf, B.T @ (w * (y - self.mu)))).reshape(L, -1)
-            half = solve_triangular(cf[0], Bf.T, lower=cf[1], trans="N" if cf[1] else "T")
-            sd = np.sqrt((half ** 2).sum(0) + self.resid).reshape(L, -1)
+            if sd is None or (var_every and it % var_every == 0):
+                # the posterior spread moves slowly with the weights: var_every > 1 reuses it
+                half = solve_triangular(cf[0], Bf.T, lower=cf[1], trans="N" if cf[1] else "T")
+                sd = np.sqrt((half ** 2).sum(0) + self.resid).reshape(L, -1)
             st = np.sqrt(sd ** 2 + q2)
             log_true = -0.5 * ((v - mean) / st) ** 2 - np.log(st)
             below = np.maximum(ndtr((tau[:, None] - mean) / sd) - ndtr((-tau[:, None] - mean) / sd), 1e-300)
