@@ -6,7 +6,7 @@
    signed by the project's release key, which participants trust by default.
    (The anonymized-features release `pric-male` passes a participant's default policy for
    a few photos only: pooled over 10 photos of one person its features give gender away
-   0.883 of the time, so an album is refused; the decision release stays near chance.)
+   0.925 of the time, so an album is refused; the decision release stays near chance.)
 2. starts a collector (SQLite in a temporary folder) on 127.0.0.1 that trusts that key
    and so publishes the signed model;
 3. registers three participants, each with its own client home, who read the consent
