@@ -47,7 +47,9 @@ def test_the_page_ambiguates_uploads_and_keeps_the_keys(live, page_of, tmp_path)
     sp = card.sparse
     lv = live(CURRENT_MODEL=card.model_id)
     page = page_of(lv)
-    good = photos(tmp_path, 6)
+    # 4 photos: sparse-celeba@5's signed linkage figures (pooled 0.825 at 4+, 0.887 at 10)
+    # pass the default per-person bound 0.850 for at most 4 photos of one participant
+    good = photos(tmp_path, 4)
 
     page.goto(lv.url + routes.WEB_APP)
     page.click("#join-btn")
@@ -59,7 +61,7 @@ def test_the_page_ambiguates_uploads_and_keeps_the_keys(live, page_of, tmp_path)
     item_key = bytes(page.evaluate("() => Array.from(window.pric.me.item_key)"))
     page.set_input_files("#files", [str(p) for p in good])
     wait_flag(page, "ready")
-    assert "6 to send, 0 already sent, 0 skipped" in page.text_content("#photo-state")
+    assert "4 to send, 0 already sent, 0 skipped" in page.text_content("#photo-state")
     # a first attempt is cut: the retry sends the very codes drawn before (their keys are kept)
     page.route("**" + routes.ITEMS, lambda route: route.abort("internetdisconnected"))
     page.click("#upload-btn")
@@ -71,8 +73,8 @@ def test_the_page_ambiguates_uploads_and_keeps_the_keys(live, page_of, tmp_path)
     wait_flag(page, "ready")
     page.click("#upload-btn")
     wait_flag(page, "uploaded")
-    assert "Uploaded 6" in page.text_content("#alert"), page.text_content("#alert")
-    page.wait_for_function("() => document.getElementById('keys-text').textContent.includes('keys of 6 ')")
+    assert "Uploaded 4" in page.text_content("#alert"), page.text_content("#alert")
+    page.wait_for_function("() => document.getElementById('keys-text').textContent.includes('keys of 4 ')")
     screenshot(page, "sparse-keys")
     with page.expect_download() as dl:
         page.click("#keys-btn")
@@ -92,11 +94,11 @@ def test_the_page_ambiguates_uploads_and_keeps_the_keys(live, page_of, tmp_path)
                 sent.setdefault(item.item_id, []).append(item.arrays["values"].tobytes() + item.arrays["indices"].tobytes())
         for key in keys.values():
             assert key[17:] not in body
-    assert len(sent) == 6 and all(len(v) == 2 and v[0] == v[1] for v in sent.values())
+    assert len(sent) == 4 and all(len(v) == 2 and v[0] == v[1] for v in sent.values())
 
     stored = stored_items(lv, card.model_id)
     ext = Extractor(card, MODEL_DIR)
-    assert set(stored) == set(keys) and len(stored) == 6
+    assert set(stored) == set(keys) and len(stored) == 4
     for p in good:
         data = p.read_bytes()
         item_id = item_id_for(item_key, hashlib.sha256(data).hexdigest(), card.sha256)
