@@ -88,8 +88,20 @@ def fresh_database(admin_url: str) -> Iterator[str]:
     try:
         yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        from sqlalchemy.exc import DBAPIError
+
+        # FORCE cannot end a backend of another role (an autovacuum worker that happens to be
+        # on the database: "must be a member of the role whose process is being terminated");
+        # such a worker finishes within seconds, so the drop is retried, boundedly
+        for attempt in range(20):
+            try:
+                with admin.connect() as conn:
+                    conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                break
+            except DBAPIError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)
         admin.dispose()
 
 
