@@ -21,6 +21,23 @@ DETECTOR = ROOT / "exported_models" / "face-detector"
 SAMPLES = sorted((ROOT / "scripts" / "sample_faces" / "images").glob("*.jpg"))
 
 
+@pytest.fixture
+def decode_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The size of every image protocol.preprocess.load_image decodes during the test, in order."""
+    import protocol.preprocess as pre
+
+    sizes: list[tuple[int, int]] = []
+    real = pre.load_image
+
+    def spy(*args, **kwargs):
+        img = real(*args, **kwargs)
+        sizes.append(img.size)
+        return img
+
+    monkeypatch.setattr(pre, "load_image", spy)
+    return sizes
+
+
 @pytest.fixture(scope="module")
 def aligner() -> Aligner:
     return Aligner(AlignmentSpec(detector=DetectorCard.load(DETECTOR).spec), DETECTOR)
@@ -212,18 +229,8 @@ def test_a_photo_without_a_face_gives_no_face_and_a_bad_photo_one_line(aligner):
         aligner.photo(b"\xff\xd8 not a jpeg", "broken.jpg")
 
 
-def test_large_photos_are_detected_reduced_and_cut_from_full_resolution(aligner, monkeypatch):
-    import protocol.preprocess as pre
-
-    decodes: list[tuple[int, int]] = []
-    real = pre.load_image
-
-    def spy(*args, **kwargs):
-        img = real(*args, **kwargs)
-        decodes.append(img.size)
-        return img
-
-    monkeypatch.setattr(pre, "load_image", spy)
+def test_large_photos_are_detected_reduced_and_cut_from_full_resolution(aligner, decode_sizes):
+    decodes = decode_sizes
     face = Image.open(SAMPLES[3]).convert("RGB")
     big = _scene([(face, 5, 6.0, (1200, 900))], size=(4000, 3000))
     got = aligner.photo(_jpeg(big), "big.jpg")
@@ -242,23 +249,14 @@ def test_large_photos_are_detected_reduced_and_cut_from_full_resolution(aligner,
     assert decodes == [(1000, 750), (4000, 3000)]
 
 
-def test_a_face_is_cut_from_the_smallest_decode_that_holds_it_at_the_models_resolution(aligner, monkeypatch):
+def test_a_face_is_cut_from_the_smallest_decode_that_holds_it_at_the_models_resolution(aligner, decode_sizes):
     """With the model's detail (64 px of an 89 px wide frame: 0.72), a face whose eyes are
     ~78 px apart in a 12-MP photo is cut from the 1/4 decode made for detection (no other
     decode); a face of ~100 px is still found and cut from the full decode, made once."""
-    import protocol.preprocess as pre
     from protocol.align import model_detail
     from protocol.model_card import InputSpec
 
-    decodes: list[tuple[int, int]] = []
-    real = pre.load_image
-
-    def spy(*args, **kwargs):
-        img = real(*args, **kwargs)
-        decodes.append(img.size)
-        return img
-
-    monkeypatch.setattr(pre, "load_image", spy)
+    decodes = decode_sizes
     detail = model_detail(CELEBA_FRAME, InputSpec(height=64, width=64, crop_box=(0.0, 10 / 109, 1.0, 99 / 109)))
     assert detail == pytest.approx(64 / 89)
     face = Image.open(SAMPLES[3]).convert("RGB")
@@ -278,40 +276,20 @@ def test_a_face_is_cut_from_the_smallest_decode_that_holds_it_at_the_models_reso
     assert decodes == [(1000, 750), (4000, 3000)]
 
 
-def test_a_photo_stored_turned_gets_the_same_reduced_decodes_as_an_upright_one(aligner, monkeypatch):
+def test_a_photo_stored_turned_gets_the_same_reduced_decodes_as_an_upright_one(aligner, decode_sizes):
     """A phone's portrait photo is stored landscape with an EXIF orientation: its drafts
     (compared by libjpeg in the stored orientation) are the upright photo's."""
-    import protocol.preprocess as pre
-
-    decodes: list[tuple[int, int]] = []
-    real = pre.load_image
-
-    def spy(*args, **kwargs):
-        img = real(*args, **kwargs)
-        decodes.append(img.size)
-        return img
-
-    monkeypatch.setattr(pre, "load_image", spy)
+    decodes = decode_sizes
     face = Image.open(SAMPLES[3]).convert("RGB")
     upright = _scene([(face, 0, 6.0, (900, 1200))], size=(3000, 4000))
     got = aligner.photo(_jpeg(upright.transpose(Image.Transpose.ROTATE_90), orientation=6), "portrait.jpg")
     assert len(got.faces) == 1 and decodes == [(750, 1000)]
 
 
-def test_a_draft_between_the_detection_decode_and_the_full_one_is_used_when_it_suffices(aligner, monkeypatch):
+def test_a_draft_between_the_detection_decode_and_the_full_one_is_used_when_it_suffices(aligner, decode_sizes):
     """A 48-MP photo is detected on its 1/8 decode; a face too small there and at 1/4 but
     large enough at 1/2 is cut from the 1/2 decode, not the full one."""
-    import protocol.preprocess as pre
-
-    decodes: list[tuple[int, int]] = []
-    real = pre.load_image
-
-    def spy(*args, **kwargs):
-        img = real(*args, **kwargs)
-        decodes.append(img.size)
-        return img
-
-    monkeypatch.setattr(pre, "load_image", spy)
+    decodes = decode_sizes
     face = Image.open(SAMPLES[3]).convert("RGB")
     photo = _jpeg(_scene([(face, 0, 2.6, (3000, 2000))], size=(8000, 6000)))
     got = aligner.photo(photo, "48mp.jpg", detail=64 / 89)
