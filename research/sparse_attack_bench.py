@@ -21,7 +21,7 @@ import numpy as np
 
 from audit.quality import image_quality, unit
 from audit.sparse import OnnxPair, dense_from_mask, support_guess
-from audit.sparse_attacks import format_attack_table, learned_support_attack
+from audit.sparse_attacks import EM_ITERS, EM_SEEDS, format_attack_table, learned_support_attack
 from protocol.datasets import load_faces
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import load_card
@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-train", type=int, default=8000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--net-epochs", type=int, default=None)
+    p.add_argument("--em-seeds", type=int, default=EM_SEEDS, help="the code model's hard steps")
+    p.add_argument("--em-iters", type=int, default=EM_ITERS, help="the code model's EM steps after them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -80,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "images": [auth, rnd], "image_names": ["authorised", "random guess"]}
         att = learned_support_attack(models, card, train.pixels, ambs, keys, ref, rng, baseline=base,
                                      out_dir=Path(a.out), seed=a.seed, max_train=a.max_train, rounds=a.rounds,
-                                     net_epochs=a.net_epochs, ambiguate_fn=fn)
+                                     net_epochs=a.net_epochs, ambiguate_fn=fn,
+                                     em_seeds=a.em_seeds, em_iters=a.em_iters)
     except PricError as exc:
         print(f"sparse_attack_bench: {exc.message}", file=sys.stderr)
         return exc.exit_code

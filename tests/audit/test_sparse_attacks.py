@@ -188,3 +188,45 @@ def test_the_dense_code_is_read_below_the_encoders_top_k(tmp_path: Path) -> None
 
     assert name == "dense"  # the signed code, not its magnitudes
     np.testing.assert_allclose(OnnxModel(path, "x", name, graph=blob)(x), x @ w, rtol=1e-5)
+
+
+def _noisy_start(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scores that rank the true entries first only now and then (about half the top k true)."""
+    return np.where(truth, 1.0, 0.0) + rng.normal(0, 0.9, truth.shape)
+
+
+def test_hard_steps_from_the_best_scored_entries_beat_soft_em_from_the_same_noisy_start() -> None:
+    from audit.sparse_attacks import CodeModel
+    from protocol.sparse_code import top_k, unpack_key
+
+    # 8 latent dimensions behind 2 maps of 4 true values: the soft EM lets every wrongly
+    # scored entry pull the posterior; hard steps from the best-scored ones do not
+    model = CodeModel(_low_rank_codes(2000, 8, 0), rank=8)
+    rng = np.random.default_rng(3)
+    hits: dict[int, list[float]] = {0: [], 4: []}
+    start_hits = []
+    for c in _low_rank_codes(40, 8, 1):
+        amb, key = ambiguate(top_k(c, SPEC.k), SPEC, rng)
+        truth = unpack_key(key)[0]
+        start = _noisy_start(truth, rng)
+        start_hits.append((top_k_mask(start, SPEC.k) & truth).sum() / truth.sum())
+        for seeds in hits:
+            logit = model.refine(amb, SPEC.k, None, prior_logit=np.zeros(start.shape), start=start, iters=1, seeds=seeds)
+            hits[seeds].append((top_k_mask(logit, SPEC.k) & truth).sum() / truth.sum())
+    soft, hard = float(np.mean(hits[0])), float(np.mean(hits[4]))
+    assert hard > soft + 0.04 and hard > float(np.mean(start_hits)) + 0.08, (np.mean(start_hits), soft, hard)
+
+
+def test_refining_in_worker_processes_gives_what_one_process_gives() -> None:
+    from audit.sparse_attacks import CodeModel, refine_all
+    from protocol.sparse_code import top_k
+
+    model = CodeModel(_low_rank_codes(500, 4, 0), rank=4)
+    rng = np.random.default_rng(4)
+    ambs = [ambiguate(top_k(c, SPEC.k), SPEC, rng)[0] for c in _low_rank_codes(130, 4, 1)]
+    scores = [rng.normal(0, 1, a.indices.shape) for a in ambs]
+    one = refine_all(model, ambs, scores, SPEC.k, None, workers=1)
+    two = refine_all(model, ambs, scores, SPEC.k, None, workers=2)
+    assert len(two) == len(ambs)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
