@@ -205,6 +205,18 @@ def _batch(x: np.ndarray, idx: np.ndarray | slice, mean: torch.Tensor, std: torc
 
 
 @torch.no_grad()
+def keep_better_columns(acc: np.ndarray, best_acc: np.ndarray, best_epoch: np.ndarray, epoch: int,
+                        selected: dict[str, np.ndarray], eval_sets: dict[str, np.ndarray],
+                        predict: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per output column, keep this epoch's predictions on every eval set where its validation
+    accuracy beats the best so far (`selected` is updated in place): (best_acc, best_epoch)."""
+    better = acc > best_acc
+    if better.any():
+        for name, xs in eval_sets.items():
+            selected[name][:, better] = predict(xs)[:, better]
+    return np.where(better, acc, best_acc), np.where(better, epoch, best_epoch)
+
+
 def _predict(model: nn.Module, mean: torch.Tensor, std: torch.Tensor, x: np.ndarray, multilabel: bool,
              batch_size: int = 512) -> np.ndarray:
     model.eval()
@@ -292,12 +304,8 @@ def train_attack(
             opt.step()
         pred_va = _predict(model, mean, std, x_va, multilabel)
         acc = (pred_va == yv).mean(0) if len(yv) else np.zeros(n_cols)
-        better = acc > best_acc
-        if better.any():
-            for name, xs in eval_sets.items():
-                selected[name][:, better] = _predict(model, mean, std, xs, multilabel)[:, better]
-            best_acc = np.where(better, acc, best_acc)
-            best_epoch = np.where(better, epoch, best_epoch)
+        best_acc, best_epoch = keep_better_columns(acc, best_acc, best_epoch, epoch, selected, eval_sets,
+                                                   lambda xs: _predict(model, mean, std, xs, multilabel))
         m = float(acc.mean())
         bar.set_postfix(val=f"{m:.3f}")
         if m > best_mean:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from audit.attacks import TrainedAttack, _batch, _predict, _standardiser, flip_and_shift
+from audit.attacks import TrainedAttack, _batch, _predict, _standardiser, flip_and_shift, keep_better_columns
 
 WIDTHS = (32, 64, 128)
 BLOCKS = (2, 2, 2)
@@ -206,12 +206,8 @@ def train_reference(
             sched.step()
         pred_va = _predict(model, mean, std, x_va, True)
         acc = (pred_va == y_va).mean(0) if len(y_va) else np.zeros(n_out)
-        better = acc > best_acc
-        if better.any():
-            for name, xs in eval_sets.items():
-                selected[name][:, better] = _predict(model, mean, std, xs, True)[:, better]
-            best_acc = np.where(better, acc, best_acc)
-            best_epoch = np.where(better, epoch, best_epoch)
+        best_acc, best_epoch = keep_better_columns(acc, best_acc, best_epoch, epoch, selected, eval_sets,
+                                                   lambda xs: _predict(model, mean, std, xs, True))
         m = float(acc.mean())
         history.val_mean.append(m)
         history.lr.append(lr)

@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     t0 = time.time()
     try:
+        if a.em_seeds < 0 or a.em_iters < 0 or a.em_seeds + a.em_iters < 1:
+            raise InvalidInputError(f"--em-seeds {a.em_seeds} --em-iters {a.em_iters}: expected counts >= 0, "
+                                    "at least one step in all")
         model_dir = Path(a.model)
         card = load_card(model_dir)
         sp = card.sparse

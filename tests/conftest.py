@@ -139,3 +139,20 @@ def tiny_export(tiny_run: Path) -> Path:
 def sparse_tiny_flags() -> list[str]:
     """The tiny sparse settings of `tiny_run`, for tests that train beside it."""
     return list(SPARSE_TINY)
+
+
+@pytest.fixture
+def decode_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The size of every image protocol.preprocess.load_image decodes during the test, in order."""
+    import protocol.preprocess as pre
+
+    sizes: list[tuple[int, int]] = []
+    real = pre.load_image
+
+    def spy(*args, **kwargs):
+        img = real(*args, **kwargs)
+        sizes.append(img.size)
+        return img
+
+    monkeypatch.setattr(pre, "load_image", spy)
+    return sizes

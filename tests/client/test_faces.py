@@ -201,14 +201,13 @@ def photo(face: Image.Image, bg: Image.Image, size: tuple[int, int], faces: list
 
 @pytest.mark.slow
 def test_a_face_cut_from_the_reduced_decode_releases_what_the_full_decode_would(sample_images: list[Path],
-                                                                                 tmp_path: Path, monkeypatch):
+                                                                                 tmp_path: Path, decode_sizes):
     """Faces that the 1/2 decode of a 2000x1500 photo holds at CUT_MARGIN pixels per model
     pixel are cut from it (no full decode): their features (pric-male with the alignment,
     4x8x8) lie within FEATURE_TOLERANCE of those cut from the full decode, and the shipped
     aligned model's decision is the same for all of them but at most one."""
     import shutil
 
-    import protocol.preprocess as pre
     from client.pipeline import Extractor
     from protocol.align import CUT_MARGIN, attach, default_alignment, face_transform, warp
     from protocol.model_card import load_card
@@ -222,22 +221,13 @@ def test_a_face_cut_from_the_reduced_decode_releases_what_the_full_decode_would(
     feat = Extractor(card, tmp_path, threads=1)
     dec = Extractor(load_card(SHIPPED_ALIGNED), SHIPPED_ALIGNED, threads=1)
     assert feat.detail == pytest.approx(64 / 89, rel=1e-3) and dec.detail == feat.detail
-    decodes: list[tuple[int, int]] = []
-    real = pre.load_image
-
-    def spy(*args, **kwargs):
-        img = real(*args, **kwargs)
-        decodes.append(img.size)
-        return img
-
+    decodes = decode_sizes
     faces = [Image.open(p).convert("RGB") for p in sample_images]
     pixels = []
     for i in range(8):
         data = photo(faces[i], faces[-1 - i], (2000, 1500), [(1.9 + 0.15 * i, (300 + 150 * i, 500))])
-        monkeypatch.setattr(pre, "load_image", spy)
         decodes.clear()
         got = [f for f in feat.aligner.photo(data, detail=feat.detail).faces if f.error is None and f.face.size < 600]
-        monkeypatch.setattr(pre, "load_image", real)
         assert len(got) == 1 and decodes == [(1000, 750)]  # cut from the detection's decode
         sim = face_transform(got[0].face.landmarks, card.alignment)
         assert 0.5 / (sim.scale * feat.detail) >= CUT_MARGIN

@@ -21,23 +21,6 @@ DETECTOR = ROOT / "exported_models" / "face-detector"
 SAMPLES = sorted((ROOT / "scripts" / "sample_faces" / "images").glob("*.jpg"))
 
 
-@pytest.fixture
-def decode_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """The size of every image protocol.preprocess.load_image decodes during the test, in order."""
-    import protocol.preprocess as pre
-
-    sizes: list[tuple[int, int]] = []
-    real = pre.load_image
-
-    def spy(*args, **kwargs):
-        img = real(*args, **kwargs)
-        sizes.append(img.size)
-        return img
-
-    monkeypatch.setattr(pre, "load_image", spy)
-    return sizes
-
-
 @pytest.fixture(scope="module")
 def aligner() -> Aligner:
     return Aligner(AlignmentSpec(detector=DetectorCard.load(DETECTOR).spec), DETECTOR)
