@@ -33,6 +33,16 @@ def test_shipped_card_matches_its_files(model_dir: Path):
     assert card.training, "the card states what the model was trained on and against"
 
 
+def test_a_collector_serving_the_shipped_models_makes_pric_male_6_current_by_default():
+    """Without --current-model the collector serves the newest features release
+    (collector.registry._preference): pric-male@6, not a release that only suits aligned
+    faces or a research mode."""
+    from collector.registry import _preference
+
+    cards = [load_card(d, verify=False) for d in SHIPPED if d.name != "face-detector"]
+    assert max(cards, key=lambda c: _preference(c.kind, c.version, c.model_id)).model_id == "pric-male@6"
+
+
 def test_a_model_is_shipped():
     kinds = {load_card(d, verify=False).kind for d in SHIPPED}
     assert "features" in kinds

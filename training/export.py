@@ -15,7 +15,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,20 @@ class ExportConfig:
 OPSET = 18
 
 
+def strip_build_metadata(proto: Any) -> Any:
+    """Drop what the exporter records about the build (each node's source stack trace with
+    the builder's file paths, module names, rewrite rules; doc strings): a shipped file
+    carries the computation only. Returns the same ModelProto."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for g in graphs:
+        for node in g.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    proto.doc_string = ""
+    proto.graph.doc_string = ""
+    return proto
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str,
                 output_name: str) -> None:
     """Write `model` (eval mode) to ONNX with the dynamo exporter and a dynamic batch axis;
@@ -64,7 +78,9 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, input
                 external_data=False, verbose=False,
             )
         program.save(str(path))
-        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        proto = strip_build_metadata(onnx.load(str(path)))
+        onnx.save(proto, str(path))
+        onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # the exporter raises many kinds; name it in one line
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ModelIntegrityError(f"{path}: ONNX export failed ({type(exc).__name__}: {msg})") from None
