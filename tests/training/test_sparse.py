@@ -244,3 +244,54 @@ def test_128x128_inputs_train_and_export(sparse_tiny_flags: list[str], sample_fa
     assert code.shape == (2, card.sparse.L, card.sparse.m) and np.all((code != 0).sum(-1) <= card.sparse.k)
     assert image.shape == (2, 3, 128, 128)
 
+
+
+def test_warm_start_from_a_release_rebuilds_the_exported_model(tiny_run: Path, tiny_export: Path,
+                                                               sample_faces: Path) -> None:
+    from protocol.datasets import load_faces
+    from training.data import to_input, unit_pixels
+    from training.sparse.release_init import load_release
+
+    trained, _ = sparse_train.load_run(tiny_run)
+    card = load_card(tiny_export)
+    pixels = load_faces(sample_faces, card.input, progress=False, announce=False).pixels
+    rebuilt = SparseAutoencoder(trained.cfg)
+
+    load_release(rebuilt, tiny_export, pixels[:32])  # checks itself against the release's ONNX files
+
+    x = to_input(pixels, card.input)
+    with torch.no_grad():
+        want, got = trained.eval()(x, k=4), rebuilt.eval()(x, k=4)
+        assert torch.equal(want["code"] != 0, got["code"] != 0)
+        assert torch.allclose(want["logits"], got["logits"], atol=1e-3)
+        # the BatchNorms hold in training mode too (batch statistics ≈ the rebuilt running ones)
+        err = lambda out: float((torch.sigmoid(out["logits"]) - unit_pixels(torch.from_numpy(pixels))).pow(2).mean())
+        assert err(rebuilt.train()(x, k=4)) < 1.5 * err(want)
+
+
+def test_pric_train_sparse_init_from_a_release_and_align_card(sparse_tiny_flags: list[str], tiny_export: Path,
+                                                             sample_faces: Path, tmp_path: Path) -> None:
+    from protocol.faces import DetectorCard
+
+    detector = Path(__file__).resolve().parents[2] / "exported_models" / "face-detector"
+    rc = sparse_train.main(["--data", str(sample_faces), "--epochs", "1", "--out", str(tmp_path / "ft"),
+                            "--device", "cpu", "--lr", "1e-12", "--loss", "mse", "--init", str(tiny_export),
+                            "--align", str(detector), *sparse_tiny_flags])
+    assert rc == 0
+    out = sparse_export.export_run(tmp_path / "ft", tmp_path / "exported", "sparse-aligned", "1")
+
+    card = load_card(out)  # verifies every file, the detector's included
+    assert card.alignment is not None and card.alignment.detector.files == DetectorCard.load(detector).spec.files
+    assert set(card.alignment.detector.files) <= set(card.extra_files)
+    assert "warm-started from release sparse-tiny@t1" in card.description
+
+
+def test_warm_start_refuses_a_release_that_is_not_a_sparse_code(sparse_tiny_flags: list[str], sample_faces: Path,
+                                                                tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    features = Path(__file__).resolve().parents[2] / "exported_models" / "pric-male"
+    rc = sparse_train.main(["--data", str(sample_faces), "--epochs", "1", "--out", str(tmp_path / "ft"),
+                            "--device", "cpu", "--init", str(features), *sparse_tiny_flags])
+
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init" in err[0] and "not a sparse code" in err[0]

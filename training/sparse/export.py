@@ -85,6 +85,9 @@ def _loss_note(config: dict) -> str:
     """'Loss: ...' for the card, naming the warm-start run when there was one."""
     train = config.get("train", {})
     note = f"Loss: {LOSS_NAMES.get(train.get('loss', 'bce'), train.get('loss'))}"
+    if train.get("init") and (Path(train["init"]) / "model_card.json").is_file():
+        card = json.loads((Path(train["init"]) / "model_card.json").read_text())
+        return note + f", warm-started from release {card.get('name')}@{card.get('version')}."
     if train.get("init"):
         init_cfg = Path(train["init"]) / "config.json"
         first = json.loads(init_cfg.read_text()).get("train", {}).get("loss", "bce") if init_cfg.is_file() else "?"
@@ -168,6 +171,12 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
         description="Sparse-code encoder (top-k per code map) for ambiguated release; decoder.onnx is for "
                     f"key holders. {_loss_note(config)}",
     ).validate()
+    if config["train"].get("align"):
+        # trained on aligned faces: the card states the alignment, and the detector's files
+        # ship (and are attested) with the model
+        from protocol.align import attach, default_alignment
+
+        card = attach(card, default_alignment(config["train"]["align"]), config["train"]["align"], tmp)
     card.save(tmp)
     (tmp / "export_config.json").write_text(json.dumps({"run_dir": str(run_dir), "name": card.name,
                                                         "version": card.version, "opset": OPSET}, indent=2) + "\n")

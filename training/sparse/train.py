@@ -69,7 +69,11 @@ class SparseTrainConfig:
     loss: str = option("bce", "bce: BCE on the sigmoid output (the paper); mse: mean squared error of the sigmoid "
                               "output (what PSNR measures)", choices=list(LOSSES))
     init: str | None = option(None, "warm start: a sparse run folder whose checkpoint (same model settings) "
-                                    "initialises the model")
+                                    "initialises the model, or an exported sparse release (its ONNX weights; "
+                                    "training.sparse.release_init)")
+    align: str | None = option(None, "face detector folder (e.g. exported_models/face-detector): train on each "
+                                     "photo's face found and aligned to the CelebA template (protocol.align), as "
+                                     "the client sends it; the exported card states the alignment")
 
     def model_config(self) -> SparseAEConfig:
         return SparseAEConfig(height=self.size, width=self.size, L=self.L, m=self.m,
@@ -116,9 +120,17 @@ def reconstruction_losses(out: dict[str, torch.Tensor], target: torch.Tensor) ->
     return {"bce": bce, "mse": mse.mean(), "psnr": -10.0 * torch.log10(mse.clamp_min(1e-10))}
 
 
-def warm_start(model: SparseAutoencoder, run_dir: Path) -> None:
+def warm_start(model: SparseAutoencoder, run_dir: Path, pixels: np.ndarray | None = None) -> None:
     """Load the checkpoint of sparse run `run_dir` into `model` (same model settings up to
-    k and k_train, else InvalidInputError naming the run)."""
+    k and k_train, else InvalidInputError naming the run). `run_dir` may be an exported
+    release instead: its ONNX weights, BatchNorms rebuilt on `pixels` (training photos)."""
+    from training.sparse.release_init import is_release, load_release
+
+    if is_release(run_dir):
+        if pixels is None:
+            raise InvalidInputError(f"--init {run_dir}: a release needs photos to rebuild its BatchNorms")
+        load_release(model, run_dir, pixels)
+        return
     init_model, _ = load_run(run_dir)
     # k and k_train only set the top-k, not the weights: a run may be fine-tuned at another k
     if replace(init_model.cfg, k=model.cfg.k, k_train=model.cfg.k_train) != model.cfg:
@@ -162,14 +174,19 @@ def train(cfg: SparseTrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     spec = cfg.input_spec()
-    data = load_faces(cfg.data, spec, limit=cfg.limit, progress=False)
+    aligner = None
+    if cfg.align:
+        from protocol.align import Aligner, default_alignment
+
+        aligner = Aligner(default_alignment(cfg.align), cfg.align)
+    data = load_faces(cfg.data, spec, limit=cfg.limit, progress=False, aligner=aligner)
     train_px, val_px = _splits(data, cfg.seed)
     train_t = torch.from_numpy(train_px).to(device)
     val_t = torch.from_numpy(val_px).to(device)
 
     model = SparseAutoencoder(cfg.model_config())
     if cfg.init:
-        warm_start(model, Path(cfg.init))
+        warm_start(model, Path(cfg.init), train_px[:512])
     model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train_t) / cfg.batch_size)
