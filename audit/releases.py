@@ -80,11 +80,9 @@ def load_data(path: str, spec: InputSpec, cfg: AuditConfig, card: ModelCard | No
               model_dir: Path | None = None) -> FaceData:
     """The audit's photos, prepared as the card says: with an alignment section, each photo's
     face aligned by protocol.align with the detector files beside the model (as the client does)."""
-    aligner = None
-    if card is not None and card.alignment is not None and model_dir is not None:
-        from protocol.align import Aligner
+    from protocol.align import card_aligner
 
-        aligner = Aligner(card.alignment, model_dir)
+    aligner = card_aligner(card, model_dir) if card is not None and model_dir is not None else None
     data = load_faces(path, spec=spec, split_file=cfg.split_file, cache_dir=cfg.cache_dir, limit=cfg.limit,
                       progress=cfg.progress, aligner=aligner)
     for name in (cfg.private, *cfg.primary):

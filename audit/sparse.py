@@ -52,6 +52,7 @@ from protocol.sparse_code import (
     unpack_compact,
     unpack_key,
 )
+from protocol.align import card_aligner
 from protocol.datasets import load_faces
 
 REPORT = "sparse_report.json"
@@ -352,7 +353,8 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
         raise InvalidInputError(f"{model_dir}: card kind is {card.kind!r}, the sparse audit needs 'sparse_code'")
     sp = card.sparse
     models = OnnxPair(model_dir, card, batch_size)
-    data = load_faces(data_dir, card.input, progress=False)
+    # a card with an alignment section: each photo's face aligned as the client does
+    data = load_faces(data_dir, card.input, progress=False, aligner=card_aligner(card, model_dir))
     test, train = data.subset("test"), data.subset("train")
     if len(test) == 0:
         raise InvalidInputError(f"{data_dir}: the dataset has no test split (split 2)")

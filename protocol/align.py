@@ -308,6 +308,17 @@ class Aligner:
         return out
 
 
+def card_aligner(card: Any, model_dir: str | Path) -> "Aligner | None":
+    """The aligner a model card asks for (its detector files beside the model), None for a
+    card without an alignment section: what the client, the audit and data loaders share."""
+    return None if card.alignment is None else Aligner(card.alignment, model_dir)
+
+
+def training_aligner(detector_dir: str | Path | None) -> "Aligner | None":
+    """`--align DETECTOR_DIR` of the trainers: the CelebA alignment with that detector (None: none)."""
+    return None if not detector_dir else Aligner(default_alignment(detector_dir), detector_dir)
+
+
 def model_detail(frame: tuple[int, int], spec: Any) -> float:
     """A model card's input pixels per frame pixel (protocol.model_card.InputSpec: its
     crop_box of the frame resized to height x width), the larger of the two axes."""

@@ -400,13 +400,10 @@ def prepare_data(cfg: TrainConfig, data: FaceData | None = None, progress: bool 
     """The run's photos, their split printed and checked before any training: train and
     validation photos exist and every class of the private and primary attributes is seen."""
     if data is None:
-        aligner = None
-        if cfg.align:
-            from protocol.align import Aligner, default_alignment
+        from protocol.align import training_aligner
 
-            aligner = Aligner(default_alignment(cfg.align), cfg.align)
         data = load_faces(cfg.data, cfg.input, split_file=cfg.split_file, limit=cfg.limit or None, progress=progress,
-                          announce=False, aligner=aligner)
+                          announce=False, aligner=training_aligner(cfg.align))
     print(data.split_summary(), flush=True)
     for name in (*cfg.private, *cfg.primary):
         data.attr_index(name)

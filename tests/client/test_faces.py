@@ -267,3 +267,27 @@ def test_peak_memory_stays_flat_over_hundreds_of_photos_with_detection():
     assert lines[-1]["photos_streamed"] == 240
     assert lines[-1]["faces_sent"] >= 240 - 240 // 20  # every photo with a face sent at least one
     assert marks[2]["peak_rss_mib"] - marks[1]["peak_rss_mib"] < MEMORY_GROWTH_MIB, marks
+
+
+@pytest.mark.slow
+def test_a_sparse_code_card_with_alignment_sends_one_code_per_face(cli, photos: Path, tiny_export: Path,
+                                                                  tmp_path: Path):
+    import shutil
+
+    from protocol.align import attach, default_alignment
+    from protocol.model_card import load_card
+
+    model = tmp_path / "sparse-aligned"
+    shutil.copytree(tiny_export, model)
+    attach(load_card(model), default_alignment(DETECTOR), DETECTOR, model).save(model)
+    out = tmp_path / "s.npz"
+
+    res = cli("transform", str(photos), "--model-dir", str(model), "--out", str(out), "--min-face", "40",
+              "--workers", "1")
+
+    assert res.rc == 0, res.err
+    z = _npz(out)
+    assert sorted(Path(n).name for n in z["file_names"]) == ["one.jpg", "tiny.jpg", "two.jpg", "two.jpg"]
+    sp = load_card(model).sparse
+    assert z["features"].shape == (4, sp.L, sp.m)
+    assert ((z["features"] != 0).sum(-1) == sp.k).all()  # the true code: k non-zeros per map

@@ -174,12 +174,9 @@ def train(cfg: SparseTrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     spec = cfg.input_spec()
-    aligner = None
-    if cfg.align:
-        from protocol.align import Aligner, default_alignment
+    from protocol.align import training_aligner
 
-        aligner = Aligner(default_alignment(cfg.align), cfg.align)
-    data = load_faces(cfg.data, spec, limit=cfg.limit, progress=False, aligner=aligner)
+    data = load_faces(cfg.data, spec, limit=cfg.limit, progress=False, aligner=training_aligner(cfg.align))
     train_px, val_px = _splits(data, cfg.seed)
     train_t = torch.from_numpy(train_px).to(device)
     val_t = torch.from_numpy(val_px).to(device)
