@@ -314,9 +314,21 @@ def card_aligner(card: Any, model_dir: str | Path) -> "Aligner | None":
     return None if card.alignment is None else Aligner(card.alignment, model_dir)
 
 
+# `--align` of both trainers (pric-train features and sparse)
+ALIGN_HELP = ("face detector folder (e.g. exported_models/face-detector): train on each photo's face found and "
+              "aligned to the CelebA template (protocol.align), as the client sends it; the exported card states "
+              "the alignment")
+
+
 def training_aligner(detector_dir: str | Path | None) -> "Aligner | None":
     """`--align DETECTOR_DIR` of the trainers: the CelebA alignment with that detector (None: none)."""
     return None if not detector_dir else Aligner(default_alignment(detector_dir), detector_dir)
+
+
+def attach_training_alignment(card: Any, detector_dir: str | Path | None, model_dir: str | Path) -> Any:
+    """The exported card of a run trained with `--align DETECTOR_DIR`: it states the alignment
+    and its detector's files ship (and are attested) with the model. Unchanged without one."""
+    return card if not detector_dir else attach(card, default_alignment(detector_dir), detector_dir, model_dir)
 
 
 def model_detail(frame: tuple[int, int], spec: Any) -> float:

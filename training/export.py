@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from protocol.align import attach_training_alignment
 from protocol.errors import InvalidInputError, ModelIntegrityError, PricError
 from protocol.model_card import ModelCard, OutputSpec, sha256_file
 from protocol.runtime import OnnxModel
@@ -161,12 +162,7 @@ def export_run(cfg: ExportConfig) -> Path:
             "section (fresh attackers), not by the co-trained adversary."
         ),
     ).validate()
-    if tcfg.align:
-        # trained on aligned faces: the card states the alignment, and the detector's files
-        # ship (and are attested) with the model
-        from protocol.align import attach, default_alignment
-
-        card = attach(card, default_alignment(tcfg.align), tcfg.align, out)
+    card = attach_training_alignment(card, tcfg.align, out)
     card.save(out)
     (out / "export_config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
     (out / "train_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from protocol.align import ALIGN_HELP
 from protocol.config import add_options, csv_names, from_namespace, option
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import InputSpec
@@ -151,9 +152,7 @@ class TrainConfig:
                                         "face box for the CelebA layout; for images/+labels.csv the crop_box of "
                                         "dataset.json beside it, else the whole photo 0,0,1,1)")
     size: int = option(64, "input height and width in pixels", type=int)
-    align: str | None = option(None, "face detector folder (e.g. exported_models/face-detector): train on each "
-                                     "photo's face found and aligned to the CelebA template (protocol.align), as "
-                                     "the client sends it; the exported card states the alignment")
+    align: str | None = option(None, ALIGN_HELP)
     min_class_photos: int = option(5, "fewest photos of each class of a private or primary attribute in the "
                                       "train split (the private attribute also needs 2 in validation)", type=int)
     audit: bool = option(False, "after training, a quick fresh-attacker check of the private attribute on the "

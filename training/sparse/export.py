@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from protocol.align import attach_training_alignment
 from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import InputSpec, ModelCard, OutputSpec, SparseSpec, sha256_file
 from protocol.model_card import VALUE_BITS_RANGE
@@ -171,12 +172,7 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
         description="Sparse-code encoder (top-k per code map) for ambiguated release; decoder.onnx is for "
                     f"key holders. {_loss_note(config)}",
     ).validate()
-    if config["train"].get("align"):
-        # trained on aligned faces: the card states the alignment, and the detector's files
-        # ship (and are attested) with the model
-        from protocol.align import attach, default_alignment
-
-        card = attach(card, default_alignment(config["train"]["align"]), config["train"]["align"], tmp)
+    card = attach_training_alignment(card, config["train"].get("align"), tmp)
     card.save(tmp)
     (tmp / "export_config.json").write_text(json.dumps({"run_dir": str(run_dir), "name": card.name,
                                                         "version": card.version, "opset": OPSET}, indent=2) + "\n")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from protocol.align import ALIGN_HELP
 from protocol.config import add_options, from_namespace, option
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import InputSpec, SparseSpec
@@ -71,9 +72,7 @@ class SparseTrainConfig:
     init: str | None = option(None, "warm start: a sparse run folder whose checkpoint (same model settings) "
                                     "initialises the model, or an exported sparse release (its ONNX weights; "
                                     "training.sparse.release_init)")
-    align: str | None = option(None, "face detector folder (e.g. exported_models/face-detector): train on each "
-                                     "photo's face found and aligned to the CelebA template (protocol.align), as "
-                                     "the client sends it; the exported card states the alignment")
+    align: str | None = option(None, ALIGN_HELP)
 
     def model_config(self) -> SparseAEConfig:
         return SparseAEConfig(height=self.size, width=self.size, L=self.L, m=self.m,
