@@ -47,8 +47,8 @@ from protocol.runtime import OnnxModel, model_input
 from audit.attacks import train_attack
 from audit.quality import channels_last, image_quality, unit
 from protocol.sparse_code import (
-    AmbiguatedCode, DecoyBank, ambiguate, ambiguated_size, bank_fakes, disambiguate, key_entropy_bits, key_size_bytes, pack_compact, quantise_levels, released_scale,
-    top_k,
+    AmbiguatedCode, ambiguate, ambiguated_size, decoy_fakes, disambiguate, key_entropy_bits, key_size_bytes, pack_compact,
+    quantise_levels, read_decoys, released_scale, top_k, true_scale,
     unpack_compact,
     unpack_key,
 )
@@ -318,9 +318,9 @@ def _grid(rows: list[np.ndarray], path: Path, n: int = 8) -> None:
 
 def card_sampler(model_dir: Path, card: ModelCard) -> Any:
     """The client's own ambiguation for this card, as `fn(code, rng) → (code, key)`: fakes
-    from the card's decoy bank when it ships one (sparse.decoys), else uniform fakes."""
+    from the card's decoys when it ships them (sparse.decoys), else uniform fakes."""
     spec = card.sparse
-    fakes = bank_fakes(DecoyBank.load(Path(model_dir) / spec.decoys, spec)) if spec.decoys else None
+    fakes = decoy_fakes(read_decoys(Path(model_dir) / spec.decoys, spec)) if spec.decoys else None
     return lambda c, rng: ambiguate(c, spec, rng, fakes=fakes)
 
 
@@ -368,8 +368,8 @@ def audit_sparse(model_dir: Path, data_dir: Path, out_dir: Path, args: Any = Non
     ambs, keys = _ambiguate_all(codes, card, rng, sampler)
     true = np.stack([disambiguate(a, key, sp.m) for a, key in zip(ambs, keys)])  # float16-rounded values, as uploaded
     # what a key holder keeps: the compact true code on the grid its released values lie on
-    compact = [pack_compact(c, sp.k, sp.value_bits, released_scale(a) if sp.value_bits else None)
-               for c, a in zip(true, ambs)]
+    compact = [pack_compact(c, sp.k, sp.value_bits, true_scale(a, key) if sp.value_bits else None)
+               for c, a, key in zip(true, ambs, keys)]
     authorised = np.stack([unpack_compact(b, sp) for b in compact])
     compact_len = np.array([len(b) for b in compact])
     variants: dict[str, np.ndarray] = {

@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from audit.quality import image_quality
-from protocol.sparse_code import AmbiguatedCode, ambiguate, released_scale, unpack_key
+from protocol.sparse_code import AmbiguatedCode, ambiguate, fit_code_gaussian, released_scale, unpack_key
 
 N_BINS = 8  # magnitude bins (per sign) of the per-position likelihood ratio
 ATTACK_GRID = "sparse_attack_grid.png"
@@ -265,16 +265,9 @@ class CodeModel:
     (0.82 of the top 4 on sparse-celeba@5), and each step re-scores every entry from them."""
 
     def __init__(self, dense: np.ndarray, rank: int = 256) -> None:
-        x = np.asarray(dense, dtype=np.float64).reshape(len(dense), -1)
-        self.mu = x.mean(0)
-        ev, vec = np.linalg.eigh(np.cov(x, rowvar=False))
-        ev, vec = np.clip(ev[::-1], 0, None), vec[:, ::-1]
-        r = min(rank, len(ev))
-        self.basis = vec[:, :r] * np.sqrt(ev[:r])  # (L·m, r): c = mu + basis · z, z ~ N(0, I)
+        # (L·m, r) basis: c = mu + basis · z, z ~ N(0, I) (the same fit as the shipped decoy codes')
+        self.mu, self.basis, self.resid, self.explained = fit_code_gaussian(dense, rank)
         self._basis32 = self.basis.astype(np.float32)
-        # the variance left out per coordinate, at least 1e-4 of the mean (a full-rank fit leaves none)
-        self.resid = float(ev[r:].sum() / len(ev)) + 1e-4 * float(ev.mean())
-        self.explained = float(ev[:r].sum() / max(ev.sum(), 1e-30))
         self.shape = tuple(np.asarray(dense).shape[1:])
 
     def refine(self, amb: AmbiguatedCode, k: int, value_bits: int | None, prior_logit: np.ndarray,

@@ -44,7 +44,8 @@ from protocol.runtime import OnnxModel, model_input
 from protocol.errors import FaceError, ImageError, ImageTooLargeError, InvalidInputError, ModelIntegrityError
 from protocol.model_card import ModelCard
 from protocol.preprocess import MAX_FILE_BYTES, MAX_PIXELS, load_image, prepare
-from protocol.sparse_code import AmbiguatedCode, DecoyBank, ambiguate, bank_fakes, code_to_arrays, os_rng
+from protocol.sparse_code import (AmbiguatedCode, CodeDecoys, DecoyBank, ambiguate, code_to_arrays, decoy_fakes, os_rng,
+                                  read_decoys)
 
 ITEM_ID_HEX = 64  # an HMAC-SHA256 in hex (protocol.routes.MAX_ITEM_ID_LEN)
 LEGACY_ITEM_ID_HEX = 40  # ids before they were keyed: sha256 of photo and model, 40 hex digits
@@ -463,26 +464,28 @@ def _reason(message: str, path: Path) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def load_decoys(card: ModelCard, model_dir: Path) -> DecoyBank | None:
-    """The card's decoy bank (sparse.decoys), read from the very bytes whose sha256 is
-    checked here; None for a card without one (uniform fakes)."""
+def load_decoys(card: ModelCard, model_dir: Path) -> DecoyBank | CodeDecoys | None:
+    """The card's decoys (sparse.decoys: a decoy bank, or decoy codes for a card with
+    sparse.magnitudes "key"), read from the very bytes whose sha256 is checked here; None
+    for a card without them (uniform fakes)."""
     if card.kind != "sparse_code" or card.sparse is None or card.sparse.decoys is None:
         return None
     path = model_dir / card.sparse.decoys
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != card.extra_files.get(card.sparse.decoys):
         raise ModelIntegrityError(f"{path}: sha256 differs from the card's; refusing to use model {card.model_id}")
-    return DecoyBank.load(io.BytesIO(data), card.sparse)
+    return read_decoys(io.BytesIO(data), card.sparse)
 
 
-def ambiguate_output(card: ModelCard, code: np.ndarray, decoys: DecoyBank | None = None) -> tuple[AmbiguatedCode, bytes]:
+def ambiguate_output(card: ModelCard, code: np.ndarray,
+                     decoys: DecoyBank | CodeDecoys | None = None) -> tuple[AmbiguatedCode, bytes]:
     """Dense code (L, m) → (public ambiguated code, secret key), OS randomness; fakes from
-    the card's decoy bank when it has one (pass `Extractor.decoys`)."""
+    the card's decoys when it has them (pass `Extractor.decoys`)."""
     assert card.sparse is not None
     if card.sparse.decoys is not None and decoys is None:
         raise ModelIntegrityError(f"model {card.model_id} draws fakes from {card.sparse.decoys}; it was not loaded")
     return ambiguate(np.asarray(code, dtype=np.float32), card.sparse, os_rng(),
-                     fakes=bank_fakes(decoys) if decoys is not None else None)
+                     fakes=decoy_fakes(decoys))
 
 
 def wire_arrays_of(card: ModelCard, output: np.ndarray | None, code: AmbiguatedCode | None) -> dict[str, np.ndarray]:

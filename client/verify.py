@@ -6,7 +6,8 @@ participant's policy, ask for consent.
        field) and the sha256 of the model files on disk, the very bytes the client runs
        (check_binds). At least one must pass; envelopes that do not are ignored.
     2. ambiguation floor (sparse_code models): the attested card's fakes per map must be
-       at least max(2·k, MIN_K_FAKE), the client's own minimum.
+       at least max(2·k, MIN_K_FAKE), the client's own minimum; max(k, MIN_K_FAKE) for a card
+       whose fakes are whole decoy codes with public magnitudes (sparse.magnitudes "key").
     3. policy (<home>/policy.json, never looser than POLICY_DEFAULTS): every valid
        attestation's measured figures must pass it.
     4. consent: a summary of what the model keeps and hides, who audited it and when; the
@@ -41,9 +42,13 @@ from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import ModelCard, sha256_file
 
 EXIT_POLICY = 13
-# the client's own floor under ambiguation: fakes per code map at least max(2·k, MIN_K_FAKE)
+# the client's own floor under ambiguation: fakes per code map at least max(2·k, MIN_K_FAKE).
+# With whole decoy codes and public magnitudes (sparse.magnitudes "key") one decoy code per
+# true code: the audit's learned attacker did worse against that (k' = 2k) than against 9
+# uniform fakes per true value (docs/results-sparse.md)
 MIN_K_FAKE = 16
 MIN_FAKE_RATIO = 2
+MIN_FAKE_RATIO_DECOY_CODES = 1
 
 
 class PolicyRefusedError(PricError):
@@ -190,11 +195,12 @@ def check_ambiguation_floor(card: ModelCard) -> None:
     if card.kind != "sparse_code" or card.sparse is None:
         return
     sp = card.sparse
-    need = max(MIN_FAKE_RATIO * sp.k, MIN_K_FAKE)
+    ratio = MIN_FAKE_RATIO_DECOY_CODES if sp.magnitudes == "key" else MIN_FAKE_RATIO
+    need = max(ratio * sp.k, MIN_K_FAKE)
     if sp.k_fake < need:
         raise PolicyRefusedError(f"model {card.model_id}: its card asks for k_fake={sp.k_fake} fake values per code "
                                  f"map with k={sp.k} true ones; this client never adds fewer than "
-                                 f"max({MIN_FAKE_RATIO}·k, {MIN_K_FAKE}) = {need}")
+                                 f"max({ratio}·k, {MIN_K_FAKE}) = {need}")
 
 
 # --- consent ---------------------------------------------------------------------------

@@ -106,6 +106,10 @@ class SparseSpec:
     # (protocol.sparse_code.pack_ambiguated, needs value_bits) instead of indices + values
     decoys: str | None = None
     wire: str | None = None
+    # `magnitudes` "key": every released entry shows a public magnitude (the decoys file is
+    # then protocol.sparse_code.CodeDecoys, whose profile gives them) and the true
+    # magnitudes travel in the owner's key (version 2); needs value_bits and decoys
+    magnitudes: str | None = None
 
     @property
     def k_prime(self) -> int:
@@ -188,7 +192,7 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["model_id"] = self.model_id
-        for opt in ("value_bits", "decoys", "wire"):
+        for opt in ("value_bits", "decoys", "wire", "magnitudes"):
             if d.get("sparse") and d["sparse"].get(opt) is None:
                 del d["sparse"][opt]  # cards without these fields read (and hash) as before
         if self.alignment is None:
@@ -335,10 +339,16 @@ def _sparse_problems(sp: object) -> list[str]:
         problems.append(f"sparse.wire {_short(wire)} must be one of {SPARSE_WIRE_FORMATS} or absent")
     elif wire == "compact" and vb is None:
         problems.append("sparse.wire 'compact' needs sparse.value_bits")
+    mags = getattr(sp, "magnitudes", None)
+    if mags is not None and mags not in SPARSE_MAGNITUDES:
+        problems.append(f"sparse.magnitudes {_short(mags)} must be one of {SPARSE_MAGNITUDES} or absent")
+    elif mags == "key" and (vb is None or getattr(sp, "decoys", None) is None or k_fake % k):
+        problems.append("sparse.magnitudes 'key' needs sparse.value_bits, sparse.decoys and k_fake a multiple of k")
     return problems
 
 
 SPARSE_WIRE_FORMATS = ("compact",)
+SPARSE_MAGNITUDES = ("key",)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

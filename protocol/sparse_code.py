@@ -16,6 +16,11 @@ Key format (version 1), bytes:
     b"PK" | version u8 | L u16 | k' u16 | k u16 | fingerprint 8 bytes | packbits(mask (L, k'))
 The fingerprint is sha256(indices ‖ values)[:8] of the ambiguated code, so a key applied
 to another photo's code is refused instead of decoding garbage.
+Version 2 (cards with `sparse.magnitudes: "key"`, whose public code shows every entry with
+a public magnitude, see `CodeDecoys`) appends the true magnitudes:
+    ... | packbits(mask) | value_bits u8 | scale float16 big-endian | bit-packed, MSB first,
+    zero-padded: per map, per true entry in increasing position, a (value_bits - 1)-bit
+    level on the grid of `scale` (the largest true magnitude); the signs are public.
 
 Compact true code (version 1): what a key holder keeps of one photo, and the code's rate.
     version u8 | [scale float16, big-endian: only with value_bits]
@@ -48,6 +53,7 @@ from protocol.model_card import VALUE_BITS_RANGE, SparseSpec
 
 KEY_MAGIC = b"PK"
 KEY_VERSION = 1
+KEY_VERSION_MAGNITUDES = 2
 _HEADER = struct.Struct(">2sBHHH8s")
 INDEX_DTYPE = np.uint16
 VALUE_DTYPE = np.float16
@@ -170,6 +176,8 @@ def ambiguate(
     code = np.asarray(code, dtype=np.float32)
     if code.shape != (spec.L, spec.m):
         raise SparseCodeError(f"code has shape {code.shape}, expected {(spec.L, spec.m)}")
+    if getattr(spec, "magnitudes", None) == "key":
+        return _ambiguate_public_magnitudes(code, spec, rng, fakes)
     kp = spec.k_prime
     indices = np.empty((spec.L, kp), dtype=np.int64)
     values = np.empty((spec.L, kp), dtype=np.float32)
@@ -300,44 +308,288 @@ def bank_fakes(bank: DecoyBank) -> "Callable[[np.ndarray, SparseSpec, np.random.
 FakeEntries = Callable[[np.ndarray, SparseSpec, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
+# --- decoy codes: whole codes from a Gaussian model of the encoder's dense codes ----------
+def fit_code_gaussian(dense: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Dense codes (N, L, m) before the top-k → the Gaussian of rank `rank` that models
+    them: (mean (L·m,), basis (L·m, r) with c = mean + basis · z, z ~ N(0, I), the variance
+    left out per coordinate, the share of the variance kept). The model builder fits it on
+    the training split for `CodeDecoys`; the audit's attacker fits the same on his photos."""
+    x = np.asarray(dense, dtype=np.float64).reshape(len(dense), -1)
+    mu = x.mean(0)
+    ev, vec = np.linalg.eigh(np.cov(x, rowvar=False))
+    ev, vec = np.clip(ev[::-1], 0, None), vec[:, ::-1]
+    r = min(rank, len(ev))
+    basis = vec[:, :r] * np.sqrt(ev[:r])
+    # the variance left out per coordinate, at least 1e-4 of the mean (a full-rank fit leaves none)
+    resid = float(ev[r:].sum() / len(ev)) + 1e-4 * float(ev.mean())
+    return mu, basis, resid, float(ev[:r].sum() / max(ev.sum(), 1e-30))
+
+
+@dataclass(frozen=True)
+class CodeDecoys:
+    """Decoys that cohere as a true code does, shipped with a model (`decoys.npz`) whose
+    card sets `sparse.magnitudes: "key"`; built from the training split's dense codes:
+
+    mu       float32 (L·m,): mean dense code (before the encoder's top-k)
+    basis    (L·m, r): the Gaussian's factor (`fit_code_gaussian`; float16 in the file)
+    resid    float32 (): variance added per coordinate
+    profile  float32 (L, k): the public magnitudes, largest first: each map's k largest
+             training magnitudes, averaged over photos
+
+    The k_fake = n·k fakes of a photo are n decoy codes drawn whole (all L maps) from the
+    Gaussian, each keeping its k largest magnitudes per map among the positions still free.
+    Every released entry, true or fake, shows the profile's magnitude of its rank within
+    its own code and its own sign, so per entry the values say nothing, and the true
+    magnitudes travel in the key (version 2). Measured against per-entry decoys (the bank)
+    and uniform fakes: docs/results-sparse.md."""
+
+    mu: np.ndarray
+    basis: np.ndarray
+    resid: float
+    profile: np.ndarray
+
+    def save(self, path: "str | object") -> None:
+        np.savez(path, mu=self.mu.astype(np.float32), basis=self.basis.astype(np.float16),
+                 resid=np.float32(self.resid), profile=self.profile.astype(np.float32))
+
+    @classmethod
+    def load(cls, path: "str | object", spec: SparseSpec) -> "CodeDecoys":
+        """Read decoys (allow_pickle=False); SparseCodeError (one line) if they do not fit `spec`."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                d = cls(mu=np.asarray(z["mu"], np.float32), basis=np.asarray(z["basis"], np.float32),
+                        resid=float(z["resid"]), profile=np.asarray(z["profile"], np.float32))
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise SparseCodeError(f"{path}: not decoy codes (npz with mu, basis, resid, profile): {exc}") from None
+        n = spec.L * spec.m
+        if d.mu.shape != (n,) or d.basis.ndim != 2 or d.basis.shape[0] != n or not 1 <= d.basis.shape[1] <= n \
+                or d.profile.shape != (spec.L, spec.k):
+            raise SparseCodeError(f"{path}: decoy code shapes {d.mu.shape}/{d.basis.shape}/{d.profile.shape} do not "
+                                  f"fit L={spec.L}, m={spec.m}, k={spec.k}")
+        if not (np.all(np.isfinite(d.mu)) and np.all(np.isfinite(d.basis))
+                and np.isfinite(d.resid) and d.resid >= 0 and np.all(np.isfinite(d.profile))
+                and np.all(d.profile > 0) and np.all(np.diff(d.profile, axis=1) <= 0)):
+            raise SparseCodeError(f"{path}: decoy codes hold values that are not finite, a negative variance or a "
+                                  "profile that is not positive and decreasing")
+        return d
+
+    @classmethod
+    def fit(cls, dense: np.ndarray, k: int, rank: int = 256) -> "CodeDecoys":
+        """Dense training codes (N, L, m) before the top-k → their decoys."""
+        dense = np.asarray(dense, np.float32)
+        mu, basis, resid, _ = fit_code_gaussian(dense, rank)
+        profile = (-np.sort(-np.abs(dense), axis=2)[:, :, :k]).mean(axis=0)
+        return cls(mu=mu.astype(np.float32), basis=basis.astype(np.float16), resid=resid,
+                   profile=profile.astype(np.float32))
+
+
+def _with_profile(values: np.ndarray, profile: np.ndarray) -> np.ndarray:
+    """(L, k) values → the profile's magnitudes in their own order of magnitude, their signs."""
+    order = np.argsort(-np.abs(values), axis=1, kind="stable")
+    out = np.empty_like(values, dtype=np.float32)
+    np.put_along_axis(out, order, np.where(np.take_along_axis(values, order, axis=1) < 0, -profile, profile), axis=1)
+    return out
+
+
+def decoy_sampler(decoys: CodeDecoys) -> Callable[[int, np.random.Generator], np.ndarray]:
+    """`sample(n, rng)` → n dense decoy codes (n, L·m) float32 from the decoys' Gaussian."""
+    basis = np.asarray(decoys.basis, np.float32)
+    sd = float(np.sqrt(decoys.resid))
+
+    def sample(n: int, rng: np.random.Generator) -> np.ndarray:
+        return decoys.mu + rng.standard_normal((n, basis.shape[1])).astype(np.float32) @ basis.T \
+            + sd * rng.standard_normal((n, basis.shape[0])).astype(np.float32)
+
+    return sample
+
+
+def decoy_count(spec: SparseSpec) -> int:
+    """Decoy codes per photo, k_fake / k; SparseCodeError when k does not divide k_fake."""
+    if spec.k_fake % spec.k:
+        raise SparseCodeError(f"decoy codes need k_fake a multiple of k; the card has k_fake={spec.k_fake}, k={spec.k}")
+    return spec.k_fake // spec.k
+
+
+def place_decoys(code: np.ndarray, decoys: np.ndarray, k: int,
+                 values: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Dense decoy codes (n, L, m) → fake (positions, values), each (L, n·k): decoy after
+    decoy, its k largest magnitudes per map among the positions the true support (of `code`)
+    and the decoys before it left free; `values` maps a decoy's (L, k) values to released ones."""
+    n, L, m = decoys.shape
+    taken = np.zeros((L, m), bool)
+    np.put_along_axis(taken, _true_support(code, k), True, axis=1)
+    pos = np.empty((L, n * k), np.int64)
+    val = np.empty((L, n * k), np.float32)
+    for d in range(n):
+        p = np.argpartition(-np.where(taken, -1.0, np.abs(decoys[d])), k - 1, axis=1)[:, :k]
+        np.put_along_axis(taken, p, True, axis=1)
+        pos[:, d * k:(d + 1) * k] = p
+        val[:, d * k:(d + 1) * k] = values(np.take_along_axis(decoys[d], p, axis=1))
+    return pos, val
+
+
+def code_fakes(decoys: CodeDecoys) -> FakeEntries:
+    """A fake-entry sampler for `ambiguate` with `CodeDecoys` (class docstring): k_fake / k
+    whole decoy codes (`place_decoys`), their values with the public profile."""
+    sample = decoy_sampler(decoys)
+
+    def draw(code: np.ndarray, spec: SparseSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        n = decoy_count(spec)
+        return place_decoys(code, sample(n, rng).reshape(n, spec.L, spec.m), spec.k,
+                            lambda v: _with_profile(v, decoys.profile))
+
+    draw.profile = decoys.profile  # type: ignore[attr-defined]  # the public magnitudes of the true entries
+    return draw
+
+
+def read_decoys(path: "str | object", spec: SparseSpec) -> "DecoyBank | CodeDecoys":
+    """The card's decoys file: `CodeDecoys` for a card with `sparse.magnitudes: "key"`, else
+    a `DecoyBank`."""
+    return CodeDecoys.load(path, spec) if getattr(spec, "magnitudes", None) == "key" else DecoyBank.load(path, spec)
+
+
+def decoy_fakes(decoys: "DecoyBank | CodeDecoys | None") -> "FakeEntries | None":
+    """The fake sampler of loaded decoys (None: uniform fakes)."""
+    if decoys is None:
+        return None
+    return code_fakes(decoys) if isinstance(decoys, CodeDecoys) else bank_fakes(decoys)
+
+
+def _ambiguate_public_magnitudes(code: np.ndarray, spec: SparseSpec, rng: np.random.Generator,
+                                 fakes: "FakeEntries | None") -> tuple[AmbiguatedCode, bytes]:
+    """`ambiguate` for `sparse.magnitudes: "key"`: the true entries are released with the
+    public profile's magnitudes (carried by the fakes sampler's decoys), the true
+    magnitudes go into a version-2 key."""
+    draw = getattr(fakes, "profile", None)
+    if fakes is None or draw is None:
+        raise SparseCodeError('a card with sparse.magnitudes "key" needs its decoy codes (CodeDecoys) to ambiguate')
+    if spec.value_bits is None:
+        raise SparseCodeError('sparse.magnitudes "key" needs sparse.value_bits')
+    k = spec.k
+    t = np.sort(_true_support(code, k), axis=1)
+    tv = np.take_along_axis(code, t, axis=1)
+    f, fv = fakes(code, spec, rng)
+    pos = np.concatenate([t, f], axis=1)
+    val = np.concatenate([_with_profile(tv, draw), fv], axis=1)
+    is_true = np.concatenate([np.ones((spec.L, k), bool), np.zeros((spec.L, spec.k_fake), bool)], axis=1)
+    order = np.argsort(pos, axis=1, kind="stable")
+    indices = np.take_along_axis(pos, order, axis=1)
+    values = np.take_along_axis(val, order, axis=1)
+    mask = np.take_along_axis(is_true, order, axis=1)
+    values = snap_to_grid(values, _scale(values), spec.value_bits)
+    amb = AmbiguatedCode(indices=indices.astype(INDEX_DTYPE), values=values.astype(VALUE_DTYPE))
+    # the key's magnitudes in the order the mask lists true entries: increasing position
+    return amb, pack_key_magnitudes(mask, k, amb.fingerprint(), np.abs(tv), spec.value_bits)
+
+
 def pack_key(mask: np.ndarray, k: int, fingerprint: bytes) -> bytes:
     L, kp = mask.shape
     return _HEADER.pack(KEY_MAGIC, KEY_VERSION, L, kp, k, fingerprint) + np.packbits(mask, axis=None).tobytes()
 
 
-def unpack_key(key: bytes) -> tuple[np.ndarray, int, bytes]:
-    """Key bytes → (mask (L, k') bool, k, fingerprint). Raises KeyMismatchError."""
+def pack_key_magnitudes(mask: np.ndarray, k: int, fingerprint: bytes, magnitudes: np.ndarray,
+                        value_bits: int) -> bytes:
+    """Key version 2 (module docstring): the mask and the true magnitudes (L, k), per map
+    in increasing position, on a (value_bits - 1)-bit grid scaled to their largest."""
+    _check_value_bits(value_bits)
+    L, kp = mask.shape
+    mags = np.abs(np.asarray(magnitudes, np.float32))
+    scale = _scale(mags)
+    levels = quantise_levels(mags.ravel(), scale, value_bits)
+    vb = value_bits - 1
+    acc = 0
+    for q in levels.tolist():
+        acc = (acc << vb) | q
+    n = math.ceil(L * k * vb / 8)
+    acc <<= n * 8 - L * k * vb
+    return (_HEADER.pack(KEY_MAGIC, KEY_VERSION_MAGNITUDES, L, kp, k, fingerprint)
+            + np.packbits(mask, axis=None).tobytes() + bytes([value_bits]) + struct.pack(">e", scale)
+            + acc.to_bytes(n, "big"))
+
+
+def _parse_key(key: bytes) -> tuple[np.ndarray, int, bytes, np.ndarray | None]:
+    """Key bytes (version 1 or 2) → (mask (L, k') bool, k, fingerprint, the true magnitudes
+    (L, k) float32 of a version-2 key else None). Raises KeyMismatchError (one line)."""
+    key = bytes(key)
     if len(key) < _HEADER.size:
         raise KeyMismatchError(f"key is {len(key)} bytes, shorter than its {_HEADER.size}-byte header")
     magic, version, L, kp, k, fp = _HEADER.unpack_from(key)
     if magic != KEY_MAGIC:
         raise KeyMismatchError("key does not start with the PRIC key marker")
-    if version != KEY_VERSION:
-        raise KeyMismatchError(f"key version {version} is not supported (expected {KEY_VERSION})")
+    if version not in (KEY_VERSION, KEY_VERSION_MAGNITUDES):
+        raise KeyMismatchError(f"key version {version} is not supported (expected {KEY_VERSION} "
+                               f"or {KEY_VERSION_MAGNITUDES})")
+    n_mask = math.ceil(L * kp / 8)
     body = key[_HEADER.size:]
-    if len(body) != math.ceil(L * kp / 8):
-        raise KeyMismatchError(f"key body is {len(body)} bytes, expected {math.ceil(L * kp / 8)} for L={L}, k'={kp}")
-    mask = np.unpackbits(np.frombuffer(body, dtype=np.uint8), count=L * kp).astype(bool).reshape(L, kp)
+    rest = body[n_mask:]
+    if version == KEY_VERSION and len(body) != n_mask:
+        raise KeyMismatchError(f"key body is {len(body)} bytes, expected {n_mask} for L={L}, k'={kp}")
+    if version == KEY_VERSION_MAGNITUDES:
+        vb = rest[0] if rest else 0
+        if not VALUE_BITS_RANGE[0] <= vb <= VALUE_BITS_RANGE[1]:
+            raise KeyMismatchError(f"key states value_bits {vb}, expected {VALUE_BITS_RANGE[0]}..{VALUE_BITS_RANGE[1]}")
+        n_mag = math.ceil(L * k * (vb - 1) / 8)
+        if len(body) != n_mask + 3 + n_mag:
+            raise KeyMismatchError(f"key body is {len(body)} bytes, expected {n_mask + 3 + n_mag} for L={L}, "
+                                   f"k'={kp}, k={k}, value_bits={vb}")
+    mask = np.unpackbits(np.frombuffer(body[:n_mask], dtype=np.uint8), count=L * kp).astype(bool).reshape(L, kp)
     if np.any(mask.sum(axis=1) != k):
         raise KeyMismatchError(f"key does not mark exactly k={k} true positions in every code map")
-    return mask, k, fp
+    if version == KEY_VERSION:
+        return mask, k, fp, None
+    scale = float(np.frombuffer(rest[1:3], dtype=">f2")[0])
+    if not (np.isfinite(scale) and scale >= 0):
+        raise KeyMismatchError(f"key has magnitude scale {scale}, expected a finite value >= 0")
+    w = vb - 1
+    acc = int.from_bytes(rest[3:], "big")
+    pad = n_mag * 8 - L * k * w
+    if acc & ((1 << pad) - 1):
+        raise KeyMismatchError("key has non-zero padding bits")
+    acc >>= pad
+    levels = np.empty(L * k, np.int64)
+    for i in range(L * k - 1, -1, -1):
+        levels[i] = acc & ((1 << w) - 1)
+        acc >>= w
+    return mask, k, fp, level_values(levels, scale, vb).reshape(L, k)
+
+
+def unpack_key(key: bytes) -> tuple[np.ndarray, int, bytes]:
+    """Key bytes → (mask (L, k') bool, k, fingerprint). Raises KeyMismatchError."""
+    return _parse_key(key)[:3]
 
 
 def disambiguate(code: AmbiguatedCode, key: bytes, m: int) -> np.ndarray:
-    """Apply the owner's key: ambiguated code → true dense code float32 (L, m)."""
-    mask, _, fp = unpack_key(key)
+    """Apply the owner's key: ambiguated code → true dense code float32 (L, m). A version-2
+    key carries the true magnitudes; the signs are the public code's."""
+    mask, _, fp, mags = _parse_key(key)
     if mask.shape != code.indices.shape:
         raise KeyMismatchError(f"key is for codes of shape {mask.shape}, this code has {code.indices.shape}")
     if fp != code.fingerprint():
         raise KeyMismatchError("key belongs to a different code (fingerprint mismatch)")
     dense = np.zeros((mask.shape[0], m), dtype=np.float32)
     for l in range(mask.shape[0]):
-        dense[l, code.indices[l, mask[l]].astype(np.int64)] = code.values[l, mask[l]].astype(np.float32)
+        v = code.values[l, mask[l]].astype(np.float32)
+        if mags is not None:
+            v = np.where(v < 0, -mags[l], mags[l]).astype(np.float32)
+        dense[l, code.indices[l, mask[l]].astype(np.int64)] = v
     return dense
 
 
+def true_scale(code: AmbiguatedCode, key: bytes) -> float:
+    """The grid scale of the true values a key holder gets from `disambiguate`: the key's
+    (version 2) or the released code's (`released_scale`)."""
+    key = bytes(key)
+    if len(key) >= _HEADER.size and key[2] == KEY_VERSION_MAGNITUDES:
+        n_mask = math.ceil(_HEADER.unpack_from(key)[2] * _HEADER.unpack_from(key)[3] / 8)
+        return float(np.frombuffer(key[_HEADER.size + n_mask + 1:_HEADER.size + n_mask + 3], dtype=">f2")[0])
+    return released_scale(code)
+
+
 def key_size_bytes(spec: SparseSpec) -> int:
-    return _HEADER.size + math.ceil(spec.L * spec.k_prime / 8)
+    size = _HEADER.size + math.ceil(spec.L * spec.k_prime / 8)
+    if getattr(spec, "magnitudes", None) == "key" and spec.value_bits:
+        size += 3 + math.ceil(spec.L * spec.k * (spec.value_bits - 1) / 8)
+    return size
 
 
 def key_entropy_bits(spec: SparseSpec) -> float:

@@ -25,12 +25,14 @@ from audit.sparse_attacks import EM_ITERS, EM_SEEDS, format_attack_table, learne
 from protocol.datasets import load_faces
 from protocol.errors import InvalidInputError, PricError
 from protocol.model_card import load_card
-from protocol.sparse_code import DecoyBank, ambiguate, bank_fakes, build_decoy_bank, disambiguate
+from protocol.sparse_code import DecoyBank, ambiguate, bank_fakes, build_decoy_bank, disambiguate, unpack_key
 
 
-def variant(name: str, card: Any, bank: DecoyBank | None) -> tuple[Any, Callable[..., tuple[Any, bytes]]]:
+def variant(name: str, card: Any, bank: DecoyBank | None,
+            decoys: Callable[..., Any] | None = None) -> tuple[Any, Callable[..., tuple[Any, bytes]]]:
     """'shipped' (the card's sampler) or SAMPLER-KFAKE with SAMPLER uniform (the shipped
-    fake positions and values) or matched (decoy bank: `bank_fakes`) →
+    fake positions and values), matched (decoy bank: `bank_fakes`), or coherent / projected
+    (whole decoy codes: `research.sparse_coherent`, passed as `decoys`) →
     (SparseSpec, ambiguate_fn(code, rng) → (ambiguated code, key))."""
     sp = card.sparse
     if name == "shipped":
@@ -42,7 +44,11 @@ def variant(name: str, card: Any, bank: DecoyBank | None) -> tuple[Any, Callable
     if sampler == "matched" and bank is not None:
         draw = bank_fakes(bank)
         return spec, lambda c, r: ambiguate(c, spec, r, fakes=draw)
-    raise InvalidInputError(f"--variant {name!r}: expected shipped, uniform-K or matched-K")
+    if sampler.partition("+")[0] in ("coherent", "projected") and decoys is not None:
+        if getattr(decoys, "profile", None) is not None:  # public magnitudes: the true ones in the key
+            spec = replace(spec, value_bits=spec.value_bits or 6, decoys="research", magnitudes="key")
+        return spec, lambda c, r: ambiguate(c, spec, r, fakes=decoys)
+    raise InvalidInputError(f"--variant {name!r}: expected shipped, uniform-K, matched-K, coherent-K or projected-K")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,12 +80,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             test = test.select(np.arange(min(a.n, len(test))))
         rng = np.random.default_rng(a.seed)
         bank = build_decoy_bank(models.encode(train.pixels), sp.k) if a.variant.startswith("matched") else None
-        sp, fn = variant(a.variant, card, bank)
+        decoys, public = None, False
+        if a.variant.startswith(("coherent", "projected")):
+            from research.sparse_coherent import coherent_variant
+
+            decoys, public = coherent_variant(a.variant.partition("-")[0], models, train.pixels)
+        sp, fn = variant(a.variant, card, bank, decoys)
         card = SimpleNamespace(sparse=sp)
         ref = unit(test.pixels)
         pairs = [fn(c, rng) for c in models.encode(test.pixels)]
         ambs, keys = [x for x, _ in pairs], [x for _, x in pairs]
         auth = models.decode(np.stack([disambiguate(x, key, sp.m) for x, key in zip(ambs, keys)]))
+        extra = {}
+        if public:  # what the whole true support gives without the key's magnitudes: the attacker's ceiling
+            extra["public_magnitudes"] = image_quality(ref, models.decode(np.stack(
+                [dense_from_mask(x, unpack_key(key)[0], sp.m) for x, key in zip(ambs, keys)])))
         rnd = models.decode(np.stack([dense_from_mask(x, support_guess(x, sp.k, "random", rng), sp.m) for x in ambs]))
         base = {"random": image_quality(ref, rnd), "authorised": image_quality(ref, auth),
                 "images": [auth, rnd], "image_names": ["authorised", "random guess"]}
@@ -91,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sparse_attack_bench: {exc.message}", file=sys.stderr)
         return exc.exit_code
     att["variant"], att["seconds_total"] = a.variant, time.time() - t0
+    if extra:
+        att["true_support_with_public_magnitudes"] = extra["public_magnitudes"]
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"attack_{a.variant}.json").write_text(json.dumps(att, indent=2) + "\n")
     print(format_attack_table(att))

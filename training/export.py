@@ -184,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "in the run folder)")
     p.add_argument("--value-bits", type=int, default=None,
                    help="sparse runs only: bits per released value (card sparse.value_bits; default: float16)")
+    p.add_argument("--decoy-codes", action="store_true",
+                   help="sparse runs only: fakes are whole decoy codes fitted on the training split, every released "
+                        "magnitude public and the true ones in the owner's key, sent compact (card sparse.decoys, "
+                        "magnitudes 'key', wire 'compact'; needs --value-bits and k_fake a multiple of k)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     run_dir = Path(args.run_dir)
     try:
@@ -198,10 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = {} if args.k_fake is None else {"k_fake": args.k_fake}
             if args.value_bits is not None:
                 extra["value_bits"] = args.value_bits
+            if args.decoy_codes:
+                extra["decoy_codes"] = True
             sparse_export.export_run(run_dir, Path(args.out), args.name, args.version, **extra,
                                      **({"data": args.data} if args.data else {}))
             return 0
-        for flag, value in (("--k-fake", args.k_fake), ("--value-bits", args.value_bits)):
+        for flag, value in (("--k-fake", args.k_fake), ("--value-bits", args.value_bits),
+                            ("--decoy-codes", args.decoy_codes or None)):
             if value is not None:
                 raise InvalidInputError(f"{run_dir}: {flag} applies to sparse runs only (this run's mode is not 'sparse')")
         export_run(ExportConfig(run_dir=args.run_dir, out=args.out, name=args.name, version=args.version, data=args.data))

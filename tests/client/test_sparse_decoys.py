@@ -1,4 +1,4 @@
-"""On device: a card with a decoy bank (sparse.decoys) and the compact wire form
+"""On device: a card with a decoy bank or decoy codes (sparse.decoys) and the compact wire form
 (sparse.wire = "compact"): the bank is read only when its sha256 matches the card, fakes
 come from it, and an item carries one uint8 array `code` that decodes to the drawn code."""
 
@@ -13,7 +13,7 @@ import pytest
 from client.pipeline import Extractor, ambiguate_output, wire_arrays_of
 from protocol.errors import ModelIntegrityError
 from protocol.model_card import load_card, sha256_file, wire_arrays
-from protocol.sparse_code import build_decoy_bank, code_from_arrays, disambiguate, unpack_key
+from protocol.sparse_code import CodeDecoys, build_decoy_bank, code_from_arrays, disambiguate, quantise_code, unpack_key
 
 from tests.client.conftest import write_tiny_sparse_model
 
@@ -61,3 +61,28 @@ def test_a_tampered_bank_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "m" / "decoys.npz", **parts)
     with pytest.raises(ModelIntegrityError, match="sha256 differs"):
         Extractor(card, tmp_path / "m")
+
+
+def _decoy_code_model(model_dir: Path) -> None:
+    card = write_tiny_sparse_model(model_dir)
+    sp = card.sparse
+    dense = np.random.default_rng(0).normal(size=(300, sp.L, sp.m)).astype(np.float32)
+    CodeDecoys.fit(dense, sp.k, rank=8).save(model_dir / "decoys.npz")
+    replace(card, sparse=replace(sp, value_bits=6, k_fake=sp.k, decoys="decoys.npz", wire="compact", magnitudes="key"),
+            extra_files={**card.extra_files, "decoys.npz": sha256_file(model_dir / "decoys.npz")}).validate().save(model_dir)
+
+
+def test_decoy_codes_on_device_send_public_magnitudes_and_key_the_true_ones(tmp_path: Path) -> None:
+    _decoy_code_model(tmp_path / "m")
+    card = load_card(tmp_path / "m")
+    ext = Extractor(card, tmp_path / "m")
+    assert isinstance(ext.decoys, CodeDecoys)
+    code = np.random.default_rng(1).normal(size=(card.sparse.L, card.sparse.m)).astype(np.float32)
+    amb, key = ambiguate_output(card, code, ext.decoys)
+    mask = unpack_key(key)[0]
+    mags = np.abs(amb.values.astype(np.float32))
+    assert np.array_equal(np.sort(mags[mask].reshape(card.sparse.L, -1)), np.sort(mags[~mask].reshape(card.sparse.L, -1)))
+    back = code_from_arrays(wire_arrays_of(card, None, amb), card.sparse)
+    assert np.array_equal(disambiguate(back, key, card.sparse.m), quantise_code(code, card.sparse.k, 6))
+    with pytest.raises(ModelIntegrityError, match="draws fakes from decoys.npz"):
+        ambiguate_output(card, code)

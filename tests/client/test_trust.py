@@ -263,6 +263,19 @@ def test_the_ambiguation_floor_passes_the_shipped_card_and_refuses_weak_ones() -
             check_ambiguation_floor(weak)
 
 
+def test_decoy_codes_with_public_magnitudes_may_send_one_decoy_per_true_code() -> None:
+    from client.verify import PolicyRefusedError, check_ambiguation_floor
+
+    shipped = load_card(REPO / "exported_models" / "sparse-celeba-decoys", verify=False)
+    assert (shipped.sparse.k, shipped.sparse.k_fake, shipped.sparse.magnitudes) == (24, 24, "key")
+    check_ambiguation_floor(shipped)
+    for k_fake, magnitudes in ((0, "key"), (24, None)):  # a card with "key" needs a multiple of k
+        sp = {**shipped.to_dict()["sparse"], "k_fake": k_fake, "magnitudes": magnitudes}
+        weak = ModelCard.from_dict({**shipped.to_dict(), "sparse": sp})
+        with pytest.raises(PolicyRefusedError, match=f"k_fake={k_fake}"):
+            check_ambiguation_floor(weak)
+
+
 def test_other_card_field_or_other_bytes_are_refused(
         home: Path, fake: Fake, photos: Path, features_model_dir: Path) -> None:
     card = load_card(features_model_dir)

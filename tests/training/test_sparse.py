@@ -295,3 +295,34 @@ def test_warm_start_refuses_a_release_that_is_not_a_sparse_code(sparse_tiny_flag
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--init" in err[0] and "not a sparse code" in err[0]
+
+
+def test_a_release_exported_again_with_decoy_codes(sparse_tiny_flags: list[str], tiny_export: Path, sample_faces: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--epochs 0 --init RELEASE` keeps the release's weights as a run; `pric-export
+    --decoy-codes` ships them with decoy codes, public magnitudes and the compact wire form."""
+    from client.pipeline import Extractor, ambiguate_output
+    from protocol.sparse_code import CodeDecoys, disambiguate, quantise_code
+    from training.export import main as export_main
+
+    assert sparse_train.main(["--data", str(sample_faces), "--epochs", "0", "--out", str(tmp_path / "r"),
+                              "--device", "cpu", "--init", str(tiny_export), *sparse_tiny_flags]) == 0
+    assert sparse_train.main(["--data", str(sample_faces), "--epochs", "0", "--out", str(tmp_path / "no"),
+                              "--device", "cpu", *sparse_tiny_flags]) == 2
+    assert "--epochs 0" in capsys.readouterr().err
+    rc = export_main([str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--k-fake", "4", "--value-bits", "5",
+                      "--decoy-codes"])
+    rc_bad = export_main([str(tmp_path / "r"), "--out", str(tmp_path / "bad"), "--k-fake", "4", "--decoy-codes"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0 and rc_bad == 2 and len(err) == 1 and "--decoy-codes needs --value-bits" in err[0]
+
+    card = load_card(tmp_path / "o")  # every file checked, decoys.npz included
+    sp = card.sparse
+    assert (sp.k_fake, sp.value_bits, sp.decoys, sp.magnitudes, sp.wire) == (4, 5, "decoys.npz", "key", "compact")
+    assert "weights of release sparse-tiny@t1, not trained further" in card.description
+    ext = Extractor(card, tmp_path / "o")
+    assert isinstance(ext.decoys, CodeDecoys)
+    code = np.zeros((sp.L, sp.m), np.float32)
+    code[:, :sp.k] = np.linspace(0.5, 2.0, sp.k)
+    amb, key = ambiguate_output(card, code, ext.decoys)
+    assert np.array_equal(disambiguate(amb, key, sp.m), quantise_code(code, sp.k, 5))

@@ -10,6 +10,10 @@ The card's ambiguation (`sparse.k_fake`, fakes added per map by the client) defa
 run's; `k_fake=` / `--k-fake N` sets it at export time (the ONNX files do not depend on it)
 and the card's `training.k_fake_trained` keeps the run's value. `--value-bits B` sets
 `sparse.value_bits`: the client then quantises the true values to B bits before ambiguation.
+`--decoy-codes` fits `protocol.sparse_code.CodeDecoys` on the training split's dense codes
+(the encoder below its top-k) and ships them as `decoys.npz`: the client's fakes are then
+whole decoy codes, every released magnitude is public and the true ones travel in the key
+(card `sparse.decoys`, `magnitudes: "key"`, `wire: "compact"`).
 
 Both graphs pass onnx.checker and are compared with torch (max abs difference ≤ 1e-4 on
 real images); a mismatch fails the export.
@@ -30,6 +34,7 @@ from protocol.align import attach_training_alignment
 from protocol.errors import InvalidInputError, ModelIntegrityError
 from protocol.model_card import InputSpec, ModelCard, OutputSpec, SparseSpec, sha256_file
 from protocol.model_card import VALUE_BITS_RANGE
+from protocol.sparse_code import CodeDecoys
 from protocol.datasets import load_faces
 from training.data import to_input
 from training.device_graph import make_device_file
@@ -88,6 +93,8 @@ def _loss_note(config: dict) -> str:
     note = f"Loss: {LOSS_NAMES.get(train.get('loss', 'bce'), train.get('loss'))}"
     if train.get("init") and (Path(train["init"]) / "model_card.json").is_file():
         card = json.loads((Path(train["init"]) / "model_card.json").read_text())
+        if train.get("epochs") == 0:
+            return f"The weights of release {card.get('name')}@{card.get('version')}, not trained further."
         return note + f", warm-started from release {card.get('name')}@{card.get('version')}."
     if train.get("init"):
         init_cfg = Path(train["init"]) / "config.json"
@@ -118,8 +125,33 @@ def with_value_bits(sparse: SparseSpec, value_bits: int | None, where: Path) -> 
     return replace(sparse, value_bits=int(value_bits))
 
 
+DECOYS_FILE = "decoys.npz"
+DECOY_RANK = 256  # the Gaussian's rank (sparse-celeba: 0.994 of the dense codes' variance)
+MIN_DECOY_PHOTOS = 16
+
+
+def fit_decoys(model: nn.Module, data_dir: str | Path, spec: InputSpec, sparse: SparseSpec, where: Path,
+               align: str | None = None, batch: int = 256) -> CodeDecoys:
+    """CodeDecoys of the run's encoder on the training split of `data_dir` (its dense codes,
+    before the top-k; faces aligned as the run trained on them); InvalidInputError when the
+    card cannot use them."""
+    if sparse.value_bits is None or sparse.k_fake % sparse.k or sparse.k_fake == 0:
+        raise InvalidInputError(f"{where}: --decoy-codes needs --value-bits and k_fake a positive multiple of k "
+                                f"(k={sparse.k}, k_fake={sparse.k_fake})")
+    from protocol.align import training_aligner
+
+    data = load_faces(data_dir, spec, progress=False, announce=False, aligner=training_aligner(align)).subset("train")
+    if len(data) < MIN_DECOY_PHOTOS:
+        raise InvalidInputError(f"{data_dir}: {len(data)} training photos; decoy codes need at least {MIN_DECOY_PHOTOS}")
+    with torch.no_grad():
+        dense = np.concatenate([model.encoder(to_input(data.pixels[i:i + batch], spec)).numpy()
+                                for i in range(0, len(data), batch)])
+    return CodeDecoys.fit(dense, sparse.k, rank=min(DECOY_RANK, len(data) - 1))
+
+
 def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: str | None = None,
-               k_fake: int | None = None, value_bits: int | None = None, data: str | None = None) -> Path:
+               k_fake: int | None = None, value_bits: int | None = None, data: str | None = None,
+               decoy_codes: bool = False) -> Path:
     """Export RUN_DIR to OUT_DIR (model.onnx, decoder.onnx, model_card.json); returns OUT_DIR.
     `k_fake` overrides the run's fakes per map in the card (None: the run's); `value_bits`
     sets the card's `sparse.value_bits` (None: float16 values, as before). The parity check
@@ -129,6 +161,9 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
     spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["input"].items()})
     trained = SparseSpec(**config["sparse"])
     sparse = with_value_bits(with_k_fake(trained, k_fake, run_dir), value_bits, run_dir)
+    model.eval()
+    decoys = (fit_decoys(model, data or config["train"]["data"], spec, sparse, run_dir, config["train"].get("align"))
+              if decoy_codes else None)
     encoder, decoder = model.on_device_encoder().eval(), model.image_decoder().eval()
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -148,6 +183,11 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
     spec, parity["device_graph_max_abs_diff"] = make_device_file(tmp / "model.onnx", spec, pixels, "code",
                                                                  code_difference)
 
+    extra_files = {DECODER_FILE: sha256_file(tmp / DECODER_FILE)}
+    if decoys is not None:
+        decoys.save(tmp / DECOYS_FILE)
+        extra_files[DECOYS_FILE] = sha256_file(tmp / DECOYS_FILE)
+        sparse = replace(sparse, decoys=DECOYS_FILE, magnitudes="key", wire="compact")
     card = ModelCard(
         name=name or out_dir.name,
         version=version or "1",
@@ -156,7 +196,7 @@ def export_run(run_dir: Path, out_dir: Path, name: str | None = None, version: s
         input=spec,
         output=OutputSpec(name="code", shape=(sparse.L, sparse.m), dtype="float32"),
         sparse=sparse,
-        extra_files={DECODER_FILE: sha256_file(tmp / DECODER_FILE)},
+        extra_files=extra_files,
         training={
             "mode": "sparse",
             "run": run_dir.name,

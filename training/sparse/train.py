@@ -96,7 +96,8 @@ def config_from_args(args: argparse.Namespace) -> SparseTrainConfig:
     cfg = replace(cfg, k_train=cfg.k if cfg.k_train is None else cfg.k_train,
                   k_fake=cfg.k if cfg.k_fake is None else cfg.k_fake)
     checks = [
-        (cfg.epochs >= 1, f"--epochs {cfg.epochs} must be at least 1"),
+        (cfg.epochs >= 1 or (cfg.epochs == 0 and bool(cfg.init)),
+         f"--epochs {cfg.epochs} must be at least 1 (0 only with --init: the warm start as it is)"),
         (cfg.L >= 1 and cfg.m >= 2, f"--L {cfg.L} and --m {cfg.m} must be positive (m >= 2)"),
         (1 <= cfg.k <= cfg.m, f"--k {cfg.k} must be in [1, m={cfg.m}]"),
         (1 <= cfg.k_train <= cfg.m, f"--k-train {cfg.k_train} must be in [1, m={cfg.m}]"),
@@ -184,11 +185,19 @@ def train(cfg: SparseTrainConfig) -> dict[str, Any]:
     if cfg.init:
         warm_start(model, Path(cfg.init), train_px[:512])
     model = model.to(device)
+    out = Path(cfg.out)
+    if cfg.epochs == 0:  # --init as it is: a run to export a release again (e.g. with another card)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS).write_text("")
+        val = evaluate(model, val_t, spec, cfg.k, device)
+        torch.save({"model": model.state_dict(), "model_config": asdict(cfg.model_config())}, out / CHECKPOINT)
+        summary = run_summary(cfg, {"val_psnr": val["psnr"], "epoch": 0}, len(train_t), len(val_t), device)
+        (out / CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train_t) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.15)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).write_text("")
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -1,0 +1,107 @@
+"""Decoy codes that cohere: variants of the shipped `protocol.sparse_code.CodeDecoys`.
+
+The decoy bank (`DecoyBank`) matches each fake's position and value to those of true
+entries one entry at a time; the audit's learned attacker still finds the true support
+because the true values cohere into ONE code of the encoder (its code model) and the fakes
+do not. `CodeDecoys` draws the fakes as whole decoy codes from a Gaussian of the encoder's
+dense codes (the model the attacker fits) and releases every entry with a public magnitude.
+The research variants, for `python -m research.sparse_attack_bench --variant NAME-K`:
+
+    coherent+canonical   what ships (`code_fakes`, card `sparse.magnitudes: "key"`)
+    projected            each decoy put through the public decoder and encoder once
+                         (c ← E_dense(D(top_k(c)))): the code of an image the decoder can
+                         draw, as a true code is (approximately) the code of its decode
+    +canonical           public magnitudes (the true ones in the key), as shipped
+    +profile             instead: each decoy takes the TRUE code's magnitudes, in its own
+                         order (nothing in the key; the true values cohere, the decoys'
+                         do not)
+    +poolN               draw N times as many decoys, keep those whose magnitude profile is
+                         nearest the true code's
+    (neither)            each decoy scaled to the true code's norm
+
+K (fakes per map) must be a multiple of k.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from audit.sparse_attacks import card_input_name, dense_code_graph
+from protocol.errors import InvalidInputError
+from protocol.runtime import OnnxModel, model_input
+from protocol.sparse_code import (CodeDecoys, SparseSpec, _true_support, _with_profile, code_fakes, decoy_count,
+                                  decoy_sampler, place_decoys, top_k)
+
+Fakes = Callable[[np.ndarray, SparseSpec, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
+class DenseEncoder:
+    """The public encoder read below its top-k: uint8 photos → dense codes (N, L, m)."""
+
+    def __init__(self, models: Any) -> None:
+        graph = dense_code_graph(models.enc_path)
+        if graph is None:
+            raise InvalidInputError(f"{models.enc_path}: the encoder has no single TopK to read below")
+        self.enc = OnnxModel(models.enc_path, card_input_name(models), graph[1], graph=graph[0])
+        self.card, self.batch = models.card, models.batch_size
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        out = [self.enc(model_input(pixels[i:i + self.batch], self.card.input))
+               for i in range(0, len(pixels), self.batch)]
+        return np.concatenate(out).astype(np.float32)
+
+
+def research_fakes(decoys: CodeDecoys, project: tuple[Any, DenseEncoder] | None = None, profile: str = "canonical",
+                   pool: int = 1) -> Fakes:
+    """A fake sampler for `ambiguate(..., fakes=...)` (module docstring). profile:
+    'canonical' (the public magnitudes of `decoys`), 'true' or 'norm'."""
+    sample = decoy_sampler(decoys)
+
+    def draw(code: np.ndarray, spec: SparseSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        L, m, k = spec.L, spec.m, spec.k
+        n_dec = decoy_count(spec)
+        c = sample(n_dec * pool, rng).reshape(n_dec * pool, L, m)
+        if project is not None:
+            models, dense = project
+            c = dense(np.round(models.decode(np.stack([top_k(x, k) for x in c])) * 255).astype(np.uint8))
+        true_vals = np.take_along_axis(code, _true_support(code, k), axis=1)
+        true_norm = float(np.linalg.norm(true_vals))
+        true_mag = -np.sort(-np.abs(true_vals), axis=1)
+        if pool > 1:  # keep the n_dec draws whose magnitude profile is nearest the true code's
+            mags = -np.sort(-np.abs(c), axis=2)[:, :, :k]
+            mags *= true_norm / np.maximum(np.linalg.norm(mags.reshape(len(c), -1), axis=1), 1e-12)[:, None, None]
+            c = c[np.argsort(((mags - true_mag) ** 2).sum(axis=(1, 2)))[:n_dec]]
+        if profile == "canonical":
+            values = lambda v: _with_profile(v, decoys.profile)  # noqa: E731
+        elif profile == "true":
+            values = lambda v: _with_profile(v, true_mag)  # noqa: E731
+        else:
+            values = lambda v: v * (true_norm / max(float(np.linalg.norm(v)), 1e-12))  # noqa: E731
+        return place_decoys(code, c, k, values)
+
+    if profile == "canonical":
+        draw.profile = decoys.profile  # type: ignore[attr-defined]  # ambiguate releases the true entries with it
+    return draw
+
+
+def coherent_variant(name: str, models: Any, train_pixels: np.ndarray) -> tuple[Fakes, bool]:
+    """NAME (without -K, module docstring) → (its fake sampler, whether the magnitudes are
+    public: the spec then needs `magnitudes="key"`)."""
+    base, *opts = name.split("+")
+    pools = [o for o in opts if o.startswith("pool")]
+    known = {"canonical", "profile"}
+    if base not in ("coherent", "projected") or len(pools) > 1 or any(
+            o not in known and not (o.startswith("pool") and o[4:].isdigit() and int(o[4:]) > 0) for o in opts) \
+            or {"canonical", "profile"} <= set(opts):
+        raise InvalidInputError(f"decoy variant {name!r}: expected coherent or projected, then optionally "
+                                "+canonical or +profile, and +poolN")
+    dense = DenseEncoder(models)
+    decoys = CodeDecoys.fit(dense(train_pixels), models.card.sparse.k)
+    profile = "canonical" if "canonical" in opts else "true" if "profile" in opts else "norm"
+    pool = int(pools[0][4:]) if pools else 1
+    if base == "coherent" and profile == "canonical" and pool == 1:
+        return code_fakes(decoys), True  # exactly what a device runs
+    return research_fakes(decoys, (models, dense) if base == "projected" else None, profile, pool), \
+        profile == "canonical"
