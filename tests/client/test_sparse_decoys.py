@@ -68,7 +68,7 @@ def _decoy_code_model(model_dir: Path) -> None:
     sp = card.sparse
     dense = np.random.default_rng(0).normal(size=(300, sp.L, sp.m)).astype(np.float32)
     CodeDecoys.fit(dense, sp.k, rank=8).save(model_dir / "decoys.npz")
-    replace(card, sparse=replace(sp, value_bits=6, k_fake=sp.k, decoys="decoys.npz", wire="compact", magnitudes="key"),
+    replace(card, sparse=replace(sp, value_bits=6, k_fake=2 * sp.k, decoys="decoys.npz", wire="compact", magnitudes="key"),
             extra_files={**card.extra_files, "decoys.npz": sha256_file(model_dir / "decoys.npz")}).validate().save(model_dir)
 
 
@@ -81,8 +81,66 @@ def test_decoy_codes_on_device_send_public_magnitudes_and_key_the_true_ones(tmp_
     amb, key = ambiguate_output(card, code, ext.decoys)
     mask = unpack_key(key)[0]
     mags = np.abs(amb.values.astype(np.float32))
-    assert np.array_equal(np.sort(mags[mask].reshape(card.sparse.L, -1)), np.sort(mags[~mask].reshape(card.sparse.L, -1)))
+    n = card.sparse.k_fake // card.sparse.k  # each decoy shows the same public magnitudes as the true code
+    true_m = np.sort(mags[mask].reshape(card.sparse.L, -1))
+    assert np.array_equal(np.sort(mags[~mask].reshape(card.sparse.L, -1)), np.sort(np.tile(true_m, n)))
     back = code_from_arrays(wire_arrays_of(card, None, amb), card.sparse)
     assert np.array_equal(disambiguate(back, key, card.sparse.m), quantise_code(code, card.sparse.k, 6))
     with pytest.raises(ModelIntegrityError, match="draws fakes from decoys.npz"):
         ambiguate_output(card, code)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, auditor) -> Path:
+    """The live collector serves the tiny sparse model with decoy codes (signed)."""
+    from tests.client.conftest import sign_all
+
+    models = tmp_path / "decoy-models"
+    _decoy_code_model(models / "tinysparse")
+    sign_all(models, auditor)
+    return models
+
+
+def test_decoy_codes_end_to_end_upload_export_and_decode(cli, registered_home: Path, live_collector, tmp_path: Path,
+                                                         sample_images: list[Path]) -> None:
+    """Upload (compact codes only), export the version-2 keys, decode: the key holder's
+    images are the decoder's of the true code on its 6-bit grid."""
+    import onnxruntime as ort
+    import requests
+    from PIL import Image
+
+    from client.home import Home
+    from client.pipeline import item_id_for, read_photo
+    from protocol.preprocess import load_image, prepare
+    from protocol.runtime import model_input
+
+    images = sample_images[:4]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in images:
+        (folder / p.name).write_bytes(p.read_bytes())
+    home, codes = str(registered_home), tmp_path / "codes.npz"
+    up = cli("--home", home, "upload", "--yes", str(folder), "--mode", "ambiguated", "--save-codes", str(codes))
+    assert up.rc == 0, up.err
+    assert up.out.strip().splitlines()[-1] == "4 stored, 0 already there, 0 skipped (errors)"
+    card = load_card(live_collector.models_dir / "tinysparse")
+    export = requests.get(f"{live_collector.url}/api/v1/export", params={"model_id": card.model_id},
+                          headers={"Authorization": f"Bearer {live_collector.auditor_token}"}, timeout=10).json()
+    assert len(export["items"]) == 4 and all(set(i["arrays"]) == {"code"} for i in export["items"])
+
+    keyfile, out = tmp_path / "keys.json", tmp_path / "decoded"
+    assert cli("--home", home, "keys", "export", "--out", str(keyfile)).rc == 0
+    dec = cli("--home", home, "decode", "--key-file", str(keyfile), "--codes", str(codes), "--out", str(out))
+    assert dec.rc == 0, dec.err
+
+    model_dir = live_collector.models_dir / "tinysparse"
+    enc = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    decm = ort.InferenceSession(str(model_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    x = model_input(np.stack([prepare(load_image(p, card.input), card.input) for p in images]), card.input)
+    true = np.stack([quantise_code(c, card.sparse.k, 6) for c in enc.run(["code"], {card.input.name: x})[0]])
+    want = decm.run(["image"], {"code": true})[0]
+    item_key = Home(registered_home).item_key()
+    for n, p in enumerate(images):
+        item = item_id_for(item_key, read_photo(p)[1], card.sha256)
+        png = np.asarray(Image.open(out / f"{item}.png"), np.float32) / 255.0
+        assert np.abs(png - np.moveaxis(want[n], 0, -1)).max() < 0.01
