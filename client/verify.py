@@ -305,6 +305,9 @@ def summary(card: ModelCard, good: Sequence[Verified], policy: Policy, photos: i
     if card.kind == "sparse_code" and card.sparse is not None:
         lines.append(f"Each code map is sent with {card.sparse.k} true and {card.sparse.k_fake} fake values; "
                      "only holders of your keys can tell them apart.")
+        if card.sparse.magnitudes == "key":
+            lines.append("The fakes are whole decoy codes; every value is sent with a public magnitude, and the true "
+                         "magnitudes stay in your keys.")
     lines.append("The signature proves that this auditor measured these figures on these exact model bytes and "
                  "this card; it does not prove the auditor honest, nor that the figures hold for photos unlike "
                  "the audited ones.")
