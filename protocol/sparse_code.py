@@ -410,18 +410,20 @@ def decoy_count(spec: SparseSpec) -> int:
     return spec.k_fake // spec.k
 
 
-def place_decoys(code: np.ndarray, decoys: np.ndarray, k: int,
-                 values: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def place_decoys(code: np.ndarray, decoys: np.ndarray, k: int, values: Callable[[np.ndarray], np.ndarray],
+                 weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Dense decoy codes (n, L, m) → fake (positions, values), each (L, n·k): decoy after
-    decoy, its k largest magnitudes per map among the positions the true support (of `code`)
-    and the decoys before it left free; `values` maps a decoy's (L, k) values to released ones."""
+    decoy, its k largest magnitudes per map (times `weight` (L, m) when given) among the
+    positions the true support (of `code`) and the decoys before it left free; `values` maps
+    a decoy's (L, k) values to released ones."""
     n, L, m = decoys.shape
     taken = np.zeros((L, m), bool)
     np.put_along_axis(taken, _true_support(code, k), True, axis=1)
     pos = np.empty((L, n * k), np.int64)
     val = np.empty((L, n * k), np.float32)
     for d in range(n):
-        p = np.argpartition(-np.where(taken, -1.0, np.abs(decoys[d])), k - 1, axis=1)[:, :k]
+        score = np.abs(decoys[d]) if weight is None else np.abs(decoys[d]) * weight
+        p = np.argpartition(-np.where(taken, -1.0, score), k - 1, axis=1)[:, :k]
         np.put_along_axis(taken, p, True, axis=1)
         pos[:, d * k:(d + 1) * k] = p
         val[:, d * k:(d + 1) * k] = values(np.take_along_axis(decoys[d], p, axis=1))

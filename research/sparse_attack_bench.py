@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.variant.startswith(("coherent", "projected")):
             from research.sparse_coherent import coherent_variant
 
-            decoys, public = coherent_variant(a.variant.partition("-")[0], models, train.pixels)
+            name, _, k_fake = a.variant.partition("-")
+            n_dec = int(k_fake) // card.sparse.k if k_fake.isdigit() else 1
+            decoys, public = coherent_variant(name, models, train.pixels, n_dec)
         sp, fn = variant(a.variant, card, bank, decoys)
         card = SimpleNamespace(sparse=sp)
         ref = unit(test.pixels)

@@ -17,6 +17,9 @@ The research variants, for `python -m research.sparse_attack_bench --variant NAM
                          do not)
     +poolN               draw N times as many decoys, keep those whose magnitude profile is
                          nearest the true code's
+    +calibrated          decoys choose their positions by magnitude times a per-position
+                         weight fitted so that each position holds decoy entries as often as
+                         true ones (`calibrate_positions`)
     (neither)            each decoy scaled to the true code's norm
 
 K (fakes per map) must be a multiple of k.
@@ -53,8 +56,30 @@ class DenseEncoder:
         return np.concatenate(out).astype(np.float32)
 
 
+def calibrate_positions(decoys: CodeDecoys, dense: np.ndarray, k: int, n_dec: int, iters: int = 12,
+                        rate: float = 0.2, n: int = 1000, seed: int = 0) -> np.ndarray:
+    """Weights (L, m) on the decoys' magnitudes when they choose their positions, fitted so
+    that a position holds a decoy entry as often as a true one (training codes `dense`,
+    N, L, m): w ← w · ((f_true + 1) / (f_decoy + 1))^rate, `iters` times on `n` codes."""
+    rng = np.random.default_rng(seed)
+    codes = dense[rng.permutation(len(dense))[:n]]
+    L, m = codes.shape[1:]
+    true_f = np.zeros((L, m))
+    for c in codes:
+        np.add.at(true_f, (np.arange(L)[:, None], _true_support(c, k)), 1.0)
+    sample = decoy_sampler(decoys)
+    w = np.ones((L, m), np.float32)
+    for _ in range(iters):
+        dec_f = np.zeros((L, m))
+        for c in codes:
+            pos, _ = place_decoys(c, sample(n_dec, rng).reshape(n_dec, L, m), k, lambda v: v, w)
+            np.add.at(dec_f, (np.arange(L)[:, None], pos), 1.0 / n_dec)
+        w = (w * ((true_f + 1.0) / (dec_f + 1.0)) ** rate).astype(np.float32)
+    return w
+
+
 def research_fakes(decoys: CodeDecoys, project: tuple[Any, DenseEncoder] | None = None, profile: str = "canonical",
-                   pool: int = 1) -> Fakes:
+                   pool: int = 1, weight: np.ndarray | None = None) -> Fakes:
     """A fake sampler for `ambiguate(..., fakes=...)` (module docstring). profile:
     'canonical' (the public magnitudes of `decoys`), 'true' or 'norm'."""
     sample = decoy_sampler(decoys)
@@ -79,29 +104,32 @@ def research_fakes(decoys: CodeDecoys, project: tuple[Any, DenseEncoder] | None 
             values = lambda v: _with_profile(v, true_mag)  # noqa: E731
         else:
             values = lambda v: v * (true_norm / max(float(np.linalg.norm(v)), 1e-12))  # noqa: E731
-        return place_decoys(code, c, k, values)
+        return place_decoys(code, c, k, values, weight)
 
     if profile == "canonical":
         draw.profile = decoys.profile  # type: ignore[attr-defined]  # ambiguate releases the true entries with it
     return draw
 
 
-def coherent_variant(name: str, models: Any, train_pixels: np.ndarray) -> tuple[Fakes, bool]:
+def coherent_variant(name: str, models: Any, train_pixels: np.ndarray, n_dec: int = 1) -> tuple[Fakes, bool]:
     """NAME (without -K, module docstring) → (its fake sampler, whether the magnitudes are
     public: the spec then needs `magnitudes="key"`)."""
     base, *opts = name.split("+")
     pools = [o for o in opts if o.startswith("pool")]
-    known = {"canonical", "profile"}
+    known = {"canonical", "profile", "calibrated"}
     if base not in ("coherent", "projected") or len(pools) > 1 or any(
             o not in known and not (o.startswith("pool") and o[4:].isdigit() and int(o[4:]) > 0) for o in opts) \
             or {"canonical", "profile"} <= set(opts):
         raise InvalidInputError(f"decoy variant {name!r}: expected coherent or projected, then optionally "
                                 "+canonical or +profile, and +poolN")
     dense = DenseEncoder(models)
-    decoys = CodeDecoys.fit(dense(train_pixels), models.card.sparse.k)
+    codes = dense(train_pixels)
+    k = models.card.sparse.k
+    decoys = CodeDecoys.fit(codes, k)
     profile = "canonical" if "canonical" in opts else "true" if "profile" in opts else "norm"
     pool = int(pools[0][4:]) if pools else 1
-    if base == "coherent" and profile == "canonical" and pool == 1:
+    if base == "coherent" and profile == "canonical" and pool == 1 and "calibrated" not in opts:
         return code_fakes(decoys), True  # exactly what a device runs
-    return research_fakes(decoys, (models, dense) if base == "projected" else None, profile, pool), \
+    weight = calibrate_positions(decoys, codes, k, n_dec) if "calibrated" in opts else None
+    return research_fakes(decoys, (models, dense) if base == "projected" else None, profile, pool, weight), \
         profile == "canonical"

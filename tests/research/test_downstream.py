@@ -4,7 +4,6 @@ import pytest
 
 import json
 import shutil
-from pathlib import Path
 
 from research.downstream import main as downstream_main
 

@@ -114,3 +114,26 @@ def test_decoy_model_folder_is_a_valid_compact_card_that_the_audit_reads(tiny_ex
                                                                report["rate"]["true_code_bytes_per_image"],
                                                                ambiguated_size(card.sparse)]
     assert report["webp_aead"]["no_key_party_gets"].startswith("nothing")
+
+
+@pytest.mark.slow
+def test_the_decoy_code_variants_run_under_the_learned_attacker(tiny_export: Path, sample_faces: Path,
+                                                                tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """research.sparse_attack_bench with decoy codes: the shipped sampler (public magnitudes,
+    true ones in the key) and a research variant; a contradictory variant name is refused."""
+    from research import sparse_attack_bench
+
+    for variant in ("coherent+canonical-4", "projected+canonical+calibrated-4"):
+        rc = sparse_attack_bench.main(["--model", str(tiny_export), "--data", str(sample_faces), "--n", "8",
+                                       "--max-train", "30", "--variant", variant, "--out", str(tmp_path)])
+        assert rc == 0, capsys.readouterr().err
+        att = json.loads((tmp_path / f"attack_{variant}.json").read_text())
+        assert att["chance"] == 0.5 and 0.0 <= att["best_precision"] <= 1.0
+        # the attacker's ceiling (the whole true support, public magnitudes) is measured beside the key holder's
+        ceiling = att["true_support_with_public_magnitudes"]
+        assert ceiling["n"] == 8 and np.isfinite(ceiling["psnr"]) and np.isfinite(att["authorised"]["psnr"])
+    capsys.readouterr()
+    rc = sparse_attack_bench.main(["--model", str(tiny_export), "--data", str(sample_faces), "--variant",
+                                   "coherent+canonical+profile-4", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "coherent+canonical+profile" in err[0]
