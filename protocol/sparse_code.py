@@ -509,9 +509,10 @@ def pack_key_magnitudes(mask: np.ndarray, k: int, fingerprint: bytes, magnitudes
             + acc.to_bytes(n, "big"))
 
 
-def _parse_key(key: bytes) -> tuple[np.ndarray, int, bytes, np.ndarray | None]:
-    """Key bytes (version 1 or 2) → (mask (L, k') bool, k, fingerprint, the true magnitudes
-    (L, k) float32 of a version-2 key else None). Raises KeyMismatchError (one line)."""
+def _parse_key(key: bytes) -> tuple[np.ndarray, int, bytes, np.ndarray | None, float | None]:
+    """Key bytes (version 1 or 2) → (mask (L, k') bool, k, fingerprint, and for a version-2
+    key the true magnitudes (L, k) float32 and their grid's scale, else None, None). Raises
+    KeyMismatchError (one line)."""
     key = bytes(key)
     if len(key) < _HEADER.size:
         raise KeyMismatchError(f"key is {len(key)} bytes, shorter than its {_HEADER.size}-byte header")
@@ -538,7 +539,7 @@ def _parse_key(key: bytes) -> tuple[np.ndarray, int, bytes, np.ndarray | None]:
     if np.any(mask.sum(axis=1) != k):
         raise KeyMismatchError(f"key does not mark exactly k={k} true positions in every code map")
     if version == KEY_VERSION:
-        return mask, k, fp, None
+        return mask, k, fp, None, None
     scale = float(np.frombuffer(rest[1:3], dtype=">f2")[0])
     if not (np.isfinite(scale) and scale >= 0):
         raise KeyMismatchError(f"key has magnitude scale {scale}, expected a finite value >= 0")
@@ -552,7 +553,7 @@ def _parse_key(key: bytes) -> tuple[np.ndarray, int, bytes, np.ndarray | None]:
     for i in range(L * k - 1, -1, -1):
         levels[i] = acc & ((1 << w) - 1)
         acc >>= w
-    return mask, k, fp, level_values(levels, scale, vb).reshape(L, k)
+    return mask, k, fp, level_values(levels, scale, vb).reshape(L, k), scale
 
 
 def unpack_key(key: bytes) -> tuple[np.ndarray, int, bytes]:
@@ -563,7 +564,7 @@ def unpack_key(key: bytes) -> tuple[np.ndarray, int, bytes]:
 def disambiguate(code: AmbiguatedCode, key: bytes, m: int) -> np.ndarray:
     """Apply the owner's key: ambiguated code → true dense code float32 (L, m). A version-2
     key carries the true magnitudes; the signs are the public code's."""
-    mask, _, fp, mags = _parse_key(key)
+    mask, _, fp, mags, _ = _parse_key(key)
     if mask.shape != code.indices.shape:
         raise KeyMismatchError(f"key is for codes of shape {mask.shape}, this code has {code.indices.shape}")
     if fp != code.fingerprint():
@@ -580,11 +581,8 @@ def disambiguate(code: AmbiguatedCode, key: bytes, m: int) -> np.ndarray:
 def true_scale(code: AmbiguatedCode, key: bytes) -> float:
     """The grid scale of the true values a key holder gets from `disambiguate`: the key's
     (version 2) or the released code's (`released_scale`)."""
-    key = bytes(key)
-    if len(key) >= _HEADER.size and key[2] == KEY_VERSION_MAGNITUDES:
-        n_mask = math.ceil(_HEADER.unpack_from(key)[2] * _HEADER.unpack_from(key)[3] / 8)
-        return float(np.frombuffer(key[_HEADER.size + n_mask + 1:_HEADER.size + n_mask + 3], dtype=">f2")[0])
-    return released_scale(code)
+    scale = _parse_key(key)[4]
+    return released_scale(code) if scale is None else scale
 
 
 def key_size_bytes(spec: SparseSpec) -> int:

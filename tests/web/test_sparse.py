@@ -180,9 +180,13 @@ def test_the_pages_fakes_are_not_told_apart_by_magnitude_and_decoy_cards_are_ref
       }
       let decoy = '';
       try { s.sparseSpec({...card, sparse: {...card.sparse, decoys: 'decoys.npz'}}); } catch (e) { decoy = e.message; }
-      return {out, decoy};
+      let decoyCodes = '';  // one decoy code per true code: below this page's floor, refused for its decoys
+      try { s.sparseSpec({...card, sparse: {...card.sparse, k_fake: k, decoys: 'decoys.npz', magnitudes: 'key'}}); }
+      catch (e) { decoyCodes = e.message; }
+      return {out, decoy, decoyCodes};
     }""", [sp.L, sp.m, sp.k, sp.k_fake, sp.value_bits, codes.ravel().tolist(), n])
-    assert "decoy bank" in got["decoy"] and "pric-client" in got["decoy"]
+    assert "decoy bank or decoy codes" in got["decoy"] and "pric-client" in got["decoy"]
+    assert "decoy bank or decoy codes" in got["decoyCodes"] and "k_fake" not in got["decoyCodes"]
     largest, smallest = [], []
     for dense, c in zip(codes, got["out"]):
         amb = AmbiguatedCode(indices=np.array(c["idx"], np.uint16).reshape(sp.L, sp.k_prime),

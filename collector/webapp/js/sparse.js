@@ -6,8 +6,9 @@
 // magnitude; the key marks which entries are true (format version 1, with the code's
 // fingerprint). The wire arrays are those of protocol.model_card.wire_arrays: `indices`
 // (uint16) and `values` (float16), or one uint8 `code` (pack_ambiguated) for sparse.wire
-// "compact". Randomness: crypto.getRandomValues only. Cards whose fakes come from a decoy
-// bank (sparse.decoys) are refused here: pric-client handles them.
+// "compact". Randomness: crypto.getRandomValues only. Cards whose fakes come from decoys
+// (sparse.decoys: a decoy bank, or decoy codes with sparse.magnitudes "key") are refused
+// here: pric-client handles them.
 import { TrustError } from './trust.js';
 
 // client/verify.py: the client's own floor, whatever the card asks
@@ -30,11 +31,12 @@ export function sparseSpec(card) {
   const int = (k) => (Number.isInteger(sp[k]) && sp[k] > 0 ? sp[k] : bad(`sparse.${k} must be a positive integer`));
   const L = int('L'), m = int('m'), k = int('k'), kFake = int('k_fake');
   if (m > 65536 || k + kFake > m) bad(`sparse.k + k_fake = ${k + kFake} does not fit code maps of length ${m}`);
+  // decoys first: a card with decoy codes may ask for fewer fakes than this page's floor
+  if (sp.decoys != null) bad(`its fakes are drawn from decoys (a decoy bank or decoy codes: ${String(sp.decoys).slice(0, 60)}), which this page does not do yet; use the Python client (pric-client)`);
   const need = Math.max(MIN_FAKE_RATIO * k, MIN_K_FAKE);
   if (kFake < need) bad(`its card asks for k_fake=${kFake} fake values per code map with k=${k} true ones; this page never adds fewer than max(${MIN_FAKE_RATIO}·k, ${MIN_K_FAKE}) = ${need}`);
   const vb = sp.value_bits ?? null;
   if (vb !== null && !(Number.isInteger(vb) && vb >= VALUE_BITS_RANGE[0] && vb <= VALUE_BITS_RANGE[1])) bad(`sparse.value_bits ${vb} is not in [${VALUE_BITS_RANGE}]`);
-  if (sp.decoys != null) bad(`its fakes are drawn from a decoy bank (${String(sp.decoys).slice(0, 60)}), which this page does not do yet; use the Python client (pric-client)`);
   const wire = sp.wire ?? null;
   if (wire !== null && wire !== 'compact') bad(`sparse.wire ${String(wire).slice(0, 30)} is not one this page knows`);
   if (wire === 'compact' && vb === null) bad('sparse.wire "compact" needs sparse.value_bits');
