@@ -326,3 +326,14 @@ def test_a_release_exported_again_with_decoy_codes(sparse_tiny_flags: list[str],
     code[:, :sp.k] = np.linspace(0.5, 2.0, sp.k)
     amb, key = ambiguate_output(card, code, ext.decoys)
     assert np.array_equal(disambiguate(amb, key, sp.m), quantise_code(code, sp.k, 5))
+
+
+def test_warm_start_from_a_folder_that_is_neither_run_nor_release_names_both(
+        sparse_tiny_flags: list[str], sample_faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    rc = sparse_train.main(["--data", str(sample_faces), "--epochs", "1", "--out", str(tmp_path / "ft"),
+                            "--device", "cpu", "--init", str(tmp_path / "empty"), *sparse_tiny_flags])
+
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a sparse training run" in err[0] and "exported sparse release" in err[0]

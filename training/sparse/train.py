@@ -131,6 +131,9 @@ def warm_start(model: SparseAutoencoder, run_dir: Path, pixels: np.ndarray | Non
             raise InvalidInputError(f"--init {run_dir}: a release needs photos to rebuild its BatchNorms")
         load_release(model, run_dir, pixels)
         return
+    if not (Path(run_dir) / CONFIG).is_file() or not (Path(run_dir) / CHECKPOINT).is_file():
+        raise InvalidInputError(f"--init {run_dir}: neither a sparse training run ({CONFIG} and {CHECKPOINT}) nor an "
+                                "exported sparse release (a folder with model_card.json)")
     init_model, _ = load_run(run_dir)
     # k and k_train only set the top-k, not the weights: a run may be fine-tuned at another k
     if replace(init_model.cfg, k=model.cfg.k, k_train=model.cfg.k_train) != model.cfg:
