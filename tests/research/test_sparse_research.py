@@ -137,3 +137,14 @@ def test_the_decoy_code_variants_run_under_the_learned_attacker(tiny_export: Pat
                                    "coherent+canonical+profile-4", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "coherent+canonical+profile" in err[0]
+
+
+@pytest.mark.slow
+def test_the_oracle_set_check_measures_both_classifiers(tiny_export: Path, sample_faces: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from research import sparse_decoy_sets
+
+    assert sparse_decoy_sets.main(["--model", str(tiny_export), "--data", str(sample_faces), "--n-train", "20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.0 <= out["auc_logistic_on_the_set"] <= 1.0 and 0.0 <= out["auc_trees_on_the_decoded_set"] <= 1.0
+    assert out["n_train_photos"] > 0 and out["n_test_photos"] > 0
