@@ -148,3 +148,7 @@ def test_the_oracle_set_check_measures_both_classifiers(tiny_export: Path, sampl
     out = json.loads(capsys.readouterr().out)
     assert 0.0 <= out["auc_logistic_on_the_set"] <= 1.0 and 0.0 <= out["auc_trees_on_the_decoded_set"] <= 1.0
     assert out["n_train_photos"] > 0 and out["n_test_photos"] > 0
+    assert sparse_decoy_sets.main(["--model", str(tiny_export), "--data", str(sample_faces), "--n-train", "20",
+                                   "--search", "4"]) == 0
+    shares = json.loads(capsys.readouterr().out)["search"]
+    assert len(shares) == 7 and all(0.0 <= x <= 1.0 for x in shares) and shares[0] == 0.75  # 3 of k = 4 true
