@@ -244,6 +244,29 @@ def dense_code_graph(model_path: Path) -> tuple[bytes, str] | None:
     return m.SerializeToString(), src
 
 
+class DenseEncoder:
+    """The public encoder read below its top-k (`dense_code_graph`): uint8 photos → dense
+    codes (N, L, m). `models`: audit.sparse.OnnxPair. InvalidInputError when the graph has
+    no single TopK to read below (`dense_encoder` returns None then)."""
+
+    def __init__(self, models: Any) -> None:
+        from protocol.errors import InvalidInputError
+        from protocol.runtime import OnnxModel
+
+        graph = dense_code_graph(models.enc_path)
+        if graph is None:
+            raise InvalidInputError(f"{models.enc_path}: the encoder has no single TopK to read below")
+        self.enc = OnnxModel(models.enc_path, card_input_name(models), graph[1], graph=graph[0])
+        self.card, self.batch = models.card, getattr(models, "batch_size", 256)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        from protocol.runtime import model_input
+
+        out = [self.enc(model_input(pixels[i:i + self.batch], self.card.input))
+               for i in range(0, len(pixels), self.batch)]
+        return np.concatenate(out).astype(np.float32)
+
+
 class CodeModel:
     """What the public encoder says about codes it can produce: its dense code c (L·m values
     before the top-k; on sparse-celeba a linear map of 8 maps of 8x8 activations, so rank
@@ -497,11 +520,8 @@ def learned_support_attack(models: Any, card: Any, train_pixels: np.ndarray, tes
     if graph is None:
         _log(f"code model: not measured ({code_note['reason']})")
     else:
-        from protocol.runtime import OnnxModel, model_input
-
-        enc = OnnxModel(models.enc_path, card_input_name(models), graph[1], graph=graph[0])
-        px = train_pixels[order]  # every training photo: a covariance, no labels of the trees' sets
-        dense = np.concatenate([enc(model_input(px[i:i + 256], models.card.input)) for i in range(0, len(px), 256)])
+        # every training photo: a covariance, no labels of the trees' sets
+        dense = DenseEncoder(models)(train_pixels[order])
         code_model = CodeModel(dense.reshape(len(dense), L, m))
         t_em = time.time()
         # stage 2's scores are the EM's prior and start: the code model adds what the values say

@@ -31,29 +31,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from audit.sparse_attacks import card_input_name, dense_code_graph
+from audit.sparse_attacks import DenseEncoder
 from protocol.errors import InvalidInputError
-from protocol.runtime import OnnxModel, model_input
 from protocol.sparse_code import (CodeDecoys, SparseSpec, _true_support, _with_profile, code_fakes, decoy_count,
                                   decoy_sampler, place_decoys, top_k)
 
 Fakes = Callable[[np.ndarray, SparseSpec, np.random.Generator], tuple[np.ndarray, np.ndarray]]
-
-
-class DenseEncoder:
-    """The public encoder read below its top-k: uint8 photos → dense codes (N, L, m)."""
-
-    def __init__(self, models: Any) -> None:
-        graph = dense_code_graph(models.enc_path)
-        if graph is None:
-            raise InvalidInputError(f"{models.enc_path}: the encoder has no single TopK to read below")
-        self.enc = OnnxModel(models.enc_path, card_input_name(models), graph[1], graph=graph[0])
-        self.card, self.batch = models.card, models.batch_size
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        out = [self.enc(model_input(pixels[i:i + self.batch], self.card.input))
-               for i in range(0, len(pixels), self.batch)]
-        return np.concatenate(out).astype(np.float32)
 
 
 def calibrate_positions(decoys: CodeDecoys, dense: np.ndarray, k: int, n_dec: int, iters: int = 12,
