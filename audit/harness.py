@@ -60,10 +60,7 @@ def raw_reference(data: FaceData, images: np.ndarray, sp: Splits, cfg: AuditConf
     """
     epochs = int(cfg.reference_epochs if cfg.reference_epochs is not None else REFERENCE_EPOCHS)
     kind = "cnn" if cfg.quick else "reference"
-    h = hashlib.sha256()
-    h.update(str(Path(data.root).resolve()).encode())
-    h.update("\n".join(data.filenames).encode())
-    h.update(data.splits.tobytes())
+    h = photos_hash(data, images)
     h.update(json.dumps([REFERENCE_VERSION, kind, cfg.seed, epochs, list(data.attr_names), images.shape[1:],
                          asdict(spec)]).encode())
     key = h.hexdigest()[:20]
@@ -187,15 +184,24 @@ _RESULT_CODE = ("attacks.py", "families.py", "harness.py", "reconstruction.py", 
 BASELINE_CACHE_VERSION = "baseline-release-v1"
 
 
+def photos_hash(data: FaceData, pixels: np.ndarray) -> "hashlib._Hash":
+    """A sha256 started with what a cached result's photos are: the data set's folder, file
+    names, split and the photos as prepared (a data set made again under the same names is
+    new)."""
+    h = hashlib.sha256()
+    h.update(str(Path(data.root).resolve()).encode())
+    h.update("\n".join(data.filenames).encode())
+    h.update(data.splits.tobytes())
+    h.update(np.ascontiguousarray(pixels).data)
+    return h
+
+
 def baseline_cache_key(label: str, data: FaceData, cfg: AuditConfig, ref: dict[str, Any] | None,
                        spec: InputSpec) -> str:
     """What a baseline release's figures depend on: the photos (data set, files, split,
     labels), the baseline, every setting the harness reads, the raw-image reference and
     the code of the audit modules that measure it."""
-    h = hashlib.sha256()
-    h.update(str(Path(data.root).resolve()).encode())
-    h.update("\n".join(data.filenames).encode())
-    h.update(data.splits.tobytes())
+    h = photos_hash(data, data.pixels)
     h.update(np.ascontiguousarray(data.labels).tobytes())
     h.update(json.dumps([BASELINE_CACHE_VERSION, label, cfg.seed, cfg.epochs, cfg.recon_epochs, list(cfg.attacks),
                          cfg.private, list(cfg.primary), cfg.min_class_samples, bool(cfg.quick), list(data.attr_names),

@@ -343,6 +343,11 @@ def _cache_key(root: Path, spec: InputSpec, files: Sequence[str], aligner: "Alig
     h.update(str(root.resolve()).encode())
     h.update(json.dumps(asdict(spec), sort_keys=True).encode())
     h.update("\n".join(files).encode())
+    # the photos as they are now: a folder written again under the same names (a data set
+    # made afresh by a command) is prepared again, not read from the last one's cache
+    for f in files:
+        st = (root / "images" / f).stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
     if aligner is not None:  # keys without alignment stay as they were
         h.update(json.dumps(aligner.spec.to_dict(), sort_keys=True).encode())
     return h.hexdigest()[:24]

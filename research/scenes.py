@@ -16,6 +16,12 @@
         crops; the labelled face's release is the one whose detection matches the ground
         truth (the blurred background is itself a face photo, often the largest face); the
         collector's logistic classifier fitted on train-crop releases, scored on both
+    python -m research.scenes gap --model M [M ...] --scenes DIR [--split val]
+        the scene-vs-crop gap of an aligned model on a whole split: its releases of the
+        aligned crops (--data) and of their one-face scenes in the CelebA layout (DIR,
+        made by `celeba`), prepared as pric-audit prepares them (aligned, cached); the
+        collector's logistic classifier fitted on each one's train split, scored on the
+        split asked for (val: to choose a recipe without looking at the test split)
     python -m research.scenes attach --model M --out DIR    a copy of M with the alignment
     python -m research.scenes celeba --out DIR [--seed 0] [--limit N]   the whole data set
         as one-face scenes in the CelebA layout (same file names, labels, identities and
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 import time
@@ -55,6 +62,13 @@ FOUND_NME = 0.5
 RAW = InputSpec(height=CELEBA_FRAME[1], width=CELEBA_FRAME[0], crop_box=(0.0, 0.0, 1.0, 1.0))
 
 
+# a background is cut into this many tiles per side, and into more (+2 per try after every
+# BACKGROUND_TRIES // 4 tries) while the shipped detector still finds a face in it
+BACKGROUND_TILES = 6
+BACKGROUND_TRIES = 20
+
+
+@functools.lru_cache(maxsize=1)
 def detector() -> FaceDetector:
     return FaceDetector(DetectorCard.load(DETECTOR).spec, DETECTOR)
 
@@ -109,9 +123,24 @@ def paste_transform(rng: np.random.Generator, scene: tuple[int, int], taken: lis
 
 
 def faceless_background(photo: Image.Image, size: tuple[int, int], rng: np.random.Generator,
-                        tiles: int = 6) -> Image.Image:
-    """A photo's colours and textures without its face: cut into tiles x tiles pieces,
-    shuffled, resized to `size` and blurred."""
+                        tries: list[int] | None = None) -> Image.Image:
+    """A photo's colours and textures without its face: cut into tiles, shuffled, resized to
+    `size` and blurred; shuffled again, into more tiles after every few tries, until the
+    shipped detector finds no face in it. Shuffled tiles of a face photo keep eyes and
+    mouths: a single shuffle into 6 x 6 tiles often leaves a face-like blob the detector finds
+    (`celeba` counts them), which the audit's "face nearest the centre" may take for the face.
+    `tries`: the number of shuffles it took is appended to it."""
+    for attempt in range(BACKGROUND_TRIES):
+        tiles = BACKGROUND_TILES + 2 * (attempt // (BACKGROUND_TRIES // 4))
+        out = _shuffled(photo, size, rng, tiles)
+        if not detector().detect(out):
+            if tries is not None:
+                tries.append(attempt + 1)
+            return out
+    raise PricError(f"no faceless background from this photo in {BACKGROUND_TRIES} shuffles")
+
+
+def _shuffled(photo: Image.Image, size: tuple[int, int], rng: np.random.Generator, tiles: int) -> Image.Image:
     w, h = photo.size
     xs, ys = np.linspace(0, w, tiles + 1).astype(int), np.linspace(0, h, tiles + 1).astype(int)
     pieces = [photo.crop((xs[i], ys[j], xs[i + 1], ys[j + 1])) for j in range(tiles) for i in range(tiles)]
@@ -128,13 +157,14 @@ def paste_face(scene: Image.Image, crop: Image.Image, sim: Similarity) -> None:
     scene.paste(face, (0, 0), mask)
 
 
-def one_face_scene(crop: Image.Image, background: Image.Image, rng: np.random.Generator) -> Image.Image:
+def one_face_scene(crop: Image.Image, background: Image.Image, rng: np.random.Generator,
+                   tries: list[int] | None = None) -> Image.Image:
     """A scene SCENE_SCALE times the crop's size: the crop (an 89x109 aligned face) at a
     random position, scale and turn over a faceless background made from another photo."""
     size = (CELEBA_FRAME[0] * SCENE_SCALE, CELEBA_FRAME[1] * SCENE_SCALE)
     if crop.size != CELEBA_FRAME:
         crop = crop.resize(CELEBA_FRAME, Image.Resampling.BICUBIC)
-    scene = faceless_background(background, size, rng)
+    scene = faceless_background(background, size, rng, tries)
     sim = paste_transform(rng, size, [])
     assert sim is not None  # one face always fits a scene 4x its size
     paste_face(scene, crop, sim)
@@ -154,13 +184,17 @@ def celeba_scenes(data_dir: str, out: Path, seed: int, limit: int | None = None)
         if (Path(data_dir) / name).is_file():
             shutil.copyfile(Path(data_dir) / name, out / name)
     n = len(data.filenames)
+    tries: list[int] = []
     for i in range(n):
         # the background from a photo of another person (another index; identities differ
         # almost always, and its face is shuffled away in any case)
         j = (i + 1 + int(rng.integers(n - 1))) % n
-        scene = one_face_scene(Image.fromarray(data.pixels[i]), Image.fromarray(data.pixels[j]), rng)
+        scene = one_face_scene(Image.fromarray(data.pixels[i]), Image.fromarray(data.pixels[j]), rng, tries)
         scene.save(out / "images" / data.filenames[i], quality=92)
-    return {"scenes": n, "out": str(out), "seed": seed}
+    t = np.asarray(tries)
+    return {"scenes": n, "out": str(out), "seed": seed,
+            "backgrounds_shuffled_again": int((t > 1).sum()),  # the detector found a face in the first shuffle
+            "background_shuffles_max": int(t.max(initial=0))}
 
 
 def make(data_dir: str, out: Path, n: int, faces: tuple[int, int], seed: int) -> dict:
@@ -346,6 +380,41 @@ def accuracy(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str,
     return out
 
 
+def gap(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str, split: str) -> list[dict]:
+    """Accuracy on `task` of each aligned model's releases of the crops and of their scenes,
+    the classifier fitted on the same kind of photo's train split; scenes minus crops."""
+    from audit.config import AuditConfig
+    from audit.releases import OnnxRelease, load_data
+    from collector.train_job import LabelledSet, TrainConfig, fit_and_score
+    from protocol.datasets import SPLIT_NAMES
+    from protocol.model_card import load_card
+
+    target = SPLIT_NAMES[split]
+    out = []
+    for m in models:
+        t0 = time.process_time()
+        card = load_card(m)
+        if card.alignment is None:
+            raise PricError(f"{m}: its card has no alignment section; the gap is about aligned models")
+        cfg = AuditConfig(out=".", private=task, primary=(task,), progress=False)
+        row: dict = {"model": card.model_id, "task": task, "split": split}
+        for what, folder in (("crops", data_dir), ("scenes", str(scenes_dir))):
+            data = load_data(folder, card.input, cfg, card, m)
+            x = OnnxRelease(m, card)(data.pixels).reshape(len(data), -1)
+            y = data.attr(task)
+            use = (data.splits == 0) | (data.splits == target)
+            is_test = data.splits[use] == target
+            acc, majority, _ = fit_and_score(LabelledSet(x[use], y[use], is_test, set()), TrainConfig(kind="logistic"))
+            n = int(is_test.sum())
+            half = 1.96 * float(np.sqrt(acc * (1 - acc) / max(n, 1)))
+            row[what] = {"photos": n, "accuracy": round(acc, 4), "normal_95": [round(acc - half, 4), round(acc + half, 4)],
+                         "majority": round(majority, 4)}
+        row["scenes_minus_crops"] = round(row["scenes"]["accuracy"] - row["crops"]["accuracy"], 4)
+        row["cpu_s"] = round(time.process_time() - t0, 1)
+        out.append(row)
+    return out
+
+
 def attach_alignment(model: Path, out: Path) -> dict:
     import dataclasses
     import shutil
@@ -382,6 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--scenes", required=True)
     s.add_argument("--task", default="Smiling")
     s.add_argument("--train-n", type=int, default=2000, help="train-split photos the classifier is fitted on")
+    s = sub.add_parser("gap", help="an aligned model's accuracy on crops and on their scenes, each on a whole split")
+    s.add_argument("--model", nargs="+", required=True)
+    s.add_argument("--scenes", required=True, help="the data set as scenes (`celeba`'s output)")
+    s.add_argument("--task", default="Smiling")
+    s.add_argument("--split", default="val", choices=("val", "test"))
     s = sub.add_parser("attach", help="a copy of a model folder with the CelebA alignment on its card (the same "
                                       "model.onnx: a model trained on crops, fed aligned faces)")
     s.add_argument("--model", required=True)
@@ -401,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = detect(a.data, Path(a.scenes))
         elif a.cmd == "celeba":
             result = celeba_scenes(a.data, Path(a.out), a.seed, a.limit)
+        elif a.cmd == "gap":
+            result = gap(a.data, [Path(m) for m in a.model], Path(a.scenes), a.task, a.split)
         elif a.cmd == "attach":
             result = attach_alignment(Path(a.model), Path(a.out))
         else:

@@ -121,3 +121,21 @@ def test_reference_epochs_must_be_positive(bad: str) -> None:
         config_from_args(build_parser().parse_args(["--out", "o", "--private", "Male", "--reference-epochs", bad]))
     with pytest.raises(ValueError, match="at least 1 epoch"):
         Schedule(int(bad))
+
+
+def test_cached_results_are_keyed_by_the_photos_themselves_not_only_their_names(tmp_path: Path):
+    """A data set made again under the same names (research.scenes celeba into the same
+    folder) must not be answered from the last one's cached baselines or reference."""
+
+    from audit.harness import baseline_cache_key, photos_hash
+    from protocol.model_card import InputSpec
+
+    data, x, _ = _data(tmp_path)
+    data.pixels = np.zeros((len(data.filenames), 4, 4, 3), np.uint8)
+    cfg = AuditConfig(out=str(tmp_path), private=NAMES[0])
+    key = baseline_cache_key("blur:7", data, cfg, None, InputSpec())
+    assert baseline_cache_key("blur:7", data, cfg, None, InputSpec()) == key
+    again = SimpleNamespace(**{**vars(data), "pixels": data.pixels.copy()})
+    again.pixels[3, 1, 1, 0] = 1
+    assert baseline_cache_key("blur:7", again, cfg, None, InputSpec()) != key
+    assert photos_hash(data, x).hexdigest() != photos_hash(data, x[::-1]).hexdigest()

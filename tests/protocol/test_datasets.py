@@ -23,6 +23,23 @@ def test_generic_layout_reads_labels_splits_and_matches_client_preprocessing(sam
     assert np.array_equal(again.pixels, data.pixels)
 
 
+def test_a_photo_written_again_under_its_name_is_prepared_again_not_read_from_the_cache(sample_faces, tmp_path):
+    import os
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(sample_faces, root)
+    first = load_faces(root, cache_dir=tmp_path / "c", progress=False, announce=False)
+    name = first.filenames[0]
+    other = next(f for f in first.filenames[1:])
+    shutil.copyfile(root / "images" / other, root / "images" / name)
+    st = (root / "images" / name).stat()
+    os.utime(root / "images" / name, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    again = load_faces(root, cache_dir=tmp_path / "c", progress=False, announce=False)
+    i, j = again.filenames.index(name), again.filenames.index(other)
+    assert not np.array_equal(first.pixels[i], again.pixels[i])
+    assert np.array_equal(again.pixels[i], again.pixels[j])
+
 def test_unknown_attribute_names_valid_ones(sample_faces, tmp_path):
     data = load_faces(sample_faces, cache_dir=tmp_path, progress=False)
     with pytest.raises(InvalidInputError, match="Smiling"):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from protocol.datasets import load_faces
+from protocol.errors import PricError
 from research.scenes import SCENE_SCALE, celeba_scenes, detector, faceless_background, one_face_scene
 
 
@@ -34,3 +36,40 @@ def test_celeba_scenes_keep_names_labels_and_split(sample_faces: Path, tmp_path:
     scenes = load_faces(out, limit=5, progress=False, announce=False)  # the labels travel with the photos
     assert list(scenes.filenames) == list(src.filenames)
     assert np.array_equal(scenes.labels, src.labels) and np.array_equal(scenes.splits, src.splits)
+
+
+class _Always:
+    """A detector that finds a face in the first `n` images it is shown."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, []
+
+    def detect(self, img: Image.Image) -> list:
+        self.seen.append(img)
+        return ["face"] if len(self.seen) <= self.n else []
+
+
+def test_a_background_the_detector_still_finds_a_face_in_is_shuffled_again(sample_images: list[Path], monkeypatch):
+    import research.scenes as scenes
+
+    photo = Image.open(sample_images[0]).convert("RGB")
+    det = _Always(scenes.BACKGROUND_TRIES // 4)
+    monkeypatch.setattr(scenes, "detector", lambda: det)
+    out = faceless_background(photo, (356, 436), np.random.default_rng(0))
+    assert len(det.seen) == scenes.BACKGROUND_TRIES // 4 + 1 and out is det.seen[-1]
+    # the next tries cut the photo into more, smaller tiles: a first try's shuffle is not repeated
+    first = np.asarray(det.seen[0], np.float32)
+    assert np.abs(np.asarray(out, np.float32) - first).mean() > 1
+
+    monkeypatch.setattr(scenes, "detector", lambda: _Always(10 ** 6))
+    with pytest.raises(PricError, match="no faceless background"):
+        faceless_background(photo, (356, 436), np.random.default_rng(0))
+
+
+def test_celeba_scenes_count_the_backgrounds_shuffled_again(sample_faces: Path, tmp_path: Path, monkeypatch):
+    import research.scenes as scenes
+
+    det = _Always(1)  # only the first background's first shuffle holds a "face"
+    monkeypatch.setattr(scenes, "detector", lambda: det)
+    out = celeba_scenes(str(sample_faces), tmp_path / "scenes", seed=0, limit=3)
+    assert out["backgrounds_shuffled_again"] == 1 and out["background_shuffles_max"] == 2
