@@ -73,3 +73,25 @@ def test_celeba_scenes_count_the_backgrounds_shuffled_again(sample_faces: Path, 
     monkeypatch.setattr(scenes, "detector", lambda: det)
     out = celeba_scenes(str(sample_faces), tmp_path / "scenes", seed=0, limit=3)
     assert out["backgrounds_shuffled_again"] == 1 and out["background_shuffles_max"] == 2
+
+
+def test_the_gap_compares_an_aligned_model_on_crops_and_on_their_scenes(sample_faces: Path, tmp_path: Path,
+                                                                          monkeypatch):
+    from research.scenes import ROOT, gap
+
+    monkeypatch.setenv("PRIC_CACHE", str(tmp_path / "cache"))
+    scenes = tmp_path / "scenes"
+    celeba_scenes(str(sample_faces), scenes, seed=0)
+    model = ROOT / "exported_models" / "pric-male-decision-aligned"
+    (row,) = gap(str(sample_faces), [model], scenes, "Smiling", "test")
+    test = int((load_faces(sample_faces, progress=False, announce=False).splits == 2).sum())
+    from protocol.model_card import load_card
+
+    assert row["model"] == load_card(model).model_id and row["split"] == "test"
+    for what in ("crops", "scenes"):
+        assert 0 < row[what]["photos"] <= test and 0 <= row[what]["accuracy"] <= 1
+        lo, hi = row[what]["normal_95"]
+        assert lo <= row[what]["accuracy"] <= hi
+    assert row["scenes_minus_crops"] == round(row["scenes"]["accuracy"] - row["crops"]["accuracy"], 4)
+    with pytest.raises(PricError, match="no alignment section"):
+        gap(str(sample_faces), [ROOT / "exported_models" / "pric-male-decision"], scenes, "Smiling", "test")
