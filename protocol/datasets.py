@@ -338,6 +338,12 @@ def check_class_counts(data: FaceData, names: Sequence[str], split: int | str, m
                     f"(need at least {minimum}; class counts {list(counts)} of {int(sel.sum())} photos)")
 
 
+# the modules whose code decides a prepared photo's pixels (a cache key covers them):
+# decoding and resizing; for aligned photos also the detector's processing and the warp
+PROTOCOL_DIR = Path(__file__).resolve().parent
+PREPARING_CODE = ("preprocess.py", "align.py", "faces.py")
+
+
 def _cache_key(root: Path, spec: InputSpec, files: Sequence[str], aligner: "Aligner | None" = None) -> str:
     h = hashlib.sha256()
     h.update(str(root.resolve()).encode())
@@ -348,7 +354,11 @@ def _cache_key(root: Path, spec: InputSpec, files: Sequence[str], aligner: "Alig
     for f in files:
         st = (root / "images" / f).stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
-    if aligner is not None:  # keys without alignment stay as they were
+    # the code that prepares them: a change to decoding, detection or alignment (a pyramid
+    # made another way) prepares the photos again, so an audit reads what a device sends
+    for module in PREPARING_CODE if aligner is not None else PREPARING_CODE[:1]:
+        h.update((PROTOCOL_DIR / module).read_bytes())
+    if aligner is not None:
         h.update(json.dumps(aligner.spec.to_dict(), sort_keys=True).encode())
     return h.hexdigest()[:24]
 

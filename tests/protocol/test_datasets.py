@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -39,6 +41,29 @@ def test_a_photo_written_again_under_its_name_is_prepared_again_not_read_from_th
     i, j = again.filenames.index(name), again.filenames.index(other)
     assert not np.array_equal(first.pixels[i], again.pixels[i])
     assert np.array_equal(again.pixels[i], again.pixels[j])
+
+def test_the_cache_is_keyed_by_the_code_that_prepares_the_photos(sample_faces, tmp_path, monkeypatch):
+    """Aligned photos cached before a change to detection (a pyramid made another way) must
+    not be read after it: an audit would measure other pixels than a device sends."""
+    import shutil
+
+    import protocol.datasets as datasets
+
+    code = tmp_path / "protocol"
+    code.mkdir()
+    for module in datasets.PREPARING_CODE:
+        shutil.copyfile(datasets.PROTOCOL_DIR / module, code / module)
+    monkeypatch.setattr(datasets, "PROTOCOL_DIR", code)
+    files = ["000008.jpg"]
+    aligner = SimpleNamespace(spec=SimpleNamespace(to_dict=lambda: {"frame": [89, 109]}))
+    before = {k: datasets._cache_key(sample_faces, InputSpec(), files, a) for k, a in (("plain", None), ("aligned", aligner))}
+    with open(code / "faces.py", "a") as fh:
+        fh.write("\\n# another pyramid\\n")
+    assert datasets._cache_key(sample_faces, InputSpec(), files, aligner) != before["aligned"]
+    assert datasets._cache_key(sample_faces, InputSpec(), files, None) == before["plain"]  # faces.py is not read there
+    with open(code / "preprocess.py", "a") as fh:
+        fh.write("\\n# another resize\\n")
+    assert datasets._cache_key(sample_faces, InputSpec(), files, None) != before["plain"]
 
 def test_unknown_attribute_names_valid_ones(sample_faces, tmp_path):
     data = load_faces(sample_faces, cache_dir=tmp_path, progress=False)
