@@ -26,8 +26,9 @@
     python -m research.scenes celeba --out DIR [--seed 0] [--limit N]   the whole data set
         as one-face scenes in the CelebA layout (same file names, labels, identities and
         split): each photo's crop pasted as `make` does over a faceless background (another
-        photo's tiles shuffled and blurred), so pric-audit can audit scene features (the
-        audit aligns the face nearest the centre: the background must hold none)
+        photo's tiles shuffled and blurred, again until the shipped detector finds no face
+        in it), so pric-audit can audit scene features (the audit aligns the face nearest
+        the centre: the background must hold none)
 
 Landmark error = mean distance of the 5 landmarks / the ground truth's eye distance (NME).
 A face counts as found when a detection's NME to it is below 0.5.
