@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -377,7 +378,7 @@ def _prepare_all(root: Path, files: Sequence[str], spec: InputSpec, progress: bo
             out[i] = prepare(load_image(root / "images" / files[i], spec), spec)
         except ImageError as exc:
             ok[i] = False
-            print(f"skipped: {exc}", flush=True)
+            print(f"skipped: {exc}", file=sys.stderr, flush=True)  # stdout may be a command's JSON
 
     iterator = range(len(files))
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:

@@ -385,6 +385,7 @@ def gap(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str, spli
     """Accuracy on `task` of each aligned model's releases of the crops and of their scenes,
     the classifier fitted on the same kind of photo's train split; scenes minus crops."""
     from audit.config import AuditConfig
+    from audit.families import wilson_interval
     from audit.releases import OnnxRelease, load_data
     from collector.train_job import LabelledSet, TrainConfig, fit_and_score
     from protocol.datasets import SPLIT_NAMES
@@ -407,9 +408,8 @@ def gap(data_dir: str, models: Sequence[Path], scenes_dir: Path, task: str, spli
             is_test = data.splits[use] == target
             acc, majority, _ = fit_and_score(LabelledSet(x[use], y[use], is_test, set()), TrainConfig(kind="logistic"))
             n = int(is_test.sum())
-            half = 1.96 * float(np.sqrt(acc * (1 - acc) / max(n, 1)))
-            row[what] = {"photos": n, "accuracy": round(acc, 4), "normal_95": [round(acc - half, 4), round(acc + half, 4)],
-                         "majority": round(majority, 4)}
+            row[what] = {"photos": n, "accuracy": round(acc, 4),
+                         "wilson_95": [round(v, 4) for v in wilson_interval(acc, n)], "majority": round(majority, 4)}
         row["scenes_minus_crops"] = round(row["scenes"]["accuracy"] - row["crops"]["accuracy"], 4)
         row["cpu_s"] = round(time.process_time() - t0, 1)
         out.append(row)

@@ -126,7 +126,6 @@ def test_reference_epochs_must_be_positive(bad: str) -> None:
 def test_cached_results_are_keyed_by_the_photos_themselves_not_only_their_names(tmp_path: Path):
     """A data set made again under the same names (research.scenes celeba into the same
     folder) must not be answered from the last one's cached baselines or reference."""
-
     from audit.harness import baseline_cache_key, photos_hash
     from protocol.model_card import InputSpec
 

@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -120,6 +121,14 @@ def _no_release_key(monkeypatch: pytest.MonkeyPatch) -> None:
 def sign_all(models_dir: Path, auditor: Auditor) -> None:
     for card in sorted(models_dir.glob("*/model_card.json")):
         auditor.sign(card.parent)
+
+
+def signed_models(models_dir: Path, auditor: Auditor, name: str, write: Callable[[Path], Any]) -> Path:
+    """An exported_models-like folder served by a test collector: `write` makes the model at
+    models_dir/name, every model in the folder is signed by the test auditor."""
+    write(models_dir / name)
+    sign_all(models_dir, auditor)
+    return models_dir
 
 
 @pytest.fixture
@@ -253,10 +262,7 @@ def write_tiny_sparse_model(model_dir: Path, name: str = "tinysparse", version: 
 @pytest.fixture
 def sparse_models_dir(tmp_path: Path, auditor: Auditor) -> Path:
     """exported_models-like folder holding the tiny sparse model at <dir>/tinysparse."""
-    models = tmp_path / "sparse-models"
-    write_tiny_sparse_model(models / "tinysparse")
-    sign_all(models, auditor)
-    return models
+    return signed_models(tmp_path / "sparse-models", auditor, "tinysparse", write_tiny_sparse_model)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.client.conftest import sign_all
+from tests.client.conftest import signed_models
 from tests.conftest import write_tiny_features_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,10 +36,7 @@ def aligned_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path, auditor) -> Path:
     """The collector of this module serves the aligned model, signed by the test auditor."""
-    models = tmp_path / "models"
-    write_aligned_model(models / "tinyface")
-    sign_all(models, auditor)
-    return models
+    return signed_models(tmp_path / "models", auditor, "tinyface", write_aligned_model)
 
 
 def scene(faces: list[tuple[Path, float, float, tuple[int, int]]], size=(500, 360)) -> Image.Image:
@@ -146,7 +143,6 @@ def test_a_face_that_cannot_be_aligned_is_skipped_alone(aligned_dir: Path, photo
     from client.pipeline import Extractor
 
     real = align.face_transform
-    calls = {"n": 0}
 
     def second_is_degenerate(landmarks, spec, where="face"):
         if where == "face 2":

@@ -93,12 +93,9 @@ def test_decoy_codes_on_device_send_public_magnitudes_and_key_the_true_ones(tmp_
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path, auditor) -> Path:
     """The live collector serves the tiny sparse model with decoy codes (signed)."""
-    from tests.client.conftest import sign_all
+    from tests.client.conftest import signed_models
 
-    models = tmp_path / "decoy-models"
-    _decoy_code_model(models / "tinysparse")
-    sign_all(models, auditor)
-    return models
+    return signed_models(tmp_path / "decoy-models", auditor, "tinysparse", _decoy_code_model)
 
 
 def test_decoy_codes_end_to_end_upload_export_and_decode(cli, registered_home: Path, live_collector, tmp_path: Path,

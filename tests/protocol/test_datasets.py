@@ -33,7 +33,7 @@ def test_a_photo_written_again_under_its_name_is_prepared_again_not_read_from_th
     shutil.copytree(sample_faces, root)
     first = load_faces(root, cache_dir=tmp_path / "c", progress=False, announce=False)
     name = first.filenames[0]
-    other = next(f for f in first.filenames[1:])
+    other = first.filenames[1]
     shutil.copyfile(root / "images" / other, root / "images" / name)
     st = (root / "images" / name).stat()
     os.utime(root / "images" / name, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
@@ -41,6 +41,7 @@ def test_a_photo_written_again_under_its_name_is_prepared_again_not_read_from_th
     i, j = again.filenames.index(name), again.filenames.index(other)
     assert not np.array_equal(first.pixels[i], again.pixels[i])
     assert np.array_equal(again.pixels[i], again.pixels[j])
+
 
 def test_the_cache_is_keyed_by_the_code_that_prepares_the_photos(sample_faces, tmp_path, monkeypatch):
     """Aligned photos cached before a change to detection (a pyramid made another way) must
@@ -58,12 +59,13 @@ def test_the_cache_is_keyed_by_the_code_that_prepares_the_photos(sample_faces, t
     aligner = SimpleNamespace(spec=SimpleNamespace(to_dict=lambda: {"frame": [89, 109]}))
     before = {k: datasets._cache_key(sample_faces, InputSpec(), files, a) for k, a in (("plain", None), ("aligned", aligner))}
     with open(code / "faces.py", "a") as fh:
-        fh.write("\\n# another pyramid\\n")
+        fh.write("\n# another pyramid\n")
     assert datasets._cache_key(sample_faces, InputSpec(), files, aligner) != before["aligned"]
     assert datasets._cache_key(sample_faces, InputSpec(), files, None) == before["plain"]  # faces.py is not read there
     with open(code / "preprocess.py", "a") as fh:
-        fh.write("\\n# another resize\\n")
+        fh.write("\n# another resize\n")
     assert datasets._cache_key(sample_faces, InputSpec(), files, None) != before["plain"]
+
 
 def test_unknown_attribute_names_valid_ones(sample_faces, tmp_path):
     data = load_faces(sample_faces, cache_dir=tmp_path, progress=False)
@@ -71,7 +73,7 @@ def test_unknown_attribute_names_valid_ones(sample_faces, tmp_path):
         data.attr("Smling")
 
 
-def test_corrupt_photo_is_skipped(sample_faces, tmp_path):
+def test_corrupt_photo_is_skipped(sample_faces, tmp_path, capsys):
     root = tmp_path / "ds"
     (root / "images").mkdir(parents=True)
     for name in ("a.jpg", "b.jpg"):
@@ -80,6 +82,9 @@ def test_corrupt_photo_is_skipped(sample_faces, tmp_path):
     (root / "labels.csv").write_text("filename,Smiling\na.jpg,1\nb.jpg,-1\nc.jpg,1\n")
     data = load_faces(root, cache_dir=tmp_path / "cache", progress=False)
     assert data.filenames == ["a.jpg", "b.jpg"] and data.attr("Smiling").tolist() == [1, 0]
+    # said in one line on stderr: stdout may be a command's JSON (research.scenes gap)
+    out, err = capsys.readouterr()
+    assert "skipped" not in out and [ln for ln in err.splitlines() if "c.jpg" in ln][0].startswith("skipped: ")
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from PIL import Image
 
 from protocol.datasets import load_faces
 from protocol.errors import PricError
-from research.scenes import SCENE_SCALE, celeba_scenes, detector, faceless_background, one_face_scene
+from protocol.model_card import load_card
+from research.scenes import ROOT, SCENE_SCALE, celeba_scenes, detector, faceless_background, gap, one_face_scene
 
 
 def test_a_faceless_background_holds_no_face_and_a_scene_one(sample_images: list[Path]):
@@ -77,20 +78,16 @@ def test_celeba_scenes_count_the_backgrounds_shuffled_again(sample_faces: Path, 
 
 def test_the_gap_compares_an_aligned_model_on_crops_and_on_their_scenes(sample_faces: Path, tmp_path: Path,
                                                                           monkeypatch):
-    from research.scenes import ROOT, gap
-
     monkeypatch.setenv("PRIC_CACHE", str(tmp_path / "cache"))
     scenes = tmp_path / "scenes"
     celeba_scenes(str(sample_faces), scenes, seed=0)
     model = ROOT / "exported_models" / "pric-male-decision-aligned"
     (row,) = gap(str(sample_faces), [model], scenes, "Smiling", "test")
     test = int((load_faces(sample_faces, progress=False, announce=False).splits == 2).sum())
-    from protocol.model_card import load_card
-
     assert row["model"] == load_card(model).model_id and row["split"] == "test"
     for what in ("crops", "scenes"):
         assert 0 < row[what]["photos"] <= test and 0 <= row[what]["accuracy"] <= 1
-        lo, hi = row[what]["normal_95"]
+        lo, hi = row[what]["wilson_95"]
         assert lo <= row[what]["accuracy"] <= hi
     assert row["scenes_minus_crops"] == round(row["scenes"]["accuracy"] - row["crops"]["accuracy"], 4)
     with pytest.raises(PricError, match="no alignment section"):
